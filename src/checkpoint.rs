@@ -1,0 +1,419 @@
+//! Checkpoints: a directory per step holding the model, the optimizer state, the training state
+//! (step, data cursor, seeds) and the tokenizer, described by a manifest with SHA-256 checksums.
+//!
+//! A checkpoint is written into a hidden temporary directory, every file fsynced, and then
+//! renamed into place: a crash at any instant leaves either the old set of checkpoints or the
+//! old set plus the new one, never a half-written checkpoint under a real name.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const FORMAT: &str = "kiln-checkpoint-1";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// A tensor by name, as stored on disk (f32, row-major).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub step: u64,
+    /// The run's configuration, as TOML.
+    pub config: String,
+    /// Checksums of every other file of the checkpoint.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow!("cannot write {}: {e}", path.display())
+    })
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn encode_safetensors(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|t| {
+            let view = safetensors::tensor::TensorView::new(
+                Dtype::F32,
+                t.shape.clone(),
+                bytemuck::cast_slice(&t.values),
+            )
+            .map_err(|e| anyhow!("tensor {}: {e}", t.name))?;
+            Ok((t.name.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, None).map_err(|e| anyhow!("cannot serialise tensors: {e}"))
+}
+
+/// Reads every tensor of a safetensors file as f32 (f16/bf16 are widened), in file order.
+pub fn decode_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<NamedTensor>> {
+    let file = SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let mut names: Vec<(usize, String)> = Vec::new();
+    for (name, view) in file.tensors() {
+        names.push((view.data().as_ptr() as usize, name));
+    }
+    names.sort();
+    names
+        .into_iter()
+        .map(|(_, name)| {
+            let view = file.tensor(&name).expect("listed tensor");
+            let data = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
+                other => bail!("{}: tensor {name} has unsupported dtype {other:?}", path.display()),
+            };
+            Ok(NamedTensor {
+                name,
+                shape: view.shape().to_vec(),
+                values,
+            })
+        })
+        .collect()
+}
+
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as i32;
+    let mant = (h & 0x3ff) as u32;
+    let bits = match exp {
+        0 if mant == 0 => sign,
+        0 => {
+            // Subnormal: value = mant * 2^-24.
+            let v = mant as f32 * (-24f32).exp2();
+            return if sign != 0 { -v } else { v };
+        }
+        0x1f => sign | 0x7f80_0000 | (mant << 13),
+        _ => sign | (((exp - 15 + 127) as u32) << 23) | (mant << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// What a checkpoint holds, before it is written or after it is read.
+pub struct CheckpointData {
+    pub step: u64,
+    pub config_toml: String,
+    pub model: Vec<NamedTensor>,
+    pub optimizer: Vec<NamedTensor>,
+    /// Training state (step, data cursor, seeds) as JSON.
+    pub state_json: String,
+    pub tokenizer_json: String,
+}
+
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Writes a checkpoint under `checkpoints_dir/step-NNNNNNNN` atomically and prunes old ones so
+/// that `keep` remain. Returns the checkpoint's directory.
+pub fn save(checkpoints_dir: &Path, data: &CheckpointData, keep: usize) -> Result<PathBuf> {
+    std::fs::create_dir_all(checkpoints_dir)
+        .map_err(|e| anyhow!("cannot create {}: {e}", checkpoints_dir.display()))?;
+    let final_dir = checkpoints_dir.join(step_dir_name(data.step));
+    let tmp_dir = checkpoints_dir.join(format!(
+        ".partial-{}-{}",
+        step_dir_name(data.step),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp_dir);
+    std::fs::create_dir(&tmp_dir)
+        .map_err(|e| anyhow!("cannot create {}: {e}", tmp_dir.display()))?;
+
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        (MODEL_FILE, encode_safetensors(&data.model)?),
+        (OPTIMIZER_FILE, encode_safetensors(&data.optimizer)?),
+        (STATE_FILE, data.state_json.clone().into_bytes()),
+        (TOKENIZER_FILE, data.tokenizer_json.clone().into_bytes()),
+        (CONFIG_FILE, data.config_toml.clone().into_bytes()),
+    ];
+    let mut manifest = Manifest {
+        format: FORMAT.into(),
+        step: data.step,
+        config: data.config_toml.clone(),
+        files: BTreeMap::new(),
+    };
+    let mut write_all = || -> Result<()> {
+        for (name, bytes) in &files {
+            let path = tmp_dir.join(name);
+            let mut f =
+                File::create(&path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+            f.write_all(bytes)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+            manifest.files.insert(
+                name.to_string(),
+                FileEntry {
+                    bytes: bytes.len() as u64,
+                    sha256: sha256_hex(bytes),
+                },
+            );
+        }
+        let path = tmp_dir.join(MANIFEST_FILE);
+        let mut f =
+            File::create(&path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        sync_dir(&tmp_dir)?;
+        // Re-saving a step that exists (a resume that saves before taking a step) replaces it:
+        // move the old one aside first, since a directory cannot be renamed onto another.
+        let displaced = checkpoints_dir.join(format!(".replaced-{}", step_dir_name(data.step)));
+        if final_dir.exists() {
+            let _ = std::fs::remove_dir_all(&displaced);
+            std::fs::rename(&final_dir, &displaced)?;
+        }
+        std::fs::rename(&tmp_dir, &final_dir)?;
+        sync_dir(checkpoints_dir)?;
+        let _ = std::fs::remove_dir_all(&displaced);
+        Ok(())
+    };
+    if let Err(e) = write_all() {
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+        return Err(e.context(format!("saving checkpoint {}", final_dir.display())));
+    }
+    for old in list(checkpoints_dir)?.into_iter().rev().skip(keep) {
+        let _ = std::fs::remove_dir_all(old.1);
+    }
+    Ok(final_dir)
+}
+
+/// Committed checkpoints in `checkpoints_dir`, oldest first.
+pub fn list(checkpoints_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    if !checkpoints_dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    let entries = std::fs::read_dir(checkpoints_dir)
+        .map_err(|e| anyhow!("cannot read {}: {e}", checkpoints_dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse().ok()) {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// A checkpoint directory given by the user: a checkpoint itself, or a run directory (its
+/// newest checkpoint), or a run's `checkpoints/` directory.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join(MANIFEST_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    for dir in [path.join("checkpoints"), path.to_path_buf()] {
+        if let Some((_, newest)) = list(&dir)?.pop() {
+            return Ok(newest);
+        }
+    }
+    if !path.exists() {
+        bail!("checkpoint {} not found", path.display());
+    }
+    bail!("{} holds no checkpoint ({MANIFEST_FILE} missing)", path.display())
+}
+
+/// Reads and verifies a checkpoint: every file's size and checksum must match the manifest.
+pub fn load(dir: &Path) -> Result<CheckpointData> {
+    let manifest = read_manifest(dir)?;
+    let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (name, entry) in &manifest.files {
+        let path = dir.join(name);
+        let bytes =
+            std::fs::read(&path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+        if bytes.len() as u64 != entry.bytes {
+            bail!(
+                "{}: truncated or altered ({} bytes, manifest says {})",
+                path.display(),
+                bytes.len(),
+                entry.bytes
+            );
+        }
+        if sha256_hex(&bytes) != entry.sha256 {
+            bail!("{}: corrupted (checksum does not match the manifest)", path.display());
+        }
+        contents.insert(name.clone(), bytes);
+    }
+    let mut take = |name: &str| {
+        contents
+            .remove(name)
+            .ok_or_else(|| anyhow!("{}: manifest lists no {name}", dir.join(MANIFEST_FILE).display()))
+    };
+    let text = |bytes: Vec<u8>, name: &str| {
+        String::from_utf8(bytes).map_err(|_| anyhow!("{}: not UTF-8", dir.join(name).display()))
+    };
+    let model = decode_safetensors(&take(MODEL_FILE)?, &dir.join(MODEL_FILE))?;
+    let optimizer = decode_safetensors(&take(OPTIMIZER_FILE)?, &dir.join(OPTIMIZER_FILE))?;
+    Ok(CheckpointData {
+        step: manifest.step,
+        config_toml: manifest.config.clone(),
+        model,
+        optimizer,
+        state_json: text(take(STATE_FILE)?, STATE_FILE)?,
+        tokenizer_json: text(take(TOKENIZER_FILE)?, TOKENIZER_FILE)?,
+    })
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: not a kiln manifest: {e}", path.display()))?;
+    if manifest.format != FORMAT {
+        bail!("{}: unknown format {:?}", path.display(), manifest.format);
+    }
+    Ok(manifest)
+}
+
+/// Puts `tensors` into `expected` order and checks each shape, naming the first mismatch.
+pub fn match_shapes(
+    tensors: Vec<NamedTensor>,
+    expected: &[(String, Vec<usize>)],
+    source: &Path,
+) -> Result<Vec<NamedTensor>> {
+    let mut by_name: BTreeMap<String, NamedTensor> =
+        tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+    let ordered = expected
+        .iter()
+        .map(|(name, shape)| {
+            let t = by_name
+                .remove(name)
+                .ok_or_else(|| anyhow!("{}: tensor {name} is missing", source.display()))?;
+            if &t.shape != shape {
+                bail!(
+                    "{}: tensor {name} has shape {:?}, the model expects {:?}",
+                    source.display(),
+                    t.shape,
+                    shape
+                );
+            }
+            Ok(t)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(extra) = by_name.keys().next() {
+        bail!("{}: unexpected tensor {extra}", source.display());
+    }
+    Ok(ordered)
+}
+
+impl CheckpointData {
+    pub fn config(&self, dir: &Path) -> Result<crate::config::Config> {
+        let config: crate::config::Config = toml::from_str(&self.config_toml)
+            .with_context(|| format!("{}: invalid config", dir.join(MANIFEST_FILE).display()))?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(step: u64) -> CheckpointData {
+        CheckpointData {
+            step,
+            config_toml: "x = 1\n".into(),
+            model: vec![NamedTensor {
+                name: "w".into(),
+                shape: vec![2, 3],
+                values: vec![1.0, -2.0, 3.5, f32::MIN_POSITIVE, 0.0, 7.0],
+            }],
+            optimizer: vec![],
+            state_json: "{}".into(),
+            tokenizer_json: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_prune_and_detect_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        for step in [1, 2, 3] {
+            save(dir.path(), &sample(step), 2).unwrap();
+        }
+        let steps: Vec<u64> = list(dir.path()).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(steps, vec![2, 3]);
+        let newest = resolve(dir.path()).unwrap();
+        let back = load(&newest).unwrap();
+        assert_eq!(back.step, 3);
+        assert_eq!(back.model, sample(3).model);
+
+        // Flip one byte of the model: the checksum names the file.
+        let model = newest.join(MODEL_FILE);
+        let mut bytes = std::fs::read(&model).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&model, &bytes).unwrap();
+        let e = load(&newest).err().unwrap().to_string();
+        assert!(e.contains("model.safetensors") && e.contains("corrupted"), "{e}");
+        // Truncate it.
+        std::fs::write(&model, &bytes[..10]).unwrap();
+        let e = load(&newest).err().unwrap().to_string();
+        assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn half_precision_is_widened() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+}

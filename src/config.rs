@@ -1,0 +1,499 @@
+//! Run configuration: one struct per TOML section, every field documented, defaults from the
+//! Llama 2 paper (see `docs/` and the pipeline reference). Unknown keys are rejected.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+/// Shape and numerics of a Llama 2 model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Width of the residual stream.
+    pub dim: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Number of query heads; `dim` must be a multiple of it.
+    pub n_heads: usize,
+    /// Number of key/value heads (grouped-query attention); must divide `n_heads`.
+    pub n_kv_heads: usize,
+    /// Hidden width of the SwiGLU feed-forward network.
+    pub ffn_dim: usize,
+    /// Vocabulary size; must equal the tokenizer's.
+    pub vocab_size: usize,
+    /// Longest sequence the model is trained or sampled on (paper: 4096).
+    pub max_seq_len: usize,
+    /// RMSNorm epsilon (paper: 1e-5).
+    pub norm_eps: f64,
+    /// RoPE base frequency (paper: 10000).
+    pub rope_theta: f64,
+    /// Share the input embedding with the output projection (Llama 2: untied; SmolLM2: tied).
+    pub tie_embeddings: bool,
+    /// Standard deviation of the normal initialisation of every weight matrix.
+    pub init_std: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Preset::Tiny.model()
+    }
+}
+
+impl ModelConfig {
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_heads
+    }
+
+    /// Number of trainable parameters, computed from the shape alone.
+    pub fn num_params(&self) -> u64 {
+        let (d, f, v, l) = (
+            self.dim as u64,
+            self.ffn_dim as u64,
+            self.vocab_size as u64,
+            self.n_layers as u64,
+        );
+        let kv = (self.n_kv_heads * self.head_dim()) as u64;
+        let attention = d * d * 2 + d * kv * 2;
+        let ffn = 3 * d * f;
+        let norms = 2 * d;
+        let embeddings = if self.tie_embeddings { v * d } else { 2 * v * d };
+        l * (attention + ffn + norms) + d + embeddings
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("model.dim", self.dim),
+            ("model.n_layers", self.n_layers),
+            ("model.n_heads", self.n_heads),
+            ("model.n_kv_heads", self.n_kv_heads),
+            ("model.ffn_dim", self.ffn_dim),
+            ("model.vocab_size", self.vocab_size),
+            ("model.max_seq_len", self.max_seq_len),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                bail!("{key} must be at least 1");
+            }
+        }
+        if self.dim % self.n_heads != 0 {
+            bail!(
+                "model.dim ({}) must be a multiple of model.n_heads ({})",
+                self.dim,
+                self.n_heads
+            );
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            bail!(
+                "model.n_kv_heads ({}) must divide model.n_heads ({})",
+                self.n_kv_heads,
+                self.n_heads
+            );
+        }
+        if self.head_dim() % 2 != 0 {
+            bail!("model.dim / model.n_heads must be even for RoPE");
+        }
+        if !(self.norm_eps > 0.0) {
+            bail!("model.norm_eps must be positive");
+        }
+        if !(self.rope_theta > 1.0) {
+            bail!("model.rope_theta must be greater than 1");
+        }
+        if !(self.init_std > 0.0) {
+            bail!("model.init_std must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Named model shapes. The paper's shapes are for `kiln info`; the small ones train here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// dim 128, 4 layers: the default model of the README run.
+    Tiny,
+    /// dim 256, 4 layers, 8 heads, 4 KV heads, FFN 704, vocab 4096, sequence 256.
+    #[value(name = "bench-5m")]
+    Bench5m,
+    /// dim 512, 8 layers, 8 heads, 4 KV heads, FFN 1408, vocab 8192, sequence 512.
+    #[value(name = "bench-32m")]
+    Bench32m,
+    #[value(name = "llama2-7b")]
+    Llama2_7b,
+    #[value(name = "llama2-13b")]
+    Llama2_13b,
+    #[value(name = "llama2-70b")]
+    Llama2_70b,
+}
+
+impl Preset {
+    pub fn model(self) -> ModelConfig {
+        let base = ModelConfig {
+            dim: 128,
+            n_layers: 4,
+            n_heads: 4,
+            n_kv_heads: 2,
+            ffn_dim: 352,
+            vocab_size: 2048,
+            max_seq_len: 256,
+            norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_embeddings: false,
+            init_std: 0.02,
+        };
+        let shape = |dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, max_seq_len| {
+            ModelConfig {
+                dim,
+                n_layers,
+                n_heads,
+                n_kv_heads,
+                ffn_dim,
+                vocab_size,
+                max_seq_len,
+                ..base.clone()
+            }
+        };
+        match self {
+            Preset::Tiny => base,
+            Preset::Bench5m => shape(256, 4, 8, 4, 704, 4096, 256),
+            Preset::Bench32m => shape(512, 8, 8, 4, 1408, 8192, 512),
+            Preset::Llama2_7b => shape(4096, 32, 32, 32, 11008, 32000, 4096),
+            Preset::Llama2_13b => shape(5120, 40, 40, 40, 13824, 32000, 4096),
+            Preset::Llama2_70b => shape(8192, 80, 64, 8, 28672, 32000, 4096),
+        }
+    }
+
+    /// Batch size the benchmarks use for this preset.
+    pub fn bench_batch_size(self) -> usize {
+        8
+    }
+}
+
+/// Where the training text comes from and how it is cut into sequences.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Text files or directories (every `*.txt` inside, sorted) making up the corpus.
+    /// Relative paths are taken from the working directory, as a user types them.
+    pub corpus: Vec<PathBuf>,
+    /// HF `tokenizer.json`; its vocabulary size must equal `model.vocab_size`.
+    pub tokenizer: PathBuf,
+    /// Tokens per training sequence (packed across document boundaries).
+    pub seq_len: usize,
+    /// Fraction of each document's tokens (its tail) held out for validation.
+    pub val_fraction: f64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            corpus: vec![PathBuf::from("data/shakespeare")],
+            tokenizer: PathBuf::from("data/shakespeare/tokenizer.json"),
+            seq_len: 256,
+            val_fraction: 0.05,
+        }
+    }
+}
+
+/// AdamW, the cosine schedule and gradient clipping (paper sec. 2.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Peak learning rate, reached at the end of warm-up (paper: 3e-4 for 7B/13B).
+    pub lr: f64,
+    /// Final learning rate as a fraction of the peak (paper: 0.1).
+    pub min_lr_ratio: f64,
+    /// Linear warm-up steps (paper: 2000).
+    pub warmup_steps: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay, applied to weight matrices and embeddings, not to norms.
+    pub weight_decay: f64,
+    /// Clip the global L2 norm of all gradients to this value (paper: 1.0); 0 disables.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 3e-4,
+            min_lr_ratio: 0.1,
+            warmup_steps: 2000,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-5,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+/// The training loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed into one optimizer step.
+    pub grad_accum_steps: usize,
+    /// Optimizer steps in the whole run; the cosine schedule ends here.
+    pub max_steps: u64,
+    /// Seed of the weight initialisation and of the data order.
+    pub seed: u64,
+    /// Evaluate validation loss every this many steps (0: only at the end).
+    pub eval_interval: u64,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_interval: u64,
+    /// Checkpoints kept on disk (the newest ones); at least 1.
+    pub keep_checkpoints: usize,
+    /// Print a progress line every this many steps when not on a terminal.
+    pub log_interval: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 8,
+            grad_accum_steps: 1,
+            max_steps: 1000,
+            seed: 1234,
+            eval_interval: 100,
+            eval_batches: 8,
+            checkpoint_interval: 100,
+            keep_checkpoints: 2,
+            log_interval: 10,
+        }
+    }
+}
+
+/// The sample printed at the end of a run and the defaults of `kiln generate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleConfig {
+    pub prompt: String,
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self {
+            prompt: "ROMEO:\n".into(),
+            max_tokens: 120,
+            temperature: 0.8,
+            top_p: 0.95,
+            seed: 0,
+        }
+    }
+}
+
+/// A whole pretraining run.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+    pub sample: SampleConfig,
+}
+
+impl Config {
+    /// Reads a TOML file, applies `section.key=value` overrides, and validates.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config {}", path.display()))?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let source = path.map_or("config".to_string(), |p| p.display().to_string());
+        // Reject unknown keys in the file with the key's full name before serde does, so
+        // the message names `section.key` rather than only the field.
+        check_known_keys(&table, &source)?;
+        for item in overrides {
+            apply_override(&mut table, item)?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow!("{source}: {}", one_line(&e.to_string())))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let d = &self.data;
+        if d.corpus.is_empty() {
+            bail!("data.corpus must name at least one file or directory");
+        }
+        if d.seq_len < 2 {
+            bail!("data.seq_len must be at least 2");
+        }
+        if d.seq_len > self.model.max_seq_len {
+            bail!(
+                "data.seq_len ({}) exceeds model.max_seq_len ({})",
+                d.seq_len,
+                self.model.max_seq_len
+            );
+        }
+        if !(d.val_fraction > 0.0 && d.val_fraction < 0.5) {
+            bail!("data.val_fraction must be in (0, 0.5)");
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0) {
+            bail!("optim.lr must be positive");
+        }
+        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+            bail!("optim.min_lr_ratio must be in [0, 1]");
+        }
+        for (key, beta) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                bail!("{key} must be in [0, 1)");
+            }
+        }
+        if !(o.eps > 0.0) {
+            bail!("optim.eps must be positive");
+        }
+        if !(o.weight_decay >= 0.0) {
+            bail!("optim.weight_decay must be non-negative");
+        }
+        if !(o.grad_clip >= 0.0) {
+            bail!("optim.grad_clip must be non-negative (0 disables clipping)");
+        }
+        let t = &self.train;
+        if t.batch_size == 0 {
+            bail!("train.batch_size must be at least 1");
+        }
+        if t.grad_accum_steps == 0 {
+            bail!("train.grad_accum_steps must be at least 1");
+        }
+        if t.max_steps == 0 {
+            bail!("train.max_steps must be at least 1");
+        }
+        if t.eval_batches == 0 {
+            bail!("train.eval_batches must be at least 1");
+        }
+        if t.keep_checkpoints == 0 {
+            bail!("train.keep_checkpoints must be at least 1");
+        }
+        let s = &self.sample;
+        if !(s.temperature >= 0.0) {
+            bail!("sample.temperature must be non-negative");
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            bail!("sample.top_p must be in (0, 1]");
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The `section.key` names a config accepts, from the defaults' own serialisation.
+fn known_keys() -> toml::Table {
+    toml::Table::try_from(Config::default()).expect("default config serialises")
+}
+
+fn check_known_keys(table: &toml::Table, source: &str) -> Result<()> {
+    let known = known_keys();
+    for (section, value) in table {
+        let Some(known_section) = known.get(section).and_then(|v| v.as_table()) else {
+            bail!("{source}: unknown section [{section}]");
+        };
+        let Some(keys) = value.as_table() else {
+            bail!("{source}: [{section}] must be a table");
+        };
+        for key in keys.keys() {
+            if !known_section.contains_key(key) {
+                bail!("{source}: unknown key {section}.{key}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies one `--set section.key=value`; the value is read as TOML, or as a string.
+fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
+    let (path, raw) = item
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set {item}: expected section.key=value"))?;
+    let (section, key) = path
+        .trim()
+        .split_once('.')
+        .ok_or_else(|| anyhow!("--set {item}: expected section.key=value"))?;
+    let known = known_keys();
+    let known_value = known
+        .get(section)
+        .and_then(|s| s.as_table())
+        .and_then(|s| s.get(key))
+        .ok_or_else(|| anyhow!("--set: unknown key {section}.{key}"))?;
+    let raw = raw.trim();
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    // Integers written where a float is expected are fine ("optim.lr=1").
+    let value = match (known_value, value) {
+        (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
+        (toml::Value::Array(_), toml::Value::String(s)) => {
+            toml::Value::Array(vec![toml::Value::String(s)])
+        }
+        (_, v) => v,
+    };
+    table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| anyhow!("--set {item}: [{section}] is not a table"))?
+        .insert(key.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paper_defaults() {
+        let o = OptimConfig::default();
+        assert_eq!((o.beta1, o.beta2, o.eps, o.weight_decay), (0.9, 0.95, 1e-5, 0.1));
+        assert_eq!((o.grad_clip, o.min_lr_ratio, o.warmup_steps), (1.0, 0.1, 2000));
+    }
+
+    #[test]
+    fn overrides_apply_and_unknown_keys_are_named() {
+        let c = Config::load(None, &["optim.lr=1".into(), "train.batch_size=3".into()]).unwrap();
+        assert_eq!(c.optim.lr, 1.0);
+        assert_eq!(c.train.batch_size, 3);
+        let e = Config::load(None, &["optim.lrr=1".into()]).unwrap_err();
+        assert!(e.to_string().contains("optim.lrr"), "{e}");
+        let e = Config::load(None, &["train.batch_size=0".into()]).unwrap_err();
+        assert!(e.to_string().contains("train.batch_size"), "{e}");
+        let e = Config::load(None, &["train.batch_size=\"x\"".into()]).unwrap_err();
+        assert!(e.to_string().contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn paper_shapes_have_their_parameter_counts() {
+        // Llama 2 7B has 6.74e9 parameters, 13B 13.0e9, 70B 69.0e9.
+        let billions = |p: Preset| p.model().num_params() as f64 / 1e9;
+        assert!((billions(Preset::Llama2_7b) - 6.74).abs() < 0.01);
+        assert!((billions(Preset::Llama2_13b) - 13.02).abs() < 0.01);
+        assert!((billions(Preset::Llama2_70b) - 68.98).abs() < 0.01);
+    }
+}

@@ -1,0 +1,141 @@
+//! Choosing where to compute: a hardware GPU through wgpu (Vulkan/Metal/DX12), CUDA when built
+//! with the `cuda` feature, or the CPU (burn's `flex` backend).
+
+use anyhow::{Result, bail};
+use burn::tensor::wgpu::wgpu;
+use burn::tensor::{Device, DeviceKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// A hardware GPU adapter if there is one, else the CPU. Never a software rasterizer
+    /// (llvmpipe/lavapipe), which is several times slower than the CPU backend.
+    Auto,
+    /// burn's `flex` CPU backend.
+    Cpu,
+    /// Any wgpu adapter, software ones included (how the tests reach lavapipe).
+    Wgpu,
+    /// CUDA device 0; needs a build with `--features cuda`.
+    Cuda,
+}
+
+/// The device a run computes on, and how to describe it to the user.
+#[derive(Clone, Debug)]
+pub struct ComputeDevice {
+    pub device: Device,
+    /// `flex`, `wgpu` or `cuda`.
+    pub backend: &'static str,
+    /// The adapter or processor name.
+    pub adapter: String,
+}
+
+impl ComputeDevice {
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::flex(),
+            backend: "flex",
+            adapter: format!("CPU, {} threads", rayon_threads()),
+        }
+    }
+
+    pub fn is_wgpu(&self) -> bool {
+        self.backend == "wgpu"
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{} ({})", self.backend, self.adapter)
+    }
+}
+
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Hardware (non-CPU) wgpu adapters visible on this machine, best first.
+fn hardware_adapters() -> Vec<wgpu::AdapterInfo> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::PRIMARY,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let mut adapters: Vec<wgpu::AdapterInfo> =
+        pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
+            .iter()
+            .map(|a| a.get_info())
+            .filter(|info| {
+                matches!(
+                    info.device_type,
+                    wgpu::DeviceType::DiscreteGpu
+                        | wgpu::DeviceType::IntegratedGpu
+                        | wgpu::DeviceType::VirtualGpu
+                )
+            })
+            .collect();
+    adapters.sort_by_key(|info| match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        _ => 2,
+    });
+    adapters
+}
+
+pub fn select(choice: DeviceChoice) -> Result<ComputeDevice> {
+    match choice {
+        DeviceChoice::Cpu => Ok(ComputeDevice::cpu()),
+        DeviceChoice::Wgpu => {
+            let device = Device::wgpu(DeviceKind::DefaultDevice);
+            let adapter = device
+                .identity()
+                .map(|id| id.name)
+                .unwrap_or_else(|| "unknown adapter".into());
+            Ok(ComputeDevice {
+                device,
+                backend: "wgpu",
+                adapter,
+            })
+        }
+        DeviceChoice::Auto => {
+            let Some(best) = hardware_adapters().into_iter().next() else {
+                return Ok(ComputeDevice::cpu());
+            };
+            let kind = match best.device_type {
+                wgpu::DeviceType::DiscreteGpu => DeviceKind::DiscreteGpu(0),
+                wgpu::DeviceType::IntegratedGpu => DeviceKind::IntegratedGpu(0),
+                _ => DeviceKind::VirtualGpu(0),
+            };
+            let device = Device::wgpu(kind);
+            // burn enumerates on its own backend; trust it only if it found a real card too.
+            match device.identity() {
+                Some(id) if id.physical.is_some() => Ok(ComputeDevice {
+                    device,
+                    backend: "wgpu",
+                    adapter: id.name,
+                }),
+                _ => Ok(ComputeDevice::cpu()),
+            }
+        }
+        DeviceChoice::Cuda => cuda(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<ComputeDevice> {
+    let device = Device::cuda(0);
+    let adapter = device
+        .identity()
+        .map(|id| id.name)
+        .unwrap_or_else(|| "CUDA device 0".into());
+    Ok(ComputeDevice {
+        device,
+        backend: "cuda",
+        adapter,
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<ComputeDevice> {
+    bail!("--device cuda needs kiln built with `--features cuda`")
+}

@@ -1,0 +1,148 @@
+//! Sampling text from a model with the KV cache: temperature, nucleus (top-p) sampling, and
+//! batches of prompts of different lengths (left-padded; padding keys are masked).
+
+use burn::tensor::{Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::{KvCache, Llama};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 picks the most likely token (greedy decoding).
+    pub temperature: f64,
+    /// Sample from the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f64,
+    pub max_tokens: usize,
+}
+
+/// Continues every prompt in `prompts` (token ids, each non-empty) by up to
+/// `params.max_tokens` tokens, stopping a row at `stop_id`. Returns the new tokens of each row
+/// (the stop token excluded). The batch is processed together: one forward pass per step.
+pub fn generate(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    stop_id: u32,
+    pad_id: u32,
+    rng: &mut ChaCha8Rng,
+) -> Vec<Vec<u32>> {
+    assert!(prompts.iter().all(|p| !p.is_empty()), "prompts must not be empty");
+    let device = model.device();
+    let batch = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let max_new = params
+        .max_tokens
+        .min(model.config.max_seq_len.saturating_sub(longest));
+    let left_pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let mut padded = Vec::with_capacity(batch * longest);
+    for (prompt, &pad) in prompts.iter().zip(&left_pad) {
+        padded.extend(std::iter::repeat_n(pad_id as i64, pad));
+        padded.extend(prompt.iter().map(|&t| t as i64));
+    }
+    let mut cache = KvCache::new(model.config.n_layers, left_pad);
+    let mut input = Tensor::<2, Int>::from_data(TensorData::new(padded, [batch, longest]), &device);
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); batch];
+    let mut done = vec![false; batch];
+    for _ in 0..max_new {
+        let logits = model.forward(input, Some(&mut cache));
+        let [_, t, vocab] = logits.dims();
+        let last = logits.slice([0..batch, t - 1..t, 0..vocab]).reshape([batch, vocab]);
+        let values: Vec<f32> = last.into_data().try_into_vec_as::<f32>().expect("f32 logits");
+        let mut next = Vec::with_capacity(batch);
+        for (row, out) in outputs.iter_mut().enumerate() {
+            let token = if done[row] {
+                stop_id
+            } else {
+                sample(&values[row * vocab..(row + 1) * vocab], params, rng)
+            };
+            if token == stop_id {
+                done[row] = true;
+            } else {
+                out.push(token);
+            }
+            next.push(token as i64);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        input = Tensor::from_data(TensorData::new(next, [batch, 1]), &device);
+    }
+    outputs
+}
+
+/// Draws one token id from `logits` with temperature and nucleus sampling.
+pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> u32 {
+    if params.temperature <= 0.0 {
+        return argmax(logits) as u32;
+    }
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i, ((l as f64 - max) / params.temperature).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut kept = 0.0;
+    let mut cut = probs.len();
+    for (i, p) in probs.iter().enumerate() {
+        kept += p.1 / total;
+        if kept >= params.top_p {
+            cut = i + 1;
+            break;
+        }
+    }
+    let nucleus = &probs[..cut];
+    let mass: f64 = nucleus.iter().map(|p| p.1).sum();
+    let mut u = rng.random::<f64>() * mass;
+    for &(i, p) in nucleus {
+        if u < p {
+            return i as u32;
+        }
+        u -= p;
+    }
+    nucleus[nucleus.len() - 1].0 as u32
+}
+
+fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .0
+}
+
+/// A generator seeded for reproducible sampling.
+pub fn seeded_rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nucleus_sampling_only_draws_from_the_nucleus() {
+        // Probabilities ~ [0.64, 0.23, 0.09, 0.03, ...]: top_p 0.8 keeps the first two.
+        let logits = [3.0f32, 2.0, 1.0, 0.0, -1.0];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.8,
+            max_tokens: 1,
+        };
+        let mut rng = seeded_rng(1);
+        let mut counts = [0usize; 5];
+        for _ in 0..4000 {
+            counts[sample(&logits, &params, &mut rng) as usize] += 1;
+        }
+        assert_eq!(counts[2] + counts[3] + counts[4], 0, "{counts:?}");
+        let ratio = counts[0] as f64 / counts[1] as f64;
+        assert!((ratio - std::f64::consts::E).abs() < 0.3, "{counts:?}");
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..params
+        };
+        assert_eq!(sample(&[0.1, 0.7, 0.2], &greedy, &mut rng), 1);
+    }
+}

@@ -1,0 +1,23 @@
+//! kiln: a portable trainer for the Llama 2 recipe on Burn.
+//!
+//! The pieces, in the order a run uses them: [`config`] (TOML sections with the paper's
+//! defaults), [`device`] (GPU through wgpu, CUDA, or the CPU), [`tokenizer`] and [`data`]
+//! (text to packed token sequences), [`model`] (the Llama architecture, built on [`ops`]),
+//! [`optim`] (AdamW, clipping, schedule), [`checkpoint`] and [`params`] (state on disk),
+//! [`pretrain`] (the recipe), [`generate`] (sampling), [`metrics`] and [`plot`].
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod generate;
+pub mod metrics;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod params;
+pub mod plot;
+pub mod pretrain;
+pub mod progress;
+pub mod tokenizer;

@@ -1,0 +1,295 @@
+//! The `kiln` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use kiln::config::{Config, Preset};
+use kiln::device::{self, DeviceChoice};
+use kiln::generate::{self, SamplingParams};
+use kiln::model::Llama;
+use kiln::tokenizer::Tokenizer;
+use kiln::{checkpoint, data, params, pretrain, tokenizer};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Train Llama 2 models on any GPU or on the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pretrain a model on text files (next-token prediction).
+    Pretrain {
+        /// TOML config; fields left out take the paper's defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override one config field, e.g. `--set optim.lr=1e-3` (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Output directory: checkpoints, metrics.jsonl, config.toml.
+        #[arg(long, default_value = "runs/pretrain")]
+        out: PathBuf,
+        /// Continue the run in --out from its newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Sample text from a checkpoint.
+    Generate {
+        /// A checkpoint directory, or a run directory (its newest checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f64,
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
+    /// Parameter count and memory estimate of a preset or config.
+    Info {
+        #[arg(long, value_enum, conflicts_with = "config")]
+        preset: Option<Preset>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write loss and learning-rate curves of a run as PNG files.
+    Plot {
+        /// The run's output directory (holding metrics.jsonl).
+        out: PathBuf,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE (digits split, Llama 2 chat tokens registered).
+    Train {
+        /// Text files or directories of `*.txt` files.
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        vocab_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Training steps per second of a preset on random tokens; prints one JSON line.
+    Train {
+        #[arg(long, value_enum)]
+        preset: Preset,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceChoice,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the message and its causes, joined.
+            let message = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Pretrain {
+            config,
+            overrides,
+            out,
+            resume,
+            device,
+        } => {
+            let config_given = config.is_some() || !overrides.is_empty();
+            let config = Config::load(config.as_deref(), &overrides)?;
+            let device = device::select(device)?;
+            ctrlc::set_handler(|| {
+                if pretrain::INTERRUPTED.swap(true, Ordering::SeqCst) {
+                    // A second Ctrl-C: stop now (the last checkpoint is intact).
+                    std::process::exit(130);
+                }
+                eprintln!("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)");
+            })
+            .context("cannot install the Ctrl-C handler")?;
+            let summary = pretrain::run(pretrain::PretrainOptions {
+                config,
+                config_given,
+                out_dir: out,
+                resume,
+                device,
+                print_sample: true,
+                stop_after: None,
+            })?;
+            if let Some(loss) = summary.final_val_loss {
+                eprintln!("final validation loss {loss:.4} (perplexity {:.1})", loss.exp());
+            }
+            eprintln!("checkpoint: {}", summary.checkpoint.display());
+            if let Some(sample) = summary.sample {
+                println!("{sample}");
+            }
+            Ok(())
+        }
+        Command::Generate {
+            checkpoint,
+            prompt,
+            temperature,
+            top_p,
+            max_tokens,
+            seed,
+            device,
+        } => {
+            if !(temperature >= 0.0) {
+                bail!("--temperature must be non-negative");
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                bail!("--top-p must be in (0, 1]");
+            }
+            let dir = checkpoint::resolve(&checkpoint)?;
+            let saved = checkpoint::load(&dir)?;
+            let config = saved.config(&dir)?;
+            let tokenizer = Tokenizer::from_json(&saved.tokenizer_json)
+                .with_context(|| dir.join(checkpoint::TOKENIZER_FILE).display().to_string())?;
+            let device = device::select(device)?;
+            eprintln!("device: {}", device.describe());
+            let model = params::import(
+                Llama::new(&config.model, 0, &device.device),
+                saved.model,
+                &dir.join(checkpoint::MODEL_FILE),
+            )?;
+            let mut ids = vec![tokenizer.bos_id];
+            ids.extend(tokenizer.encode(&prompt)?);
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                max_tokens,
+            };
+            let out = generate::generate(
+                &model,
+                &[ids],
+                &params,
+                tokenizer.eos_id,
+                tokenizer.pad_id.unwrap_or(tokenizer.eos_id),
+                &mut generate::seeded_rng(seed),
+            );
+            println!("{prompt}{}", tokenizer.decode(&out[0])?);
+            Ok(())
+        }
+        Command::Tokenizer {
+            command: TokenizerCommand::Train {
+                input,
+                vocab_size,
+                out,
+            },
+        } => {
+            let documents = data::read_corpus(&input)?;
+            let tok = tokenizer::train_bpe(documents.iter().map(|d| d.text.as_str()), vocab_size)?;
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
+            }
+            checkpoint::write_atomic(&out, tok.to_json()?.as_bytes())?;
+            eprintln!(
+                "trained a {}-token BPE on {} files; wrote {}",
+                tok.vocab_size(),
+                documents.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Info { preset, config } => {
+            let model = match (preset, config) {
+                (Some(p), _) => p.model(),
+                (None, Some(path)) => Config::load(Some(&path), &[])?.model,
+                (None, None) => bail!("give --preset or --config"),
+            };
+            print_info(&model);
+            Ok(())
+        }
+        Command::Plot { out } => {
+            for path in kiln::plot::plot_run(&out)? {
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Train {
+                    preset,
+                    device,
+                    steps,
+                    warmup,
+                },
+        } => {
+            if steps == 0 {
+                bail!("--steps must be at least 1");
+            }
+            let device = device::select(device)?;
+            eprintln!("device: {}", device.describe());
+            let result = kiln::bench::train(preset, &device, steps, warmup)?;
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+    }
+}
+
+fn print_info(model: &kiln::config::ModelConfig) {
+    let p = model.num_params() as f64;
+    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+    println!(
+        "shape: dim {}, {} layers, {} heads ({} KV heads), FFN {}, vocab {}, context {}",
+        model.dim,
+        model.n_layers,
+        model.n_heads,
+        model.n_kv_heads,
+        model.ffn_dim,
+        model.vocab_size,
+        model.max_seq_len
+    );
+    println!("parameters: {:.0} ({:.3}B)", p, p / 1e9);
+    println!("weights: {:.2} GiB in f32, {:.2} GiB in bf16", gib(4.0 * p), gib(2.0 * p));
+    // f32 weights + f32 gradients + two f32 AdamW moments; activations come on top.
+    println!(
+        "training state (f32 weights, gradients, AdamW moments): {:.2} GiB, plus activations",
+        gib(16.0 * p)
+    );
+    let kv_per_token = 2 * model.n_layers * model.n_kv_heads * model.head_dim() * 4;
+    println!(
+        "KV cache: {:.1} KiB per token in f32 ({:.2} GiB for one full {}-token context)",
+        kv_per_token as f64 / 1024.0,
+        gib((kv_per_token * model.max_seq_len) as f64),
+        model.max_seq_len
+    );
+}

@@ -1,0 +1,302 @@
+//! The Llama 2 model in one file: pre-norm decoder blocks with RMSNorm, grouped-query attention
+//! with rotary embeddings, a SwiGLU feed-forward network, no biases.
+//!
+//! Struct fields are named after the Hugging Face Llama weights, so a parameter's path
+//! (`model.layers.0.self_attn.q_proj.weight`) is its name in a HF `model.safetensors`, and
+//! linear weights are stored `[out_features, in_features]` as there.
+
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::config::ModelConfig;
+use crate::ops::{self, AttentionBias, RopeTables};
+
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[out_features, in_features]`.
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Linear {
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let [out_features, in_features] = self.weight.dims();
+        // One 2-D matmul over all rows; the transpose is a stride swap, not a copy.
+        let y = x
+            .reshape([rows, in_features])
+            .matmul(self.weight.val().transpose());
+        let mut out = dims;
+        out[D - 1] = out_features;
+        y.reshape(out)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        ops::rms_norm(x, self.weight.val(), self.eps)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Embedding {
+    /// `[vocab_size, dim]`.
+    pub weight: Param<Tensor<2>>,
+}
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+}
+
+impl Attention {
+    /// `x`: `[batch, seq, dim]`. With a cache, the new keys and values are appended to it and
+    /// the queries attend to everything cached before them.
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: (&Tensor<4>, &Tensor<4>),
+        bias: &AttentionBias,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let [b, t, dim] = x.dims();
+        let head_dim = dim / self.n_heads;
+        let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, head_dim]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()), self.n_heads);
+        let k = heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
+        let v = heads(self.v_proj.forward(x), self.n_kv_heads);
+        let (cos, sin) = rope;
+        let q = ops::rope(q, cos.clone(), sin.clone());
+        let mut k = ops::rope(k, cos.clone(), sin.clone());
+        let mut v = v;
+        if let Some(cache) = cache {
+            if let Some((k_past, v_past)) = cache.take() {
+                k = Tensor::cat(vec![k_past, k], 2);
+                v = Tensor::cat(vec![v_past, v], 2);
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let out = ops::attention(q, k, v, bias);
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, t, dim]))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let hidden = ops::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        self.down_proj.forward(hidden)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+#[derive(Module, Debug)]
+pub struct Decoder {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+}
+
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub model: Decoder,
+    /// `None` when the output projection shares the input embedding.
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    pub config: ModelConfig,
+    #[module(skip)]
+    rope: RopeTables,
+}
+
+/// Keys and values of one layer, `[batch, kv_heads, cached_len, head_dim]` each.
+pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
+
+/// Cached keys and values of every layer, for generation one token at a time.
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+    /// Left padding of each batch row: keys before this position are padding.
+    left_pad: Vec<usize>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize, left_pad: Vec<usize>) -> Self {
+        Self {
+            layers: (0..n_layers).map(|_| None).collect(),
+            len: 0,
+            left_pad,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Parameter initialisation: N(0, init_std) for every matrix, ones for norm weights, drawn on
+/// the host from a seeded generator so that every device starts from the same weights.
+struct Init {
+    rng: ChaCha8Rng,
+    normal: Normal<f32>,
+    device: Device,
+}
+
+impl Init {
+    fn matrix(&mut self, rows: usize, cols: usize) -> Param<Tensor<2>> {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| self.normal.sample(&mut self.rng))
+            .collect();
+        Param::from_tensor(Tensor::from_data(
+            TensorData::new(values, [rows, cols]),
+            &self.device,
+        ))
+    }
+
+    fn linear(&mut self, in_features: usize, out_features: usize) -> Linear {
+        Linear {
+            weight: self.matrix(out_features, in_features),
+        }
+    }
+
+    fn norm(&mut self, dim: usize, eps: f64) -> RmsNorm {
+        RmsNorm {
+            weight: Param::from_tensor(Tensor::ones([dim], &self.device)),
+            eps,
+        }
+    }
+}
+
+impl Llama {
+    /// A freshly initialised model on `device`.
+    pub fn new(config: &ModelConfig, seed: u64, device: &Device) -> Self {
+        let mut init = Init {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            normal: Normal::new(0.0, config.init_std as f32).expect("valid std"),
+            device: device.clone(),
+        };
+        let (dim, kv_dim) = (config.dim, config.n_kv_heads * config.head_dim());
+        let embed_tokens = Embedding {
+            weight: init.matrix(config.vocab_size, dim),
+        };
+        let layers = (0..config.n_layers)
+            .map(|_| DecoderLayer {
+                self_attn: Attention {
+                    q_proj: init.linear(dim, dim),
+                    k_proj: init.linear(dim, kv_dim),
+                    v_proj: init.linear(dim, kv_dim),
+                    o_proj: init.linear(dim, dim),
+                    n_heads: config.n_heads,
+                    n_kv_heads: config.n_kv_heads,
+                },
+                mlp: Mlp {
+                    gate_proj: init.linear(dim, config.ffn_dim),
+                    up_proj: init.linear(dim, config.ffn_dim),
+                    down_proj: init.linear(config.ffn_dim, dim),
+                },
+                input_layernorm: init.norm(dim, config.norm_eps),
+                post_attention_layernorm: init.norm(dim, config.norm_eps),
+            })
+            .collect();
+        let norm = init.norm(dim, config.norm_eps);
+        let lm_head = (!config.tie_embeddings).then(|| init.linear(dim, config.vocab_size));
+        Self {
+            model: Decoder {
+                embed_tokens,
+                layers,
+                norm,
+            },
+            lm_head,
+            config: config.clone(),
+            rope: RopeTables::new(config.max_seq_len, config.head_dim(), config.rope_theta, device),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.model.embed_tokens.weight.device()
+    }
+
+    /// Final hidden states (after the last norm), `[batch, seq, dim]`.
+    pub fn hidden_states(&self, tokens: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [_, t] = tokens.dims();
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        assert!(
+            start + t <= self.config.max_seq_len,
+            "sequence of {} tokens exceeds model.max_seq_len {}",
+            start + t,
+            self.config.max_seq_len
+        );
+        let device = tokens.device();
+        let group = self.config.n_heads / self.config.n_kv_heads;
+        let left_pad = cache.as_ref().map(|c| c.left_pad.as_slice()).filter(|p| p.iter().any(|&n| n > 0));
+        let bias = AttentionBias::causal(group, t, start + t, start, left_pad, &device);
+        let (cos, sin) = self.rope.window(start, t);
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), tokens);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            let h = layer.input_layernorm.forward(x.clone());
+            x = x + layer.self_attn.forward(h, (&cos, &sin), &bias, layer_cache);
+            let h = layer.post_attention_layernorm.forward(x.clone());
+            x = x + layer.mlp.forward(h);
+        }
+        if let Some(cache) = cache {
+            cache.len += t;
+        }
+        self.model.norm.forward(x)
+    }
+
+    /// Next-token logits from hidden states: `[batch, seq, vocab]`.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => Linear {
+                weight: self.model.embed_tokens.weight.clone(),
+            }
+            .forward(hidden),
+        }
+    }
+
+    pub fn forward(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let hidden = self.hidden_states(tokens, cache);
+        self.logits(hidden)
+    }
+
+    /// Mean next-token cross-entropy of `inputs` against `targets` (both `[batch, seq]`).
+    pub fn loss(&self, inputs: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
+        let [b, t] = inputs.dims();
+        let logits = self.forward(inputs, None);
+        let vocab = logits.dims()[2];
+        ops::cross_entropy(logits.reshape([b * t, vocab]), targets.reshape([b * t]), None)
+    }
+}

@@ -1,0 +1,55 @@
+//! Progress of a training run: an `indicatif` bar on a terminal, plain lines otherwise (logs,
+//! CI), so that piped output stays readable.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    log_interval: u64,
+}
+
+impl Progress {
+    pub fn new(start: u64, total: u64, log_interval: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_position(start);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | eta {eta}")
+                    .expect("valid template"),
+            );
+            bar
+        });
+        Self {
+            bar,
+            log_interval: log_interval.max(1),
+        }
+    }
+
+    pub fn step(&mut self, step: u64, loss: f64, lr: f64, tokens_per_s: f64) {
+        let line = format!("loss {loss:.4} | lr {lr:.2e} | {tokens_per_s:.0} tok/s");
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step);
+                bar.set_message(line);
+            }
+            None if step % self.log_interval == 0 => eprintln!("step {step:>6} | {line}"),
+            None => {}
+        }
+    }
+
+    /// A line that stays (evaluations, checkpoints), printed above the bar.
+    pub fn message(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

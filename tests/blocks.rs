@@ -1,0 +1,392 @@
+//! Forward and backward of each Llama block against independent references: hand-written f64
+//! loops for the forward pass, central finite differences for the gradients. This test binary
+//! runs burn's CPU device in f64 so that finite differences are meaningful (tolerances below).
+//! Inputs are fresh random values on every run; shapes are odd on purpose.
+
+use burn::module::Module;
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
+use kiln::config::ModelConfig;
+use kiln::model::{KvCache, Llama};
+use kiln::ops::{self, AttentionBias, RopeTables};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Relative tolerance of f64 forward passes against the loop references.
+const FORWARD_TOL: f64 = 1e-10;
+/// Relative tolerance of autodiff gradients against central differences (step 1e-5, f64).
+const GRAD_TOL: f64 = 1e-6;
+
+fn device() -> Device {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let mut d = Device::flex();
+        d.configure(FloatDType::F64).expect("configure f64 before any tensor");
+    });
+    Device::flex().autodiff()
+}
+
+fn rng() -> ChaCha8Rng {
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn randn(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+fn tensor<const D: usize>(values: &[f64], shape: [usize; D]) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), &device())
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data().try_into_vec_as::<f64>().unwrap()
+}
+
+fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    let scale = expected.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        assert!(
+            (a - e).abs() <= tol * scale,
+            "{what}[{i}]: {a} vs {e} (tolerance {tol} x {scale})"
+        );
+    }
+}
+
+/// Checks d(sum(f(inputs) * probe))/d(input k) from autodiff against central differences on
+/// every coordinate of every input.
+fn check_gradients<const D: usize, const O: usize>(
+    inputs: &[(Vec<f64>, [usize; D])],
+    f: impl Fn(Vec<Tensor<D>>) -> Tensor<O>,
+    rng: &mut ChaCha8Rng,
+    what: &str,
+) {
+    let build = |vals: &[Vec<f64>]| -> Vec<Tensor<D>> {
+        vals.iter()
+            .zip(inputs)
+            .map(|(v, (_, shape))| tensor(v, *shape).require_grad())
+            .collect()
+    };
+    let base: Vec<Vec<f64>> = inputs.iter().map(|(v, _)| v.clone()).collect();
+    let out_shape = f(build(&base)).dims();
+    let probe_vals = randn(rng, out_shape.iter().product());
+    let objective = |vals: &[Vec<f64>]| -> (f64, Vec<Tensor<D>>) {
+        let ts = build(vals);
+        let out = f(ts.clone());
+        let probe = tensor(&probe_vals, out_shape);
+        let l: f64 = (out * probe).sum().into_scalar();
+        (l, ts)
+    };
+    let ts = build(&base);
+    let out = f(ts.clone());
+    let grads = (out * tensor(&probe_vals, out_shape)).sum().backward();
+    for (k, t) in ts.iter().enumerate() {
+        let analytic = values(t.grad(&grads).expect("gradient"));
+        let h = 1e-5;
+        let numeric: Vec<f64> = (0..base[k].len())
+            .map(|i| {
+                let mut plus = base.clone();
+                plus[k][i] += h;
+                let mut minus = base.clone();
+                minus[k][i] -= h;
+                (objective(&plus).0 - objective(&minus).0) / (2.0 * h)
+            })
+            .collect();
+        assert_close(&analytic, &numeric, GRAD_TOL, &format!("{what}: d/d input {k}"));
+    }
+}
+
+#[test]
+fn rms_norm_matches_reference_and_finite_differences() {
+    let mut rng = rng();
+    let (rows, dim, eps) = (5, 7, 1e-5);
+    let x = randn(&mut rng, rows * dim);
+    let w = randn(&mut rng, dim);
+    let out = values(ops::rms_norm(tensor(&x, [rows, dim]), tensor(&w, [dim]), eps));
+    let mut expected = Vec::new();
+    for r in 0..rows {
+        let row = &x[r * dim..(r + 1) * dim];
+        let ms = row.iter().map(|v| v * v).sum::<f64>() / dim as f64;
+        let inv = 1.0 / (ms + eps).sqrt();
+        expected.extend(row.iter().zip(&w).map(|(v, g)| v * inv * g));
+    }
+    assert_close(&out, &expected, FORWARD_TOL, "rms_norm");
+    // Input and weight gradients (weight passed as a [1, dim] tensor, reshaped inside).
+    check_gradients(
+        &[(x, [rows, dim]), (w, [1, dim])],
+        |t| ops::rms_norm(t[0].clone(), t[1].clone().reshape([dim]), eps),
+        &mut rng,
+        "rms_norm",
+    );
+}
+
+#[test]
+fn swiglu_matches_reference_and_finite_differences() {
+    let mut rng = rng();
+    let n = 11;
+    let a = randn(&mut rng, n);
+    let b = randn(&mut rng, n);
+    let out = values(ops::swiglu(tensor(&a, [n]), tensor(&b, [n])));
+    let expected: Vec<f64> = a.iter().zip(&b).map(|(a, b)| a / (1.0 + (-a).exp()) * b).collect();
+    assert_close(&out, &expected, FORWARD_TOL, "swiglu");
+    check_gradients(
+        &[(a, [n]), (b, [n])],
+        |t| ops::swiglu(t[0].clone(), t[1].clone()),
+        &mut rng,
+        "swiglu",
+    );
+}
+
+#[test]
+fn rope_preserves_norms_matches_a_hand_computed_case_and_its_gradient() {
+    let mut rng = rng();
+    let (b, h, t, d) = (2, 3, 5, 6);
+    let tables = RopeTables::new(16, d, 10_000.0, &device());
+    let x = randn(&mut rng, b * h * t * d);
+    let (cos, sin) = tables.window(3, t);
+    let out = values(ops::rope(tensor(&x, [b, h, t, d]), cos.clone(), sin.clone()));
+    // Norm of every head vector is unchanged.
+    for (xi, oi) in x.chunks(d).zip(out.chunks(d)) {
+        let n1: f64 = xi.iter().map(|v| v * v).sum();
+        let n2: f64 = oi.iter().map(|v| v * v).sum();
+        assert!((n1 - n2).abs() < 1e-12 * n1.max(1.0), "{n1} vs {n2}");
+    }
+    // Hand-computed: head_dim 4, position 1, theta 100: pair (0,2) turns by 1 rad, pair (1,3)
+    // by 100^(-1/2) = 0.1 rad.
+    let tables = RopeTables::new(4, 4, 100.0, &device());
+    let (cos, sin) = tables.window(1, 1);
+    let out = values(ops::rope(tensor(&[1.0, 2.0, 3.0, 4.0], [1, 1, 1, 4]), cos, sin));
+    let (c1, s1, c2, s2) = (1f64.cos(), 1f64.sin(), 0.1f64.cos(), 0.1f64.sin());
+    let expected = [1.0 * c1 - 3.0 * s1, 2.0 * c2 - 4.0 * s2, 3.0 * c1 + 1.0 * s1, 4.0 * c2 + 2.0 * s2];
+    assert_close(&out, &expected, FORWARD_TOL, "rope hand case");
+    let (cos, sin) = RopeTables::new(16, d, 10_000.0, &device()).window(2, t);
+    check_gradients(
+        &[(x, [b, h, t, d])],
+        |ts| ops::rope(ts[0].clone(), cos.clone(), sin.clone()),
+        &mut rng,
+        "rope",
+    );
+}
+
+/// Causal attention with loops: head `h` reads KV head `h / group`.
+fn attention_reference(q: &[f64], k: &[f64], v: &[f64], b: usize, h: usize, kvh: usize, t: usize, d: usize) -> Vec<f64> {
+    let group = h / kvh;
+    let mut out = vec![0.0; b * h * t * d];
+    for bi in 0..b {
+        for hi in 0..h {
+            let ki = hi / group;
+            for i in 0..t {
+                let qrow = &q[((bi * h + hi) * t + i) * d..][..d];
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        let krow = &k[((bi * kvh + ki) * t + j) * d..][..d];
+                        qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = exps.iter().sum();
+                for (j, e) in exps.iter().enumerate() {
+                    let vrow = &v[((bi * kvh + ki) * t + j) * d..][..d];
+                    for c in 0..d {
+                        out[((bi * h + hi) * t + i) * d + c] += e / total * vrow[c];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn gqa_attention_matches_reference_equals_mha_with_expanded_heads_and_its_gradient() {
+    let mut rng = rng();
+    let (b, h, kvh, t, d) = (2, 6, 2, 7, 4);
+    let q = randn(&mut rng, b * h * t * d);
+    let k = randn(&mut rng, b * kvh * t * d);
+    let v = randn(&mut rng, b * kvh * t * d);
+    let bias = AttentionBias::causal(h / kvh, t, t, 0, None, &device());
+    let out = values(ops::attention(
+        tensor(&q, [b, h, t, d]),
+        tensor(&k, [b, kvh, t, d]),
+        tensor(&v, [b, kvh, t, d]),
+        &bias,
+    ));
+    assert_close(&out, &attention_reference(&q, &k, &v, b, h, kvh, t, d), FORWARD_TOL, "gqa");
+
+    // MHA with each KV head repeated for its group gives the same result.
+    let expand = |x: &[f64]| -> Vec<f64> {
+        let mut e = Vec::new();
+        for bi in 0..b {
+            for hi in 0..h {
+                let ki = hi / (h / kvh);
+                e.extend_from_slice(&x[(bi * kvh + ki) * t * d..][..t * d]);
+            }
+        }
+        e
+    };
+    let mha_bias = AttentionBias::causal(1, t, t, 0, None, &device());
+    let mha = values(ops::attention(
+        tensor(&q, [b, h, t, d]),
+        tensor(&expand(&k), [b, h, t, d]),
+        tensor(&expand(&v), [b, h, t, d]),
+        &mha_bias,
+    ));
+    assert_close(&out, &mha, FORWARD_TOL, "gqa vs mha");
+
+    check_gradients(
+        &[(q, [b, h, t, d]), (k, [b, kvh, t, d]), (v, [b, kvh, t, d])],
+        |ts| ops::attention(ts[0].clone(), ts[1].clone(), ts[2].clone(), &bias),
+        &mut rng,
+        "attention",
+    );
+}
+
+#[test]
+fn cross_entropy_matches_reference_and_finite_differences() {
+    let mut rng = rng();
+    let (n, vocab) = (6, 9);
+    let logits = randn(&mut rng, n * vocab).iter().map(|v| v * 4.0).collect::<Vec<_>>();
+    let targets: Vec<i64> = (0..n).map(|_| rng.random_range(0..vocab as i64)).collect();
+    let weights: Vec<f64> = (0..n).map(|i| (i % 3 != 0) as u8 as f64).collect();
+    let targets_t = || Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [n]), &device());
+    let reference = |mask: &[f64]| -> f64 {
+        let mut total = 0.0;
+        for i in 0..n {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+            total += mask[i] * (lse - row[targets[i] as usize]);
+        }
+        total / mask.iter().sum::<f64>()
+    };
+    let all: f64 = ops::cross_entropy(tensor(&logits, [n, vocab]), targets_t(), None).into_scalar();
+    assert!((all - reference(&vec![1.0; n])).abs() < 1e-12);
+    let masked: f64 =
+        ops::cross_entropy(tensor(&logits, [n, vocab]), targets_t(), Some(tensor(&weights, [n])))
+            .into_scalar();
+    assert!((masked - reference(&weights)).abs() < 1e-12);
+    check_gradients(
+        &[(logits, [n, vocab])],
+        |ts| ops::cross_entropy(ts[0].clone(), targets_t(), Some(tensor(&weights, [n]))),
+        &mut rng,
+        "cross_entropy",
+    );
+}
+
+fn small_config() -> ModelConfig {
+    ModelConfig {
+        dim: 12,
+        n_layers: 2,
+        n_heads: 3,
+        n_kv_heads: 1,
+        ffn_dim: 20,
+        vocab_size: 17,
+        max_seq_len: 16,
+        init_std: 0.3,
+        ..ModelConfig::default()
+    }
+}
+
+#[test]
+fn whole_model_gradient_matches_finite_differences() {
+    let mut rng = rng();
+    let config = small_config();
+    let model = Llama::new(&config, rng.random(), &device());
+    let (b, t) = (2, 5);
+    let tokens: Vec<i64> = (0..b * t).map(|_| rng.random_range(0..17)).collect();
+    let targets: Vec<i64> = (0..b * t).map(|_| rng.random_range(0..17)).collect();
+    let ids = |v: &Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b, t]), &device());
+    let loss = model.loss(ids(&tokens), ids(&targets));
+    let grads = loss.backward();
+    // Perturb a few entries of each parameter and compare with the autodiff gradient.
+    let names = kiln::params::list(&model);
+    let exported = kiln::params::export(&model);
+    for (info, original) in names.iter().zip(&exported) {
+        let analytic: Vec<f64> = {
+            struct Find<'a> {
+                id: burn::module::ParamId,
+                grads: &'a burn::tensor::Gradients,
+                out: Option<Vec<f64>>,
+            }
+            impl burn::module::ModuleVisitor for Find<'_> {
+                fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
+                    if p.id == self.id {
+                        self.out = p.val().grad(self.grads).map(values);
+                    }
+                }
+            }
+            let mut f = Find { id: info.id, grads: &grads, out: None };
+            model.visit(&mut f);
+            f.out.expect("gradient of every parameter")
+        };
+        for _ in 0..3 {
+            let i = rng.random_range(0..original.values.len());
+            let h = 1e-5f32;
+            let eval = |delta: f32| -> f64 {
+                let mut tensors = exported.clone();
+                let k = tensors.iter().position(|t| t.name == info.name).unwrap();
+                tensors[k].values[i] += delta;
+                let m = kiln::params::import(model.clone(), tensors, std::path::Path::new("test")).unwrap();
+                m.loss(ids(&tokens), ids(&targets)).into_scalar()
+            };
+            // Parameters travel as f32 through export/import: use the perturbation actually
+            // applied (f32 rounding) for the difference quotient.
+            let applied = (original.values[i] + h) as f64 - original.values[i] as f64;
+            let numeric = (eval(h) - eval(-h)) / (2.0 * applied);
+            let scale = numeric.abs().max(1e-3);
+            assert!(
+                (analytic[i] - numeric).abs() < 1e-4 * scale.max(1.0),
+                "{}[{i}]: autodiff {} vs finite difference {numeric}",
+                info.name,
+                analytic[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn kv_cache_gives_the_same_logits_as_a_full_forward_pass() {
+    let mut rng = rng();
+    let config = small_config();
+    let model = Llama::new(&config, rng.random(), &device()).valid();
+    let t = 9;
+    let tokens: Vec<i64> = (0..2 * t).map(|_| rng.random_range(0..17)).collect();
+    let full = values(model.forward(
+        Tensor::from_data(TensorData::new(tokens.clone(), [2, t]), &device().inner()),
+        None,
+    ));
+    let mut cache = KvCache::new(config.n_layers, vec![0, 0]);
+    let mut stepwise = vec![Vec::new(), Vec::new()];
+    // A prompt of 4 tokens, then one token at a time.
+    let mut start = 0;
+    for len in [4, 1, 1, 1, 1, 1] {
+        let chunk: Vec<i64> = (0..2).flat_map(|r| tokens[r * t + start..r * t + start + len].to_vec()).collect();
+        let logits = values(model.forward(
+            Tensor::from_data(TensorData::new(chunk, [2, len]), &device().inner()),
+            Some(&mut cache),
+        ));
+        for r in 0..2 {
+            stepwise[r].extend_from_slice(&logits[r * len * 17..(r + 1) * len * 17]);
+        }
+        start += len;
+    }
+    for r in 0..2 {
+        assert_close(&stepwise[r], &full[r * t * 17..(r * t + start) * 17], FORWARD_TOL, "kv cache");
+    }
+
+    // Left padding with masked keys gives the unpadded row's logits.
+    let row: Vec<i64> = tokens[..5].to_vec();
+    let alone = values(model.forward(
+        Tensor::from_data(TensorData::new(row.clone(), [1, 5]), &device().inner()),
+        None,
+    ));
+    let mut padded = vec![0i64, 0, 0];
+    padded.extend(&row);
+    let mut cache = KvCache::new(config.n_layers, vec![3]);
+    let with_pad = values(model.forward(
+        Tensor::from_data(TensorData::new(padded, [1, 8]), &device().inner()),
+        Some(&mut cache),
+    ));
+    assert_close(&with_pad[3 * 17..], &alone, 1e-9, "left padding");
+}

@@ -1,0 +1,170 @@
+//! Pretraining on the bundled corpus: the model learns, and an interrupted run resumed from
+//! its checkpoint ends bit-identical to an uninterrupted one (CPU device).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln::checkpoint;
+use kiln::config::Config;
+use kiln::device::ComputeDevice;
+use kiln::pretrain::{self, PretrainOptions};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A small, fast model on the bundled Shakespeare corpus.
+fn small_overrides(max_steps: u64) -> Vec<String> {
+    vec![
+        format!("data.corpus=[\"{}\"]", repo("data/shakespeare").display()),
+        format!("data.tokenizer=\"{}\"", repo("data/shakespeare/tokenizer.json").display()),
+        "model.dim=64".into(),
+        "model.n_layers=2".into(),
+        "model.n_heads=4".into(),
+        "model.n_kv_heads=2".into(),
+        "model.ffn_dim=176".into(),
+        "model.max_seq_len=64".into(),
+        "data.seq_len=64".into(),
+        "train.batch_size=8".into(),
+        format!("train.max_steps={max_steps}"),
+        "train.eval_batches=4".into(),
+        "optim.lr=3e-3".into(),
+        "optim.warmup_steps=5".into(),
+    ]
+}
+
+fn options(config: Config, out: &Path) -> PretrainOptions {
+    PretrainOptions {
+        config,
+        config_given: true,
+        out_dir: out.to_path_buf(),
+        resume: false,
+        device: ComputeDevice::cpu(),
+        print_sample: false,
+        stop_after: None,
+    }
+}
+
+#[test]
+fn pretraining_lowers_validation_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut overrides = small_overrides(80);
+    overrides.push("train.eval_interval=1000".into());
+    let config = Config::load(None, &overrides).unwrap();
+    // Validation loss of the untrained model is about ln(vocab).
+    let first = {
+        let c = Config::load(None, &small_overrides(1)).unwrap();
+        pretrain::run(options(c, &dir.path().join("one"))).unwrap().final_val_loss.unwrap()
+    };
+    let summary = pretrain::run(options(config.clone(), &dir.path().join("run"))).unwrap();
+    let last = summary.final_val_loss.unwrap();
+    let uniform = (config.model.vocab_size as f64).ln();
+    eprintln!("val loss after 1 step {first:.3}, after 80 steps {last:.3}, ln(vocab) {uniform:.3}");
+    assert!(first > uniform - 0.5, "untrained loss {first} should be near ln(vocab) {uniform}");
+    assert!(last < first - 1.5, "80 steps should lower val loss well below {first}: {last}");
+    let records = kiln::metrics::read(&dir.path().join("run/metrics.jsonl")).unwrap();
+    assert_eq!(records.iter().filter(|r| matches!(r, kiln::metrics::Record::Step { .. })).count(), 80);
+}
+
+fn final_files(out: &Path) -> (Vec<u8>, Vec<u8>) {
+    let dir = checkpoint::resolve(out).unwrap();
+    (
+        std::fs::read(dir.join(checkpoint::MODEL_FILE)).unwrap(),
+        std::fs::read(dir.join(checkpoint::OPTIMIZER_FILE)).unwrap(),
+    )
+}
+
+#[test]
+fn interrupted_and_resumed_run_equals_uninterrupted_run_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut overrides = small_overrides(12);
+    overrides.push("train.grad_accum_steps=2".into());
+    overrides.push("train.checkpoint_interval=4".into());
+    let config = Config::load(None, &overrides).unwrap();
+
+    let straight = dir.path().join("straight");
+    pretrain::run(options(config.clone(), &straight)).unwrap();
+
+    let interrupted = dir.path().join("interrupted");
+    let first = pretrain::run(PretrainOptions {
+        stop_after: Some(7),
+        ..options(config.clone(), &interrupted)
+    })
+    .unwrap();
+    assert!(first.interrupted);
+    assert_eq!(first.step, 7);
+    let second = pretrain::run(PretrainOptions {
+        resume: true,
+        config_given: false,
+        ..options(Config::default(), &interrupted)
+    })
+    .unwrap();
+    assert_eq!(second.step, 12);
+    let (model_a, optim_a) = final_files(&straight);
+    let (model_b, optim_b) = final_files(&interrupted);
+    assert!(model_a == model_b, "model weights differ after resume");
+    assert!(optim_a == optim_b, "optimizer state differs after resume");
+    // The metrics read as one run: 12 step records, steps 1..=12 in order.
+    let steps: Vec<u64> = kiln::metrics::read(&interrupted.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r| match r {
+            kiln::metrics::Record::Step { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+}
+
+fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+#[test]
+fn run_killed_with_sigkill_resumes_to_the_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = vec!["pretrain".into(), "--device".into(), "cpu".into()];
+    let mut overrides = small_overrides(16);
+    overrides.push("train.checkpoint_interval=1".into());
+    overrides.push("train.keep_checkpoints=3".into());
+    for o in &overrides {
+        args.push("--set".into());
+        args.push(o.clone());
+    }
+    let straight = dir.path().join("straight");
+    let status = kiln().args(&args).arg("--out").arg(&straight).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+
+    let killed = dir.path().join("killed");
+    let mut child = kiln()
+        .args(&args)
+        .arg("--out")
+        .arg(&killed)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it at some point after its 5th checkpoint, whatever it is doing then.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while checkpoint::list(&killed.join("checkpoints"))
+        .unwrap()
+        .last()
+        .is_none_or(|c| c.0 < 5)
+    {
+        assert!(Instant::now() < deadline, "run made no progress");
+        assert!(child.try_wait().unwrap().is_none(), "run ended before it was killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = checkpoint::list(&killed.join("checkpoints")).unwrap();
+    assert!(at_kill.last().unwrap().0 < 16, "killed before the end");
+
+    let resumed = kiln()
+        .args(["pretrain", "--device", "cpu", "--resume", "--out"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(final_files(&straight) == final_files(&killed), "weights differ after SIGKILL + resume");
+}

@@ -1,0 +1,70 @@
+//! The same model on the CPU (flex) and on wgpu (in CI: lavapipe, software Vulkan) gives the
+//! same logits and the same gradients, within f32 tolerance.
+//!
+//! Needs a Vulkan driver (`mesa-vulkan-drivers`); without one the test says so and passes,
+//! except under CI (`CI` set), where a missing adapter is a failure.
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor, TensorData};
+use kiln::config::ModelConfig;
+use kiln::device::{self, ComputeDevice, DeviceChoice};
+use kiln::model::Llama;
+use rand::{Rng, SeedableRng};
+
+/// Max |difference| over max |value|: f32 arithmetic in different orders.
+const TOL: f32 = 2e-4;
+
+fn wgpu_device() -> Option<ComputeDevice> {
+    let have_driver = std::panic::catch_unwind(|| device::select(DeviceChoice::Wgpu)).ok().and_then(Result::ok);
+    if have_driver.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must have a wgpu adapter (mesa-vulkan-drivers)");
+        eprintln!("no wgpu adapter: skipping");
+    }
+    have_driver
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn cpu_and_wgpu_agree_on_logits_and_gradients() {
+    let Some(gpu) = wgpu_device() else { return };
+    eprintln!("wgpu adapter: {}", gpu.adapter);
+    let config = ModelConfig {
+        dim: 64,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ffn_dim: 96,
+        vocab_size: 101,
+        max_seq_len: 40,
+        ..ModelConfig::default()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::rng().random());
+    let seed: u64 = rng.random();
+    let (b, t) = (3, 37);
+    let tokens: Vec<i64> = (0..b * t).map(|_| rng.random_range(0..101)).collect();
+    let targets: Vec<i64> = (0..b * t).map(|_| rng.random_range(0..101)).collect();
+
+    let run = |device: &burn::tensor::Device| -> (Vec<f32>, Vec<f32>) {
+        let device = device.clone().autodiff();
+        let model = Llama::new(&config, seed, &device);
+        let ids = |v: &Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b, t]), &device);
+        let logits = model.valid().forward(ids(&tokens).inner(), None);
+        let logits: Vec<f32> = logits.into_data().try_into_vec_as::<f32>().unwrap();
+        let loss = model.loss(ids(&tokens), ids(&targets));
+        let grads = loss.backward();
+        let q = &model.model.layers[0].self_attn.q_proj.weight;
+        let grad: Vec<f32> = q.val().grad(&grads).unwrap().into_data().try_into_vec_as::<f32>().unwrap();
+        (logits, grad)
+    };
+    let (cpu_logits, cpu_grad) = run(&ComputeDevice::cpu().device);
+    let (gpu_logits, gpu_grad) = run(&gpu.device);
+    let logits_diff = max_rel_diff(&gpu_logits, &cpu_logits);
+    let grad_diff = max_rel_diff(&gpu_grad, &cpu_grad);
+    eprintln!("max relative difference: logits {logits_diff:.2e}, q_proj gradient {grad_diff:.2e}");
+    assert!(logits_diff < TOL, "logits differ by {logits_diff}");
+    assert!(grad_diff < 10.0 * TOL, "gradients differ by {grad_diff}");
+}
