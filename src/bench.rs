@@ -29,7 +29,12 @@ pub struct TrainBench {
 
 /// Times `steps` full training steps (forward, backward, clipping, AdamW) after `warmup`
 /// untimed ones; the device is synchronised by reading the loss back each step.
-pub fn train(preset: Preset, device: &ComputeDevice, steps: usize, warmup: usize) -> Result<TrainBench> {
+pub fn train(
+    preset: Preset,
+    device: &ComputeDevice,
+    steps: usize,
+    warmup: usize,
+) -> Result<TrainBench> {
     let config = preset.model();
     let (batch_size, seq_len) = (preset.bench_batch_size(), config.max_seq_len);
     let autodiff = device.device.clone().autodiff();
@@ -38,7 +43,11 @@ pub fn train(preset: Preset, device: &ComputeDevice, steps: usize, warmup: usize
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut random_batch = || {
         let n = batch_size * seq_len;
-        let mut tokens = |_| (0..n).map(|_| rng.random_range(0..config.vocab_size as i64)).collect();
+        let mut tokens = |_| {
+            (0..n)
+                .map(|_| rng.random_range(0..config.vocab_size as i64))
+                .collect()
+        };
         Batch {
             inputs: tokens(0),
             targets: tokens(1),

@@ -119,7 +119,10 @@ pub fn decode_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<NamedTensor>>
                     .chunks_exact(2)
                     .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
                     .collect(),
-                other => bail!("{}: tensor {name} has unsupported dtype {other:?}", path.display()),
+                other => bail!(
+                    "{}: tensor {name} has unsupported dtype {other:?}",
+                    path.display()
+                ),
             };
             Ok(NamedTensor {
                 name,
@@ -268,7 +271,10 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     if !path.exists() {
         bail!("checkpoint {} not found", path.display());
     }
-    bail!("{} holds no checkpoint ({MANIFEST_FILE} missing)", path.display())
+    bail!(
+        "{} holds no checkpoint ({MANIFEST_FILE} missing)",
+        path.display()
+    )
 }
 
 /// Reads and verifies a checkpoint: every file's size and checksum must match the manifest.
@@ -288,14 +294,20 @@ pub fn load(dir: &Path) -> Result<CheckpointData> {
             );
         }
         if sha256_hex(&bytes) != entry.sha256 {
-            bail!("{}: corrupted (checksum does not match the manifest)", path.display());
+            bail!(
+                "{}: corrupted (checksum does not match the manifest)",
+                path.display()
+            );
         }
         contents.insert(name.clone(), bytes);
     }
     let mut take = |name: &str| {
-        contents
-            .remove(name)
-            .ok_or_else(|| anyhow!("{}: manifest lists no {name}", dir.join(MANIFEST_FILE).display()))
+        contents.remove(name).ok_or_else(|| {
+            anyhow!(
+                "{}: manifest lists no {name}",
+                dir.join(MANIFEST_FILE).display()
+            )
+        })
     };
     let text = |bytes: Vec<u8>, name: &str| {
         String::from_utf8(bytes).map_err(|_| anyhow!("{}: not UTF-8", dir.join(name).display()))
@@ -402,7 +414,10 @@ mod tests {
         bytes[last] ^= 1;
         std::fs::write(&model, &bytes).unwrap();
         let e = load(&newest).err().unwrap().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("corrupted"), "{e}");
+        assert!(
+            e.contains("model.safetensors") && e.contains("corrupted"),
+            "{e}"
+        );
         // Truncate it.
         std::fs::write(&model, &bytes[..10]).unwrap();
         let e = load(&newest).err().unwrap().to_string();

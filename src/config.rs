@@ -57,7 +57,11 @@ impl ModelConfig {
         let attention = d * d * 2 + d * kv * 2;
         let ffn = 3 * d * f;
         let norms = 2 * d;
-        let embeddings = if self.tie_embeddings { v * d } else { 2 * v * d };
+        let embeddings = if self.tie_embeddings {
+            v * d
+        } else {
+            2 * v * d
+        };
         l * (attention + ffn + norms) + d + embeddings
     }
 
@@ -140,8 +144,8 @@ impl Preset {
             tie_embeddings: false,
             init_std: 0.02,
         };
-        let shape = |dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, max_seq_len| {
-            ModelConfig {
+        let shape =
+            |dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, max_seq_len| ModelConfig {
                 dim,
                 n_layers,
                 n_heads,
@@ -150,8 +154,7 @@ impl Preset {
                 vocab_size,
                 max_seq_len,
                 ..base.clone()
-            }
-        };
+            };
         match self {
             Preset::Tiny => base,
             Preset::Bench5m => shape(256, 4, 8, 4, 704, 4096, 256),
@@ -309,9 +312,8 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config {}", path.display()))?;
-                text.parse::<toml::Table>().map_err(|e| {
-                    anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
-                })?
+                text.parse::<toml::Table>()
+                    .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?
             }
             None => toml::Table::new(),
         };
@@ -471,8 +473,14 @@ mod tests {
     #[test]
     fn paper_defaults() {
         let o = OptimConfig::default();
-        assert_eq!((o.beta1, o.beta2, o.eps, o.weight_decay), (0.9, 0.95, 1e-5, 0.1));
-        assert_eq!((o.grad_clip, o.min_lr_ratio, o.warmup_steps), (1.0, 0.1, 2000));
+        assert_eq!(
+            (o.beta1, o.beta2, o.eps, o.weight_decay),
+            (0.9, 0.95, 1e-5, 0.1)
+        );
+        assert_eq!(
+            (o.grad_clip, o.min_lr_ratio, o.warmup_steps),
+            (1.0, 0.1, 2000)
+        );
     }
 
     #[test]

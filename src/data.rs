@@ -52,12 +52,17 @@ pub fn read_corpus(paths: &[PathBuf]) -> Result<Vec<Document>> {
 
 /// Reads a file as UTF-8, naming the line of the first invalid byte.
 pub fn read_utf8(path: &Path) -> Result<String> {
-    let bytes =
-        std::fs::read(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
     String::from_utf8(bytes).map_err(|e| {
         let valid = e.utf8_error().valid_up_to();
-        let line = 1 + e.as_bytes()[..valid].iter().filter(|&&b| b == b'\n').count();
-        anyhow!("{}:{line}: not valid UTF-8 (byte offset {valid})", path.display())
+        let line = 1 + e.as_bytes()[..valid]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        anyhow!(
+            "{}:{line}: not valid UTF-8 (byte offset {valid})",
+            path.display()
+        )
     })
 }
 
@@ -129,7 +134,9 @@ impl PackedSequences {
         };
         for &i in indices {
             let w = self.window(i);
-            batch.inputs.extend(w[..self.seq_len].iter().map(|&t| t as i64));
+            batch
+                .inputs
+                .extend(w[..self.seq_len].iter().map(|&t| t as i64));
             batch.targets.extend(w[1..].iter().map(|&t| t as i64));
         }
         batch

@@ -27,7 +27,10 @@ pub fn generate(
     pad_id: u32,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Vec<u32>> {
-    assert!(prompts.iter().all(|p| !p.is_empty()), "prompts must not be empty");
+    assert!(
+        prompts.iter().all(|p| !p.is_empty()),
+        "prompts must not be empty"
+    );
     let device = model.device();
     let batch = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -47,8 +50,13 @@ pub fn generate(
     for _ in 0..max_new {
         let logits = model.forward(input, Some(&mut cache));
         let [_, t, vocab] = logits.dims();
-        let last = logits.slice([0..batch, t - 1..t, 0..vocab]).reshape([batch, vocab]);
-        let values: Vec<f32> = last.into_data().try_into_vec_as::<f32>().expect("f32 logits");
+        let last = logits
+            .slice([0..batch, t - 1..t, 0..vocab])
+            .reshape([batch, vocab]);
+        let values: Vec<f32> = last
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .expect("f32 logits");
         let mut next = Vec::with_capacity(batch);
         for (row, out) in outputs.iter_mut().enumerate() {
             let token = if done[row] {
@@ -109,7 +117,9 @@ fn argmax(values: &[f32]) -> usize {
     values
         .iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 { (i, v) } else { best }
+        })
         .0
 }
 

@@ -15,7 +15,11 @@ use kiln::tokenizer::Tokenizer;
 use kiln::{checkpoint, data, params, pretrain, tokenizer};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Train Llama 2 models on any GPU or on the CPU")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Train Llama 2 models on any GPU or on the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -154,7 +158,10 @@ fn run(command: Command) -> Result<()> {
                 stop_after: None,
             })?;
             if let Some(loss) = summary.final_val_loss {
-                eprintln!("final validation loss {loss:.4} (perplexity {:.1})", loss.exp());
+                eprintln!(
+                    "final validation loss {loss:.4} (perplexity {:.1})",
+                    loss.exp()
+                );
             }
             eprintln!("checkpoint: {}", summary.checkpoint.display());
             if let Some(sample) = summary.sample {
@@ -183,12 +190,16 @@ fn run(command: Command) -> Result<()> {
             let tokenizer = Tokenizer::from_json(&saved.tokenizer_json)
                 .with_context(|| dir.join(checkpoint::TOKENIZER_FILE).display().to_string())?;
             let device = device::select(device)?;
-            eprintln!("device: {}", device.describe());
             let model = params::import(
                 Llama::new(&config.model, 0, &device.device),
                 saved.model,
                 &dir.join(checkpoint::MODEL_FILE),
             )?;
+            eprintln!(
+                "device: {} | checkpoint: {}",
+                device.describe(),
+                dir.display()
+            );
             let mut ids = vec![tokenizer.bos_id];
             ids.extend(tokenizer.encode(&prompt)?);
             let params = SamplingParams {
@@ -208,11 +219,12 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Tokenizer {
-            command: TokenizerCommand::Train {
-                input,
-                vocab_size,
-                out,
-            },
+            command:
+                TokenizerCommand::Train {
+                    input,
+                    vocab_size,
+                    out,
+                },
         } => {
             let documents = data::read_corpus(&input)?;
             let tok = tokenizer::train_bpe(documents.iter().map(|d| d.text.as_str()), vocab_size)?;
@@ -279,7 +291,11 @@ fn print_info(model: &kiln::config::ModelConfig) {
         model.max_seq_len
     );
     println!("parameters: {:.0} ({:.3}B)", p, p / 1e9);
-    println!("weights: {:.2} GiB in f32, {:.2} GiB in bf16", gib(4.0 * p), gib(2.0 * p));
+    println!(
+        "weights: {:.2} GiB in f32, {:.2} GiB in bf16",
+        gib(4.0 * p),
+        gib(2.0 * p)
+    );
     // f32 weights + f32 gradients + two f32 AdamW moments; activations come on top.
     println!(
         "training state (f32 weights, gradients, AdamW moments): {:.2} GiB, plus activations",

@@ -67,7 +67,8 @@ impl MetricsLog {
 
     pub fn write(&mut self, record: &Record) -> Result<()> {
         let line = serde_json::to_string(record)?;
-        writeln!(self.file, "{line}").map_err(|e| anyhow!("cannot write {}: {e}", self.path.display()))
+        writeln!(self.file, "{line}")
+            .map_err(|e| anyhow!("cannot write {}: {e}", self.path.display()))
     }
 }
 

@@ -239,7 +239,12 @@ impl Llama {
             },
             lm_head,
             config: config.clone(),
-            rope: RopeTables::new(config.max_seq_len, config.head_dim(), config.rope_theta, device),
+            rope: RopeTables::new(
+                config.max_seq_len,
+                config.head_dim(),
+                config.rope_theta,
+                device,
+            ),
         }
     }
 
@@ -248,7 +253,11 @@ impl Llama {
     }
 
     /// Final hidden states (after the last norm), `[batch, seq, dim]`.
-    pub fn hidden_states(&self, tokens: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    pub fn hidden_states(
+        &self,
+        tokens: Tensor<2, Int>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
         let [_, t] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len);
         assert!(
@@ -259,7 +268,10 @@ impl Llama {
         );
         let device = tokens.device();
         let group = self.config.n_heads / self.config.n_kv_heads;
-        let left_pad = cache.as_ref().map(|c| c.left_pad.as_slice()).filter(|p| p.iter().any(|&n| n > 0));
+        let left_pad = cache
+            .as_ref()
+            .map(|c| c.left_pad.as_slice())
+            .filter(|p| p.iter().any(|&n| n > 0));
         let bias = AttentionBias::causal(group, t, start + t, start, left_pad, &device);
         let (cos, sin) = self.rope.window(start, t);
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), tokens);
@@ -297,6 +309,10 @@ impl Llama {
         let [b, t] = inputs.dims();
         let logits = self.forward(inputs, None);
         let vocab = logits.dims()[2];
-        ops::cross_entropy(logits.reshape([b * t, vocab]), targets.reshape([b * t]), None)
+        ops::cross_entropy(
+            logits.reshape([b * t, vocab]),
+            targets.reshape([b * t]),
+            None,
+        )
     }
 }

@@ -34,7 +34,12 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    pub fn new(max_seq_len: usize, head_dim: usize, theta: f64, device: &burn::tensor::Device) -> Self {
+    pub fn new(
+        max_seq_len: usize,
+        head_dim: usize,
+        theta: f64,
+        device: &burn::tensor::Device,
+    ) -> Self {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_seq_len * head_dim);
         let mut sin = Vec::with_capacity(max_seq_len * head_dim);
@@ -42,11 +47,13 @@ impl RopeTables {
             for i in 0..head_dim {
                 let freq = theta.powf(-2.0 * (i % half) as f64 / head_dim as f64);
                 let angle = pos as f64 * freq;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
             }
         }
-        let table = |v| Tensor::from_data(TensorData::new(v, [max_seq_len, head_dim]), device);
+        // f64 values, stored in the device's float type (f32 in training, f64 in tests).
+        let table =
+            |v: Vec<f64>| Tensor::from_data(TensorData::new(v, [max_seq_len, head_dim]), device);
         Self {
             cos: table(cos),
             sin: table(sin),
@@ -57,7 +64,11 @@ impl RopeTables {
     /// and heads.
     pub fn window(&self, start: usize, len: usize) -> (Tensor<4>, Tensor<4>) {
         let head_dim = self.cos.dims()[1];
-        let pick = |t: &Tensor<2>| t.clone().slice([start..start + len, 0..head_dim]).unsqueeze::<4>();
+        let pick = |t: &Tensor<2>| {
+            t.clone()
+                .slice([start..start + len, 0..head_dim])
+                .unsqueeze::<4>()
+        };
         (pick(&self.cos), pick(&self.sin))
     }
 }
@@ -112,7 +123,10 @@ impl AttentionBias {
             }
         }
         Self {
-            bias: Tensor::from_data(TensorData::new(values, [pads.len(), 1, rows, k_len]), device),
+            bias: Tensor::from_data(
+                TensorData::new(values, [pads.len(), 1, rows, k_len]),
+                device,
+            ),
         }
     }
 }
@@ -136,7 +150,11 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: &AttentionBias)
 
 /// Mean cross-entropy of `logits` (`[n, vocab]`) against `targets` (`[n]`), over the rows
 /// where `weights` (`[n]`, 0 or 1) is 1, or over all rows.
-pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, weights: Option<Tensor<1>>) -> Tensor<1> {
+pub fn cross_entropy(
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    weights: Option<Tensor<1>>,
+) -> Tensor<1> {
     let [n, _] = logits.dims();
     // logsumexp with the row max taken out; the max needs no gradient (it cancels).
     let max = logits.clone().max_dim(1).detach();

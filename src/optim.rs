@@ -34,7 +34,11 @@ pub fn learning_rate(config: &OptimConfig, step: u64, max_steps: u64) -> f64 {
 }
 
 /// Adds the gradients of `next` into `sum`, parameter by parameter.
-pub fn accumulate<M: Module>(model: &M, sum: GradientsParams, next: GradientsParams) -> GradientsParams {
+pub fn accumulate<M: Module>(
+    model: &M,
+    sum: GradientsParams,
+    next: GradientsParams,
+) -> GradientsParams {
     struct Adder {
         sum: GradientsParams,
         next: GradientsParams,
@@ -110,7 +114,12 @@ impl AdamW {
     /// Clips `grads` to the global norm `config.grad_clip` and applies one AdamW update at
     /// learning rate `lr`. Weight decay applies to matrices (projections, embeddings), not to
     /// the norm gains.
-    pub fn step<M: Module>(&mut self, model: M, grads: GradientsParams, lr: f64) -> (M, StepReport) {
+    pub fn step<M: Module>(
+        &mut self,
+        model: M,
+        grads: GradientsParams,
+        lr: f64,
+    ) -> (M, StepReport) {
         let grad_norm = global_grad_norm(&model, &grads);
         let clip = self.config.grad_clip;
         let grad_scale = if clip > 0.0 && grad_norm > clip {
@@ -139,7 +148,9 @@ impl AdamW {
     pub fn export<M: Module>(&self, model: &M) -> Vec<NamedTensor> {
         let mut out = Vec::new();
         for p in params::list(model) {
-            let Some(m) = self.moments.get(&p.name) else { continue };
+            let Some(m) = self.moments.get(&p.name) else {
+                continue;
+            };
             for (suffix, t) in [("exp_avg", &m.exp_avg), ("exp_avg_sq", &m.exp_avg_sq)] {
                 out.push(NamedTensor {
                     name: format!("{}.{suffix}", p.name),
@@ -166,19 +177,39 @@ impl AdamW {
         for p in params::list(model) {
             let mut take = |suffix: &str| -> Result<Option<Tensor<1>>> {
                 let name = format!("{}.{suffix}", p.name);
-                let Some(t) = by_name.remove(&name) else { return Ok(None) };
+                let Some(t) = by_name.remove(&name) else {
+                    return Ok(None);
+                };
                 if t.shape != p.shape {
-                    bail!("{}: tensor {name} has shape {:?}, expected {:?}", source.display(), t.shape, p.shape);
+                    bail!(
+                        "{}: tensor {name} has shape {:?}, expected {:?}",
+                        source.display(),
+                        t.shape,
+                        p.shape
+                    );
                 }
                 let n = t.values.len();
-                Ok(Some(Tensor::from_data(TensorData::new(t.values, [n]), &device)))
+                Ok(Some(Tensor::from_data(
+                    TensorData::new(t.values, [n]),
+                    &device,
+                )))
             };
             match (take("exp_avg")?, take("exp_avg_sq")?) {
                 (Some(exp_avg), Some(exp_avg_sq)) => {
-                    moments.insert(p.name.clone(), Moments { exp_avg, exp_avg_sq });
+                    moments.insert(
+                        p.name.clone(),
+                        Moments {
+                            exp_avg,
+                            exp_avg_sq,
+                        },
+                    );
                 }
                 (None, None) if steps_taken == 0 => {}
-                _ => bail!("{}: optimizer state of {} is missing", source.display(), p.name),
+                _ => bail!(
+                    "{}: optimizer state of {} is missing",
+                    source.display(),
+                    p.name
+                ),
             }
         }
         if let Some(extra) = by_name.keys().next() {
@@ -226,13 +257,17 @@ impl ModuleMapper for Update<'_> {
         if self.grad_scale != 1.0 {
             grad = grad.mul_scalar(self.grad_scale);
         }
-        let moments = self.moments.entry(self.path.path()).or_insert_with(|| Moments {
-            exp_avg: Tensor::zeros([n], &weight.device()),
-            exp_avg_sq: Tensor::zeros([n], &weight.device()),
-        });
-        moments.exp_avg = moments.exp_avg.clone().mul_scalar(c.beta1) + grad.clone().mul_scalar(1.0 - c.beta1);
-        moments.exp_avg_sq =
-            moments.exp_avg_sq.clone().mul_scalar(c.beta2) + grad.square().mul_scalar(1.0 - c.beta2);
+        let moments = self
+            .moments
+            .entry(self.path.path())
+            .or_insert_with(|| Moments {
+                exp_avg: Tensor::zeros([n], &weight.device()),
+                exp_avg_sq: Tensor::zeros([n], &weight.device()),
+            });
+        moments.exp_avg =
+            moments.exp_avg.clone().mul_scalar(c.beta1) + grad.clone().mul_scalar(1.0 - c.beta1);
+        moments.exp_avg_sq = moments.exp_avg_sq.clone().mul_scalar(c.beta2)
+            + grad.square().mul_scalar(1.0 - c.beta2);
         let denom = moments
             .exp_avg_sq
             .clone()

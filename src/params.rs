@@ -125,7 +125,10 @@ impl ModuleMapper for Importer {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let (id, old, mapper) = param.consume();
-        let t = self.tensors.next().expect("tensors were matched to parameters");
+        let t = self
+            .tensors
+            .next()
+            .expect("tensors were matched to parameters");
         debug_assert_eq!(t.name, self.path.path());
         let device = old.device();
         let mut new = Tensor::<D>::from_data(TensorData::new(t.values, t.shape), &device);

@@ -28,7 +28,12 @@ pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut lr = Vec::new();
     for r in records {
         match r {
-            Record::Step { step, loss, lr: rate, .. } => {
+            Record::Step {
+                step,
+                loss,
+                lr: rate,
+                ..
+            } => {
                 train.push((step as f64, loss));
                 lr.push((step as f64, rate));
             }
@@ -36,7 +41,10 @@ pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     if train.is_empty() {
-        bail!("{}: no training steps recorded", out_dir.join("metrics.jsonl").display());
+        bail!(
+            "{}: no training steps recorded",
+            out_dir.join("metrics.jsonl").display()
+        );
     }
     register_font();
     let loss_png = out_dir.join("loss.png");
@@ -51,7 +59,12 @@ pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(vec![loss_png, lr_png])
 }
 
-fn line_chart(path: &Path, title: &str, y_label: &str, series: &[(&str, &Vec<(f64, f64)>, RGBColor)]) -> Result<()> {
+fn line_chart(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[(&str, &Vec<(f64, f64)>, RGBColor)],
+) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
     let points = series.iter().flat_map(|s| s.1.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
@@ -86,7 +99,9 @@ fn line_chart(path: &Path, title: &str, y_label: &str, series: &[(&str, &Vec<(f6
             .draw_series(LineSeries::new(data.iter().cloned(), color.stroke_width(2)))
             .map_err(|e| err(&e))?
             .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -119,7 +134,11 @@ mod tests {
             text.push_str(&serde_json::to_string(&r).unwrap());
             text.push('\n');
         }
-        let eval = Record::Eval { step: 20, val_loss: 0.5, val_perplexity: 0.5f64.exp() };
+        let eval = Record::Eval {
+            step: 20,
+            val_loss: 0.5,
+            val_perplexity: 0.5f64.exp(),
+        };
         text.push_str(&serde_json::to_string(&eval).unwrap());
         std::fs::write(dir.path().join("metrics.jsonl"), text).unwrap();
         let files = plot_run(dir.path()).unwrap();

@@ -77,7 +77,10 @@ fn prepare_out_dir(out_dir: &Path, resume: bool) -> Result<Option<PathBuf>> {
             "{} already holds a run: pass --resume to continue it, or choose another --out",
             out_dir.display()
         ),
-        (true, None) => bail!("--resume: {} holds no checkpoint to resume", out_dir.display()),
+        (true, None) => bail!(
+            "--resume: {} holds no checkpoint to resume",
+            out_dir.display()
+        ),
         _ => {}
     }
     std::fs::create_dir_all(out_dir)
@@ -85,7 +88,12 @@ fn prepare_out_dir(out_dir: &Path, resume: bool) -> Result<Option<PathBuf>> {
     let probe = out_dir.join(".kiln-write-probe");
     std::fs::write(&probe, b"")
         .and_then(|_| std::fs::remove_file(&probe))
-        .map_err(|e| anyhow!("output directory {} is not writable: {e}", out_dir.display()))?;
+        .map_err(|e| {
+            anyhow!(
+                "output directory {} is not writable: {e}",
+                out_dir.display()
+            )
+        })?;
     Ok(existing.last().map(|(_, dir)| dir.clone()))
 }
 
@@ -119,9 +127,8 @@ pub fn run(options: PretrainOptions) -> Result<PretrainSummary> {
             }
             let tokenizer = Tokenizer::from_json(&saved.tokenizer_json)
                 .with_context(|| format!("{}", dir.join(checkpoint::TOKENIZER_FILE).display()))?;
-            let state: TrainState = serde_json::from_str(&saved.state_json).map_err(|e| {
-                anyhow!("{}: {e}", dir.join(checkpoint::STATE_FILE).display())
-            })?;
+            let state: TrainState = serde_json::from_str(&saved.state_json)
+                .map_err(|e| anyhow!("{}: {e}", dir.join(checkpoint::STATE_FILE).display()))?;
             let model = params::import(
                 Llama::new(&config.model, state.seed, &autodiff),
                 saved.model,
@@ -181,8 +188,12 @@ pub fn run(options: PretrainOptions) -> Result<PretrainSummary> {
         val_seqs.len(),
         seq_len
     );
-    std::fs::write(out_dir.join("config.toml"), config.to_toml())
-        .map_err(|e| anyhow!("cannot write {}: {e}", out_dir.join("config.toml").display()))?;
+    std::fs::write(out_dir.join("config.toml"), config.to_toml()).map_err(|e| {
+        anyhow!(
+            "cannot write {}: {e}",
+            out_dir.join("config.toml").display()
+        )
+    })?;
 
     let mut batches = ShuffledBatches::new(train_seqs, state.seed, state.data);
     let mut metrics = MetricsLog::open(&out_dir, resume_from.as_ref().map(|_| state.step))?;
@@ -255,7 +266,12 @@ pub fn run(options: PretrainOptions) -> Result<PretrainSummary> {
         let last = state.step == train.max_steps;
         let due = |interval: u64| interval > 0 && state.step % interval == 0;
         if last || due(train.eval_interval) {
-            let val_loss = evaluate(&model.valid(), &val_seqs, train.batch_size, train.eval_batches);
+            let val_loss = evaluate(
+                &model.valid(),
+                &val_seqs,
+                train.batch_size,
+                train.eval_batches,
+            );
             metrics.write(&Record::Eval {
                 step: state.step,
                 val_loss,
@@ -333,7 +349,12 @@ pub fn batch_tensors(
 
 /// Mean loss over the first `max_batches` batches of the validation sequences (a fixed set,
 /// so evaluations are comparable across steps).
-pub fn evaluate(model: &Llama, sequences: &PackedSequences, batch_size: usize, max_batches: usize) -> f64 {
+pub fn evaluate(
+    model: &Llama,
+    sequences: &PackedSequences,
+    batch_size: usize,
+    max_batches: usize,
+) -> f64 {
     let device = model.device();
     let n = sequences.len().min(batch_size * max_batches);
     let mut total = 0.0;

@@ -47,8 +47,9 @@ impl Tokenizer {
     }
 
     pub fn from_json(json: &str) -> Result<Self> {
-        let inner: tokenizers::Tokenizer =
-            json.parse().map_err(|e| anyhow!("not a valid tokenizer.json: {e}"))?;
+        let inner: tokenizers::Tokenizer = json
+            .parse()
+            .map_err(|e| anyhow!("not a valid tokenizer.json: {e}"))?;
         Self::from_inner(inner)
     }
 
@@ -96,7 +97,10 @@ impl Tokenizer {
 }
 
 /// Trains a byte-level BPE of `vocab_size` tokens (special tokens included) on `texts`.
-pub fn train_bpe<'a>(texts: impl Iterator<Item = &'a str> + Send, vocab_size: usize) -> Result<Tokenizer> {
+pub fn train_bpe<'a>(
+    texts: impl Iterator<Item = &'a str> + Send,
+    vocab_size: usize,
+) -> Result<Tokenizer> {
     let specials: Vec<AddedToken> = special_tokens()
         .into_iter()
         .map(|t| AddedToken::from(t, true))
@@ -141,8 +145,8 @@ mod tests {
 
     #[test]
     fn trained_bpe_round_trips_splits_digits_and_knows_chat_tokens() {
-        let text = "To be, or not to be: that is the question. 12345 apples, 678 pears.\n"
-            .repeat(50);
+        let text =
+            "To be, or not to be: that is the question. 12345 apples, 678 pears.\n".repeat(50);
         let tok = train_bpe(std::iter::once(text.as_str()), 300).unwrap();
         assert!(tok.vocab_size() <= 300);
         let sample = "Whether 'tis nobler — 2023 ünïcode 🎭";

@@ -41,7 +41,12 @@ fn small(corpus: &str) -> Vec<String> {
 }
 
 fn pretrain(out: &Path, corpus: &str, extra: &[&str]) -> Output {
-    let mut args: Vec<String> = vec!["pretrain".into(), "--device".into(), "cpu".into(), "--out".into()];
+    let mut args: Vec<String> = vec![
+        "pretrain".into(),
+        "--device".into(),
+        "cpu".into(),
+        "--out".into(),
+    ];
     args.push(out.display().to_string());
     args.extend(small(corpus));
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -52,12 +57,18 @@ fn pretrain(out: &Path, corpus: &str, extra: &[&str]) -> Output {
 /// Asserts failure with exactly one line on stderr that contains every one of `needles`.
 fn assert_fails(output: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(
+        !output.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected a one-line error, got: {stderr}");
     assert!(lines[0].starts_with("error: "), "{stderr}");
     for needle in needles {
-        assert!(lines[0].contains(needle), "error should mention {needle:?}: {stderr}");
+        assert!(
+            lines[0].contains(needle),
+            "error should mention {needle:?}: {stderr}"
+        );
     }
 }
 
@@ -84,8 +95,16 @@ fn trained_run() -> &'static Path {
     RUN.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("kiln-bad-input-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let out = pretrain(&dir, &repo("data/shakespeare/hamlet.txt").display().to_string(), &[]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = pretrain(
+            &dir,
+            &repo("data/shakespeare/hamlet.txt").display().to_string(),
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         dir
     })
 }
@@ -106,19 +125,31 @@ fn newest_checkpoint(run: &Path) -> PathBuf {
 fn missing_empty_and_non_utf8_corpus() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.txt");
-    assert_fails(&pretrain(&dir.path().join("o1"), missing.to_str().unwrap(), &[]), &["nope.txt", "not found"]);
+    assert_fails(
+        &pretrain(&dir.path().join("o1"), missing.to_str().unwrap(), &[]),
+        &["nope.txt", "not found"],
+    );
 
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "  \n").unwrap();
-    assert_fails(&pretrain(&dir.path().join("o2"), empty.to_str().unwrap(), &[]), &["empty.txt", "empty"]);
+    assert_fails(
+        &pretrain(&dir.path().join("o2"), empty.to_str().unwrap(), &[]),
+        &["empty.txt", "empty"],
+    );
 
     let bad = dir.path().join("latin1.txt");
     std::fs::write(&bad, b"first line\nsecond line\nna\xefve\n").unwrap();
-    assert_fails(&pretrain(&dir.path().join("o3"), bad.to_str().unwrap(), &[]), &["latin1.txt:3", "UTF-8"]);
+    assert_fails(
+        &pretrain(&dir.path().join("o3"), bad.to_str().unwrap(), &[]),
+        &["latin1.txt:3", "UTF-8"],
+    );
 
     let empty_dir = dir.path().join("nothing");
     std::fs::create_dir(&empty_dir).unwrap();
-    assert_fails(&pretrain(&dir.path().join("o4"), empty_dir.to_str().unwrap(), &[]), &["nothing", ".txt"]);
+    assert_fails(
+        &pretrain(&dir.path().join("o4"), empty_dir.to_str().unwrap(), &[]),
+        &["nothing", ".txt"],
+    );
 }
 
 #[test]
@@ -126,15 +157,33 @@ fn malformed_config_unknown_key_and_out_of_range_value() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("broken.toml");
     std::fs::write(&config, "[train]\nbatch_size = 4\nmax_steps = = 3\n").unwrap();
-    let out = kiln(&["pretrain", "--config", config.to_str().unwrap(), "--out", "unused"]);
+    let out = kiln(&[
+        "pretrain",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        "unused",
+    ]);
     assert_fails(&out, &["broken.toml", "line 3"]);
 
     std::fs::write(&config, "[train]\nbatch_sise = 4\n").unwrap();
-    let out = kiln(&["pretrain", "--config", config.to_str().unwrap(), "--out", "unused"]);
+    let out = kiln(&[
+        "pretrain",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        "unused",
+    ]);
     assert_fails(&out, &["broken.toml", "train.batch_sise"]);
 
     std::fs::write(&config, "[optim]\nlr = \"fast\"\n").unwrap();
-    let out = kiln(&["pretrain", "--config", config.to_str().unwrap(), "--out", "unused"]);
+    let out = kiln(&[
+        "pretrain",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        "unused",
+    ]);
     assert_fails(&out, &["broken.toml", "lr"]);
 
     let out = kiln(&["pretrain", "--set", "optim.lr=-1", "--out", "unused"]);
@@ -143,7 +192,10 @@ fn malformed_config_unknown_key_and_out_of_range_value() {
     assert_fails(&out, &["model.n_kv_heads"]);
     let out = kiln(&["pretrain", "--set", "optim.nope=1", "--out", "unused"]);
     assert_fails(&out, &["optim.nope"]);
-    assert!(!Path::new("unused").exists(), "a rejected config must not create the output directory");
+    assert!(
+        !Path::new("unused").exists(),
+        "a rejected config must not create the output directory"
+    );
 }
 
 #[test]
@@ -151,7 +203,11 @@ fn unwritable_output_directory() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let out = pretrain(&file.join("run"), &repo("data/shakespeare/hamlet.txt").display().to_string(), &[]);
+    let out = pretrain(
+        &file.join("run"),
+        &repo("data/shakespeare/hamlet.txt").display().to_string(),
+        &[],
+    );
     assert_fails(&out, &["a-file"]);
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }
@@ -162,7 +218,11 @@ fn existing_run_is_not_overwritten_without_resume() {
     let run = dir.path().join("run");
     copy_dir(trained_run(), &run);
     let before = snapshot(&run);
-    let out = pretrain(&run, &repo("data/shakespeare/hamlet.txt").display().to_string(), &[]);
+    let out = pretrain(
+        &run,
+        &repo("data/shakespeare/hamlet.txt").display().to_string(),
+        &[],
+    );
     assert_fails(&out, &["already holds a run", "--resume"]);
     assert_eq!(snapshot(&run), before);
 }
@@ -181,17 +241,37 @@ fn checkpoint_of_another_shape() {
     // A model file from a different shape, with a matching manifest, is named by tensor.
     let other = dir.path().join("other");
     let trained = pretrain(&other, &corpus, &["--set", "model.ffn_dim=48"]);
-    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
     let target = newest_checkpoint(&run);
     let source = newest_checkpoint(&other);
-    std::fs::copy(source.join("model.safetensors"), target.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        source.join("model.safetensors"),
+        target.join("model.safetensors"),
+    )
+    .unwrap();
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(target.join("manifest.json")).unwrap()).unwrap();
     let other_manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
     manifest["files"]["model.safetensors"] = other_manifest["files"]["model.safetensors"].clone();
-    std::fs::write(target.join("manifest.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
-    let out = kiln(&["generate", "--device", "cpu", "--checkpoint", run.to_str().unwrap(), "--prompt", "To"]);
+    std::fs::write(
+        target.join("manifest.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    let out = kiln(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        "To",
+    ]);
     assert_fails(&out, &["model.safetensors", "gate_proj", "shape"]);
 }
 
@@ -212,13 +292,31 @@ fn truncated_or_corrupted_checkpoint() {
         }
         std::fs::write(&model, &bytes).unwrap();
         let before = snapshot(&run);
-        let out = kiln(&["generate", "--device", "cpu", "--checkpoint", run.to_str().unwrap(), "--prompt", "To"]);
+        let out = kiln(&[
+            "generate",
+            "--device",
+            "cpu",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--prompt",
+            "To",
+        ]);
         assert_fails(&out, &["model.safetensors", damage]);
         let out = pretrain(&run, &corpus, &["--resume", "--set", "train.max_steps=4"]);
         assert_fails(&out, &["model.safetensors", damage]);
-        assert_eq!(snapshot(&run), before, "a failed run must leave the run directory as it was");
+        assert_eq!(
+            snapshot(&run),
+            before,
+            "a failed run must leave the run directory as it was"
+        );
     }
-    let out = kiln(&["generate", "--checkpoint", dir.path().join("absent").to_str().unwrap(), "--prompt", "x"]);
+    let out = kiln(&[
+        "generate",
+        "--checkpoint",
+        dir.path().join("absent").to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
     assert_fails(&out, &["absent", "not found"]);
 }
 
@@ -226,10 +324,18 @@ fn truncated_or_corrupted_checkpoint() {
 fn tokenizer_that_does_not_match_the_model_or_is_malformed() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = repo("data/shakespeare/hamlet.txt").display().to_string();
-    let out = pretrain(&dir.path().join("o"), &corpus, &["--set", "model.vocab_size=100"]);
+    let out = pretrain(
+        &dir.path().join("o"),
+        &corpus,
+        &["--set", "model.vocab_size=100"],
+    );
     assert_fails(&out, &["model.vocab_size", "tokenizer"]);
     let bad = dir.path().join("tok.json");
     std::fs::write(&bad, "{ not json").unwrap();
-    let out = pretrain(&dir.path().join("o2"), &corpus, &["--set", &format!("data.tokenizer=\"{}\"", bad.display())]);
+    let out = pretrain(
+        &dir.path().join("o2"),
+        &corpus,
+        &["--set", &format!("data.tokenizer=\"{}\"", bad.display())],
+    );
     assert_fails(&out, &["tok.json"]);
 }

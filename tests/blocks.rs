@@ -20,7 +20,8 @@ fn device() -> Device {
     static INIT: std::sync::Once = std::sync::Once::new();
     INIT.call_once(|| {
         let mut d = Device::flex();
-        d.configure(FloatDType::F64).expect("configure f64 before any tensor");
+        d.configure(FloatDType::F64)
+            .expect("configure f64 before any tensor");
     });
     Device::flex().autodiff()
 }
@@ -93,7 +94,12 @@ fn check_gradients<const D: usize, const O: usize>(
                 (objective(&plus).0 - objective(&minus).0) / (2.0 * h)
             })
             .collect();
-        assert_close(&analytic, &numeric, GRAD_TOL, &format!("{what}: d/d input {k}"));
+        assert_close(
+            &analytic,
+            &numeric,
+            GRAD_TOL,
+            &format!("{what}: d/d input {k}"),
+        );
     }
 }
 
@@ -103,7 +109,11 @@ fn rms_norm_matches_reference_and_finite_differences() {
     let (rows, dim, eps) = (5, 7, 1e-5);
     let x = randn(&mut rng, rows * dim);
     let w = randn(&mut rng, dim);
-    let out = values(ops::rms_norm(tensor(&x, [rows, dim]), tensor(&w, [dim]), eps));
+    let out = values(ops::rms_norm(
+        tensor(&x, [rows, dim]),
+        tensor(&w, [dim]),
+        eps,
+    ));
     let mut expected = Vec::new();
     for r in 0..rows {
         let row = &x[r * dim..(r + 1) * dim];
@@ -128,7 +138,11 @@ fn swiglu_matches_reference_and_finite_differences() {
     let a = randn(&mut rng, n);
     let b = randn(&mut rng, n);
     let out = values(ops::swiglu(tensor(&a, [n]), tensor(&b, [n])));
-    let expected: Vec<f64> = a.iter().zip(&b).map(|(a, b)| a / (1.0 + (-a).exp()) * b).collect();
+    let expected: Vec<f64> = a
+        .iter()
+        .zip(&b)
+        .map(|(a, b)| a / (1.0 + (-a).exp()) * b)
+        .collect();
     assert_close(&out, &expected, FORWARD_TOL, "swiglu");
     check_gradients(
         &[(a, [n]), (b, [n])],
@@ -145,7 +159,11 @@ fn rope_preserves_norms_matches_a_hand_computed_case_and_its_gradient() {
     let tables = RopeTables::new(16, d, 10_000.0, &device());
     let x = randn(&mut rng, b * h * t * d);
     let (cos, sin) = tables.window(3, t);
-    let out = values(ops::rope(tensor(&x, [b, h, t, d]), cos.clone(), sin.clone()));
+    let out = values(ops::rope(
+        tensor(&x, [b, h, t, d]),
+        cos.clone(),
+        sin.clone(),
+    ));
     // Norm of every head vector is unchanged.
     for (xi, oi) in x.chunks(d).zip(out.chunks(d)) {
         let n1: f64 = xi.iter().map(|v| v * v).sum();
@@ -156,9 +174,18 @@ fn rope_preserves_norms_matches_a_hand_computed_case_and_its_gradient() {
     // by 100^(-1/2) = 0.1 rad.
     let tables = RopeTables::new(4, 4, 100.0, &device());
     let (cos, sin) = tables.window(1, 1);
-    let out = values(ops::rope(tensor(&[1.0, 2.0, 3.0, 4.0], [1, 1, 1, 4]), cos, sin));
+    let out = values(ops::rope(
+        tensor(&[1.0, 2.0, 3.0, 4.0], [1, 1, 1, 4]),
+        cos,
+        sin,
+    ));
     let (c1, s1, c2, s2) = (1f64.cos(), 1f64.sin(), 0.1f64.cos(), 0.1f64.sin());
-    let expected = [1.0 * c1 - 3.0 * s1, 2.0 * c2 - 4.0 * s2, 3.0 * c1 + 1.0 * s1, 4.0 * c2 + 2.0 * s2];
+    let expected = [
+        1.0 * c1 - 3.0 * s1,
+        2.0 * c2 - 4.0 * s2,
+        3.0 * c1 + 1.0 * s1,
+        4.0 * c2 + 2.0 * s2,
+    ];
     assert_close(&out, &expected, FORWARD_TOL, "rope hand case");
     let (cos, sin) = RopeTables::new(16, d, 10_000.0, &device()).window(2, t);
     check_gradients(
@@ -170,7 +197,16 @@ fn rope_preserves_norms_matches_a_hand_computed_case_and_its_gradient() {
 }
 
 /// Causal attention with loops: head `h` reads KV head `h / group`.
-fn attention_reference(q: &[f64], k: &[f64], v: &[f64], b: usize, h: usize, kvh: usize, t: usize, d: usize) -> Vec<f64> {
+fn attention_reference(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    b: usize,
+    h: usize,
+    kvh: usize,
+    t: usize,
+    d: usize,
+) -> Vec<f64> {
     let group = h / kvh;
     let mut out = vec![0.0; b * h * t * d];
     for bi in 0..b {
@@ -213,7 +249,12 @@ fn gqa_attention_matches_reference_equals_mha_with_expanded_heads_and_its_gradie
         tensor(&v, [b, kvh, t, d]),
         &bias,
     ));
-    assert_close(&out, &attention_reference(&q, &k, &v, b, h, kvh, t, d), FORWARD_TOL, "gqa");
+    assert_close(
+        &out,
+        &attention_reference(&q, &k, &v, b, h, kvh, t, d),
+        FORWARD_TOL,
+        "gqa",
+    );
 
     // MHA with each KV head repeated for its group gives the same result.
     let expand = |x: &[f64]| -> Vec<f64> {
@@ -247,10 +288,14 @@ fn gqa_attention_matches_reference_equals_mha_with_expanded_heads_and_its_gradie
 fn cross_entropy_matches_reference_and_finite_differences() {
     let mut rng = rng();
     let (n, vocab) = (6, 9);
-    let logits = randn(&mut rng, n * vocab).iter().map(|v| v * 4.0).collect::<Vec<_>>();
+    let logits = randn(&mut rng, n * vocab)
+        .iter()
+        .map(|v| v * 4.0)
+        .collect::<Vec<_>>();
     let targets: Vec<i64> = (0..n).map(|_| rng.random_range(0..vocab as i64)).collect();
     let weights: Vec<f64> = (0..n).map(|i| (i % 3 != 0) as u8 as f64).collect();
-    let targets_t = || Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [n]), &device());
+    let targets_t =
+        || Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [n]), &device());
     let reference = |mask: &[f64]| -> f64 {
         let mut total = 0.0;
         for i in 0..n {
@@ -262,9 +307,12 @@ fn cross_entropy_matches_reference_and_finite_differences() {
     };
     let all: f64 = ops::cross_entropy(tensor(&logits, [n, vocab]), targets_t(), None).into_scalar();
     assert!((all - reference(&vec![1.0; n])).abs() < 1e-12);
-    let masked: f64 =
-        ops::cross_entropy(tensor(&logits, [n, vocab]), targets_t(), Some(tensor(&weights, [n])))
-            .into_scalar();
+    let masked: f64 = ops::cross_entropy(
+        tensor(&logits, [n, vocab]),
+        targets_t(),
+        Some(tensor(&weights, [n])),
+    )
+    .into_scalar();
     assert!((masked - reference(&weights)).abs() < 1e-12);
     check_gradients(
         &[(logits, [n, vocab])],
@@ -296,7 +344,8 @@ fn whole_model_gradient_matches_finite_differences() {
     let (b, t) = (2, 5);
     let tokens: Vec<i64> = (0..b * t).map(|_| rng.random_range(0..17)).collect();
     let targets: Vec<i64> = (0..b * t).map(|_| rng.random_range(0..17)).collect();
-    let ids = |v: &Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b, t]), &device());
+    let ids =
+        |v: &Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b, t]), &device());
     let loss = model.loss(ids(&tokens), ids(&targets));
     let grads = loss.backward();
     // Perturb a few entries of each parameter and compare with the autodiff gradient.
@@ -316,7 +365,11 @@ fn whole_model_gradient_matches_finite_differences() {
                     }
                 }
             }
-            let mut f = Find { id: info.id, grads: &grads, out: None };
+            let mut f = Find {
+                id: info.id,
+                grads: &grads,
+                out: None,
+            };
             model.visit(&mut f);
             f.out.expect("gradient of every parameter")
         };
@@ -327,7 +380,8 @@ fn whole_model_gradient_matches_finite_differences() {
                 let mut tensors = exported.clone();
                 let k = tensors.iter().position(|t| t.name == info.name).unwrap();
                 tensors[k].values[i] += delta;
-                let m = kiln::params::import(model.clone(), tensors, std::path::Path::new("test")).unwrap();
+                let m = kiln::params::import(model.clone(), tensors, std::path::Path::new("test"))
+                    .unwrap();
                 m.loss(ids(&tokens), ids(&targets)).into_scalar()
             };
             // Parameters travel as f32 through export/import: use the perturbation actually
@@ -361,7 +415,9 @@ fn kv_cache_gives_the_same_logits_as_a_full_forward_pass() {
     // A prompt of 4 tokens, then one token at a time.
     let mut start = 0;
     for len in [4, 1, 1, 1, 1, 1] {
-        let chunk: Vec<i64> = (0..2).flat_map(|r| tokens[r * t + start..r * t + start + len].to_vec()).collect();
+        let chunk: Vec<i64> = (0..2)
+            .flat_map(|r| tokens[r * t + start..r * t + start + len].to_vec())
+            .collect();
         let logits = values(model.forward(
             Tensor::from_data(TensorData::new(chunk, [2, len]), &device().inner()),
             Some(&mut cache),
@@ -372,7 +428,12 @@ fn kv_cache_gives_the_same_logits_as_a_full_forward_pass() {
         start += len;
     }
     for r in 0..2 {
-        assert_close(&stepwise[r], &full[r * t * 17..(r * t + start) * 17], FORWARD_TOL, "kv cache");
+        assert_close(
+            &stepwise[r],
+            &full[r * t * 17..(r * t + start) * 17],
+            FORWARD_TOL,
+            "kv cache",
+        );
     }
 
     // Left padding with masked keys gives the unpadded row's logits.

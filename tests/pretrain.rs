@@ -18,7 +18,10 @@ fn repo(path: &str) -> PathBuf {
 fn small_overrides(max_steps: u64) -> Vec<String> {
     vec![
         format!("data.corpus=[\"{}\"]", repo("data/shakespeare").display()),
-        format!("data.tokenizer=\"{}\"", repo("data/shakespeare/tokenizer.json").display()),
+        format!(
+            "data.tokenizer=\"{}\"",
+            repo("data/shakespeare/tokenizer.json").display()
+        ),
         "model.dim=64".into(),
         "model.n_layers=2".into(),
         "model.n_heads=4".into(),
@@ -55,16 +58,31 @@ fn pretraining_lowers_validation_loss() {
     // Validation loss of the untrained model is about ln(vocab).
     let first = {
         let c = Config::load(None, &small_overrides(1)).unwrap();
-        pretrain::run(options(c, &dir.path().join("one"))).unwrap().final_val_loss.unwrap()
+        pretrain::run(options(c, &dir.path().join("one")))
+            .unwrap()
+            .final_val_loss
+            .unwrap()
     };
     let summary = pretrain::run(options(config.clone(), &dir.path().join("run"))).unwrap();
     let last = summary.final_val_loss.unwrap();
     let uniform = (config.model.vocab_size as f64).ln();
     eprintln!("val loss after 1 step {first:.3}, after 80 steps {last:.3}, ln(vocab) {uniform:.3}");
-    assert!(first > uniform - 0.5, "untrained loss {first} should be near ln(vocab) {uniform}");
-    assert!(last < first - 1.5, "80 steps should lower val loss well below {first}: {last}");
+    assert!(
+        first > uniform - 0.5,
+        "untrained loss {first} should be near ln(vocab) {uniform}"
+    );
+    assert!(
+        last < first - 1.5,
+        "80 steps should lower val loss well below {first}: {last}"
+    );
     let records = kiln::metrics::read(&dir.path().join("run/metrics.jsonl")).unwrap();
-    assert_eq!(records.iter().filter(|r| matches!(r, kiln::metrics::Record::Step { .. })).count(), 80);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| matches!(r, kiln::metrics::Record::Step { .. }))
+            .count(),
+        80
+    );
 }
 
 fn final_files(out: &Path) -> (Vec<u8>, Vec<u8>) {
@@ -133,8 +151,17 @@ fn run_killed_with_sigkill_resumes_to_the_same_weights() {
         args.push(o.clone());
     }
     let straight = dir.path().join("straight");
-    let status = kiln().args(&args).arg("--out").arg(&straight).output().unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let status = kiln()
+        .args(&args)
+        .arg("--out")
+        .arg(&straight)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
 
     let killed = dir.path().join("killed");
     let mut child = kiln()
@@ -152,7 +179,10 @@ fn run_killed_with_sigkill_resumes_to_the_same_weights() {
         .is_none_or(|c| c.0 < 5)
     {
         assert!(Instant::now() < deadline, "run made no progress");
-        assert!(child.try_wait().unwrap().is_none(), "run ended before it was killed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run ended before it was killed"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
@@ -165,6 +195,13 @@ fn run_killed_with_sigkill_resumes_to_the_same_weights() {
         .arg(&killed)
         .output()
         .unwrap();
-    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-    assert!(final_files(&straight) == final_files(&killed), "weights differ after SIGKILL + resume");
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(
+        final_files(&straight) == final_files(&killed),
+        "weights differ after SIGKILL + resume"
+    );
 }

@@ -15,9 +15,14 @@ use rand::{Rng, SeedableRng};
 const TOL: f32 = 2e-4;
 
 fn wgpu_device() -> Option<ComputeDevice> {
-    let have_driver = std::panic::catch_unwind(|| device::select(DeviceChoice::Wgpu)).ok().and_then(Result::ok);
+    let have_driver = std::panic::catch_unwind(|| device::select(DeviceChoice::Wgpu))
+        .ok()
+        .and_then(Result::ok);
     if have_driver.is_none() {
-        assert!(std::env::var_os("CI").is_none(), "CI must have a wgpu adapter (mesa-vulkan-drivers)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have a wgpu adapter (mesa-vulkan-drivers)"
+        );
         eprintln!("no wgpu adapter: skipping");
     }
     have_driver
@@ -25,7 +30,10 @@ fn wgpu_device() -> Option<ComputeDevice> {
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 #[test]
@@ -51,13 +59,20 @@ fn cpu_and_wgpu_agree_on_logits_and_gradients() {
     let run = |device: &burn::tensor::Device| -> (Vec<f32>, Vec<f32>) {
         let device = device.clone().autodiff();
         let model = Llama::new(&config, seed, &device);
-        let ids = |v: &Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b, t]), &device);
+        let ids =
+            |v: &Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [b, t]), &device);
         let logits = model.valid().forward(ids(&tokens).inner(), None);
         let logits: Vec<f32> = logits.into_data().try_into_vec_as::<f32>().unwrap();
         let loss = model.loss(ids(&tokens), ids(&targets));
         let grads = loss.backward();
         let q = &model.model.layers[0].self_attn.q_proj.weight;
-        let grad: Vec<f32> = q.val().grad(&grads).unwrap().into_data().try_into_vec_as::<f32>().unwrap();
+        let grad: Vec<f32> = q
+            .val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
         (logits, grad)
     };
     let (cpu_logits, cpu_grad) = run(&ComputeDevice::cpu().device);
