@@ -279,7 +279,14 @@ fn run(command: Command) -> Result<()> {
 
 fn print_info(model: &kiln::config::ModelConfig) {
     let p = model.num_params() as f64;
-    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+    let size = |bytes: f64| {
+        let units = [("GiB", 30), ("MiB", 20), ("KiB", 10)];
+        let (unit, shift) = units
+            .into_iter()
+            .find(|&(_, shift)| bytes >= (1u64 << shift) as f64)
+            .unwrap_or(("KiB", 10));
+        format!("{:.2} {unit}", bytes / (1u64 << shift) as f64)
+    };
     println!(
         "shape: dim {}, {} layers, {} heads ({} KV heads), FFN {}, vocab {}, context {}",
         model.dim,
@@ -290,22 +297,22 @@ fn print_info(model: &kiln::config::ModelConfig) {
         model.vocab_size,
         model.max_seq_len
     );
-    println!("parameters: {:.0} ({:.3}B)", p, p / 1e9);
+    println!("parameters: {:.0} ({:.2}M)", p, p / 1e6);
     println!(
-        "weights: {:.2} GiB in f32, {:.2} GiB in bf16",
-        gib(4.0 * p),
-        gib(2.0 * p)
+        "weights: {} in f32, {} in bf16",
+        size(4.0 * p),
+        size(2.0 * p)
     );
     // f32 weights + f32 gradients + two f32 AdamW moments; activations come on top.
     println!(
-        "training state (f32 weights, gradients, AdamW moments): {:.2} GiB, plus activations",
-        gib(16.0 * p)
+        "training state (f32 weights, gradients, AdamW moments): {}, plus activations",
+        size(16.0 * p)
     );
     let kv_per_token = 2 * model.n_layers * model.n_kv_heads * model.head_dim() * 4;
     println!(
-        "KV cache: {:.1} KiB per token in f32 ({:.2} GiB for one full {}-token context)",
-        kv_per_token as f64 / 1024.0,
-        gib((kv_per_token * model.max_seq_len) as f64),
+        "KV cache: {} per token in f32 ({} for one full {}-token context)",
+        size(kv_per_token as f64),
+        size((kv_per_token * model.max_seq_len) as f64),
         model.max_seq_len
     );
 }

@@ -205,3 +205,45 @@ fn run_killed_with_sigkill_resumes_to_the_same_weights() {
         "weights differ after SIGKILL + resume"
     );
 }
+
+#[test]
+fn sigint_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args: Vec<String> = vec!["pretrain".into(), "--device".into(), "cpu".into()];
+    // Long enough that it is still running when interrupted; checkpoints only at the end.
+    for o in small_overrides(100_000) {
+        args.push("--set".into());
+        args.push(o);
+    }
+    args.extend(["--set".into(), "train.checkpoint_interval=0".into()]);
+    let child = kiln()
+        .args(&args)
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it has taken a few steps (metrics lines), then send SIGINT.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::read_to_string(out.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(Instant::now() < deadline, "run made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "SIGINT should exit cleanly: {stderr}"
+    );
+    assert!(stderr.contains("saved checkpoint"), "{stderr}");
+    let saved = checkpoint::list(&out.join("checkpoints")).unwrap();
+    let (step, dir) = saved.last().expect("a checkpoint was saved");
+    assert!(*step >= 3 && *step < 100_000, "step {step}");
+    checkpoint::load(dir).expect("the checkpoint verifies");
+}
