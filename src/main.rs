@@ -14,6 +14,11 @@ use kiln::model::Llama;
 use kiln::tokenizer::Tokenizer;
 use kiln::{checkpoint, data, params, pretrain, tokenizer};
 
+// Training allocates and frees many large tensors per step; glibc's malloc returns them to the
+// OS and page-faults them back in each time, which halved flex's throughput (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
