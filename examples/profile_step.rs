@@ -26,8 +26,12 @@ fn main() {
     let mut model = Llama::new(&config, 0, &device);
     let mut optimizer = AdamW::new(OptimConfig::default());
     let batch = Batch {
-        inputs: (0..b * t).map(|i| (i * 7 % config.vocab_size) as i64).collect(),
-        targets: (0..b * t).map(|i| (i * 13 % config.vocab_size) as i64).collect(),
+        inputs: (0..b * t)
+            .map(|i| (i * 7 % config.vocab_size) as i64)
+            .collect(),
+        targets: (0..b * t)
+            .map(|i| (i * 13 % config.vocab_size) as i64)
+            .collect(),
         batch_size: b,
         seq_len: t,
     };
@@ -47,10 +51,17 @@ fn main() {
         let _ = device.sync();
         let total = start.elapsed().as_secs_f64();
         let inference_start = Instant::now();
-        let _: f32 = model.valid().loss(inputs.inner(), targets.inner()).into_scalar();
+        let _: f32 = model
+            .valid()
+            .loss(inputs.inner(), targets.inner())
+            .into_scalar();
         let inference = inference_start.elapsed().as_secs_f64();
         if i > 0 {
-            for (acc, v) in totals.iter_mut().zip([forward, backward, total - forward - backward, inference]) {
+            for (acc, v) in
+                totals
+                    .iter_mut()
+                    .zip([forward, backward, total - forward - backward, inference])
+            {
                 *acc += v / steps as f64;
             }
         }

@@ -375,6 +375,35 @@ impl CheckpointData {
     }
 }
 
+/// A model ready for inference, with the configuration and tokenizer it was trained with.
+pub struct LoadedModel {
+    pub dir: PathBuf,
+    pub model: crate::model::Llama,
+    pub config: crate::config::Config,
+    pub tokenizer: crate::tokenizer::Tokenizer,
+}
+
+/// Loads the checkpoint at `path` (a checkpoint, or a run directory: its newest checkpoint)
+/// onto `device`, verifying checksums and shapes.
+pub fn load_model(path: &Path, device: &burn::tensor::Device) -> Result<LoadedModel> {
+    let dir = resolve(path)?;
+    let saved = load(&dir)?;
+    let config = saved.config(&dir)?;
+    let tokenizer = crate::tokenizer::Tokenizer::from_json(&saved.tokenizer_json)
+        .with_context(|| dir.join(TOKENIZER_FILE).display().to_string())?;
+    let model = crate::params::import(
+        crate::model::Llama::new(&config.model, 0, device),
+        saved.model,
+        &dir.join(MODEL_FILE),
+    )?;
+    Ok(LoadedModel {
+        dir,
+        model,
+        config,
+        tokenizer,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

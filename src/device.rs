@@ -58,7 +58,7 @@ fn rayon_threads() -> usize {
 }
 
 /// Hardware (non-CPU) wgpu adapters visible on this machine, best first.
-fn hardware_adapters() -> Vec<wgpu::AdapterInfo> {
+pub fn hardware_adapters() -> Vec<wgpu::AdapterInfo> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
         backends: wgpu::Backends::PRIMARY,
         ..wgpu::InstanceDescriptor::new_without_display_handle()

@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::{KvCache, Llama};
+use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -77,6 +78,30 @@ pub fn generate(
         input = Tensor::from_data(TensorData::new(next, [batch, 1]), &device);
     }
     outputs
+}
+
+/// Text in, text out: each prompt is framed with BOS, continued by [`generate`] (stopping at
+/// EOS, padding with the tokenizer's pad token), and the continuations are decoded.
+pub fn complete(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    prompts: &[&str],
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> anyhow::Result<Vec<String>> {
+    let ids = prompts
+        .iter()
+        .map(|p| {
+            let mut ids = vec![tokenizer.bos_id];
+            ids.extend(tokenizer.encode(p)?);
+            Ok(ids)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pad = tokenizer.pad_id.unwrap_or(tokenizer.eos_id);
+    generate(model, &ids, params, tokenizer.eos_id, pad, rng)
+        .iter()
+        .map(|out| tokenizer.decode(out))
+        .collect()
 }
 
 /// Draws one token id from `logits` with temperature and nucleus sampling.

@@ -10,9 +10,7 @@ use clap::{Parser, Subcommand};
 use kiln::config::{Config, Preset};
 use kiln::device::{self, DeviceChoice};
 use kiln::generate::{self, SamplingParams};
-use kiln::model::Llama;
-use kiln::tokenizer::Tokenizer;
-use kiln::{checkpoint, data, params, pretrain, tokenizer};
+use kiln::{checkpoint, data, pretrain, tokenizer};
 
 // Training allocates and frees many large tensors per step; glibc's malloc returns them to the
 // OS and page-faults them back in each time, which halved flex's throughput (docs/benchmarks.md).
@@ -121,6 +119,12 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    // On headless machines libwayland, probed by Vulkan drivers, prints an error for every
+    // instance when XDG_RUNTIME_DIR is unset; a directory without a socket makes it quiet.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,38 +193,27 @@ fn run(command: Command) -> Result<()> {
             if !(top_p > 0.0 && top_p <= 1.0) {
                 bail!("--top-p must be in (0, 1]");
             }
-            let dir = checkpoint::resolve(&checkpoint)?;
-            let saved = checkpoint::load(&dir)?;
-            let config = saved.config(&dir)?;
-            let tokenizer = Tokenizer::from_json(&saved.tokenizer_json)
-                .with_context(|| dir.join(checkpoint::TOKENIZER_FILE).display().to_string())?;
             let device = device::select(device)?;
-            let model = params::import(
-                Llama::new(&config.model, 0, &device.device),
-                saved.model,
-                &dir.join(checkpoint::MODEL_FILE),
-            )?;
+            let checkpoint::LoadedModel {
+                dir,
+                model,
+                tokenizer,
+                ..
+            } = checkpoint::load_model(&checkpoint, &device.device)?;
             eprintln!(
                 "device: {} | checkpoint: {}",
                 device.describe(),
                 dir.display()
             );
-            let mut ids = vec![tokenizer.bos_id];
-            ids.extend(tokenizer.encode(&prompt)?);
             let params = SamplingParams {
                 temperature,
                 top_p,
                 max_tokens,
             };
-            let out = generate::generate(
-                &model,
-                &[ids],
-                &params,
-                tokenizer.eos_id,
-                tokenizer.pad_id.unwrap_or(tokenizer.eos_id),
-                &mut generate::seeded_rng(seed),
-            );
-            println!("{prompt}{}", tokenizer.decode(&out[0])?);
+            let mut rng = generate::seeded_rng(seed);
+            let out =
+                generate::complete(&model, &tokenizer, &[prompt.as_str()], &params, &mut rng)?;
+            println!("{prompt}{}", out[0]);
             Ok(())
         }
         Command::Tokenizer {

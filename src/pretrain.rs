@@ -305,25 +305,20 @@ pub fn run(options: PretrainOptions) -> Result<PretrainSummary> {
 
     let sample = if print_sample && !interrupted {
         let s = &config.sample;
-        let prompt = tokenizer.encode(&s.prompt)?;
-        let mut ids = vec![tokenizer.bos_id];
-        ids.extend(prompt);
         let params = SamplingParams {
             temperature: s.temperature,
             top_p: s.top_p,
             max_tokens: s.max_tokens,
         };
         let mut rng = generate::seeded_rng(s.seed);
-        let valid = model.valid();
-        let out = generate::generate(
-            &valid,
-            &[ids],
+        let continuation = generate::complete(
+            &model.valid(),
+            &tokenizer,
+            &[s.prompt.as_str()],
             &params,
-            tokenizer.eos_id,
-            tokenizer.pad_id.unwrap_or(tokenizer.eos_id),
             &mut rng,
-        );
-        Some(format!("{}{}", s.prompt, tokenizer.decode(&out[0])?))
+        )?;
+        Some(format!("{}{}", s.prompt, continuation[0]))
     } else {
         None
     };

@@ -156,34 +156,21 @@ fn missing_empty_and_non_utf8_corpus() {
 fn malformed_config_unknown_key_and_out_of_range_value() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("broken.toml");
-    std::fs::write(&config, "[train]\nbatch_size = 4\nmax_steps = = 3\n").unwrap();
-    let out = kiln(&[
-        "pretrain",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        "unused",
-    ]);
+    let with_config = |text: &str| {
+        std::fs::write(&config, text).unwrap();
+        kiln(&[
+            "pretrain",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            "unused",
+        ])
+    };
+    let out = with_config("[train]\nbatch_size = 4\nmax_steps = = 3\n");
     assert_fails(&out, &["broken.toml", "line 3"]);
-
-    std::fs::write(&config, "[train]\nbatch_sise = 4\n").unwrap();
-    let out = kiln(&[
-        "pretrain",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        "unused",
-    ]);
+    let out = with_config("[train]\nbatch_sise = 4\n");
     assert_fails(&out, &["broken.toml", "train.batch_sise"]);
-
-    std::fs::write(&config, "[optim]\nlr = \"fast\"\n").unwrap();
-    let out = kiln(&[
-        "pretrain",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        "unused",
-    ]);
+    let out = with_config("[optim]\nlr = \"fast\"\n");
     assert_fails(&out, &["broken.toml", "lr"]);
 
     let out = kiln(&["pretrain", "--set", "optim.lr=-1", "--out", "unused"]);

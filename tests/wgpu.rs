@@ -83,3 +83,26 @@ fn cpu_and_wgpu_agree_on_logits_and_gradients() {
     assert!(logits_diff < TOL, "logits differ by {logits_diff}");
     assert!(grad_diff < 10.0 * TOL, "gradients differ by {grad_diff}");
 }
+
+#[test]
+fn auto_never_picks_a_software_adapter() {
+    let chosen = device::select(DeviceChoice::Auto).unwrap();
+    if chosen.is_wgpu() {
+        let identity = chosen
+            .device
+            .identity()
+            .expect("a wgpu device has an identity");
+        assert!(
+            identity.physical.is_some(),
+            "auto chose a software adapter: {}",
+            identity.name
+        );
+    } else {
+        assert_eq!(chosen.backend, "flex");
+        // Falling back to the CPU is right only when no hardware adapter exists.
+        assert!(
+            device::hardware_adapters().is_empty(),
+            "auto ignored a hardware GPU"
+        );
+    }
+}
