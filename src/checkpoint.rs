@@ -170,6 +170,7 @@ pub fn step_dir_name(step: u64) -> String {
 pub fn save(checkpoints_dir: &Path, data: &CheckpointData, keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(checkpoints_dir)
         .map_err(|e| anyhow!("cannot create {}: {e}", checkpoints_dir.display()))?;
+    remove_partials(checkpoints_dir);
     let final_dir = checkpoints_dir.join(step_dir_name(data.step));
     let tmp_dir = checkpoints_dir.join(format!(
         ".partial-{}-{}",
@@ -236,6 +237,23 @@ pub fn save(checkpoints_dir: &Path, data: &CheckpointData, keep: usize) -> Resul
         let _ = std::fs::remove_dir_all(old.1);
     }
     Ok(final_dir)
+}
+
+/// Removes temporary directories left by a process that died while writing a checkpoint
+/// (one run writes to an output directory at a time).
+fn remove_partials(checkpoints_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(checkpoints_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(".partial-"))
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Committed checkpoints in `checkpoints_dir`, oldest first.
@@ -426,9 +444,15 @@ mod tests {
     #[test]
     fn round_trip_prune_and_detect_corruption() {
         let dir = tempfile::tempdir().unwrap();
+        // What a process killed mid-write leaves behind is ignored, then cleaned up.
+        let stale = dir.path().join(".partial-step-00000009-1");
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join(MODEL_FILE), b"half").unwrap();
+        assert!(list(dir.path()).unwrap().is_empty());
         for step in [1, 2, 3] {
             save(dir.path(), &sample(step), 2).unwrap();
         }
+        assert!(!stale.exists());
         let steps: Vec<u64> = list(dir.path()).unwrap().iter().map(|c| c.0).collect();
         assert_eq!(steps, vec![2, 3]);
         let newest = resolve(dir.path()).unwrap();

@@ -86,6 +86,7 @@ fn line_chart(
     chart
         .configure_mesh()
         .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc(y_label)
         .label_style((FONT, 14))
         .draw()
