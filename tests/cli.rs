@@ -1,0 +1,140 @@
+//! The user-facing commands do what they say: info, tokenizer training, a run, generation,
+//! plotting and the training benchmark.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn info_counts_the_paper_shapes() {
+    let text = stdout(&kiln(&["info", "--preset", "llama2-7b"]));
+    assert!(text.contains("parameters: 6738415616"), "{text}");
+    let text = stdout(&kiln(&["info", "--preset", "llama2-70b"]));
+    assert!(
+        text.contains("8 KV heads") && text.contains("parameters: 68976648192"),
+        "{text}"
+    );
+}
+
+#[test]
+fn tokenizer_run_generate_and_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tokenizer = dir.path().join("tok/tokenizer.json");
+    kiln(&[
+        "tokenizer",
+        "train",
+        "--input",
+        repo.join("data/shakespeare/macbeth.txt").to_str().unwrap(),
+        "--vocab-size",
+        "400",
+        "--out",
+        tokenizer.to_str().unwrap(),
+    ]);
+    let sets = [
+        format!(
+            "data.corpus=[\"{}\"]",
+            repo.join("data/shakespeare/macbeth.txt").display()
+        ),
+        format!("data.tokenizer=\"{}\"", tokenizer.display()),
+        "model.vocab_size=400".into(),
+        "model.dim=32".into(),
+        "model.n_layers=1".into(),
+        "model.n_heads=2".into(),
+        "model.n_kv_heads=1".into(),
+        "model.ffn_dim=64".into(),
+        "model.max_seq_len=64".into(),
+        "data.seq_len=64".into(),
+        "train.max_steps=5".into(),
+        "train.eval_batches=1".into(),
+        "sample.prompt=\"MACBETH.\"".into(),
+        "sample.max_tokens=10".into(),
+    ];
+    let run = dir.path().join("run");
+    let mut args = vec![
+        "pretrain",
+        "--device",
+        "cpu",
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let out = kiln(&args);
+    assert!(
+        stdout(&out).starts_with("MACBETH."),
+        "the run ends with a sample: {}",
+        stdout(&out)
+    );
+
+    let out = kiln(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        "Fair is foul",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("Fair is foul") && text.trim().len() > "Fair is foul".len(),
+        "{text}"
+    );
+    // Greedy decoding is reproducible.
+    let again = kiln(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        "Fair is foul",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(stdout(&again), text);
+
+    kiln(&["plot", run.to_str().unwrap()]);
+    for png in ["loss.png", "lr.png"] {
+        let bytes = std::fs::read(run.join(png)).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+    }
+}
+
+#[test]
+fn training_benchmark_prints_one_json_line() {
+    let out = kiln(&[
+        "bench", "train", "--preset", "bench-5m", "--device", "cpu", "--steps", "1", "--warmup",
+        "0",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["params"], 5_048_576);
+    assert!(json["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(json["step_ms"].as_f64().unwrap() > 0.0);
+}
