@@ -391,6 +391,11 @@ impl CheckpointData {
             .with_context(|| format!("{}: invalid config", dir.join(MANIFEST_FILE).display()))?;
         Ok(config)
     }
+
+    pub fn tokenizer(&self, dir: &Path) -> Result<crate::tokenizer::Tokenizer> {
+        crate::tokenizer::Tokenizer::from_json(&self.tokenizer_json)
+            .with_context(|| dir.join(TOKENIZER_FILE).display().to_string())
+    }
 }
 
 /// A model ready for inference, with the configuration and tokenizer it was trained with.
@@ -407,8 +412,7 @@ pub fn load_model(path: &Path, device: &burn::tensor::Device) -> Result<LoadedMo
     let dir = resolve(path)?;
     let saved = load(&dir)?;
     let config = saved.config(&dir)?;
-    let tokenizer = crate::tokenizer::Tokenizer::from_json(&saved.tokenizer_json)
-        .with_context(|| dir.join(TOKENIZER_FILE).display().to_string())?;
+    let tokenizer = saved.tokenizer(&dir)?;
     let model = crate::params::import(
         crate::model::Llama::new(&config.model, 0, device),
         saved.model,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -125,8 +125,7 @@ pub fn run(options: PretrainOptions) -> Result<PretrainSummary> {
             } else {
                 config = saved_config;
             }
-            let tokenizer = Tokenizer::from_json(&saved.tokenizer_json)
-                .with_context(|| format!("{}", dir.join(checkpoint::TOKENIZER_FILE).display()))?;
+            let tokenizer = saved.tokenizer(dir)?;
             let state: TrainState = serde_json::from_str(&saved.state_json)
                 .map_err(|e| anyhow!("{}: {e}", dir.join(checkpoint::STATE_FILE).display()))?;
             let model = params::import(

@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
+mod common;
+use common::repo;
 
 fn kiln(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -17,27 +16,17 @@ fn kiln(args: &[&str]) -> Output {
         .expect("run kiln")
 }
 
-/// Overrides for a very small model on the bundled tokenizer.
+/// `--set` arguments for a very small model on `corpus`.
 fn small(corpus: &str) -> Vec<String> {
-    let tokenizer = repo("data/shakespeare/tokenizer.json");
-    [
-        format!("data.corpus=[\"{corpus}\"]"),
-        format!("data.tokenizer=\"{}\"", tokenizer.display()),
-        "model.dim=32".into(),
-        "model.n_layers=1".into(),
-        "model.n_heads=2".into(),
-        "model.n_kv_heads=1".into(),
-        "model.ffn_dim=64".into(),
-        "model.max_seq_len=32".into(),
-        "data.seq_len=32".into(),
+    let mut sets = common::tiny_model(Path::new(corpus));
+    sets.extend([
         "train.batch_size=2".into(),
         "train.max_steps=2".into(),
-        "train.eval_batches=1".into(),
         "sample.max_tokens=4".into(),
-    ]
-    .into_iter()
-    .flat_map(|o| ["--set".to_string(), o])
-    .collect()
+    ]);
+    sets.into_iter()
+        .flat_map(|o| ["--set".to_string(), o])
+        .collect()
 }
 
 fn pretrain(out: &Path, corpus: &str, extra: &[&str]) -> Output {
@@ -250,15 +239,7 @@ fn checkpoint_of_another_shape() {
         serde_json::to_vec(&manifest).unwrap(),
     )
     .unwrap();
-    let out = kiln(&[
-        "generate",
-        "--device",
-        "cpu",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--prompt",
-        "To",
-    ]);
+    let out = kiln(&common::generate_args(run.to_str().unwrap(), "To"));
     assert_fails(&out, &["model.safetensors", "gate_proj", "shape"]);
 }
 
@@ -279,15 +260,7 @@ fn truncated_or_corrupted_checkpoint() {
         }
         std::fs::write(&model, &bytes).unwrap();
         let before = snapshot(&run);
-        let out = kiln(&[
-            "generate",
-            "--device",
-            "cpu",
-            "--checkpoint",
-            run.to_str().unwrap(),
-            "--prompt",
-            "To",
-        ]);
+        let out = kiln(&common::generate_args(run.to_str().unwrap(), "To"));
         assert_fails(&out, &["model.safetensors", damage]);
         let out = pretrain(&run, &corpus, &["--resume", "--set", "train.max_steps=4"]);
         assert_fails(&out, &["model.safetensors", damage]);

@@ -1,8 +1,10 @@
 //! The user-facing commands do what they say: info, tokenizer training, a run, generation,
 //! plotting and the training benchmark.
 
-use std::path::Path;
 use std::process::{Command, Output};
+
+mod common;
+use common::repo;
 
 fn kiln(args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -35,37 +37,26 @@ fn info_counts_the_paper_shapes() {
 #[test]
 fn tokenizer_run_generate_and_plot() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tokenizer = dir.path().join("tok/tokenizer.json");
     kiln(&[
         "tokenizer",
         "train",
         "--input",
-        repo.join("data/shakespeare/macbeth.txt").to_str().unwrap(),
+        repo("data/shakespeare/macbeth.txt").to_str().unwrap(),
         "--vocab-size",
         "400",
         "--out",
         tokenizer.to_str().unwrap(),
     ]);
-    let sets = [
-        format!(
-            "data.corpus=[\"{}\"]",
-            repo.join("data/shakespeare/macbeth.txt").display()
-        ),
+    // The tiny model, on the tokenizer just trained.
+    let mut sets = common::tiny_model(&repo("data/shakespeare/macbeth.txt"));
+    sets.extend([
         format!("data.tokenizer=\"{}\"", tokenizer.display()),
         "model.vocab_size=400".into(),
-        "model.dim=32".into(),
-        "model.n_layers=1".into(),
-        "model.n_heads=2".into(),
-        "model.n_kv_heads=1".into(),
-        "model.ffn_dim=64".into(),
-        "model.max_seq_len=64".into(),
-        "data.seq_len=64".into(),
         "train.max_steps=5".into(),
-        "train.eval_batches=1".into(),
         "sample.prompt=\"MACBETH.\"".into(),
         "sample.max_tokens=10".into(),
-    ];
+    ]);
     let run = dir.path().join("run");
     let mut args = vec![
         "pretrain",
@@ -84,38 +75,19 @@ fn tokenizer_run_generate_and_plot() {
         stdout(&out)
     );
 
-    let out = kiln(&[
-        "generate",
-        "--device",
-        "cpu",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--prompt",
-        "Fair is foul",
-        "--max-tokens",
-        "8",
-        "--temperature",
-        "0",
-    ]);
+    let greedy = || {
+        let mut args = common::generate_args(run.to_str().unwrap(), "Fair is foul");
+        args.extend(["--max-tokens", "8", "--temperature", "0"]);
+        kiln(&args)
+    };
+    let out = greedy();
     let text = stdout(&out);
     assert!(
         text.starts_with("Fair is foul") && text.trim().len() > "Fair is foul".len(),
         "{text}"
     );
     // Greedy decoding is reproducible.
-    let again = kiln(&[
-        "generate",
-        "--device",
-        "cpu",
-        "--checkpoint",
-        run.to_str().unwrap(),
-        "--prompt",
-        "Fair is foul",
-        "--max-tokens",
-        "8",
-        "--temperature",
-        "0",
-    ]);
+    let again = greedy();
     assert_eq!(stdout(&again), text);
 
     kiln(&["plot", run.to_str().unwrap()]);

@@ -1,7 +1,7 @@
 //! Pretraining on the bundled corpus: the model learns, and an interrupted run resumed from
 //! its checkpoint ends bit-identical to an uninterrupted one (CPU device).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -10,9 +10,8 @@ use kiln::config::Config;
 use kiln::device::ComputeDevice;
 use kiln::pretrain::{self, PretrainOptions};
 
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
+mod common;
+use common::repo;
 
 /// A small, fast model on the bundled Shakespeare corpus.
 fn small_overrides(max_steps: u64) -> Vec<String> {
@@ -135,6 +134,15 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run_bit_for_bit() {
     assert_eq!(steps, (1..=12).collect::<Vec<_>>());
 }
 
+/// `kiln pretrain` on the CPU with these `--set` overrides.
+fn pretrain_args(overrides: Vec<String>) -> Vec<String> {
+    let mut args: Vec<String> = vec!["pretrain".into(), "--device".into(), "cpu".into()];
+    for o in overrides {
+        args.extend(["--set".into(), o]);
+    }
+    args
+}
+
 fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
 }
@@ -142,14 +150,10 @@ fn kiln() -> Command {
 #[test]
 fn run_killed_with_sigkill_resumes_to_the_same_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let mut args: Vec<String> = vec!["pretrain".into(), "--device".into(), "cpu".into()];
     let mut overrides = small_overrides(16);
     overrides.push("train.checkpoint_interval=1".into());
     overrides.push("train.keep_checkpoints=3".into());
-    for o in &overrides {
-        args.push("--set".into());
-        args.push(o.clone());
-    }
+    let args = pretrain_args(overrides);
     let straight = dir.path().join("straight");
     let status = kiln()
         .args(&args)
@@ -210,13 +214,10 @@ fn run_killed_with_sigkill_resumes_to_the_same_weights() {
 fn sigint_saves_a_checkpoint_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let mut args: Vec<String> = vec!["pretrain".into(), "--device".into(), "cpu".into()];
     // Long enough that it is still running when interrupted; checkpoints only at the end.
-    for o in small_overrides(100_000) {
-        args.push("--set".into());
-        args.push(o);
-    }
-    args.extend(["--set".into(), "train.checkpoint_interval=0".into()]);
+    let mut overrides = small_overrides(100_000);
+    overrides.push("train.checkpoint_interval=0".into());
+    let args = pretrain_args(overrides);
     let child = kiln()
         .args(&args)
         .arg("--out")

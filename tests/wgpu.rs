@@ -11,6 +11,8 @@ use kiln::device::{self, ComputeDevice, DeviceChoice};
 use kiln::model::Llama;
 use rand::{Rng, SeedableRng};
 
+mod common;
+
 /// Max |difference| over max |value|: f32 arithmetic in different orders.
 const TOL: f32 = 2e-4;
 
@@ -114,28 +116,12 @@ fn resumed_wgpu_run_matches_uninterrupted_run() {
     use kiln::config::Config;
     use kiln::pretrain::{self, PretrainOptions};
     let Some(gpu) = wgpu_device() else { return };
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let overrides: Vec<String> = vec![
-        format!(
-            "data.corpus=[\"{}\"]",
-            repo.join("data/shakespeare/macbeth.txt").display()
-        ),
-        format!(
-            "data.tokenizer=\"{}\"",
-            repo.join("data/shakespeare/tokenizer.json").display()
-        ),
-        "model.dim=32".into(),
-        "model.n_layers=1".into(),
-        "model.n_heads=2".into(),
-        "model.n_kv_heads=1".into(),
-        "model.ffn_dim=64".into(),
-        "model.max_seq_len=32".into(),
-        "data.seq_len=32".into(),
+    let mut overrides = common::tiny_model(&common::repo("data/shakespeare/macbeth.txt"));
+    overrides.extend([
         "train.batch_size=4".into(),
         "train.max_steps=6".into(),
-        "train.eval_batches=1".into(),
         "optim.warmup_steps=2".into(),
-    ];
+    ]);
     let config = Config::load(None, &overrides).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let options = |out: &str, resume: bool, stop_after: Option<u64>| PretrainOptions {
