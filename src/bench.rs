@@ -8,9 +8,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::config::{OptimConfig, Preset};
+use crate::config::{ModelConfig, OptimConfig, Preset};
 use crate::data::Batch;
 use crate::device::ComputeDevice;
+use crate::kernels::KernelChoice;
 use crate::model::Llama;
 use crate::optim::AdamW;
 use crate::pretrain::batch_tensors;
@@ -19,6 +20,7 @@ use crate::pretrain::batch_tensors;
 pub struct TrainBench {
     pub preset: String,
     pub device: String,
+    pub kernels: String,
     pub params: u64,
     pub batch_size: usize,
     pub seq_len: usize,
@@ -34,11 +36,16 @@ pub fn train(
     device: &ComputeDevice,
     steps: usize,
     warmup: usize,
+    kernels: KernelChoice,
 ) -> Result<TrainBench> {
-    let config = preset.model();
+    let config = ModelConfig {
+        kernels,
+        ..preset.model()
+    };
     let (batch_size, seq_len) = (preset.bench_batch_size(), config.max_seq_len);
     let autodiff = device.device.clone().autodiff();
     let mut model = Llama::new(&config, 0, &autodiff);
+    let kernels = model.kernels().name().to_string();
     let mut optimizer = AdamW::new(OptimConfig::default());
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut random_batch = || {
@@ -73,6 +80,7 @@ pub fn train(
     Ok(TrainBench {
         preset: format!("{preset:?}"),
         device: device.describe(),
+        kernels,
         params: config.num_params(),
         batch_size,
         seq_len,

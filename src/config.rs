@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::KernelChoice;
+
 /// Shape and numerics of a Llama 2 model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +34,10 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// Standard deviation of the normal initialisation of every weight matrix.
     pub init_std: f64,
+    /// `custom`: the fused WGSL kernels of `shaders/` on wgpu devices (other devices use the
+    /// reference); `reference` (default for now): plain Burn operations everywhere. Not part
+    /// of the shape.
+    pub kernels: KernelChoice,
 }
 
 impl Default for ModelConfig {
@@ -143,6 +149,7 @@ impl Preset {
             rope_theta: 10_000.0,
             tie_embeddings: false,
             init_std: 0.02,
+            kernels: KernelChoice::Reference,
         };
         let shape =
             |dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, max_seq_len| ModelConfig {

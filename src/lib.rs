@@ -2,7 +2,8 @@
 //!
 //! The pieces, in the order a run uses them: [`config`] (TOML sections with the paper's
 //! defaults), [`device`] (GPU through wgpu, CUDA, or the CPU), [`tokenizer`] and [`data`]
-//! (text to packed token sequences), [`model`] (the Llama architecture, built on [`ops`]),
+//! (text to packed token sequences), [`model`] (the Llama architecture, built on [`kernels`]: fused WGSL kernels
+//! on wgpu, the plain Burn [`ops`] elsewhere),
 //! [`optim`] (AdamW, clipping, schedule), [`checkpoint`] and [`params`] (state on disk),
 //! [`pretrain`] (the recipe), [`generate`] (sampling), [`metrics`] and [`plot`].
 
@@ -12,6 +13,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod generate;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod ops;

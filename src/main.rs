@@ -115,6 +115,9 @@ enum BenchCommand {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// `custom` (WGSL kernels, wgpu only) or `reference` (plain Burn ops).
+        #[arg(long, value_enum, default_value = "reference")]
+        kernels: kiln::kernels::KernelChoice,
     },
 }
 
@@ -261,6 +264,7 @@ fn run(command: Command) -> Result<()> {
                     device,
                     steps,
                     warmup,
+                    kernels,
                 },
         } => {
             if steps == 0 {
@@ -268,7 +272,7 @@ fn run(command: Command) -> Result<()> {
             }
             let device = device::select(device)?;
             eprintln!("device: {}", device.describe());
-            let result = kiln::bench::train(preset, &device, steps, warmup)?;
+            let result = kiln::bench::train(preset, &device, steps, warmup, kernels)?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }

@@ -12,7 +12,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::config::ModelConfig;
-use crate::ops::{self, AttentionBias, RopeTables};
+use crate::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
+use crate::ops::RopeTables;
 
 #[derive(Module, Debug)]
 pub struct Linear {
@@ -42,8 +43,8 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        ops::rms_norm(x, self.weight.val(), self.eps)
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, kernels: Kernels) -> Tensor<D> {
+        kernels::rms_norm(x, self.weight.val(), self.eps, kernels)
     }
 }
 
@@ -69,30 +70,28 @@ impl Attention {
     fn forward(
         &self,
         x: Tensor<3>,
-        rope: (&Tensor<4>, &Tensor<4>),
-        bias: &AttentionBias,
+        layout: &PreparedLayout,
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
         let [b, t, dim] = x.dims();
         let head_dim = dim / self.n_heads;
-        let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, head_dim]).swap_dims(1, 2);
+        // Token-major heads, [batch, seq, heads, head_dim]: a reshape, no copy.
+        let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, head_dim]);
         let q = heads(self.q_proj.forward(x.clone()), self.n_heads);
         let k = heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
         let v = heads(self.v_proj.forward(x), self.n_kv_heads);
-        let (cos, sin) = rope;
-        let q = ops::rope(q, cos.clone(), sin.clone());
-        let mut k = ops::rope(k, cos.clone(), sin.clone());
+        let q = layout.rope(q);
+        let mut k = layout.rope(k);
         let mut v = v;
         if let Some(cache) = cache {
             if let Some((k_past, v_past)) = cache.take() {
-                k = Tensor::cat(vec![k_past, k], 2);
-                v = Tensor::cat(vec![v_past, v], 2);
+                k = Tensor::cat(vec![k_past, k], 1);
+                v = Tensor::cat(vec![v_past, v], 1);
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let out = ops::attention(q, k, v, bias);
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, t, dim]))
+        let out = layout.attention(q, k, v);
+        self.o_proj.forward(out.reshape([b, t, dim]))
     }
 }
 
@@ -104,8 +103,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let hidden = ops::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+    fn forward(&self, x: Tensor<3>, kernels: Kernels) -> Tensor<3> {
+        let hidden = kernels::swiglu(
+            self.gate_proj.forward(x.clone()),
+            self.up_proj.forward(x),
+            kernels,
+        );
         self.down_proj.forward(hidden)
     }
 }
@@ -134,9 +137,12 @@ pub struct Llama {
     pub config: ModelConfig,
     #[module(skip)]
     rope: RopeTables,
+    /// Custom WGSL kernels or the reference ops, resolved from `config.kernels` and the device.
+    #[module(skip)]
+    kernels: Kernels,
 }
 
-/// Keys and values of one layer, `[batch, kv_heads, cached_len, head_dim]` each.
+/// Keys and values of one layer, `[batch, cached_len, kv_heads, head_dim]` each.
 pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
 
 /// Cached keys and values of every layer, for generation one token at a time.
@@ -245,7 +251,13 @@ impl Llama {
                 config.rope_theta,
                 device,
             ),
+            kernels: Kernels::resolve(config.kernels, device),
         }
+    }
+
+    /// The kernels this model runs.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     pub fn device(&self) -> Device {
@@ -253,39 +265,52 @@ impl Llama {
     }
 
     /// Final hidden states (after the last norm), `[batch, seq, dim]`.
-    pub fn hidden_states(
+    pub fn hidden_states(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [b, t] = tokens.dims();
+        let layout = match &cache {
+            Some(c) => SequenceLayout::cached(&c.left_pad, c.len, t),
+            None => SequenceLayout::causal(b, t),
+        };
+        self.hidden_states_with_layout(tokens, &layout, cache)
+    }
+
+    /// Final hidden states of a batch whose tokens are placed by `layout` (packed samples,
+    /// left padding, cached prefixes).
+    pub fn hidden_states_with_layout(
         &self,
         tokens: Tensor<2, Int>,
+        layout: &SequenceLayout,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor<3> {
-        let [_, t] = tokens.dims();
-        let start = cache.as_ref().map_or(0, |c| c.len);
+        let [b, t] = tokens.dims();
+        assert_eq!(
+            (layout.batch, layout.q_len),
+            (b, t),
+            "layout does not fit the tokens"
+        );
         assert!(
-            start + t <= self.config.max_seq_len,
+            layout.k_len <= self.config.max_seq_len,
             "sequence of {} tokens exceeds model.max_seq_len {}",
-            start + t,
+            layout.k_len,
             self.config.max_seq_len
         );
-        let device = tokens.device();
         let group = self.config.n_heads / self.config.n_kv_heads;
-        let left_pad = cache
-            .as_ref()
-            .map(|c| c.left_pad.as_slice())
-            .filter(|p| p.iter().any(|&n| n > 0));
-        let bias = AttentionBias::causal(group, t, start + t, start, left_pad, &device);
-        let (cos, sin) = self.rope.window(start, t);
+        let prepared =
+            PreparedLayout::new(layout, self.kernels, &self.rope, group, &tokens.device());
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), tokens);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            let h = layer.input_layernorm.forward(x.clone());
-            x = x + layer.self_attn.forward(h, (&cos, &sin), &bias, layer_cache);
-            let h = layer.post_attention_layernorm.forward(x.clone());
-            x = x + layer.mlp.forward(h);
+            let h = layer.input_layernorm.forward(x.clone(), self.kernels);
+            x = x + layer.self_attn.forward(h, &prepared, layer_cache);
+            let h = layer
+                .post_attention_layernorm
+                .forward(x.clone(), self.kernels);
+            x = x + layer.mlp.forward(h, self.kernels);
         }
         if let Some(cache) = cache {
             cache.len += t;
         }
-        self.model.norm.forward(x)
+        self.model.norm.forward(x, self.kernels)
     }
 
     /// Next-token logits from hidden states: `[batch, seq, vocab]`.
@@ -309,10 +334,11 @@ impl Llama {
         let [b, t] = inputs.dims();
         let logits = self.forward(inputs, None);
         let vocab = logits.dims()[2];
-        ops::cross_entropy(
+        kernels::cross_entropy(
             logits.reshape([b * t, vocab]),
             targets.reshape([b * t]),
             None,
+            self.kernels,
         )
     }
 }

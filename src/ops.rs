@@ -60,14 +60,31 @@ impl RopeTables {
         }
     }
 
-    /// Rows `start .. start + len`, shaped `[1, 1, len, head_dim]` to broadcast over batch
-    /// and heads.
+    /// Rows `start .. start + len`, shaped `[1, len, 1, head_dim]` to broadcast over the batch
+    /// and heads of token-major `[batch, seq, heads, head_dim]` tensors.
     pub fn window(&self, start: usize, len: usize) -> (Tensor<4>, Tensor<4>) {
         let head_dim = self.cos.dims()[1];
         let pick = |t: &Tensor<2>| {
             t.clone()
                 .slice([start..start + len, 0..head_dim])
-                .unsqueeze::<4>()
+                .reshape([1, len, 1, head_dim])
+        };
+        (pick(&self.cos), pick(&self.sin))
+    }
+
+    /// The rows at `positions` (`[batch, len]`), shaped `[batch, len, 1, head_dim]`: for packed
+    /// sequences, whose positions restart at each sample.
+    pub fn gather(&self, positions: &[i32], batch: usize, len: usize) -> (Tensor<4>, Tensor<4>) {
+        let head_dim = self.cos.dims()[1];
+        let device = self.cos.device();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(positions.to_vec(), [batch * len]),
+            &device,
+        );
+        let pick = |t: &Tensor<2>| {
+            t.clone()
+                .select(0, index.clone())
+                .reshape([batch, len, 1, head_dim])
         };
         (pick(&self.cos), pick(&self.sin))
     }
@@ -108,15 +125,38 @@ impl AttentionBias {
         left_pad: Option<&[usize]>,
         device: &burn::tensor::Device,
     ) -> Self {
+        assert_eq!(q_offset + q_len, k_len, "queries are the last keys");
         let pads = left_pad.unwrap_or(&[0]);
+        let segments: Vec<i32> = pads
+            .iter()
+            .flat_map(|&pad| (0..k_len).map(move |j| (j >= pad) as i32))
+            .collect();
+        Self::from_segments(group, q_len, k_len, &segments, device)
+    }
+
+    /// Bias for `q_len` queries that are the last of `k_len` keys, `segments` (`[batch, k_len]`)
+    /// naming each key's segment: query `i` (key position `p = k_len - q_len + i`) sees key `j`
+    /// when `j <= p` and both are in one segment. Rows that are all alike share one bias row.
+    pub fn from_segments(
+        group: usize,
+        q_len: usize,
+        k_len: usize,
+        segments: &[i32],
+        device: &burn::tensor::Device,
+    ) -> Self {
+        let q_offset = k_len - q_len;
+        let mut batch_rows: Vec<&[i32]> = segments.chunks(k_len).collect();
+        if batch_rows.windows(2).all(|w| w[0] == w[1]) {
+            batch_rows.truncate(1);
+        }
         let rows = group * q_len;
-        let mut values = vec![0f32; pads.len() * rows * k_len];
-        for (b, &pad) in pads.iter().enumerate() {
+        let mut values = vec![0f32; batch_rows.len() * rows * k_len];
+        for (b, seg) in batch_rows.iter().enumerate() {
             for r in 0..rows {
-                let q_pos = q_offset + r % q_len;
+                let p = q_offset + r % q_len;
                 let row = &mut values[(b * rows + r) * k_len..][..k_len];
                 for (j, v) in row.iter_mut().enumerate() {
-                    if j > q_pos || j < pad {
+                    if j > p || seg[j] != seg[p] {
                         *v = MASKED;
                     }
                 }
@@ -124,7 +164,7 @@ impl AttentionBias {
         }
         Self {
             bias: Tensor::from_data(
-                TensorData::new(values, [pads.len(), 1, rows, k_len]),
+                TensorData::new(values, [batch_rows.len(), 1, rows, k_len]),
                 device,
             ),
         }

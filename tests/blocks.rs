@@ -159,8 +159,9 @@ fn rope_preserves_norms_matches_a_hand_computed_case_and_its_gradient() {
     let tables = RopeTables::new(16, d, 10_000.0, &device());
     let x = randn(&mut rng, b * h * t * d);
     let (cos, sin) = tables.window(3, t);
+    // Token-major layout, [batch, seq, heads, head_dim].
     let out = values(ops::rope(
-        tensor(&x, [b, h, t, d]),
+        tensor(&x, [b, t, h, d]),
         cos.clone(),
         sin.clone(),
     ));
@@ -189,7 +190,7 @@ fn rope_preserves_norms_matches_a_hand_computed_case_and_its_gradient() {
     assert_close(&out, &expected, FORWARD_TOL, "rope hand case");
     let (cos, sin) = RopeTables::new(16, d, 10_000.0, &device()).window(2, t);
     check_gradients(
-        &[(x, [b, h, t, d])],
+        &[(x, [b, t, h, d])],
         |ts| ops::rope(ts[0].clone(), cos.clone(), sin.clone()),
         &mut rng,
         "rope",

@@ -8,6 +8,7 @@ use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln::config::ModelConfig;
 use kiln::device::{self, ComputeDevice, DeviceChoice};
+use kiln::kernels::KernelChoice;
 use kiln::model::Llama;
 use rand::{Rng, SeedableRng};
 
@@ -40,9 +41,20 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn cpu_and_wgpu_agree_on_logits_and_gradients() {
+    cpu_and_wgpu_agree(KernelChoice::Reference);
+}
+
+/// The whole model with the custom WGSL kernels on wgpu against the reference ops on the CPU.
+#[test]
+fn custom_kernels_on_wgpu_agree_with_the_cpu_reference() {
+    cpu_and_wgpu_agree(KernelChoice::Custom);
+}
+
+fn cpu_and_wgpu_agree(kernels: KernelChoice) {
     let Some(gpu) = wgpu_device() else { return };
-    eprintln!("wgpu adapter: {}", gpu.adapter);
+    eprintln!("wgpu adapter: {}, kernels {kernels:?}", gpu.adapter);
     let config = ModelConfig {
+        kernels,
         dim: 64,
         n_layers: 2,
         n_heads: 4,

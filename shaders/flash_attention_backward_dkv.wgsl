@@ -1,0 +1,135 @@
+// Flash attention, backward pass, part 2: dK and dV, summed over the query heads that share
+// each KV head (grouped-query attention).
+//
+// Same layouts as flash_attention_forward.wgsl, with q_len == k_len == seq_len. Key j is seen
+// by query i when j <= i and both are in one segment, i.e. `j <= i < last`, with `last` the
+// end of j's segment. With P and dS as in part 1 (delta comes from part 1):
+//   dv_j = sum_i P_ij dO_i,  dk_j = scale * sum_i dS_ij q_i.
+// One workgroup owns BK consecutive keys of one (batch, KV head), one key per invocation, and
+// walks the query tiles of every query head in the group, staged in workgroup memory.
+
+const D: u32 = {{ head_dim }}u;
+const BQ: u32 = {{ block_keys }}u;
+const BK: u32 = 64u;
+
+@group(0) @binding(0) var<storage, read_write> q: array<f32>;
+@group(0) @binding(1) var<storage, read_write> k: array<f32>;
+@group(0) @binding(2) var<storage, read_write> v: array<f32>;
+@group(0) @binding(3) var<storage, read_write> d_o: array<f32>;
+@group(0) @binding(4) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(5) var<storage, read_write> delta: array<f32>;
+@group(0) @binding(6) var<storage, read_write> segments: array<i32>;
+@group(0) @binding(7) var<storage, read_write> dk: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dv: array<f32>;
+// heads, kv_heads, seq_len, bitcast(scale)
+@group(0) @binding(9) var<storage, read_write> params: array<u32>;
+
+var<workgroup> q_tile: array<f32, BQ * D>;
+var<workgroup> do_tile: array<f32, BQ * D>;
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // Sizes must be uniform values to bound loops with barriers; storage reads are not, so
+    // they pass through workgroup memory (do_tile, before it holds values).
+    if (lid == 0u) {
+        for (var t = 0u; t < 3u; t++) {
+            do_tile[t] = f32(params[t]);
+        }
+        do_tile[3] = bitcast<f32>(params[3]);
+    }
+    let heads = u32(workgroupUniformLoad(&do_tile[0]));
+    let kv_heads = u32(workgroupUniformLoad(&do_tile[1]));
+    let n = u32(workgroupUniformLoad(&do_tile[2]));
+    let scale = workgroupUniformLoad(&do_tile[3]);
+    let group = heads / kv_heads;
+
+    let b = wg.y / kv_heads;
+    let kvh = wg.y % kv_heads;
+    let k_block = wg.x * BK;
+    let j = k_block + lid;
+    let in_range = j < n;
+    let kj = min(j, n - 1u);
+    let seg_base = b * n;
+    let seg = segments[seg_base + kj];
+    var last = kj + 1u;
+    while (last < n && segments[seg_base + last] == seg) {
+        last = last + 1u;
+    }
+    // The highest segment end of the block, gathered in q_tile before it holds queries
+    // (workgroup memory is kept within 16 KiB; BQ * D >= BK).
+    q_tile[lid] = f32(last);
+    workgroupBarrier();
+    if (lid == 0u) {
+        var highest = last;
+        for (var t = 1u; t < BK; t++) {
+            highest = max(highest, u32(q_tile[t]));
+        }
+        do_tile[8] = f32(highest);
+    }
+    let query_end = u32(workgroupUniformLoad(&do_tile[8]));
+    let tile_start = (k_block / BQ) * BQ;
+
+    let kv_base = ((b * n + kj) * kv_heads + kvh) * D;
+    var kv: array<f32, D>;
+    var dkv: array<f32, D>;
+    var dvv: array<f32, D>;
+    for (var d = 0u; d < D; d++) {
+        kv[d] = k[kv_base + d] * scale;
+        // Explicit zeros: the implicit zero-initialisation of large private arrays was not
+        // reliable on lavapipe.
+        dkv[d] = 0.0;
+        dvv[d] = 0.0;
+    }
+
+    // One flat loop over (query head of the group, query tile): lavapipe miscompiled the
+    // nested form (wrong dK for groups of 4 with several tiles).
+    let tiles = (query_end - tile_start + BQ - 1u) / BQ;
+    for (var step = 0u; step < group * tiles; step++) {
+        let h = kvh * group + step / tiles;
+        let qt = tile_start + (step % tiles) * BQ;
+        workgroupBarrier();
+        for (var e = lid; e < BQ * D; e += BK) {
+            let i = qt + e / D;
+            var qx = 0.0;
+            var dox = 0.0;
+            if (i < n) {
+                let src = ((b * n + i) * heads + h) * D + e % D;
+                qx = q[src];
+                dox = d_o[src];
+            }
+            q_tile[e] = qx;
+            do_tile[e] = dox;
+        }
+        workgroupBarrier();
+        for (var ii = 0u; ii < BQ; ii++) {
+            let i = qt + ii;
+            if (i >= kj && i < last) {
+                var score = 0.0;
+                var dp = 0.0;
+                for (var d = 0u; d < D; d++) {
+                    score = score + kv[d] * q_tile[ii * D + d];
+                    // v_j is read from memory, not a private copy: lavapipe gave wrong
+                    // results with four private arrays of 128 floats.
+                    dp = dp + v[kv_base + d] * do_tile[ii * D + d];
+                }
+                let row = (b * heads + h) * n + i;
+                let pr = exp(score - lse[row]);
+                let ds = pr * (dp - delta[row]);
+                for (var d = 0u; d < D; d++) {
+                    dvv[d] = dvv[d] + pr * do_tile[ii * D + d];
+                    dkv[d] = dkv[d] + ds * q_tile[ii * D + d];
+                }
+            }
+        }
+    }
+
+    if (in_range) {
+        for (var d = 0u; d < D; d++) {
+            dk[kv_base + d] = dkv[d] * scale;
+            dv[kv_base + d] = dvv[d];
+        }
+    }
+}

@@ -1,0 +1,125 @@
+// Flash attention, backward pass, part 1: dQ, and delta = rowsum(dO * O) for part 2.
+//
+// Same layouts and visibility rule as flash_attention_forward.wgsl; training has
+// q_len == k_len. Scores are recomputed from Q, K and the saved log-sum-exp:
+//   P_ij = exp(scale * q_i.k_j - lse_i),  dS_ij = P_ij * (dO_i.v_j - delta_i),
+//   dq_i = scale * sum_j dS_ij k_j.
+// One workgroup owns BQ queries of one (batch, head); K/V tiles are staged in workgroup memory.
+
+const D: u32 = {{ head_dim }}u;
+const BK: u32 = {{ block_keys }}u;
+const BQ: u32 = 64u;
+
+@group(0) @binding(0) var<storage, read_write> q: array<f32>;
+@group(0) @binding(1) var<storage, read_write> k: array<f32>;
+@group(0) @binding(2) var<storage, read_write> v: array<f32>;
+@group(0) @binding(3) var<storage, read_write> o: array<f32>;
+@group(0) @binding(4) var<storage, read_write> d_o: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(6) var<storage, read_write> segments: array<i32>;
+@group(0) @binding(7) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(8) var<storage, read_write> delta: array<f32>;
+// heads, kv_heads, seq_len, bitcast(scale)
+@group(0) @binding(9) var<storage, read_write> params: array<u32>;
+
+var<workgroup> k_tile: array<f32, BK * D>;
+var<workgroup> v_tile: array<f32, BK * D>;
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // Sizes must be uniform values to bound loops with barriers; storage reads are not, so
+    // they pass through workgroup memory (v_tile, before it holds values).
+    if (lid == 0u) {
+        for (var t = 0u; t < 3u; t++) {
+            v_tile[t] = f32(params[t]);
+        }
+        v_tile[3] = bitcast<f32>(params[3]);
+    }
+    let heads = u32(workgroupUniformLoad(&v_tile[0]));
+    let kv_heads = u32(workgroupUniformLoad(&v_tile[1]));
+    let n = u32(workgroupUniformLoad(&v_tile[2]));
+    let scale = workgroupUniformLoad(&v_tile[3]);
+
+    let b = wg.y / heads;
+    let h = wg.y % heads;
+    let kvh = h / (heads / kv_heads);
+    let q_block = wg.x * BQ;
+    let i = q_block + lid;
+    let in_range = i < n;
+    let qi = min(i, n - 1u);
+    let seg_base = b * n;
+    let seg = segments[seg_base + qi];
+    var first = qi;
+    while (first > 0u && segments[seg_base + first - 1u] == seg) {
+        first = first - 1u;
+    }
+    // The lowest first key of the block, gathered in k_tile before it holds keys (workgroup
+    // memory is kept within 16 KiB).
+    k_tile[lid] = f32(first);
+    workgroupBarrier();
+    if (lid == 0u) {
+        var lowest = first;
+        for (var t = 1u; t < BQ; t++) {
+            lowest = min(lowest, u32(k_tile[t]));
+        }
+        v_tile[8] = f32(lowest);
+    }
+    let tile_start = (u32(workgroupUniformLoad(&v_tile[8])) / BK) * BK;
+    let key_end = min(q_block + BQ, n);
+
+    let base = ((b * n + qi) * heads + h) * D;
+    var qv: array<f32, D>;
+    var dov: array<f32, D>;
+    var dqv: array<f32, D>;
+    var dlt = 0.0;
+    for (var d = 0u; d < D; d++) {
+        qv[d] = q[base + d] * scale;
+        dov[d] = d_o[base + d];
+        dqv[d] = 0.0;
+        dlt = dlt + dov[d] * o[base + d];
+    }
+    let row = (b * heads + h) * n + qi;
+    let row_lse = lse[row];
+
+    for (var kt = tile_start; kt < key_end; kt += BK) {
+        workgroupBarrier();
+        for (var e = lid; e < BK * D; e += BQ) {
+            let j = kt + e / D;
+            var kx = 0.0;
+            var vx = 0.0;
+            if (j < n) {
+                let src = ((b * n + j) * kv_heads + kvh) * D + e % D;
+                kx = k[src];
+                vx = v[src];
+            }
+            k_tile[e] = kx;
+            v_tile[e] = vx;
+        }
+        workgroupBarrier();
+        for (var jj = 0u; jj < BK; jj++) {
+            let j = kt + jj;
+            if (j >= first && j <= qi) {
+                var score = 0.0;
+                var dp = 0.0;
+                for (var d = 0u; d < D; d++) {
+                    score = score + qv[d] * k_tile[jj * D + d];
+                    dp = dp + dov[d] * v_tile[jj * D + d];
+                }
+                let ds = exp(score - row_lse) * (dp - dlt);
+                for (var d = 0u; d < D; d++) {
+                    dqv[d] = dqv[d] + ds * k_tile[jj * D + d];
+                }
+            }
+        }
+    }
+
+    if (in_range) {
+        for (var d = 0u; d < D; d++) {
+            dq[base + d] = dqv[d] * scale;
+        }
+        delta[row] = dlt;
+    }
+}

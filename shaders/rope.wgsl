@@ -1,0 +1,40 @@
+// Rotary position embedding in the "rotate half" layout, forward (sign = +1) and backward
+// (sign = -1: the transpose of a rotation is the rotation by the opposite angle).
+// x, y: [batch, seq, heads, D]; positions: [batch, seq] i32, so packed sequences restart their
+// positions at each segment; cos, sin: [max_positions, D] tables computed in f64 on the host.
+// One invocation per rotating pair (i, i + D/2).
+
+@group(0) @binding(0) var<storage, read_write> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> positions: array<i32>;
+@group(0) @binding(2) var<storage, read_write> cos_table: array<f32>;
+@group(0) @binding(3) var<storage, read_write> sin_table: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+// pairs (= batch * seq * heads * D / 2), heads, D, bitcast(sign)
+@group(0) @binding(5) var<storage, read_write> params: array<u32>;
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let pairs = params[0];
+    let heads = params[1];
+    let d = params[2];
+    let sign = bitcast<f32>(params[3]);
+    let id = (wg.y * nwg.x + wg.x) * 256u + lid;
+    if (id >= pairs) {
+        return;
+    }
+    let half = d / 2u;
+    let i = id % half;
+    let row = id / half;
+    let token = row / heads;
+    let pos = u32(positions[token]);
+    let c = cos_table[pos * d + i];
+    let s = sin_table[pos * d + i] * sign;
+    let a = x[row * d + i];
+    let b = x[row * d + i + half];
+    y[row * d + i] = a * c - b * s;
+    y[row * d + i + half] = b * c + a * s;
+}

@@ -1,0 +1,21 @@
+// SwiGLU: y = silu(gate) * up = gate * sigmoid(gate) * up, elementwise.
+
+@group(0) @binding(0) var<storage, read_write> gate: array<f32>;
+@group(0) @binding(1) var<storage, read_write> up: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+// n
+@group(0) @binding(3) var<storage, read_write> params: array<u32>;
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let id = (wg.y * nwg.x + wg.x) * 256u + lid;
+    if (id >= params[0]) {
+        return;
+    }
+    let a = gate[id];
+    y[id] = a / (1.0 + exp(-a)) * up[id];
+}

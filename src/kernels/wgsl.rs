@@ -1,0 +1,465 @@
+//! Launches of the WGSL kernels in `shaders/` on burn's wgpu runtime: the `CubeBackend`
+//! implementation of [`KilnKernels`].
+//!
+//! Every launch makes its inputs contiguous, allocates fresh outputs, and passes its sizes in a
+//! small `params` buffer of u32 (floats bit-cast). Template placeholders (`{{ head_dim }}`, ...)
+//! are compile-time constants of the shader; each distinct value is its own pipeline.
+
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::wgpu::{
+    CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
+};
+use burn::cubecl::prelude::{CubeCount, KernelId};
+use burn::cubecl::server::KernelArguments;
+use burn::tensor::{DType, Shape};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::extension::KilnKernels;
+
+/// Every shader of kiln, by file name, for launching and for validation with naga.
+pub const SHADERS: &[(&str, &str)] = &[
+    (
+        "flash_attention_forward",
+        include_str!("../../shaders/flash_attention_forward.wgsl"),
+    ),
+    (
+        "flash_attention_backward_dq",
+        include_str!("../../shaders/flash_attention_backward_dq.wgsl"),
+    ),
+    (
+        "flash_attention_backward_dkv",
+        include_str!("../../shaders/flash_attention_backward_dkv.wgsl"),
+    ),
+    (
+        "rms_norm_forward",
+        include_str!("../../shaders/rms_norm_forward.wgsl"),
+    ),
+    (
+        "rms_norm_backward",
+        include_str!("../../shaders/rms_norm_backward.wgsl"),
+    ),
+    (
+        "rms_norm_backward_weight",
+        include_str!("../../shaders/rms_norm_backward_weight.wgsl"),
+    ),
+    ("rope", include_str!("../../shaders/rope.wgsl")),
+    (
+        "swiglu_forward",
+        include_str!("../../shaders/swiglu_forward.wgsl"),
+    ),
+    (
+        "swiglu_backward",
+        include_str!("../../shaders/swiglu_backward.wgsl"),
+    ),
+    (
+        "cross_entropy_forward",
+        include_str!("../../shaders/cross_entropy_forward.wgsl"),
+    ),
+    (
+        "cross_entropy_backward",
+        include_str!("../../shaders/cross_entropy_backward.wgsl"),
+    ),
+];
+
+/// Head dimensions the attention kernels are validated and tested for. Any head dimension up
+/// to [`MAX_HEAD_DIM`] compiles (it is a template constant); these are the common ones.
+pub const ATTENTION_HEAD_DIMS: &[usize] = &[32, 64, 128];
+
+/// Largest head dimension: a query row, its output accumulator and a tile row of keys and
+/// values live in registers and workgroup memory.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Keys (or queries) per tile staged in workgroup memory: two tiles of `block * head_dim`
+/// floats stay within WebGPU's guaranteed 16 KiB of workgroup storage.
+pub fn attention_block(head_dim: usize) -> usize {
+    (2048 / head_dim).min(64)
+}
+
+/// Rows summed by one invocation of `rms_norm_backward_weight`.
+const RMS_WEIGHT_ROWS: usize = 256;
+
+/// The template values a shader is compiled with.
+pub fn shader_defines(name: &str, head_dim: usize) -> Vec<(&'static str, String)> {
+    match name {
+        n if n.starts_with("flash_attention") => vec![
+            ("head_dim", head_dim.to_string()),
+            ("block_keys", attention_block(head_dim).to_string()),
+        ],
+        "rms_norm_backward_weight" => vec![("rows_per_chunk", RMS_WEIGHT_ROWS.to_string())],
+        _ => Vec::new(),
+    }
+}
+
+/// The full WGSL text of a shader with its template values filled in.
+pub fn shader_source(name: &str, head_dim: usize) -> String {
+    wgsl_kernel(name, head_dim).source().complete()
+}
+
+struct WgslKernel {
+    name: &'static str,
+    source: &'static str,
+    defines: Vec<(&'static str, String)>,
+}
+
+fn wgsl_kernel(name: &str, head_dim: usize) -> WgslKernel {
+    let &(name, source) = SHADERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no shader named {name}"));
+    WgslKernel {
+        name,
+        source,
+        defines: shader_defines(name, head_dim),
+    }
+}
+
+impl KernelSource for WgslKernel {
+    fn source(&self) -> SourceTemplate {
+        self.defines
+            .iter()
+            .fold(SourceTemplate::new(self.source), |t, (k, v)| {
+                t.register(*k, v.clone())
+            })
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.name, self.defines.clone()))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+/// Workgroup counts for `groups` workgroups, split over x and y because each dimension is
+/// limited to 65535; the shaders rebuild the linear index from `num_workgroups`.
+fn grid(groups: usize) -> CubeCount {
+    let x = groups.clamp(1, 65535);
+    let y = groups.div_ceil(x);
+    CubeCount::Static(x as u32, y as u32, 1)
+}
+
+fn float_input(t: CubeTensor, what: &str) -> CubeTensor {
+    assert_eq!(
+        t.dtype,
+        DType::F32,
+        "{what}: custom kernels take f32 tensors"
+    );
+    into_contiguous(t)
+}
+
+fn int_input(t: CubeTensor, what: &str) -> CubeTensor {
+    assert_eq!(
+        t.dtype,
+        DType::I32,
+        "{what}: custom kernels take i32 indices"
+    );
+    into_contiguous(t)
+}
+
+static POISON_OUTPUTS: AtomicBool = AtomicBool::new(false);
+
+/// Tests: fill every output buffer with NaN before its kernel runs, so an element a kernel
+/// fails to write shows up instead of passing with stale memory.
+pub fn poison_outputs(on: bool) {
+    POISON_OUTPUTS.store(on, Ordering::Relaxed);
+}
+
+fn empty_like(reference: &CubeTensor, shape: Shape) -> CubeTensor {
+    let n = shape.num_elements();
+    let handle = if POISON_OUTPUTS.load(Ordering::Relaxed) {
+        reference
+            .client
+            .create_from_slice(bytemuck::cast_slice(&vec![f32::NAN; n]))
+    } else {
+        reference.client.empty(n * 4)
+    };
+    CubeTensor::new_contiguous(
+        reference.client.clone(),
+        reference.device.clone(),
+        shape,
+        handle,
+        DType::F32,
+    )
+}
+
+/// Launches shader `name` over `count` workgroups. `buffers` are bound in order, then the
+/// `params` buffer.
+fn launch(name: &str, head_dim: usize, count: CubeCount, buffers: &[&CubeTensor], params: &[u32]) {
+    let client = &buffers[0].client;
+    let params = client.create_from_slice(bytemuck::cast_slice(params));
+    let mut bindings: Vec<_> = buffers.iter().map(|t| t.handle.clone().binding()).collect();
+    bindings.push(params.binding());
+    // The workgroup size is declared in the shader; CubeDim only keys the compilation cache.
+    let kernel = SourceKernel::new(wgsl_kernel(name, head_dim), CubeDim::new_1d(64));
+    client.launch(
+        Box::new(kernel),
+        count,
+        KernelArguments::new().with_buffers(bindings),
+    );
+}
+
+fn dims<const D: usize>(t: &CubeTensor, what: &str) -> [usize; D] {
+    use burn::backend::TensorMetadata;
+    let shape = t.shape();
+    assert_eq!(shape.num_dims(), D, "{what}: expected a rank-{D} tensor");
+    std::array::from_fn(|i| shape[i])
+}
+
+fn check_head_dim(d: usize) {
+    assert!(
+        d <= MAX_HEAD_DIM,
+        "flash attention supports head dims up to {MAX_HEAD_DIM}, got {d}"
+    );
+}
+
+impl KilnKernels for CubeBackend {
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: IntTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (q, k, v) = (
+            float_input(q, "attention q"),
+            float_input(k, "attention k"),
+            float_input(v, "attention v"),
+        );
+        let segments = int_input(segments, "attention segments");
+        let [b, tq, h, d] = dims::<4>(&q, "attention q");
+        let [_, tk, kv, _] = dims::<4>(&k, "attention k");
+        check_head_dim(d);
+        assert!(tq <= tk && h % kv == 0, "attention: bad shapes");
+        let out = empty_like(&q, Shape::from([b, tq, h, d]));
+        let lse = empty_like(&q, Shape::from([b, h, tq]));
+        launch(
+            "flash_attention_forward",
+            d,
+            CubeCount::Static(tq.div_ceil(64) as u32, (b * h) as u32, 1),
+            &[&q, &k, &v, &segments, &out, &lse],
+            &[h as u32, kv as u32, tq as u32, tk as u32, scale.to_bits()],
+        );
+        (out, lse)
+    }
+
+    fn flash_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        segments: IntTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (q, k, v, out, lse, d_out) = (
+            float_input(q, "attention q"),
+            float_input(k, "attention k"),
+            float_input(v, "attention v"),
+            float_input(out, "attention out"),
+            float_input(lse, "attention lse"),
+            float_input(d_out, "attention grad"),
+        );
+        let segments = int_input(segments, "attention segments");
+        let [b, t, h, d] = dims::<4>(&q, "attention q");
+        let [_, tk, kv, _] = dims::<4>(&k, "attention k");
+        check_head_dim(d);
+        assert_eq!(t, tk, "attention backward needs q_len == k_len");
+        let params = [h as u32, kv as u32, t as u32, scale.to_bits()];
+        let dq = empty_like(&q, Shape::from([b, t, h, d]));
+        let delta = empty_like(&q, Shape::from([b, h, t]));
+        launch(
+            "flash_attention_backward_dq",
+            d,
+            CubeCount::Static(t.div_ceil(64) as u32, (b * h) as u32, 1),
+            &[&q, &k, &v, &out, &d_out, &lse, &segments, &dq, &delta],
+            &params,
+        );
+        let dk = empty_like(&k, Shape::from([b, t, kv, d]));
+        let dv = empty_like(&k, Shape::from([b, t, kv, d]));
+        launch(
+            "flash_attention_backward_dkv",
+            d,
+            CubeCount::Static(t.div_ceil(64) as u32, (b * kv) as u32, 1),
+            &[&q, &k, &v, &d_out, &lse, &delta, &segments, &dk, &dv],
+            &params,
+        );
+        (dq, dk, dv)
+    }
+
+    fn rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (x, weight) = (
+            float_input(x, "rms_norm x"),
+            float_input(weight, "rms_norm weight"),
+        );
+        let [rows, c] = dims::<2>(&x, "rms_norm x");
+        let y = empty_like(&x, Shape::from([rows, c]));
+        let rstd = empty_like(&x, Shape::from([rows]));
+        launch(
+            "rms_norm_forward",
+            0,
+            grid(rows),
+            &[&x, &weight, &y, &rstd],
+            &[rows as u32, c as u32, eps.to_bits()],
+        );
+        (y, rstd)
+    }
+
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (x, weight, rstd, dy) = (
+            float_input(x, "rms_norm x"),
+            float_input(weight, "rms_norm weight"),
+            float_input(rstd, "rms_norm rstd"),
+            float_input(dy, "rms_norm grad"),
+        );
+        let [rows, c] = dims::<2>(&x, "rms_norm x");
+        let params = [rows as u32, c as u32];
+        let dx = empty_like(&x, Shape::from([rows, c]));
+        launch(
+            "rms_norm_backward",
+            0,
+            grid(rows),
+            &[&x, &weight, &rstd, &dy, &dx],
+            &params,
+        );
+        let chunks = rows.div_ceil(RMS_WEIGHT_ROWS);
+        let partial = empty_like(&x, Shape::from([chunks, c]));
+        launch(
+            "rms_norm_backward_weight",
+            0,
+            CubeCount::Static(c.div_ceil(64) as u32, chunks as u32, 1),
+            &[&x, &rstd, &dy, &partial],
+            &params,
+        );
+        let dw = if chunks == 1 {
+            partial
+        } else {
+            Self::float_sum_dim(partial, 0)
+        };
+        (dx, Self::float_reshape(dw, Shape::from([c])))
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        let x = float_input(x, "rope x");
+        let positions = int_input(positions, "rope positions");
+        let (cos, sin) = (float_input(cos, "rope cos"), float_input(sin, "rope sin"));
+        let [b, t, h, d] = dims::<4>(&x, "rope x");
+        let pairs = b * t * h * d / 2;
+        let y = empty_like(&x, Shape::from([b, t, h, d]));
+        let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        launch(
+            "rope",
+            0,
+            grid(pairs.div_ceil(256)),
+            &[&x, &positions, &cos, &sin, &y],
+            &[pairs as u32, h as u32, d as u32, sign.to_bits()],
+        );
+        y
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (gate, up) = (
+            float_input(gate, "swiglu gate"),
+            float_input(up, "swiglu up"),
+        );
+        use burn::backend::TensorMetadata;
+        let shape = gate.shape();
+        let n = shape.num_elements();
+        let y = empty_like(&gate, shape);
+        launch(
+            "swiglu_forward",
+            0,
+            grid(n.div_ceil(256)),
+            &[&gate, &up, &y],
+            &[n as u32],
+        );
+        y
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (gate, up, dy) = (
+            float_input(gate, "swiglu gate"),
+            float_input(up, "swiglu up"),
+            float_input(dy, "swiglu grad"),
+        );
+        use burn::backend::TensorMetadata;
+        let shape = gate.shape();
+        let n = shape.num_elements();
+        let d_gate = empty_like(&gate, shape.clone());
+        let d_up = empty_like(&gate, shape);
+        launch(
+            "swiglu_backward",
+            0,
+            grid(n.div_ceil(256)),
+            &[&gate, &up, &dy, &d_gate, &d_up],
+            &[n as u32],
+        );
+        (d_gate, d_up)
+    }
+
+    fn cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let logits = float_input(logits, "cross_entropy logits");
+        let targets = int_input(targets, "cross_entropy targets");
+        let [rows, vocab] = dims::<2>(&logits, "cross_entropy logits");
+        let loss = empty_like(&logits, Shape::from([rows]));
+        let lse = empty_like(&logits, Shape::from([rows]));
+        launch(
+            "cross_entropy_forward",
+            0,
+            grid(rows),
+            &[&logits, &targets, &loss, &lse],
+            &[rows as u32, vocab as u32],
+        );
+        (loss, lse)
+    }
+
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_loss: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let logits = float_input(logits, "cross_entropy logits");
+        let targets = int_input(targets, "cross_entropy targets");
+        let (lse, d_loss) = (
+            float_input(lse, "cross_entropy lse"),
+            float_input(d_loss, "cross_entropy grad"),
+        );
+        let [rows, vocab] = dims::<2>(&logits, "cross_entropy logits");
+        let n = rows * vocab;
+        let d_logits = empty_like(&logits, Shape::from([rows, vocab]));
+        launch(
+            "cross_entropy_backward",
+            0,
+            grid(n.div_ceil(256)),
+            &[&logits, &targets, &lse, &d_loss, &d_logits],
+            &[n as u32, vocab as u32],
+        );
+        d_logits
+    }
+}

@@ -1,0 +1,488 @@
+//! The custom WGSL kernels against the reference Burn ops.
+//!
+//! Every shader is parsed and validated by naga. Each kernel then runs on wgpu (in CI:
+//! lavapipe, software Vulkan) with fresh random inputs, its outputs poisoned with NaN before
+//! every launch, and is compared with the reference ops on the CPU device, forward and every
+//! gradient. Tolerance: max |custom - reference| / max |reference| <= 1e-4 (f32 arithmetic in
+//! a different order).
+//!
+//! Needs a Vulkan driver; without one the wgpu tests say so and pass, except under CI.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use kiln::device::{self, DeviceChoice};
+use kiln::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
+use kiln::ops::RopeTables;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const TOL: f32 = 1e-4;
+
+fn wgpu() -> Option<Device> {
+    let found = std::panic::catch_unwind(|| device::select(DeviceChoice::Wgpu))
+        .ok()
+        .and_then(Result::ok);
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have a wgpu adapter (mesa-vulkan-drivers)"
+        );
+        eprintln!("no wgpu adapter: skipping");
+    }
+    kernels::poison_outputs(std::env::var_os("KILN_NO_POISON").is_none());
+    found.map(|d| d.device)
+}
+
+fn cpu() -> Device {
+    Device::flex()
+}
+
+fn rng() -> ChaCha8Rng {
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn tensor<const D: usize>(v: &[f32], shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
+}
+
+fn ints<const D: usize>(v: &[i32], shape: [usize; D], device: &Device) -> Tensor<D, Int> {
+    Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_into_vec_as::<f32>().unwrap()
+}
+
+fn max_rel_err(actual: &[f32], expected: &[f32]) -> f32 {
+    assert_eq!(actual.len(), expected.len());
+    let scale = expected.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+    actual.iter().zip(expected).fold(0.0f32, |m, (a, e)| {
+        // NaN (an unwritten, poisoned element) must fail, not vanish in `max`.
+        if a.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max((a - e).abs())
+        }
+    }) / scale
+}
+
+/// Compares named outputs (forward, then gradients) of the custom and reference runs.
+fn compare(what: &str, custom: &[(&str, Vec<f32>)], reference: &[(&str, Vec<f32>)]) {
+    for ((name, c), (_, r)) in custom.iter().zip(reference) {
+        let err = max_rel_err(c, r);
+        eprintln!("{what} {name}: max relative error {err:.2e}");
+        assert!(
+            err <= TOL,
+            "{what} {name}: relative error {err:e} > {TOL:e}"
+        );
+    }
+}
+
+#[test]
+fn every_shader_parses_and_validates_with_naga() {
+    for (name, _) in kernels::SHADERS {
+        for &head_dim in kernels::ATTENTION_HEAD_DIMS {
+            let source = kernels::shader_source(name, head_dim);
+            let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| {
+                panic!(
+                    "{name} (head_dim {head_dim}): {}",
+                    e.emit_to_string(&source)
+                )
+            });
+            naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::empty(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{name} (head_dim {head_dim}): {e:?}"));
+            // WebGPU guarantees 16 KiB of workgroup memory; stay within it.
+            let workgroup_bytes: u32 = module
+                .global_variables
+                .iter()
+                .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+                .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
+                .sum();
+            assert!(
+                workgroup_bytes <= 16384,
+                "{name} (head_dim {head_dim}) uses {workgroup_bytes} bytes of workgroup memory"
+            );
+        }
+    }
+}
+
+struct AttentionCase {
+    batch: usize,
+    len: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Sample lengths packed into each row; empty = one causal sequence.
+    packed: &'static [usize],
+}
+
+impl AttentionCase {
+    fn layout(&self) -> SequenceLayout {
+        if self.packed.is_empty() {
+            return SequenceLayout::causal(self.batch, self.len);
+        }
+        let mut segments = Vec::new();
+        for b in 0..self.batch {
+            let mut row = Vec::new();
+            // Rotate the sample lengths per row so rows differ.
+            for (s, &n) in self.packed.iter().cycle().skip(b).enumerate() {
+                if row.len() >= self.len {
+                    break;
+                }
+                row.extend(std::iter::repeat_n(s as i32, n));
+            }
+            row.truncate(self.len);
+            segments.extend(row);
+        }
+        SequenceLayout::packed(self.batch, self.len, segments)
+    }
+}
+
+/// Attention output and the gradients of `sum(out * probe)` with respect to q, k, v.
+fn attention_run(
+    device: &Device,
+    kernels: Kernels,
+    case: &AttentionCase,
+    data: &[Vec<f32>; 4],
+) -> Vec<(&'static str, Vec<f32>)> {
+    let device = device.clone().autodiff();
+    let (b, t, h, kv, d) = (
+        case.batch,
+        case.len,
+        case.heads,
+        case.kv_heads,
+        case.head_dim,
+    );
+    let q = tensor(&data[0], [b, t, h, d], &device).require_grad();
+    let k = tensor(&data[1], [b, t, kv, d], &device).require_grad();
+    let v = tensor(&data[2], [b, t, kv, d], &device).require_grad();
+    let rope = RopeTables::new(t, d, 10_000.0, &device);
+    let layout = PreparedLayout::new(&case.layout(), kernels, &rope, h / kv, &device);
+    let out = layout.attention(q.clone(), k.clone(), v.clone());
+    let grads = (out.clone() * tensor(&data[3], [b, t, h, d], &device))
+        .sum()
+        .backward();
+    vec![
+        ("out", values(out)),
+        ("dq", values(q.grad(&grads).unwrap())),
+        ("dk", values(k.grad(&grads).unwrap())),
+        ("dv", values(v.grad(&grads).unwrap())),
+    ]
+}
+
+#[test]
+fn flash_attention_matches_reference_forward_and_backward() {
+    let Some(gpu) = wgpu() else { return };
+    let mut rng = rng();
+    let cases = [
+        // MHA (ratio 1), head dim 32, sequence not a multiple of any tile.
+        AttentionCase {
+            batch: 2,
+            len: 67,
+            heads: 2,
+            kv_heads: 2,
+            head_dim: 32,
+            packed: &[],
+        },
+        // GQA 2, head dim 64, packed samples.
+        AttentionCase {
+            batch: 3,
+            len: 50,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            packed: &[7, 20, 1, 30],
+        },
+        // GQA 4, head dim 64, longer than one query block.
+        AttentionCase {
+            batch: 1,
+            len: 67,
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 64,
+            packed: &[],
+        },
+        // GQA 8, head dim 32, packed.
+        AttentionCase {
+            batch: 2,
+            len: 40,
+            heads: 8,
+            kv_heads: 1,
+            head_dim: 32,
+            packed: &[16, 3, 40],
+        },
+        // Head dim 128.
+        AttentionCase {
+            batch: 1,
+            len: 70,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 128,
+            packed: &[],
+        },
+        // Many tiles at head dim 32.
+        AttentionCase {
+            batch: 1,
+            len: 1000,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 32,
+            packed: &[],
+        },
+    ];
+    for case in &cases {
+        let (b, t, h, kv, d) = (
+            case.batch,
+            case.len,
+            case.heads,
+            case.kv_heads,
+            case.head_dim,
+        );
+        let data = [
+            randn(&mut rng, b * t * h * d, 2.0),
+            randn(&mut rng, b * t * kv * d, 2.0),
+            randn(&mut rng, b * t * kv * d, 1.0),
+            randn(&mut rng, b * t * h * d, 1.0),
+        ];
+        let what = format!(
+            "attention b{b} t{t} h{h} kv{kv} d{d} packed {:?}",
+            case.packed
+        );
+        compare(
+            &what,
+            &attention_run(&gpu, Kernels::Custom, case, &data),
+            &attention_run(&cpu(), Kernels::Reference, case, &data),
+        );
+    }
+}
+
+/// Known failure, left open: at head dim 64 a query block that walks 16 key tiles of 32
+/// (T = 512) comes back unwritten on lavapipe, and so do dK/dV for 4 query heads per KV head
+/// over 4 query tiles (T = 128). Head dim 32 with 16 tiles of 64 keys (T = 1000) passes. Until
+/// this is understood, `model.kernels` defaults to `reference`.
+#[test]
+#[ignore = "open bug: flash attention at head dim 64 over 16+ tiles on lavapipe"]
+fn flash_attention_many_tiles_at_head_dim_64() {
+    let Some(gpu) = wgpu() else { return };
+    let mut rng = rng();
+    for case in [
+        AttentionCase {
+            batch: 1,
+            len: 512,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 64,
+            packed: &[],
+        },
+        AttentionCase {
+            batch: 1,
+            len: 128,
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 64,
+            packed: &[],
+        },
+    ] {
+        let (b, t, h, kv, d) = (
+            case.batch,
+            case.len,
+            case.heads,
+            case.kv_heads,
+            case.head_dim,
+        );
+        let data = [
+            randn(&mut rng, b * t * h * d, 2.0),
+            randn(&mut rng, b * t * kv * d, 2.0),
+            randn(&mut rng, b * t * kv * d, 1.0),
+            randn(&mut rng, b * t * h * d, 1.0),
+        ];
+        compare(
+            &format!("attention b{b} t{t} h{h} kv{kv} d{d}"),
+            &attention_run(&gpu, Kernels::Custom, &case, &data),
+            &attention_run(&cpu(), Kernels::Reference, &case, &data),
+        );
+    }
+}
+
+/// Generation: a few new queries over a longer, left-padded KV cache.
+#[test]
+fn flash_attention_over_a_kv_cache_matches_reference() {
+    let Some(gpu) = wgpu() else { return };
+    let mut rng = rng();
+    let (b, start, tq, h, kv, d) = (3, 37, 2, 4, 2, 32);
+    let tk = start + tq;
+    let left_pad = [0, 5, 36];
+    let q = randn(&mut rng, b * tq * h * d, 2.0);
+    let k = randn(&mut rng, b * tk * kv * d, 2.0);
+    let v = randn(&mut rng, b * tk * kv * d, 1.0);
+    let run = |device: &Device, kernels: Kernels| {
+        let rope = RopeTables::new(tk, d, 10_000.0, device);
+        let layout = SequenceLayout::cached(&left_pad, start, tq);
+        let prepared = PreparedLayout::new(&layout, kernels, &rope, h / kv, device);
+        let out = prepared.attention(
+            tensor(&q, [b, tq, h, d], device),
+            tensor(&k, [b, tk, kv, d], device),
+            tensor(&v, [b, tk, kv, d], device),
+        );
+        vec![("out", values(out))]
+    };
+    compare(
+        "cached attention",
+        &run(&gpu, Kernels::Custom),
+        &run(&cpu(), Kernels::Reference),
+    );
+}
+
+#[test]
+fn rms_norm_matches_reference_forward_and_backward() {
+    let Some(gpu) = wgpu() else { return };
+    let mut rng = rng();
+    for (rows, dim) in [(37, 100), (300, 64), (5, 1000)] {
+        let x = randn(&mut rng, rows * dim, 3.0);
+        let w = randn(&mut rng, dim, 1.5);
+        let probe = randn(&mut rng, rows * dim, 1.0);
+        let run = |device: &Device, kernels: Kernels| {
+            let device = device.clone().autodiff();
+            let xt = tensor(&x, [rows, dim], &device).require_grad();
+            let wt = tensor(&w, [dim], &device).require_grad();
+            let y = kernels::rms_norm(xt.clone(), wt.clone(), 1e-5, kernels);
+            let grads = (y.clone() * tensor(&probe, [rows, dim], &device))
+                .sum()
+                .backward();
+            vec![
+                ("y", values(y)),
+                ("dx", values(xt.grad(&grads).unwrap())),
+                ("dw", values(wt.grad(&grads).unwrap())),
+            ]
+        };
+        compare(
+            &format!("rms_norm {rows}x{dim}"),
+            &run(&gpu, Kernels::Custom),
+            &run(&cpu(), Kernels::Reference),
+        );
+    }
+}
+
+#[test]
+fn rope_matches_reference_forward_and_backward_with_packed_positions() {
+    let Some(gpu) = wgpu() else { return };
+    let mut rng = rng();
+    for (case, d) in [
+        (
+            AttentionCase {
+                batch: 2,
+                len: 19,
+                heads: 3,
+                kv_heads: 3,
+                head_dim: 0,
+                packed: &[],
+            },
+            32,
+        ),
+        (
+            AttentionCase {
+                batch: 3,
+                len: 41,
+                heads: 2,
+                kv_heads: 2,
+                head_dim: 0,
+                packed: &[5, 17, 2],
+            },
+            64,
+        ),
+    ] {
+        let (b, t, h) = (case.batch, case.len, case.heads);
+        let x = randn(&mut rng, b * t * h * d, 2.0);
+        let probe = randn(&mut rng, b * t * h * d, 1.0);
+        let layout = case.layout();
+        let run = |device: &Device, kernels: Kernels| {
+            let device = device.clone().autodiff();
+            let rope = RopeTables::new(64, d, 10_000.0, &device);
+            let prepared = PreparedLayout::new(&layout, kernels, &rope, 1, &device);
+            let xt = tensor(&x, [b, t, h, d], &device).require_grad();
+            let y = prepared.rope(xt.clone());
+            let grads = (y.clone() * tensor(&probe, [b, t, h, d], &device))
+                .sum()
+                .backward();
+            vec![("y", values(y)), ("dx", values(xt.grad(&grads).unwrap()))]
+        };
+        compare(
+            &format!("rope b{b} t{t} h{h} d{d} packed {:?}", case.packed),
+            &run(&gpu, Kernels::Custom),
+            &run(&cpu(), Kernels::Reference),
+        );
+    }
+}
+
+#[test]
+fn swiglu_matches_reference_forward_and_backward() {
+    let Some(gpu) = wgpu() else { return };
+    let mut rng = rng();
+    let (rows, dim) = (33, 177);
+    let gate = randn(&mut rng, rows * dim, 6.0);
+    let up = randn(&mut rng, rows * dim, 2.0);
+    let probe = randn(&mut rng, rows * dim, 1.0);
+    let run = |device: &Device, kernels: Kernels| {
+        let device = device.clone().autodiff();
+        let g = tensor(&gate, [rows, dim], &device).require_grad();
+        let u = tensor(&up, [rows, dim], &device).require_grad();
+        let y = kernels::swiglu(g.clone(), u.clone(), kernels);
+        let grads = (y.clone() * tensor(&probe, [rows, dim], &device))
+            .sum()
+            .backward();
+        vec![
+            ("y", values(y)),
+            ("d_gate", values(g.grad(&grads).unwrap())),
+            ("d_up", values(u.grad(&grads).unwrap())),
+        ]
+    };
+    compare(
+        "swiglu",
+        &run(&gpu, Kernels::Custom),
+        &run(&cpu(), Kernels::Reference),
+    );
+}
+
+#[test]
+fn cross_entropy_matches_reference_forward_and_backward_with_ignored_rows() {
+    let Some(gpu) = wgpu() else { return };
+    let mut rng = rng();
+    for (rows, vocab, masked) in [(29, 1000, true), (7, 50_000, false)] {
+        let logits = randn(&mut rng, rows * vocab, 8.0);
+        let targets: Vec<i32> = (0..rows)
+            .map(|_| rng.random_range(0..vocab as i32))
+            .collect();
+        let weights: Vec<f32> = (0..rows)
+            .map(|i| (!masked || i % 3 != 0) as u8 as f32)
+            .collect();
+        let run = |device: &Device, kernels: Kernels| {
+            let device = device.clone().autodiff();
+            let z = tensor(&logits, [rows, vocab], &device).require_grad();
+            let loss = kernels::cross_entropy(
+                z.clone(),
+                ints(&targets, [rows], &device),
+                masked.then(|| tensor(&weights, [rows], &device)),
+                kernels,
+            );
+            let grads = loss.clone().backward();
+            vec![
+                ("loss", values(loss)),
+                ("d_logits", values(z.grad(&grads).unwrap())),
+            ]
+        };
+        compare(
+            &format!("cross_entropy {rows}x{vocab} masked {masked}"),
+            &run(&gpu, Kernels::Custom),
+            &run(&cpu(), Kernels::Reference),
+        );
+    }
+}
