@@ -7,43 +7,41 @@
 //   dv_j = sum_i P_ij dO_i,  dk_j = scale * sum_i dS_ij q_i.
 // One workgroup owns BK consecutive keys of one (batch, KV head), one key per invocation, and
 // walks the query tiles of every query head in the group, staged in workgroup memory.
+// Rows are vec4s (see the forward kernel).
 
-const D: u32 = {{ head_dim }}u;
+const D4: u32 = {{ head_dim }}u / 4u;
 const BQ: u32 = {{ block_keys }}u;
 const BK: u32 = 64u;
 
-@group(0) @binding(0) var<storage, read_write> q: array<f32>;
-@group(0) @binding(1) var<storage, read_write> k: array<f32>;
-@group(0) @binding(2) var<storage, read_write> v: array<f32>;
-@group(0) @binding(3) var<storage, read_write> d_o: array<f32>;
+@group(0) @binding(0) var<storage, read_write> q: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> k: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> v: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> d_o: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(5) var<storage, read_write> delta: array<f32>;
 @group(0) @binding(6) var<storage, read_write> segments: array<i32>;
-@group(0) @binding(7) var<storage, read_write> dk: array<f32>;
-@group(0) @binding(8) var<storage, read_write> dv: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dk: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> dv: array<vec4<f32>>;
 // heads, kv_heads, seq_len, bitcast(scale)
 @group(0) @binding(9) var<storage, read_write> params: array<u32>;
 
-var<workgroup> q_tile: array<f32, BQ * D>;
-var<workgroup> do_tile: array<f32, BQ * D>;
+var<workgroup> q_tile: array<vec4<f32>, BQ * D4>;
+var<workgroup> do_tile: array<vec4<f32>, BQ * D4>;
 
 @compute @workgroup_size(64)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    // Sizes must be uniform values to bound loops with barriers; storage reads are not, so
-    // they pass through workgroup memory (do_tile, before it holds values).
+    // Uniform sizes through workgroup memory (see the forward kernel).
     if (lid == 0u) {
-        for (var t = 0u; t < 3u; t++) {
-            do_tile[t] = f32(params[t]);
-        }
-        do_tile[3] = bitcast<f32>(params[3]);
+        do_tile[0] = vec4<f32>(f32(params[0]), f32(params[1]), f32(params[2]), bitcast<f32>(params[3]));
     }
-    let heads = u32(workgroupUniformLoad(&do_tile[0]));
-    let kv_heads = u32(workgroupUniformLoad(&do_tile[1]));
-    let n = u32(workgroupUniformLoad(&do_tile[2]));
-    let scale = workgroupUniformLoad(&do_tile[3]);
+    let sizes = workgroupUniformLoad(&do_tile[0]);
+    let heads = u32(sizes.x);
+    let kv_heads = u32(sizes.y);
+    let n = u32(sizes.z);
+    let scale = sizes.w;
     let group = heads / kv_heads;
 
     let b = wg.y / kv_heads;
@@ -58,45 +56,44 @@ fn main(
     while (last < n && segments[seg_base + last] == seg) {
         last = last + 1u;
     }
-    // The highest segment end of the block, gathered in q_tile before it holds queries
-    // (workgroup memory is kept within 16 KiB; BQ * D >= BK).
-    q_tile[lid] = f32(last);
+    // The block ends at the highest segment end of its keys (gathered in q_tile before it
+    // holds queries; BQ * D4 >= BK).
+    q_tile[lid] = vec4<f32>(f32(last));
     workgroupBarrier();
     if (lid == 0u) {
         var highest = last;
         for (var t = 1u; t < BK; t++) {
-            highest = max(highest, u32(q_tile[t]));
+            highest = max(highest, u32(q_tile[t].x));
         }
-        do_tile[8] = f32(highest);
+        do_tile[1] = vec4<f32>(f32(highest));
     }
-    let query_end = u32(workgroupUniformLoad(&do_tile[8]));
+    let query_end = u32(workgroupUniformLoad(&do_tile[1]).x);
     let tile_start = (k_block / BQ) * BQ;
+    let tiles = (query_end - tile_start + BQ - 1u) / BQ;
 
-    let kv_base = ((b * n + kj) * kv_heads + kvh) * D;
-    var kv: array<f32, D>;
-    var dkv: array<f32, D>;
-    var dvv: array<f32, D>;
-    for (var d = 0u; d < D; d++) {
+    let kv_base = ((b * n + kj) * kv_heads + kvh) * D4;
+    var kv: array<vec4<f32>, D4>;
+    var vv: array<vec4<f32>, D4>;
+    var dkv: array<vec4<f32>, D4>;
+    var dvv: array<vec4<f32>, D4>;
+    for (var d = 0u; d < D4; d++) {
         kv[d] = k[kv_base + d] * scale;
-        // Explicit zeros: the implicit zero-initialisation of large private arrays was not
-        // reliable on lavapipe.
-        dkv[d] = 0.0;
-        dvv[d] = 0.0;
+        vv[d] = v[kv_base + d];
+        dkv[d] = vec4<f32>(0.0);
+        dvv[d] = vec4<f32>(0.0);
     }
 
-    // One flat loop over (query head of the group, query tile): lavapipe miscompiled the
-    // nested form (wrong dK for groups of 4 with several tiles).
-    let tiles = (query_end - tile_start + BQ - 1u) / BQ;
+    // One loop over (query head of the group, query tile).
     for (var step = 0u; step < group * tiles; step++) {
         let h = kvh * group + step / tiles;
         let qt = tile_start + (step % tiles) * BQ;
         workgroupBarrier();
-        for (var e = lid; e < BQ * D; e += BK) {
-            let i = qt + e / D;
-            var qx = 0.0;
-            var dox = 0.0;
+        for (var e = lid; e < BQ * D4; e += BK) {
+            let i = qt + e / D4;
+            var qx = vec4<f32>(0.0);
+            var dox = vec4<f32>(0.0);
             if (i < n) {
-                let src = ((b * n + i) * heads + h) * D + e % D;
+                let src = ((b * n + i) * heads + h) * D4 + e % D4;
                 qx = q[src];
                 dox = d_o[src];
             }
@@ -109,25 +106,23 @@ fn main(
             if (i >= kj && i < last) {
                 var score = 0.0;
                 var dp = 0.0;
-                for (var d = 0u; d < D; d++) {
-                    score = score + kv[d] * q_tile[ii * D + d];
-                    // v_j is read from memory, not a private copy: lavapipe gave wrong
-                    // results with four private arrays of 128 floats.
-                    dp = dp + v[kv_base + d] * do_tile[ii * D + d];
+                for (var d = 0u; d < D4; d++) {
+                    score = score + dot(kv[d], q_tile[ii * D4 + d]);
+                    dp = dp + dot(vv[d], do_tile[ii * D4 + d]);
                 }
                 let row = (b * heads + h) * n + i;
                 let pr = exp(score - lse[row]);
                 let ds = pr * (dp - delta[row]);
-                for (var d = 0u; d < D; d++) {
-                    dvv[d] = dvv[d] + pr * do_tile[ii * D + d];
-                    dkv[d] = dkv[d] + ds * q_tile[ii * D + d];
+                for (var d = 0u; d < D4; d++) {
+                    dvv[d] = dvv[d] + pr * do_tile[ii * D4 + d];
+                    dkv[d] = dkv[d] + ds * q_tile[ii * D4 + d];
                 }
             }
         }
     }
 
     if (in_range) {
-        for (var d = 0u; d < D; d++) {
+        for (var d = 0u; d < D4; d++) {
             dk[kv_base + d] = dkv[d] * scale;
             dv[kv_base + d] = dvv[d];
         }

@@ -4,44 +4,42 @@
 // q_len == k_len. Scores are recomputed from Q, K and the saved log-sum-exp:
 //   P_ij = exp(scale * q_i.k_j - lse_i),  dS_ij = P_ij * (dO_i.v_j - delta_i),
 //   dq_i = scale * sum_j dS_ij k_j.
-// One workgroup owns BQ queries of one (batch, head); K/V tiles are staged in workgroup memory.
+// One workgroup owns BQ queries of one (batch, head); K/V tiles are staged in workgroup
+// memory. Rows are vec4s (see the forward kernel).
 
-const D: u32 = {{ head_dim }}u;
+const D4: u32 = {{ head_dim }}u / 4u;
 const BK: u32 = {{ block_keys }}u;
 const BQ: u32 = 64u;
 
-@group(0) @binding(0) var<storage, read_write> q: array<f32>;
-@group(0) @binding(1) var<storage, read_write> k: array<f32>;
-@group(0) @binding(2) var<storage, read_write> v: array<f32>;
-@group(0) @binding(3) var<storage, read_write> o: array<f32>;
-@group(0) @binding(4) var<storage, read_write> d_o: array<f32>;
+@group(0) @binding(0) var<storage, read_write> q: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> k: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> v: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> o: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> d_o: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(6) var<storage, read_write> segments: array<i32>;
-@group(0) @binding(7) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dq: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read_write> delta: array<f32>;
 // heads, kv_heads, seq_len, bitcast(scale)
 @group(0) @binding(9) var<storage, read_write> params: array<u32>;
 
-var<workgroup> k_tile: array<f32, BK * D>;
-var<workgroup> v_tile: array<f32, BK * D>;
+var<workgroup> k_tile: array<vec4<f32>, BK * D4>;
+var<workgroup> v_tile: array<vec4<f32>, BK * D4>;
 
 @compute @workgroup_size(64)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    // Sizes must be uniform values to bound loops with barriers; storage reads are not, so
-    // they pass through workgroup memory (v_tile, before it holds values).
+    // Uniform sizes through workgroup memory (see the forward kernel).
     if (lid == 0u) {
-        for (var t = 0u; t < 3u; t++) {
-            v_tile[t] = f32(params[t]);
-        }
-        v_tile[3] = bitcast<f32>(params[3]);
+        v_tile[0] = vec4<f32>(f32(params[0]), f32(params[1]), f32(params[2]), bitcast<f32>(params[3]));
     }
-    let heads = u32(workgroupUniformLoad(&v_tile[0]));
-    let kv_heads = u32(workgroupUniformLoad(&v_tile[1]));
-    let n = u32(workgroupUniformLoad(&v_tile[2]));
-    let scale = workgroupUniformLoad(&v_tile[3]);
+    let sizes = workgroupUniformLoad(&v_tile[0]);
+    let heads = u32(sizes.x);
+    let kv_heads = u32(sizes.y);
+    let n = u32(sizes.z);
+    let scale = sizes.w;
 
     let b = wg.y / heads;
     let h = wg.y % heads;
@@ -56,42 +54,40 @@ fn main(
     while (first > 0u && segments[seg_base + first - 1u] == seg) {
         first = first - 1u;
     }
-    // The lowest first key of the block, gathered in k_tile before it holds keys (workgroup
-    // memory is kept within 16 KiB).
-    k_tile[lid] = f32(first);
+    k_tile[lid] = vec4<f32>(f32(first));
     workgroupBarrier();
     if (lid == 0u) {
         var lowest = first;
         for (var t = 1u; t < BQ; t++) {
-            lowest = min(lowest, u32(k_tile[t]));
+            lowest = min(lowest, u32(k_tile[t].x));
         }
-        v_tile[8] = f32(lowest);
+        v_tile[1] = vec4<f32>(f32(lowest));
     }
-    let tile_start = (u32(workgroupUniformLoad(&v_tile[8])) / BK) * BK;
+    let tile_start = (u32(workgroupUniformLoad(&v_tile[1]).x) / BK) * BK;
     let key_end = min(q_block + BQ, n);
 
-    let base = ((b * n + qi) * heads + h) * D;
-    var qv: array<f32, D>;
-    var dov: array<f32, D>;
-    var dqv: array<f32, D>;
+    let base = ((b * n + qi) * heads + h) * D4;
+    var qv: array<vec4<f32>, D4>;
+    var dov: array<vec4<f32>, D4>;
+    var dqv: array<vec4<f32>, D4>;
     var dlt = 0.0;
-    for (var d = 0u; d < D; d++) {
+    for (var d = 0u; d < D4; d++) {
         qv[d] = q[base + d] * scale;
         dov[d] = d_o[base + d];
-        dqv[d] = 0.0;
-        dlt = dlt + dov[d] * o[base + d];
+        dqv[d] = vec4<f32>(0.0);
+        dlt = dlt + dot(dov[d], o[base + d]);
     }
     let row = (b * heads + h) * n + qi;
     let row_lse = lse[row];
 
     for (var kt = tile_start; kt < key_end; kt += BK) {
         workgroupBarrier();
-        for (var e = lid; e < BK * D; e += BQ) {
-            let j = kt + e / D;
-            var kx = 0.0;
-            var vx = 0.0;
+        for (var e = lid; e < BK * D4; e += BQ) {
+            let j = kt + e / D4;
+            var kx = vec4<f32>(0.0);
+            var vx = vec4<f32>(0.0);
             if (j < n) {
-                let src = ((b * n + j) * kv_heads + kvh) * D + e % D;
+                let src = ((b * n + j) * kv_heads + kvh) * D4 + e % D4;
                 kx = k[src];
                 vx = v[src];
             }
@@ -104,20 +100,20 @@ fn main(
             if (j >= first && j <= qi) {
                 var score = 0.0;
                 var dp = 0.0;
-                for (var d = 0u; d < D; d++) {
-                    score = score + qv[d] * k_tile[jj * D + d];
-                    dp = dp + dov[d] * v_tile[jj * D + d];
+                for (var d = 0u; d < D4; d++) {
+                    score = score + dot(qv[d], k_tile[jj * D4 + d]);
+                    dp = dp + dot(dov[d], v_tile[jj * D4 + d]);
                 }
                 let ds = exp(score - row_lse) * (dp - dlt);
-                for (var d = 0u; d < D; d++) {
-                    dqv[d] = dqv[d] + ds * k_tile[jj * D + d];
+                for (var d = 0u; d < D4; d++) {
+                    dqv[d] = dqv[d] + ds * k_tile[jj * D4 + d];
                 }
             }
         }
     }
 
     if (in_range) {
-        for (var d = 0u; d < D; d++) {
+        for (var d = 0u; d < D4; d++) {
             dq[base + d] = dqv[d] * scale;
         }
         delta[row] = dlt;

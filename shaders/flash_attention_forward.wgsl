@@ -11,42 +11,44 @@
 // Key/value tiles of BK rows are staged in workgroup memory and shared by all BQ queries;
 // each tile's scores go through an online softmax, so no [q_len, k_len] matrix exists.
 // Query head h reads KV head h / (heads / kv_heads): K/V are never repeated in memory.
+//
+// Rows are vec4s (D is a multiple of 4): on lavapipe, private arrays of 64 or more scalars
+// came back wrong in long loops, vec4 arrays do not.
 
-const D: u32 = {{ head_dim }}u;
+const D4: u32 = {{ head_dim }}u / 4u;
 const BK: u32 = {{ block_keys }}u;
 const BQ: u32 = 64u;
 const NEG: f32 = -3.0e38;
 
-@group(0) @binding(0) var<storage, read_write> q: array<f32>;
-@group(0) @binding(1) var<storage, read_write> k: array<f32>;
-@group(0) @binding(2) var<storage, read_write> v: array<f32>;
+@group(0) @binding(0) var<storage, read_write> q: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> k: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> v: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> segments: array<i32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 // heads, kv_heads, q_len, k_len, bitcast(scale)
 @group(0) @binding(6) var<storage, read_write> params: array<u32>;
 
-var<workgroup> k_tile: array<f32, BK * D>;
-var<workgroup> v_tile: array<f32, BK * D>;
+var<workgroup> k_tile: array<vec4<f32>, BK * D4>;
+var<workgroup> v_tile: array<vec4<f32>, BK * D4>;
 
 @compute @workgroup_size(64)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    // Sizes must be uniform values to bound loops with barriers; storage reads are not, so
-    // they pass through workgroup memory (v_tile, before it holds values).
+    // Sizes bound loops with barriers, so they must be uniform values; storage reads are
+    // not, so they pass through workgroup memory (v_tile, before it holds values).
     if (lid == 0u) {
-        for (var t = 0u; t < 4u; t++) {
-            v_tile[t] = f32(params[t]);
-        }
-        v_tile[4] = bitcast<f32>(params[4]);
+        v_tile[0] = vec4<f32>(f32(params[0]), f32(params[1]), f32(params[2]), f32(params[3]));
+        v_tile[1] = vec4<f32>(bitcast<f32>(params[4]), 0.0, 0.0, 0.0);
     }
-    let heads = u32(workgroupUniformLoad(&v_tile[0]));
-    let kv_heads = u32(workgroupUniformLoad(&v_tile[1]));
-    let q_len = u32(workgroupUniformLoad(&v_tile[2]));
-    let k_len = u32(workgroupUniformLoad(&v_tile[3]));
-    let scale = workgroupUniformLoad(&v_tile[4]);
+    let sizes = vec4<u32>(workgroupUniformLoad(&v_tile[0]));
+    let scale = workgroupUniformLoad(&v_tile[1]).x;
+    let heads = sizes.x;
+    let kv_heads = sizes.y;
+    let q_len = sizes.z;
+    let k_len = sizes.w;
     let q_offset = k_len - q_len;
 
     let b = wg.y / heads;
@@ -55,7 +57,7 @@ fn main(
     let q_block = wg.x * BQ;
     let i = q_block + lid;
     let in_range = i < q_len;
-    // Inactive lanes shadow the last query so that every load stays in bounds.
+    // Lanes past the end shadow the last query so that every load stays in bounds.
     let qi = min(i, q_len - 1u);
     let p = qi + q_offset;
     let seg_base = b * k_len;
@@ -64,26 +66,26 @@ fn main(
     while (first > 0u && segments[seg_base + first - 1u] == seg) {
         first = first - 1u;
     }
-    // The lowest first key of the block, gathered in k_tile before it holds keys (workgroup
-    // memory is kept within 16 KiB).
-    k_tile[lid] = f32(first);
+    // The block starts at the lowest first key of its queries (gathered in k_tile before it
+    // holds keys: workgroup memory stays within 16 KiB).
+    k_tile[lid] = vec4<f32>(f32(first));
     workgroupBarrier();
     if (lid == 0u) {
         var lowest = first;
         for (var t = 1u; t < BQ; t++) {
-            lowest = min(lowest, u32(k_tile[t]));
+            lowest = min(lowest, u32(k_tile[t].x));
         }
-        v_tile[8] = f32(lowest);
+        v_tile[2] = vec4<f32>(f32(lowest));
     }
-    let tile_start = (u32(workgroupUniformLoad(&v_tile[8])) / BK) * BK;
+    let tile_start = (u32(workgroupUniformLoad(&v_tile[2]).x) / BK) * BK;
     let key_end = min(q_block + BQ, q_len) + q_offset;
 
-    var qv: array<f32, D>;
-    var acc: array<f32, D>;
-    let q_base = ((b * q_len + qi) * heads + h) * D;
-    for (var d = 0u; d < D; d++) {
+    var qv: array<vec4<f32>, D4>;
+    var acc: array<vec4<f32>, D4>;
+    let q_base = ((b * q_len + qi) * heads + h) * D4;
+    for (var d = 0u; d < D4; d++) {
         qv[d] = q[q_base + d] * scale;
-        acc[d] = 0.0;
+        acc[d] = vec4<f32>(0.0);
     }
     var m = NEG;
     var l = 0.0;
@@ -91,12 +93,12 @@ fn main(
 
     for (var kt = tile_start; kt < key_end; kt += BK) {
         workgroupBarrier();
-        for (var e = lid; e < BK * D; e += BQ) {
-            let j = kt + e / D;
-            var kx = 0.0;
-            var vx = 0.0;
+        for (var e = lid; e < BK * D4; e += BQ) {
+            let j = kt + e / D4;
+            var kx = vec4<f32>(0.0);
+            var vx = vec4<f32>(0.0);
             if (j < k_len) {
-                let src = ((b * k_len + j) * kv_heads + kvh) * D + e % D;
+                let src = ((b * k_len + j) * kv_heads + kvh) * D4 + e % D4;
                 kx = k[src];
                 vx = v[src];
             }
@@ -110,11 +112,11 @@ fn main(
             let j = kt + jj;
             var score = NEG;
             if (j >= first && j <= p) {
-                var dot = 0.0;
-                for (var d = 0u; d < D; d++) {
-                    dot = dot + qv[d] * k_tile[jj * D + d];
+                var sum = 0.0;
+                for (var d = 0u; d < D4; d++) {
+                    sum = sum + dot(qv[d], k_tile[jj * D4 + d]);
                 }
-                score = dot;
+                score = sum;
             }
             s[jj] = score;
             tile_max = max(tile_max, score);
@@ -123,15 +125,15 @@ fn main(
             let m_new = max(m, tile_max);
             let correction = exp(m - m_new);
             l = l * correction;
-            for (var d = 0u; d < D; d++) {
+            for (var d = 0u; d < D4; d++) {
                 acc[d] = acc[d] * correction;
             }
             for (var jj = 0u; jj < BK; jj++) {
                 if (s[jj] > 0.5 * NEG) {
                     let w = exp(s[jj] - m_new);
                     l = l + w;
-                    for (var d = 0u; d < D; d++) {
-                        acc[d] = acc[d] + w * v_tile[jj * D + d];
+                    for (var d = 0u; d < D4; d++) {
+                        acc[d] = acc[d] + w * v_tile[jj * D4 + d];
                     }
                 }
             }
@@ -141,7 +143,7 @@ fn main(
 
     if (in_range) {
         let inv_l = 1.0 / l;
-        for (var d = 0u; d < D; d++) {
+        for (var d = 0u; d < D4; d++) {
             out[q_base + d] = acc[d] * inv_l;
         }
         lse[(b * heads + h) * q_len + i] = m + log(l);

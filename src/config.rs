@@ -34,9 +34,9 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// Standard deviation of the normal initialisation of every weight matrix.
     pub init_std: f64,
-    /// `custom`: the fused WGSL kernels of `shaders/` on wgpu devices (other devices use the
-    /// reference); `reference` (default for now): plain Burn operations everywhere. Not part
-    /// of the shape.
+    /// `custom` (default): the fused WGSL kernels of `shaders/` on wgpu devices (other devices
+    /// use the reference); `reference`: plain Burn operations everywhere. Not part of the
+    /// shape.
     pub kernels: KernelChoice,
 }
 
@@ -149,7 +149,7 @@ impl Preset {
             rope_theta: 10_000.0,
             tie_embeddings: false,
             init_std: 0.02,
-            kernels: KernelChoice::Reference,
+            kernels: KernelChoice::Custom,
         };
         let shape =
             |dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, max_seq_len| ModelConfig {

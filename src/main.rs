@@ -116,8 +116,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         warmup: usize,
         /// `custom` (WGSL kernels, wgpu only) or `reference` (plain Burn ops).
-        #[arg(long, value_enum, default_value = "reference")]
+        #[arg(long, value_enum, default_value = "custom")]
         kernels: kiln::kernels::KernelChoice,
+    },
+    /// The custom WGSL kernels against the reference ops, forward + backward, side by side.
+    Kernels {
+        #[arg(long, value_enum, default_value = "wgpu")]
+        device: DeviceChoice,
+        /// Timed runs per kernel and variant; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Small shapes (a smoke test), not the benchmark shapes.
+        #[arg(long)]
+        quick: bool,
+        /// One JSON object per kernel and shape instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -274,6 +288,47 @@ fn run(command: Command) -> Result<()> {
             eprintln!("device: {}", device.describe());
             let result = kiln::bench::train(preset, &device, steps, warmup, kernels)?;
             println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Kernels {
+                    device,
+                    repeats,
+                    quick,
+                    json,
+                },
+        } => {
+            if repeats == 0 {
+                bail!("--repeats must be at least 1");
+            }
+            let device = device::select(device)?;
+            eprintln!("device: {}", device.describe());
+            let rows = kiln::bench::kernels(&device, repeats, quick)?;
+            if json {
+                for row in &rows {
+                    println!("{}", serde_json::to_string(row)?);
+                }
+            } else {
+                println!(
+                    "| kernel | shape | custom ms | reference ms | speedup | burn attention ms | max rel err |"
+                );
+                println!("|---|---|---|---|---|---|---|");
+                for r in &rows {
+                    println!(
+                        "| {} | {} | {:.2} | {:.2} | {:.2}x | {} | {:.1e} |",
+                        r.kernel,
+                        r.shape,
+                        r.custom_ms,
+                        r.reference_ms,
+                        r.speedup,
+                        r.burn_attention_ms
+                            .map(|b| format!("{b:.2}"))
+                            .unwrap_or_else(|| "-".into()),
+                        r.max_rel_err
+                    );
+                }
+            }
             Ok(())
         }
     }

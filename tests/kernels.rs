@@ -28,7 +28,7 @@ fn wgpu() -> Option<Device> {
         );
         eprintln!("no wgpu adapter: skipping");
     }
-    kernels::poison_outputs(std::env::var_os("KILN_NO_POISON").is_none());
+    kernels::poison_outputs(true);
     found.map(|d| d.device)
 }
 
@@ -202,10 +202,10 @@ fn flash_attention_matches_reference_forward_and_backward() {
             head_dim: 64,
             packed: &[7, 20, 1, 30],
         },
-        // GQA 4, head dim 64, longer than one query block.
+        // GQA 4, head dim 64, ten key tiles per block (dK/dV walk 4 heads x 10 tiles).
         AttentionCase {
             batch: 1,
-            len: 67,
+            len: 300,
             heads: 4,
             kv_heads: 1,
             head_dim: 64,
@@ -220,22 +220,22 @@ fn flash_attention_matches_reference_forward_and_backward() {
             head_dim: 32,
             packed: &[16, 3, 40],
         },
-        // Head dim 128.
+        // Head dim 128 over 16 key tiles, packed.
         AttentionCase {
             batch: 1,
-            len: 70,
+            len: 250,
             heads: 2,
             kv_heads: 1,
             head_dim: 128,
-            packed: &[],
+            packed: &[100, 150],
         },
-        // Many tiles at head dim 32.
+        // 17 key tiles of head dim 64 (the shape that exposed the lavapipe bug, see shaders).
         AttentionCase {
             batch: 1,
-            len: 1000,
+            len: 513,
             heads: 1,
             kv_heads: 1,
-            head_dim: 32,
+            head_dim: 64,
             packed: &[],
         },
     ];
@@ -261,54 +261,6 @@ fn flash_attention_matches_reference_forward_and_backward() {
             &what,
             &attention_run(&gpu, Kernels::Custom, case, &data),
             &attention_run(&cpu(), Kernels::Reference, case, &data),
-        );
-    }
-}
-
-/// Known failure, left open: at head dim 64 a query block that walks 16 key tiles of 32
-/// (T = 512) comes back unwritten on lavapipe, and so do dK/dV for 4 query heads per KV head
-/// over 4 query tiles (T = 128). Head dim 32 with 16 tiles of 64 keys (T = 1000) passes. Until
-/// this is understood, `model.kernels` defaults to `reference`.
-#[test]
-#[ignore = "open bug: flash attention at head dim 64 over 16+ tiles on lavapipe"]
-fn flash_attention_many_tiles_at_head_dim_64() {
-    let Some(gpu) = wgpu() else { return };
-    let mut rng = rng();
-    for case in [
-        AttentionCase {
-            batch: 1,
-            len: 512,
-            heads: 1,
-            kv_heads: 1,
-            head_dim: 64,
-            packed: &[],
-        },
-        AttentionCase {
-            batch: 1,
-            len: 128,
-            heads: 4,
-            kv_heads: 1,
-            head_dim: 64,
-            packed: &[],
-        },
-    ] {
-        let (b, t, h, kv, d) = (
-            case.batch,
-            case.len,
-            case.heads,
-            case.kv_heads,
-            case.head_dim,
-        );
-        let data = [
-            randn(&mut rng, b * t * h * d, 2.0),
-            randn(&mut rng, b * t * kv * d, 2.0),
-            randn(&mut rng, b * t * kv * d, 1.0),
-            randn(&mut rng, b * t * h * d, 1.0),
-        ];
-        compare(
-            &format!("attention b{b} t{t} h{h} kv{kv} d{d}"),
-            &attention_run(&gpu, Kernels::Custom, &case, &data),
-            &attention_run(&cpu(), Kernels::Reference, &case, &data),
         );
     }
 }

@@ -6,9 +6,8 @@
 //! - `reference`: the plain Burn compositions of [`crate::ops`], which run on every device and
 //!   are the oracle the custom kernels are tested against.
 //!
-//! `model.kernels` in the config chooses (default `reference` until the open flash-attention
-//! bug noted in tests/kernels.rs is fixed); [`Kernels::resolve`] falls back to `reference` on
-//! devices the WGSL kernels cannot run on (cpu, cuda).
+//! `model.kernels` in the config chooses (default `custom`); [`Kernels::resolve`] falls back
+//! to `reference` on devices the WGSL kernels cannot run on (cpu, cuda).
 //!
 //! Attention and RoPE tensors are token-major, `[batch, seq, heads, head_dim]`, the layout the
 //! projections produce, so no transposes are needed around the custom kernels.
@@ -23,18 +22,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::ops::{self, AttentionBias, RopeTables};
 pub use extension::KilnKernels;
-pub use wgsl::{ATTENTION_HEAD_DIMS, SHADERS, attention_block, poison_outputs, shader_source};
+pub use wgsl::{
+    ATTENTION_HEAD_DIMS, SHADERS, attention_block, poison_outputs, shader_source, supports_head_dim,
+};
 
 /// The `model.kernels` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum KernelChoice {
-    /// The WGSL kernels on wgpu devices, the reference elsewhere. Not yet the default: flash
-    /// attention at head dim 64 over 16+ key tiles is wrong on lavapipe (open bug, see
-    /// tests/kernels.rs).
+    /// The WGSL kernels on wgpu devices, the reference elsewhere.
+    #[default]
     Custom,
     /// Plain Burn operations everywhere.
-    #[default]
     Reference,
 }
 
@@ -46,9 +45,13 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    pub fn resolve(choice: KernelChoice, device: &Device) -> Self {
+    /// `custom` where the kernels can run: a wgpu device and a head dimension that is a
+    /// multiple of 4 (at most 256).
+    pub fn resolve(choice: KernelChoice, device: &Device, head_dim: usize) -> Self {
         match choice {
-            KernelChoice::Custom if is_wgpu(device) => Kernels::Custom,
+            KernelChoice::Custom if is_wgpu(device) && wgsl::supports_head_dim(head_dim) => {
+                Kernels::Custom
+            }
             _ => Kernels::Reference,
         }
     }
