@@ -105,10 +105,10 @@ fn flash_attention_memory_grows_linearly_in_sequence_length() {
     }
     let score_matrix = |t: usize| (2 * t * t * 4) as u64; // heads x T x T f32
     // The measure sees a T x T matrix: the reference path reserves at least one.
-    let reference = measured("reference", 1024);
-    eprintln!("reference attention, T = 1024: {reference} bytes");
+    let reference = measured("reference", 512);
+    eprintln!("reference attention, T = 512: {reference} bytes");
     assert!(
-        reference >= score_matrix(1024),
+        reference >= score_matrix(512),
         "the measure misses the reference's score matrix"
     );
 
