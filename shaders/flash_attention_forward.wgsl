@@ -107,34 +107,39 @@ fn main(
         }
         workgroupBarrier();
 
+        // Two keys per step: each load of the query row and the accumulator serves both.
         var tile_max = NEG;
-        for (var jj = 0u; jj < BK; jj++) {
-            let j = kt + jj;
-            var score = NEG;
-            if (j >= first && j <= p) {
-                var sum = 0.0;
-                for (var d = 0u; d < D4; d++) {
-                    sum = sum + dot(qv[d], k_tile[jj * D4 + d]);
-                }
-                score = sum;
+        for (var jj = 0u; jj < BK; jj += 2u) {
+            var s0 = 0.0;
+            var s1 = 0.0;
+            for (var d = 0u; d < D4; d++) {
+                let qd = qv[d];
+                s0 = s0 + dot(qd, k_tile[jj * D4 + d]);
+                s1 = s1 + dot(qd, k_tile[(jj + 1u) * D4 + d]);
             }
-            s[jj] = score;
-            tile_max = max(tile_max, score);
+            let j = kt + jj;
+            s0 = select(NEG, s0, j >= first && j <= p);
+            s1 = select(NEG, s1, j + 1u >= first && j + 1u <= p);
+            s[jj] = s0;
+            s[jj + 1u] = s1;
+            tile_max = max(tile_max, max(s0, s1));
         }
         if (tile_max > 0.5 * NEG) {
             let m_new = max(m, tile_max);
             let correction = exp(m - m_new);
             l = l * correction;
-            for (var d = 0u; d < D4; d++) {
-                acc[d] = acc[d] * correction;
-            }
-            for (var jj = 0u; jj < BK; jj++) {
-                if (s[jj] > 0.5 * NEG) {
-                    let w = exp(s[jj] - m_new);
-                    l = l + w;
-                    for (var d = 0u; d < D4; d++) {
-                        acc[d] = acc[d] + w * v_tile[jj * D4 + d];
+            for (var jj = 0u; jj < BK; jj += 2u) {
+                // Masked keys give exp(NEG - m_new) = 0.
+                let w0 = exp(s[jj] - m_new);
+                let w1 = exp(s[jj + 1u] - m_new);
+                l = l + w0 + w1;
+                let first_pair = jj == 0u;
+                for (var d = 0u; d < D4; d++) {
+                    var a = acc[d];
+                    if (first_pair) {
+                        a = a * correction;
                     }
+                    acc[d] = a + w0 * v_tile[jj * D4 + d] + w1 * v_tile[(jj + 1u) * D4 + d];
                 }
             }
             m = m_new;

@@ -74,7 +74,8 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Keys (or queries) per tile staged in workgroup memory: two tiles of `block * head_dim`
 /// floats stay within WebGPU's guaranteed 16 KiB of workgroup storage.
 pub fn attention_block(head_dim: usize) -> usize {
-    (2048 / head_dim).min(64)
+    // Even: the kernels take two rows per step.
+    ((2048 / head_dim).min(64) / 2 * 2).max(2)
 }
 
 /// Rows summed by one invocation of `rms_norm_backward_weight`.
