@@ -1,8 +1,7 @@
 // Cross-entropy forward, one workgroup per row of logits [rows, V]:
 //   loss = logsumexp(logits) - logits[target], or 0 where target < 0 (ignored).
-// One pass over the row: each invocation keeps a running (max, sum of exp) over its strided
-// elements; the pairs are merged in workgroup memory. The log-sum-exp is saved for the
-// backward pass, so the softmax is never stored.
+// Two passes over the row (max, then sum of exp), each reduced in workgroup memory. The
+// log-sum-exp is saved for the backward pass, so the softmax is never stored.
 
 const WG: u32 = 64u;
 const NEG: f32 = -3.0e38;
@@ -38,32 +37,36 @@ fn main(
         return;
     }
     let base = row * vocab;
+    // Pass 1: the row max (no exp); pass 2: the sum of exp against it. Reading the row twice
+    // (from cache) is cheaper than an online max, which takes an exp on both sides of a
+    // divergent branch.
     var m = NEG;
-    var s = 0.0;
     for (var i = lid; i < vocab; i += WG) {
-        let z = logits[base + i];
-        if (z > m) {
-            s = s * exp(m - z) + 1.0;
-            m = z;
-        } else {
-            s = s + exp(z - m);
-        }
+        m = max(m, logits[base + i]);
     }
     maxes[lid] = m;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            maxes[lid] = max(maxes[lid], maxes[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    let row_max = maxes[0];
+    var s = 0.0;
+    for (var i = lid; i < vocab; i += WG) {
+        s = s + exp(logits[base + i] - row_max);
+    }
     sums[lid] = s;
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
         if (lid < stride) {
-            let m1 = maxes[lid];
-            let m2 = maxes[lid + stride];
-            let mm = max(m1, m2);
-            sums[lid] = sums[lid] * exp(m1 - mm) + sums[lid + stride] * exp(m2 - mm);
-            maxes[lid] = mm;
+            sums[lid] = sums[lid] + sums[lid + stride];
         }
         workgroupBarrier();
     }
     if (lid == 0u) {
-        let row_lse = maxes[0] + log(sums[0]);
+        let row_lse = row_max + log(sums[0]);
         lse[row] = row_lse;
         let t = targets[row];
         var l = 0.0;

@@ -462,14 +462,13 @@ impl KilnKernels for CubeBackend {
             float_input(d_loss, "cross_entropy grad"),
         );
         let [rows, vocab] = dims::<2>(&logits, "cross_entropy logits");
-        let n = rows * vocab;
         let d_logits = empty_like(&logits, Shape::from([rows, vocab]));
         launch(
             "cross_entropy_backward",
             0,
-            grid(n.div_ceil(256)),
+            grid(rows),
             &[&logits, &targets, &lse, &d_loss, &d_logits],
-            &[n as u32, vocab as u32],
+            &[rows as u32, vocab as u32],
         );
         d_logits
     }
