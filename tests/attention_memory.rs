@@ -8,22 +8,13 @@
 //! the reference attention, which builds one.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use kiln::device::{self, DeviceChoice};
 use kiln::kernels::{Kernels, PreparedLayout, SequenceLayout};
 use kiln::ops::RopeTables;
 
+mod common;
+
 fn wgpu() -> Option<Device> {
-    let found = std::panic::catch_unwind(|| device::select(DeviceChoice::Wgpu))
-        .ok()
-        .and_then(Result::ok);
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have a wgpu adapter (mesa-vulkan-drivers)"
-        );
-        eprintln!("no wgpu adapter: skipping");
-    }
-    found.map(|d| d.device)
+    common::wgpu_device().map(|d| d.device)
 }
 
 /// Bytes the device reserved while running attention forward and backward at length `t`.

@@ -9,27 +9,18 @@
 //! Needs a Vulkan driver; without one the wgpu tests say so and pass, except under CI.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use kiln::device::{self, DeviceChoice};
 use kiln::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
 use kiln::ops::RopeTables;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod common;
+
 const TOL: f32 = 1e-4;
 
 fn wgpu() -> Option<Device> {
-    let found = std::panic::catch_unwind(|| device::select(DeviceChoice::Wgpu))
-        .ok()
-        .and_then(Result::ok);
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have a wgpu adapter (mesa-vulkan-drivers)"
-        );
-        eprintln!("no wgpu adapter: skipping");
-    }
     kernels::poison_outputs(true);
-    found.map(|d| d.device)
+    common::wgpu_device().map(|d| d.device)
 }
 
 fn cpu() -> Device {

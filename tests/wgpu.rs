@@ -17,20 +17,6 @@ mod common;
 /// Max |difference| over max |value|: f32 arithmetic in different orders.
 const TOL: f32 = 2e-4;
 
-fn wgpu_device() -> Option<ComputeDevice> {
-    let have_driver = std::panic::catch_unwind(|| device::select(DeviceChoice::Wgpu))
-        .ok()
-        .and_then(Result::ok);
-    if have_driver.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have a wgpu adapter (mesa-vulkan-drivers)"
-        );
-        eprintln!("no wgpu adapter: skipping");
-    }
-    have_driver
-}
-
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
     a.iter()
@@ -51,7 +37,9 @@ fn custom_kernels_on_wgpu_agree_with_the_cpu_reference() {
 }
 
 fn cpu_and_wgpu_agree(kernels: KernelChoice) {
-    let Some(gpu) = wgpu_device() else { return };
+    let Some(gpu) = common::wgpu_device() else {
+        return;
+    };
     eprintln!("wgpu adapter: {}, kernels {kernels:?}", gpu.adapter);
     let config = ModelConfig {
         kernels,
@@ -127,7 +115,9 @@ fn auto_never_picks_a_software_adapter() {
 fn resumed_wgpu_run_matches_uninterrupted_run() {
     use kiln::config::Config;
     use kiln::pretrain::{self, PretrainOptions};
-    let Some(gpu) = wgpu_device() else { return };
+    let Some(gpu) = common::wgpu_device() else {
+        return;
+    };
     let mut overrides = common::tiny_model(&common::repo("data/shakespeare/macbeth.txt"));
     overrides.extend([
         "train.batch_size=4".into(),

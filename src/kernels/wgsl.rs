@@ -63,8 +63,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Head dimensions the attention kernels are validated and tested for. Any head dimension up
-/// to [`MAX_HEAD_DIM`] compiles (it is a template constant); these are the common ones.
+/// Head dimensions the shaders are validated for in tests. Any multiple of 4 up to
+/// [`MAX_HEAD_DIM`] works (it is a template constant); these are the common ones.
 pub const ATTENTION_HEAD_DIMS: &[usize] = &[32, 64, 128];
 
 /// Largest head dimension: a query row, its output accumulator and a tile row of keys and

@@ -40,3 +40,20 @@ pub fn generate_args<'a>(checkpoint: &'a str, prompt: &'a str) -> Vec<&'a str> {
         prompt,
     ]
 }
+
+/// The wgpu device (in CI: lavapipe), or `None` with a note when this machine has no Vulkan
+/// driver. Under CI (`CI` set) a missing adapter is a failure, not a skip.
+pub fn wgpu_device() -> Option<kiln::device::ComputeDevice> {
+    use kiln::device::{self, DeviceChoice};
+    let found = std::panic::catch_unwind(|| device::select(DeviceChoice::Wgpu))
+        .ok()
+        .and_then(Result::ok);
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have a wgpu adapter (mesa-vulkan-drivers)"
+        );
+        eprintln!("no wgpu adapter: skipping");
+    }
+    found
+}
