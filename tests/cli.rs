@@ -110,3 +110,35 @@ fn training_benchmark_prints_one_json_line() {
     assert!(json["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(json["step_ms"].as_f64().unwrap() > 0.0);
 }
+
+/// `kiln bench kernels --json`: one object per kernel and shape, with every field the
+/// benchmark table needs, and custom kernels that agree with the reference. Needs wgpu.
+#[test]
+fn kernel_benchmark_prints_one_json_object_per_kernel() {
+    if common::wgpu_device().is_none() {
+        return;
+    }
+    let out = kiln(&["bench", "kernels", "--quick", "--json", "--repeats", "1"]);
+    let text = stdout(&out);
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kernels: Vec<&str> = rows.iter().map(|r| r["kernel"].as_str().unwrap()).collect();
+    for kernel in [
+        "flash_attention",
+        "rms_norm",
+        "swiglu",
+        "rope",
+        "cross_entropy",
+    ] {
+        assert!(kernels.contains(&kernel), "{kernel} missing from {text}");
+    }
+    for row in &rows {
+        for field in ["custom_ms", "reference_ms", "speedup"] {
+            assert!(row[field].as_f64().unwrap() > 0.0, "{field} in {row}");
+        }
+        assert!(row["max_rel_err"].as_f64().unwrap() <= 1e-4, "{row}");
+    }
+    assert!(rows[0]["burn_attention_ms"].as_f64().unwrap() > 0.0);
+}
