@@ -151,3 +151,74 @@ fn resumed_wgpu_run_matches_uninterrupted_run() {
     eprintln!("largest weight difference after resume on wgpu: {max_diff:e}");
     assert_eq!(max_diff, 0.0, "wgpu resume is not bit-identical");
 }
+
+/// Generation on wgpu with the custom kernels: a prompt, then one token at a time through the
+/// KV cache, in a batch where one row is left-padded, gives the logits of the CPU reference
+/// running each row alone without a cache.
+#[test]
+fn custom_kernels_generate_through_the_kv_cache_like_the_cpu_reference() {
+    use kiln::model::KvCache;
+    let Some(gpu) = common::wgpu_device() else {
+        return;
+    };
+    let config = ModelConfig {
+        dim: 64,
+        n_layers: 2,
+        n_heads: 2,
+        n_kv_heads: 1,
+        ffn_dim: 96,
+        vocab_size: 50,
+        max_seq_len: 24,
+        kernels: KernelChoice::Custom,
+        ..ModelConfig::default()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::rng().random());
+    let seed: u64 = rng.random();
+    // Row 0: 9 tokens; row 1: 6 tokens, left-padded by 3.
+    let rows: [Vec<i64>; 2] = [
+        (0..9).map(|_| rng.random_range(0..50)).collect(),
+        (0..6).map(|_| rng.random_range(0..50)).collect(),
+    ];
+    let cpu = ComputeDevice::cpu().device;
+    let reference = Llama::new(&config, seed, &cpu);
+    let alone: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|row| {
+            let ids =
+                Tensor::<2, Int>::from_data(TensorData::new(row.clone(), [1, row.len()]), &cpu);
+            reference
+                .forward(ids, None)
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .unwrap()
+        })
+        .collect();
+
+    let model = Llama::new(&config, seed, &gpu.device);
+    assert_eq!(model.kernels().name(), "custom");
+    let batch: Vec<Vec<i64>> = vec![rows[0].clone(), [vec![0; 3], rows[1].clone()].concat()];
+    let mut cache = KvCache::new(config.n_layers, vec![0, 3]);
+    let mut logits: Vec<Vec<f32>> = vec![Vec::new(), Vec::new()];
+    let mut start = 0;
+    for len in [5, 1, 1, 1, 1] {
+        let chunk: Vec<i64> = batch
+            .iter()
+            .flat_map(|r| r[start..start + len].to_vec())
+            .collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(chunk, [2, len]), &gpu.device);
+        let out: Vec<f32> = model
+            .forward(ids, Some(&mut cache))
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        for r in 0..2 {
+            logits[r].extend_from_slice(&out[r * len * 50..(r + 1) * len * 50]);
+        }
+        start += len;
+    }
+    // Row 0 is unpadded: all 9 positions. Row 1: its 6 real tokens are the last 6 positions.
+    let diff0 = max_rel_diff(&logits[0], &alone[0]);
+    let diff1 = max_rel_diff(&logits[1][3 * 50..], &alone[1]);
+    eprintln!("cached custom vs cpu reference: row 0 {diff0:.2e}, padded row 1 {diff1:.2e}");
+    assert!(diff0 < TOL && diff1 < TOL, "{diff0} {diff1}");
+}
