@@ -13,13 +13,7 @@ fn main() -> anyhow::Result<()> {
     };
     let device = device::select(choice)?;
     for preset in [Preset::Bench5m, Preset::Bench32m] {
-        let result = kiln::bench::train(
-            preset,
-            &device,
-            5,
-            2,
-            kiln::kernels::KernelChoice::Reference,
-        )?;
+        let result = kiln::bench::train(preset, &device, 5, 2, kiln::kernels::Kernels::Reference)?;
         println!("{}", serde_json::to_string(&result)?);
     }
     Ok(())

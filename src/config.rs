@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::KernelChoice;
+use crate::kernels::Kernels;
 
 /// Shape and numerics of a Llama 2 model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,7 +37,7 @@ pub struct ModelConfig {
     /// `custom` (default): the fused WGSL kernels of `shaders/` on wgpu devices (other devices
     /// use the reference); `reference`: plain Burn operations everywhere. Not part of the
     /// shape.
-    pub kernels: KernelChoice,
+    pub kernels: Kernels,
 }
 
 impl Default for ModelConfig {
@@ -149,7 +149,7 @@ impl Preset {
             rope_theta: 10_000.0,
             tie_embeddings: false,
             init_std: 0.02,
-            kernels: KernelChoice::Custom,
+            kernels: Kernels::Custom,
         };
         let shape =
             |dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, max_seq_len| ModelConfig {

@@ -117,7 +117,7 @@ enum BenchCommand {
         warmup: usize,
         /// `custom` (WGSL kernels, wgpu only) or `reference` (plain Burn ops).
         #[arg(long, value_enum, default_value = "custom")]
-        kernels: kiln::kernels::KernelChoice,
+        kernels: kiln::kernels::Kernels,
     },
     /// The custom WGSL kernels against the reference ops, forward + backward, side by side.
     Kernels {

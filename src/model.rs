@@ -251,7 +251,7 @@ impl Llama {
                 config.rope_theta,
                 device,
             ),
-            kernels: Kernels::resolve(config.kernels, device, config.head_dim()),
+            kernels: config.kernels.resolve(device, config.head_dim()),
         }
     }
 

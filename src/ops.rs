@@ -114,24 +114,10 @@ pub struct AttentionBias {
 pub const MASKED: f32 = -1.0e30;
 
 impl AttentionBias {
-    /// Causal bias for `q_len` queries at positions `q_offset ..` over `k_len` keys at
-    /// positions `0 ..`, for `group` query heads per KV head. With `left_pad`, row `b` of the
-    /// batch also hides its first `left_pad[b]` keys (padding of a left-padded batch).
-    pub fn causal(
-        group: usize,
-        q_len: usize,
-        k_len: usize,
-        q_offset: usize,
-        left_pad: Option<&[usize]>,
-        device: &burn::tensor::Device,
-    ) -> Self {
-        assert_eq!(q_offset + q_len, k_len, "queries are the last keys");
-        let pads = left_pad.unwrap_or(&[0]);
-        let segments: Vec<i32> = pads
-            .iter()
-            .flat_map(|&pad| (0..k_len).map(move |j| (j >= pad) as i32))
-            .collect();
-        Self::from_segments(group, q_len, k_len, &segments, device)
+    /// Plain causal bias over `len` tokens of one segment, for `group` query heads per KV
+    /// head. Batches with packing, padding or a cache use [`AttentionBias::from_segments`].
+    pub fn causal(group: usize, len: usize, device: &burn::tensor::Device) -> Self {
+        Self::from_segments(group, len, len, &vec![0; len], device)
     }
 
     /// Bias for `q_len` queries that are the last of `k_len` keys, `segments` (`[batch, k_len]`)
@@ -200,12 +186,16 @@ pub fn cross_entropy(
     let max = logits.clone().max_dim(1).detach();
     let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
     let picked = logits.gather(1, targets.reshape([n, 1]));
-    let per_token = (lse - picked).reshape([n]);
+    masked_mean((lse - picked).reshape([n]), weights)
+}
+
+/// The mean of `values` (`[n]`) over the rows where `weights` (0 or 1) is 1, or over all rows.
+pub fn masked_mean(values: Tensor<1>, weights: Option<Tensor<1>>) -> Tensor<1> {
     match weights {
         Some(w) => {
             let count = w.clone().sum().clamp_min(1.0);
-            (per_token * w).sum() / count
+            (values * w).sum() / count
         }
-        None => per_token.mean(),
+        None => values.mean(),
     }
 }

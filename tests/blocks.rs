@@ -243,7 +243,7 @@ fn gqa_attention_matches_reference_equals_mha_with_expanded_heads_and_its_gradie
     let q = randn(&mut rng, b * h * t * d);
     let k = randn(&mut rng, b * kvh * t * d);
     let v = randn(&mut rng, b * kvh * t * d);
-    let bias = AttentionBias::causal(h / kvh, t, t, 0, None, &device());
+    let bias = AttentionBias::causal(h / kvh, t, &device());
     let out = values(ops::attention(
         tensor(&q, [b, h, t, d]),
         tensor(&k, [b, kvh, t, d]),
@@ -268,7 +268,7 @@ fn gqa_attention_matches_reference_equals_mha_with_expanded_heads_and_its_gradie
         }
         e
     };
-    let mha_bias = AttentionBias::causal(1, t, t, 0, None, &device());
+    let mha_bias = AttentionBias::causal(1, t, &device());
     let mha = values(ops::attention(
         tensor(&q, [b, h, t, d]),
         tensor(&expand(&k), [b, h, t, d]),

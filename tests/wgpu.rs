@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln::config::ModelConfig;
 use kiln::device::{self, ComputeDevice, DeviceChoice};
-use kiln::kernels::KernelChoice;
+use kiln::kernels::Kernels;
 use kiln::model::Llama;
 use rand::{Rng, SeedableRng};
 
@@ -27,16 +27,16 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn cpu_and_wgpu_agree_on_logits_and_gradients() {
-    cpu_and_wgpu_agree(KernelChoice::Reference);
+    cpu_and_wgpu_agree(Kernels::Reference);
 }
 
 /// The whole model with the custom WGSL kernels on wgpu against the reference ops on the CPU.
 #[test]
 fn custom_kernels_on_wgpu_agree_with_the_cpu_reference() {
-    cpu_and_wgpu_agree(KernelChoice::Custom);
+    cpu_and_wgpu_agree(Kernels::Custom);
 }
 
-fn cpu_and_wgpu_agree(kernels: KernelChoice) {
+fn cpu_and_wgpu_agree(kernels: Kernels) {
     let Some(gpu) = common::wgpu_device() else {
         return;
     };
@@ -169,7 +169,7 @@ fn custom_kernels_generate_through_the_kv_cache_like_the_cpu_reference() {
         ffn_dim: 96,
         vocab_size: 50,
         max_seq_len: 24,
-        kernels: KernelChoice::Custom,
+        kernels: Kernels::Custom,
         ..ModelConfig::default()
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::rng().random());

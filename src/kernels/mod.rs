@@ -26,10 +26,11 @@ pub use wgsl::{
     ATTENTION_HEAD_DIMS, SHADERS, attention_block, poison_outputs, shader_source, supports_head_dim,
 };
 
-/// The `model.kernels` setting.
+/// Which implementation of the block operations runs: the `model.kernels` setting, and, after
+/// [`Kernels::resolve`], what a model on a given device actually runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum KernelChoice {
+pub enum Kernels {
     /// The WGSL kernels on wgpu devices, the reference elsewhere.
     #[default]
     Custom,
@@ -37,19 +38,12 @@ pub enum KernelChoice {
     Reference,
 }
 
-/// The implementation a model actually runs, after looking at its device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    Custom,
-    Reference,
-}
-
 impl Kernels {
     /// `custom` where the kernels can run: a wgpu device and a head dimension that is a
-    /// multiple of 4 (at most 256).
-    pub fn resolve(choice: KernelChoice, device: &Device, head_dim: usize) -> Self {
-        match choice {
-            KernelChoice::Custom if is_wgpu(device) && wgsl::supports_head_dim(head_dim) => {
+    /// multiple of 4 (at most 256); `reference` everywhere else.
+    pub fn resolve(self, device: &Device, head_dim: usize) -> Self {
+        match self {
+            Kernels::Custom if is_wgpu(device) && wgsl::supports_head_dim(head_dim) => {
                 Kernels::Custom
             }
             _ => Kernels::Reference,
@@ -116,14 +110,7 @@ pub fn cross_entropy(
         Kernels::Custom => {
             let (loss, _lse) =
                 Dispatch::cross_entropy(logits.into_dispatch(), targets.into_dispatch());
-            let per_token = Tensor::<1>::from_dispatch(loss);
-            match weights {
-                Some(w) => {
-                    let count = w.clone().sum().clamp_min(1.0);
-                    (per_token * w).sum() / count
-                }
-                None => per_token.mean(),
-            }
+            ops::masked_mean(Tensor::from_dispatch(loss), weights)
         }
     }
 }

@@ -82,13 +82,13 @@ pub fn attention_block(head_dim: usize) -> usize {
 const RMS_WEIGHT_ROWS: usize = 256;
 
 /// The template values a shader is compiled with.
-pub fn shader_defines(name: &str, head_dim: usize) -> Vec<(&'static str, String)> {
+fn shader_defines(name: &str, head_dim: usize) -> Vec<(&'static str, usize)> {
     match name {
         n if n.starts_with("flash_attention") => vec![
-            ("head_dim", head_dim.to_string()),
-            ("block_keys", attention_block(head_dim).to_string()),
+            ("head_dim", head_dim),
+            ("block_keys", attention_block(head_dim)),
         ],
-        "rms_norm_backward_weight" => vec![("rows_per_chunk", RMS_WEIGHT_ROWS.to_string())],
+        "rms_norm_backward_weight" => vec![("rows_per_chunk", RMS_WEIGHT_ROWS)],
         _ => Vec::new(),
     }
 }
@@ -101,7 +101,7 @@ pub fn shader_source(name: &str, head_dim: usize) -> String {
 struct WgslKernel {
     name: &'static str,
     source: &'static str,
-    defines: Vec<(&'static str, String)>,
+    defines: Vec<(&'static str, usize)>,
 }
 
 fn wgsl_kernel(name: &str, head_dim: usize) -> WgslKernel {
@@ -121,7 +121,7 @@ impl KernelSource for WgslKernel {
         self.defines
             .iter()
             .fold(SourceTemplate::new(self.source), |t, (k, v)| {
-                t.register(*k, v.clone())
+                t.register(*k, v.to_string())
             })
     }
 
