@@ -14,7 +14,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::config::{ModelConfig, OptimConfig, Preset};
 use crate::data::Batch;
 use crate::device::ComputeDevice;
-use crate::kernels::{self, KernelChoice, Kernels, PreparedLayout, SequenceLayout};
+use crate::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
 use crate::model::Llama;
 use crate::ops::RopeTables;
 use crate::optim::AdamW;
@@ -40,7 +40,7 @@ pub fn train(
     device: &ComputeDevice,
     steps: usize,
     warmup: usize,
-    kernels: KernelChoice,
+    kernels: Kernels,
 ) -> Result<TrainBench> {
     let config = ModelConfig {
         kernels,
@@ -121,26 +121,64 @@ enum Variant {
     BurnAttention,
 }
 
-/// A benchmark case: forward plus backward of one op on fixed random inputs. With `read`,
-/// returns the output and the input gradients; without, only waits for the device.
+impl Variant {
+    fn kernels(self) -> Kernels {
+        match self {
+            Variant::Custom => Kernels::Custom,
+            _ => Kernels::Reference,
+        }
+    }
+}
+
+/// A benchmark case: one op, forward and backward, on inputs uploaded once. The inputs are
+/// flat; `op` reshapes them and returns its output flat, so one runner serves every rank.
 struct KernelCase {
     kernel: &'static str,
     shape: String,
-    run: Box<dyn Fn(Variant, bool) -> Vec<Vec<f32>>>,
+    inputs: Vec<Tensor<1>>,
+    /// The objective is `sum(output * probe)`, or `sum(output)` for a scalar loss.
+    probe: Option<Tensor<1>>,
+    op: Box<dyn Fn(Variant, Vec<Tensor<1>>) -> Tensor<1>>,
     has_burn: bool,
 }
 
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().try_into_vec_as::<f32>().expect("f32 tensor")
-}
-
-fn random(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+impl KernelCase {
+    /// One forward and backward pass. With `read`, returns the output and the gradients of
+    /// the inputs; without, only waits for the device to finish.
+    fn run(&self, variant: Variant, read: bool) -> Vec<Vec<f32>> {
+        let leaves: Vec<Tensor<1>> = self
+            .inputs
+            .iter()
+            .map(|t| t.clone().require_grad())
+            .collect();
+        let out = (self.op)(variant, leaves.clone());
+        let objective = match &self.probe {
+            Some(probe) => (out.clone() * probe.clone()).sum(),
+            None => out.clone().sum(),
+        };
+        let grads = objective.backward();
+        let grads: Vec<Tensor<1>> = leaves
+            .iter()
+            .map(|l| l.grad(&grads).expect("grad"))
+            .collect();
+        if !read {
+            out.device().sync().expect("device sync");
+            return Vec::new();
+        }
+        std::iter::once(out)
+            .chain(grads)
+            .map(|t| t.into_data().try_into_vec_as::<f32>().expect("f32 tensor"))
+            .collect()
+    }
 }
 
 fn kernel_cases(device: &Device, quick: bool) -> Vec<KernelCase> {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let ad = device.clone().autodiff();
+    let mut random = |n: usize, scale: f32| {
+        let values: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        Tensor::<1>::from_data(TensorData::new(values, [n]), &ad)
+    };
     let mut cases = Vec::new();
 
     // Attention: the goal shape, batch 4, 8 heads, T 1024, head dim 64.
@@ -149,204 +187,128 @@ fn kernel_cases(device: &Device, quick: bool) -> Vec<KernelCase> {
     } else {
         (4, 1024, 8, 64)
     };
-    let q = random(&mut rng, b * t * h * d, 1.0);
-    let k = random(&mut rng, b * t * h * d, 1.0);
-    let v = random(&mut rng, b * t * h * d, 1.0);
-    let probe = random(&mut rng, b * t * h * d, 1.0);
-    {
-        let ad = ad.clone();
-        cases.push(KernelCase {
-            kernel: "flash_attention",
-            shape: format!("b{b} h{h} t{t} d{d} causal"),
-            has_burn: true,
-            run: Box::new(move |variant, read| {
-                let shape = [b, t, h, d];
-                let mk = |x: &[f32]| {
-                    Tensor::<4>::from_data(TensorData::new(x.to_vec(), shape), &ad).require_grad()
-                };
-                let (qt, kt, vt) = (mk(&q), mk(&k), mk(&v));
-                let out = match variant {
-                    Variant::BurnAttention => {
-                        let options = burn::tensor::ops::AttentionModuleOptions {
-                            scale: None,
-                            softcap: None,
-                            is_causal: true,
-                        };
-                        burn::tensor::module::attention(
-                            qt.clone().swap_dims(1, 2),
-                            kt.clone().swap_dims(1, 2),
-                            vt.clone().swap_dims(1, 2),
-                            None,
-                            None,
-                            options,
-                        )
-                        .swap_dims(1, 2)
-                    }
-                    _ => {
-                        let kernels = if variant == Variant::Custom {
-                            Kernels::Custom
-                        } else {
-                            Kernels::Reference
-                        };
-                        let tables = RopeTables::new(t, d, 10_000.0, &ad);
-                        let layout = PreparedLayout::new(
-                            &SequenceLayout::causal(b, t),
-                            kernels,
-                            &tables,
-                            1,
-                            &ad,
-                        );
-                        layout.attention(qt.clone(), kt.clone(), vt.clone())
-                    }
-                };
-                let p = Tensor::<4>::from_data(TensorData::new(probe.clone(), shape), &ad);
-                let grads = (out.clone() * p).sum().backward();
-                let gq = qt.grad(&grads).unwrap();
-                let gk = kt.grad(&grads).unwrap();
-                let gv = vt.grad(&grads).unwrap();
-                finish(
-                    read,
-                    vec![
-                        host_if(read, out),
-                        host_if(read, gq),
-                        host_if(read, gk),
-                        host_if(read, gv),
-                    ],
-                    &ad,
-                )
-            }),
-        });
-    }
+    let n = b * t * h * d;
+    let tables = RopeTables::new(t, d, 10_000.0, &ad);
+    let layout =
+        |kernels| PreparedLayout::new(&SequenceLayout::causal(b, t), kernels, &tables, 1, &ad);
+    let (custom, reference) = (layout(Kernels::Custom), layout(Kernels::Reference));
+    cases.push(KernelCase {
+        kernel: "flash_attention",
+        shape: format!("b{b} h{h} t{t} d{d} causal"),
+        inputs: vec![random(n, 1.0), random(n, 1.0), random(n, 1.0)],
+        probe: Some(random(n, 1.0)),
+        has_burn: true,
+        op: Box::new(move |variant, x| {
+            let [q, k, v] = <[Tensor<1>; 3]>::try_from(x)
+                .unwrap()
+                .map(|x| x.reshape([b, t, h, d]));
+            let out = match variant {
+                Variant::BurnAttention => {
+                    let options = burn::tensor::ops::AttentionModuleOptions {
+                        scale: None,
+                        softcap: None,
+                        is_causal: true,
+                    };
+                    let heads_first = |t: Tensor<4>| t.swap_dims(1, 2);
+                    burn::tensor::module::attention(
+                        heads_first(q),
+                        heads_first(k),
+                        heads_first(v),
+                        None,
+                        None,
+                        options,
+                    )
+                    .swap_dims(1, 2)
+                }
+                Variant::Custom => custom.attention(q, k, v),
+                Variant::Reference => reference.attention(q, k, v),
+            };
+            out.reshape([n])
+        }),
+    });
 
-    // Elementwise and row ops at bench-5m / bench-32m sizes (batch 8 x 256 tokens).
+    // Row and elementwise ops at bench-5m / bench-32m sizes (batch 8 x 256 tokens).
     let rows = if quick { 64 } else { 2048 };
     for dim in if quick { vec![64] } else { vec![256, 512] } {
-        let x = random(&mut rng, rows * dim, 2.0);
-        let w = random(&mut rng, dim, 1.0);
-        let probe = random(&mut rng, rows * dim, 1.0);
-        let ad = ad.clone();
         cases.push(KernelCase {
             kernel: "rms_norm",
             shape: format!("{rows}x{dim}"),
+            inputs: vec![random(rows * dim, 2.0), random(dim, 1.0)],
+            probe: Some(random(rows * dim, 1.0)),
             has_burn: false,
-            run: Box::new(move |variant, read| {
-                let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, dim]), &ad)
-                    .require_grad();
-                let wt =
-                    Tensor::<1>::from_data(TensorData::new(w.clone(), [dim]), &ad).require_grad();
-                let y = kernels::rms_norm(xt.clone(), wt.clone(), 1e-5, pick(variant));
-                let p = Tensor::<2>::from_data(TensorData::new(probe.clone(), [rows, dim]), &ad);
-                let grads = (y.clone() * p).sum().backward();
-                let (gx, gw) = (xt.grad(&grads).unwrap(), wt.grad(&grads).unwrap());
-                finish(
-                    read,
-                    vec![host_if(read, y), host_if(read, gx), host_if(read, gw)],
-                    &ad,
-                )
+            op: Box::new(move |variant, x| {
+                let [x, w] = <[Tensor<1>; 2]>::try_from(x).unwrap();
+                kernels::rms_norm(x.reshape([rows, dim]), w, 1e-5, variant.kernels())
+                    .reshape([rows * dim])
             }),
         });
     }
     for ffn in if quick { vec![96] } else { vec![704, 1408] } {
-        let a = random(&mut rng, rows * ffn, 4.0);
-        let u = random(&mut rng, rows * ffn, 2.0);
-        let probe = random(&mut rng, rows * ffn, 1.0);
-        let ad = ad.clone();
         cases.push(KernelCase {
             kernel: "swiglu",
             shape: format!("{rows}x{ffn}"),
+            inputs: vec![random(rows * ffn, 4.0), random(rows * ffn, 2.0)],
+            probe: Some(random(rows * ffn, 1.0)),
             has_burn: false,
-            run: Box::new(move |variant, read| {
-                let mk = |x: &[f32]| {
-                    Tensor::<2>::from_data(TensorData::new(x.to_vec(), [rows, ffn]), &ad)
-                        .require_grad()
-                };
-                let (at, ut) = (mk(&a), mk(&u));
-                let y = kernels::swiglu(at.clone(), ut.clone(), pick(variant));
-                let p = Tensor::<2>::from_data(TensorData::new(probe.clone(), [rows, ffn]), &ad);
-                let grads = (y.clone() * p).sum().backward();
-                let (ga, gu) = (at.grad(&grads).unwrap(), ut.grad(&grads).unwrap());
-                finish(
-                    read,
-                    vec![host_if(read, y), host_if(read, ga), host_if(read, gu)],
-                    &ad,
-                )
+            op: Box::new(move |variant, x| {
+                let [gate, up] = <[Tensor<1>; 2]>::try_from(x)
+                    .unwrap()
+                    .map(|t| t.reshape([rows, ffn]));
+                kernels::swiglu(gate, up, variant.kernels()).reshape([rows * ffn])
             }),
         });
     }
     {
-        let (bt, heads, hd) = if quick { (64, 2, 32) } else { (2048, 8, 32) };
-        let x = random(&mut rng, bt * heads * hd, 2.0);
-        let probe = random(&mut rng, bt * heads * hd, 1.0);
-        let ad = ad.clone();
-        let seq = if quick { 64 } else { 256 };
+        let (batch, seq, heads, hd) = if quick {
+            (1, 64, 2, 32)
+        } else {
+            (8, 256, 8, 32)
+        };
+        let n = batch * seq * heads * hd;
+        let tables = RopeTables::new(seq, hd, 10_000.0, &ad);
+        let layout = |kernels| {
+            PreparedLayout::new(
+                &SequenceLayout::causal(batch, seq),
+                kernels,
+                &tables,
+                1,
+                &ad,
+            )
+        };
+        let (custom, reference) = (layout(Kernels::Custom), layout(Kernels::Reference));
         cases.push(KernelCase {
             kernel: "rope",
-            shape: format!("{}x{seq}x{heads}x{hd}", bt / seq),
+            shape: format!("{batch}x{seq}x{heads}x{hd}"),
+            inputs: vec![random(n, 2.0)],
+            probe: Some(random(n, 1.0)),
             has_burn: false,
-            run: Box::new(move |variant, read| {
-                let shape = [bt / seq, seq, heads, hd];
-                let xt =
-                    Tensor::<4>::from_data(TensorData::new(x.clone(), shape), &ad).require_grad();
-                let tables = RopeTables::new(seq, hd, 10_000.0, &ad);
-                let layout = PreparedLayout::new(
-                    &SequenceLayout::causal(bt / seq, seq),
-                    pick(variant),
-                    &tables,
-                    1,
-                    &ad,
-                );
-                let y = layout.rope(xt.clone());
-                let p = Tensor::<4>::from_data(TensorData::new(probe.clone(), shape), &ad);
-                let grads = (y.clone() * p).sum().backward();
-                let gx = xt.grad(&grads).unwrap();
-                finish(read, vec![host_if(read, y), host_if(read, gx)], &ad)
+            op: Box::new(move |variant, x| {
+                let x = x[0].clone().reshape([batch, seq, heads, hd]);
+                let layout = if variant == Variant::Custom {
+                    &custom
+                } else {
+                    &reference
+                };
+                layout.rope(x).reshape([n])
             }),
         });
     }
     for vocab in if quick { vec![500] } else { vec![4096, 8192] } {
-        let logits = random(&mut rng, rows * vocab, 6.0);
-        let targets: Vec<i32> = (0..rows)
-            .map(|_| rng.random_range(0..vocab as i32))
-            .collect();
-        let ad = ad.clone();
+        let values: Vec<i32> = (0..rows).map(|i| ((i * 7919) % vocab) as i32).collect();
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(values, [rows]), &ad);
         cases.push(KernelCase {
             kernel: "cross_entropy",
             shape: format!("{rows}x{vocab}"),
+            inputs: vec![random(rows * vocab, 6.0)],
+            probe: None,
             has_burn: false,
-            run: Box::new(move |variant, read| {
-                let z = Tensor::<2>::from_data(TensorData::new(logits.clone(), [rows, vocab]), &ad)
-                    .require_grad();
-                let tg = Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [rows]), &ad);
-                let loss = kernels::cross_entropy(z.clone(), tg, None, pick(variant));
-                let grads = loss.clone().backward();
-                let gz = z.grad(&grads).unwrap();
-                finish(read, vec![host_if(read, loss), host_if(read, gz)], &ad)
+            op: Box::new(move |variant, x| {
+                let logits = x[0].clone().reshape([rows, vocab]);
+                kernels::cross_entropy(logits, targets.clone(), None, variant.kernels())
             }),
         });
     }
     cases
-}
-
-fn pick(variant: Variant) -> Kernels {
-    match variant {
-        Variant::Custom => Kernels::Custom,
-        _ => Kernels::Reference,
-    }
-}
-
-/// The tensor's values when reading, else nothing (the tensor is dropped; its work is queued).
-fn host_if<const D: usize>(read: bool, t: Tensor<D>) -> Option<Vec<f32>> {
-    read.then(|| host(t))
-}
-
-/// The read values, or an empty list after waiting for the device to finish the queued work.
-fn finish(read: bool, outs: Vec<Option<Vec<f32>>>, device: &Device) -> Vec<Vec<f32>> {
-    if read {
-        outs.into_iter().map(|v| v.expect("read")).collect()
-    } else {
-        device.sync().expect("device sync");
-        Vec::new()
-    }
 }
 
 fn max_rel_err(custom: &[Vec<f32>], reference: &[Vec<f32>]) -> f64 {
@@ -377,11 +339,11 @@ pub fn kernels(device: &ComputeDevice, repeats: usize, quick: bool) -> Result<Ve
     let mut rows = Vec::new();
     for case in kernel_cases(&device.device, quick) {
         let time = |variant: Variant| {
-            (case.run)(variant, false); // warm-up: compilation and autotune
+            case.run(variant, false); // warm-up: compilation and autotune
             let mut times: Vec<f64> = (0..repeats)
                 .map(|_| {
                     let start = Instant::now();
-                    (case.run)(variant, false);
+                    case.run(variant, false);
                     start.elapsed().as_secs_f64() * 1e3
                 })
                 .collect();
@@ -392,8 +354,8 @@ pub fn kernels(device: &ComputeDevice, repeats: usize, quick: bool) -> Result<Ve
         let reference_ms = time(Variant::Reference);
         let burn_attention_ms = case.has_burn.then(|| time(Variant::BurnAttention));
         let max_rel_err = max_rel_err(
-            &(case.run)(Variant::Custom, true),
-            &(case.run)(Variant::Reference, true),
+            &case.run(Variant::Custom, true),
+            &case.run(Variant::Reference, true),
         );
         let row = KernelBench {
             kernel: case.kernel.to_string(),
