@@ -386,10 +386,32 @@ pub fn match_shapes(
 }
 
 impl CheckpointData {
-    pub fn config(&self, dir: &Path) -> Result<crate::config::Config> {
-        let config: crate::config::Config = toml::from_str(&self.config_toml)
-            .with_context(|| format!("{}: invalid config", dir.join(MANIFEST_FILE).display()))?;
-        Ok(config)
+    /// The run's whole configuration, as the stage that wrote the checkpoint defines it.
+    pub fn config<T: serde::de::DeserializeOwned>(&self, dir: &Path) -> Result<T> {
+        toml::from_str(&self.config_toml).with_context(|| {
+            format!(
+                "{}: not a configuration of this stage",
+                dir.join(MANIFEST_FILE).display()
+            )
+        })
+    }
+
+    /// The model's shape: the `[model]` section, which every stage's configuration has.
+    pub fn model_config(&self, dir: &Path) -> Result<crate::config::ModelConfig> {
+        #[derive(Deserialize)]
+        struct ModelSection {
+            model: crate::config::ModelConfig,
+        }
+        let context = || format!("{}: invalid [model] config", dir.join(MANIFEST_FILE).display());
+        let table: toml::Table = toml::from_str(&self.config_toml).with_context(context)?;
+        let section = table
+            .get("model")
+            .cloned()
+            .ok_or_else(|| anyhow!("{}: config has no [model]", dir.join(MANIFEST_FILE).display()))?;
+        let mut only_model = toml::Table::new();
+        only_model.insert("model".into(), section);
+        let parsed: ModelSection = toml::Value::Table(only_model).try_into().with_context(context)?;
+        Ok(parsed.model)
     }
 
     pub fn tokenizer(&self, dir: &Path) -> Result<crate::tokenizer::Tokenizer> {
@@ -402,7 +424,7 @@ impl CheckpointData {
 pub struct LoadedModel {
     pub dir: PathBuf,
     pub model: crate::model::Llama,
-    pub config: crate::config::Config,
+    pub model_config: crate::config::ModelConfig,
     pub tokenizer: crate::tokenizer::Tokenizer,
 }
 
@@ -411,17 +433,17 @@ pub struct LoadedModel {
 pub fn load_model(path: &Path, device: &burn::tensor::Device) -> Result<LoadedModel> {
     let dir = resolve(path)?;
     let saved = load(&dir)?;
-    let config = saved.config(&dir)?;
+    let model_config = saved.model_config(&dir)?;
     let tokenizer = saved.tokenizer(&dir)?;
     let model = crate::params::import(
-        crate::model::Llama::new(&config.model, 0, device),
+        crate::model::Llama::new(&model_config, 0, device),
         saved.model,
         &dir.join(MODEL_FILE),
     )?;
     Ok(LoadedModel {
         dir,
         model,
-        config,
+        model_config,
         tokenizer,
     })
 }

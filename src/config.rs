@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::Kernels;
@@ -246,8 +247,11 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches whose gradients are summed into one optimizer step.
     pub grad_accum_steps: usize,
-    /// Optimizer steps in the whole run; the cosine schedule ends here.
+    /// Optimizer steps in the whole run; the cosine schedule ends here. 0: derived from
+    /// `epochs`.
     pub max_steps: u64,
+    /// Passes over the training data, used when `max_steps` is 0 (fine-tuning stages).
+    pub epochs: f64,
     /// Seed of the weight initialisation and of the data order.
     pub seed: u64,
     /// Evaluate validation loss every this many steps (0: only at the end).
@@ -268,6 +272,7 @@ impl Default for TrainConfig {
             batch_size: 8,
             grad_accum_steps: 1,
             max_steps: 1000,
+            epochs: 0.0,
             seed: 1234,
             eval_interval: 100,
             eval_batches: 8,
@@ -301,6 +306,81 @@ impl Default for SampleConfig {
     }
 }
 
+impl OptimConfig {
+    pub fn validate(&self) -> Result<()> {
+        let o = self;
+        if !(o.lr > 0.0) {
+            bail!("optim.lr must be positive");
+        }
+        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
+            bail!("optim.min_lr_ratio must be in [0, 1]");
+        }
+        for (key, beta) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                bail!("{key} must be in [0, 1)");
+            }
+        }
+        if !(o.eps > 0.0) {
+            bail!("optim.eps must be positive");
+        }
+        if !(o.weight_decay >= 0.0) {
+            bail!("optim.weight_decay must be non-negative");
+        }
+        if !(o.grad_clip >= 0.0) {
+            bail!("optim.grad_clip must be non-negative (0 disables clipping)");
+        }
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let t = self;
+        if t.batch_size == 0 {
+            bail!("train.batch_size must be at least 1");
+        }
+        if t.grad_accum_steps == 0 {
+            bail!("train.grad_accum_steps must be at least 1");
+        }
+        if t.max_steps == 0 && !(t.epochs > 0.0) {
+            bail!("train.max_steps must be at least 1 (or train.epochs positive)");
+        }
+        if !(t.epochs >= 0.0) {
+            bail!("train.epochs must be non-negative");
+        }
+        if t.eval_batches == 0 {
+            bail!("train.eval_batches must be at least 1");
+        }
+        if t.keep_checkpoints == 0 {
+            bail!("train.keep_checkpoints must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps of the run: `max_steps`, or `epochs` passes over `examples` training
+    /// rows.
+    pub fn total_steps(&self, examples: usize) -> u64 {
+        if self.max_steps > 0 {
+            return self.max_steps;
+        }
+        let per_step = (self.batch_size * self.grad_accum_steps) as f64;
+        ((self.epochs * examples as f64) / per_step).ceil().max(1.0) as u64
+    }
+}
+
+impl SampleConfig {
+    pub fn validate(&self) -> Result<()> {
+        let s = self;
+        if !(s.temperature >= 0.0) {
+            bail!("sample.temperature must be non-negative");
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            bail!("sample.top_p must be in (0, 1]");
+        }
+        Ok(())
+    }
+}
+
 /// A whole pretraining run.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -312,30 +392,16 @@ pub struct Config {
     pub sample: SampleConfig,
 }
 
+impl StageConfig for Config {
+    fn validate(&self) -> Result<()> {
+        Config::validate(self)
+    }
+}
+
 impl Config {
     /// Reads a TOML file, applies `section.key=value` overrides, and validates.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let mut table = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config {}", path.display()))?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?
-            }
-            None => toml::Table::new(),
-        };
-        let source = path.map_or("config".to_string(), |p| p.display().to_string());
-        // Reject unknown keys in the file with the key's full name before serde does, so
-        // the message names `section.key` rather than only the field.
-        check_known_keys(&table, &source)?;
-        for item in overrides {
-            apply_override(&mut table, item)?;
-        }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow!("{source}: {}", one_line(&e.to_string())))?;
-        config.validate()?;
-        Ok(config)
+        load(path, overrides)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -357,50 +423,9 @@ impl Config {
         if !(d.val_fraction > 0.0 && d.val_fraction < 0.5) {
             bail!("data.val_fraction must be in (0, 0.5)");
         }
-        let o = &self.optim;
-        if !(o.lr > 0.0) {
-            bail!("optim.lr must be positive");
-        }
-        if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-            bail!("optim.min_lr_ratio must be in [0, 1]");
-        }
-        for (key, beta) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
-            if !(0.0..1.0).contains(&beta) {
-                bail!("{key} must be in [0, 1)");
-            }
-        }
-        if !(o.eps > 0.0) {
-            bail!("optim.eps must be positive");
-        }
-        if !(o.weight_decay >= 0.0) {
-            bail!("optim.weight_decay must be non-negative");
-        }
-        if !(o.grad_clip >= 0.0) {
-            bail!("optim.grad_clip must be non-negative (0 disables clipping)");
-        }
-        let t = &self.train;
-        if t.batch_size == 0 {
-            bail!("train.batch_size must be at least 1");
-        }
-        if t.grad_accum_steps == 0 {
-            bail!("train.grad_accum_steps must be at least 1");
-        }
-        if t.max_steps == 0 {
-            bail!("train.max_steps must be at least 1");
-        }
-        if t.eval_batches == 0 {
-            bail!("train.eval_batches must be at least 1");
-        }
-        if t.keep_checkpoints == 0 {
-            bail!("train.keep_checkpoints must be at least 1");
-        }
-        let s = &self.sample;
-        if !(s.temperature >= 0.0) {
-            bail!("sample.temperature must be non-negative");
-        }
-        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-            bail!("sample.top_p must be in (0, 1]");
-        }
+        self.optim.validate()?;
+        self.train.validate()?;
+        self.sample.validate()?;
         Ok(())
     }
 
@@ -409,17 +434,59 @@ impl Config {
     }
 }
 
+/// The configuration of one training stage (pretraining, SFT, GAtt, ...): TOML sections whose
+/// defaults are that stage's paper values.
+pub trait StageConfig: Default + Serialize + DeserializeOwned {
+    fn validate(&self) -> Result<()>;
+
+    /// The `section.key` names a config file or `--set` may give: by default every field of
+    /// the defaults' own serialisation.
+    fn known_keys() -> toml::Table {
+        toml::Table::try_from(Self::default()).expect("default config serialises")
+    }
+}
+
+/// Reads a stage's TOML file over its defaults, applies `section.key=value` overrides, and
+/// validates. A section given in part keeps the stage's defaults for the rest.
+pub fn load<T: StageConfig>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+    let mut table = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {}", path.display()))?;
+            text.parse::<toml::Table>()
+                .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?
+        }
+        None => toml::Table::new(),
+    };
+    let source = path.map_or("config".to_string(), |p| p.display().to_string());
+    let known = T::known_keys();
+    // Reject unknown keys in the file with the key's full name before serde does, so the
+    // message names `section.key` rather than only the field.
+    check_known_keys(&known, &table, &source)?;
+    for item in overrides {
+        apply_override(&known, &mut table, item)?;
+    }
+    let mut merged = toml::Table::try_from(T::default()).expect("default config serialises");
+    for (section, values) in table {
+        match (merged.get_mut(&section), values) {
+            (Some(toml::Value::Table(defaults)), toml::Value::Table(given)) => defaults.extend(given),
+            (_, values) => {
+                merged.insert(section, values);
+            }
+        }
+    }
+    let config: T = toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow!("{source}: {}", one_line(&e.to_string())))?;
+    config.validate()?;
+    Ok(config)
+}
+
 fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// The `section.key` names a config accepts, from the defaults' own serialisation.
-fn known_keys() -> toml::Table {
-    toml::Table::try_from(Config::default()).expect("default config serialises")
-}
-
-fn check_known_keys(table: &toml::Table, source: &str) -> Result<()> {
-    let known = known_keys();
+fn check_known_keys(known: &toml::Table, table: &toml::Table, source: &str) -> Result<()> {
     for (section, value) in table {
         let Some(known_section) = known.get(section).and_then(|v| v.as_table()) else {
             bail!("{source}: unknown section [{section}]");
@@ -437,7 +504,7 @@ fn check_known_keys(table: &toml::Table, source: &str) -> Result<()> {
 }
 
 /// Applies one `--set section.key=value`; the value is read as TOML, or as a string.
-fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
+fn apply_override(known: &toml::Table, table: &mut toml::Table, item: &str) -> Result<()> {
     let (path, raw) = item
         .split_once('=')
         .ok_or_else(|| anyhow!("--set {item}: expected section.key=value"))?;
@@ -445,7 +512,6 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
         .trim()
         .split_once('.')
         .ok_or_else(|| anyhow!("--set {item}: expected section.key=value"))?;
-    let known = known_keys();
     let known_value = known
         .get(section)
         .and_then(|s| s.as_table())

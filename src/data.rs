@@ -158,20 +158,20 @@ pub struct DataCursor {
     pub position: usize,
 }
 
-/// Serves training batches in an order that depends only on (seed, epoch), so a cursor is all
-/// the state a resumed run needs.
-pub struct ShuffledBatches {
-    sequences: PackedSequences,
+/// Serves the indices of training examples in batches, in an order that depends only on
+/// (seed, epoch), so a cursor is all the state a resumed run needs.
+pub struct ShuffledIndices {
+    len: usize,
     seed: u64,
     cursor: DataCursor,
     order: Vec<usize>,
 }
 
-impl ShuffledBatches {
-    pub fn new(sequences: PackedSequences, seed: u64, cursor: DataCursor) -> Self {
-        let order = epoch_order(sequences.len(), seed, cursor.epoch);
+impl ShuffledIndices {
+    pub fn new(len: usize, seed: u64, cursor: DataCursor) -> Self {
+        let order = epoch_order(len, seed, cursor.epoch);
         Self {
-            sequences,
+            len,
             seed,
             cursor,
             order,
@@ -182,7 +182,7 @@ impl ShuffledBatches {
         self.cursor
     }
 
-    pub fn next_batch(&mut self, batch_size: usize) -> Batch {
+    pub fn next_batch(&mut self, batch_size: usize) -> Vec<usize> {
         let mut indices = Vec::with_capacity(batch_size);
         while indices.len() < batch_size {
             if self.cursor.position == self.order.len() {
@@ -190,12 +190,12 @@ impl ShuffledBatches {
                     epoch: self.cursor.epoch + 1,
                     position: 0,
                 };
-                self.order = epoch_order(self.sequences.len(), self.seed, self.cursor.epoch);
+                self.order = epoch_order(self.len, self.seed, self.cursor.epoch);
             }
             indices.push(self.order[self.cursor.position]);
             self.cursor.position += 1;
         }
-        self.sequences.batch(&indices)
+        indices
     }
 }
 
@@ -225,17 +225,16 @@ mod tests {
             epoch: 0,
             position: 0,
         };
-        let mut a = ShuffledBatches::new(PackedSequences::new((0..101).collect(), 10), 7, start);
-        let first: Vec<Vec<i64>> = (0..7).map(|_| a.next_batch(3).inputs).collect();
+        let mut a = ShuffledIndices::new(10, 7, start);
+        let first: Vec<Vec<usize>> = (0..7).map(|_| a.next_batch(3)).collect();
         // Resume from the cursor after 4 batches: the same remaining batches follow.
-        let mut b = ShuffledBatches::new(PackedSequences::new((0..101).collect(), 10), 7, start);
+        let mut b = ShuffledIndices::new(10, 7, start);
         for _ in 0..4 {
             b.next_batch(3);
         }
-        let mut c =
-            ShuffledBatches::new(PackedSequences::new((0..101).collect(), 10), 7, b.cursor());
+        let mut c = ShuffledIndices::new(10, 7, b.cursor());
         for expected in &first[4..] {
-            assert_eq!(&c.next_batch(3).inputs, expected);
+            assert_eq!(&c.next_batch(3), expected);
         }
         // Epochs differ in order.
         assert_ne!(epoch_order(10, 7, 0), epoch_order(10, 7, 1));

@@ -5,9 +5,12 @@
 //! (text to packed token sequences), [`model`] (the Llama architecture, built on [`kernels`]: fused WGSL kernels
 //! on wgpu, the plain Burn [`ops`] elsewhere),
 //! [`optim`] (AdamW, clipping, schedule), [`checkpoint`] and [`params`] (state on disk),
-//! [`pretrain`] (the recipe), [`generate`] (sampling), [`metrics`] and [`plot`].
+//! [`trainer`] (the loop every stage shares), [`pretrain`] and [`sft`] (the recipes, with
+//! [`chat`]: data formats and chat templates), [`generate`] (sampling), [`metrics`] and
+//! [`plot`].
 
 pub mod bench;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -22,4 +25,6 @@ pub mod params;
 pub mod plot;
 pub mod pretrain;
 pub mod progress;
+pub mod sft;
 pub mod tokenizer;
+pub mod trainer;

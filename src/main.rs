@@ -2,15 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 use kiln::config::{Config, Preset};
 use kiln::device::{self, DeviceChoice};
 use kiln::generate::{self, SamplingParams};
-use kiln::{checkpoint, data, pretrain, tokenizer};
+use kiln::{checkpoint, data, pretrain, sft, tokenizer, trainer};
 
 // Training allocates and frees many large tensors per step; glibc's malloc returns them to the
 // OS and page-faults them back in each time, which halved flex's throughput (docs/benchmarks.md).
@@ -44,6 +43,26 @@ enum Command {
         /// Continue the run in --out from its newest checkpoint.
         #[arg(long)]
         resume: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Supervised fine-tuning on chat data, the loss on answers only (Llama 2 sec. 3.1).
+    Sft {
+        /// TOML config (sections [data], [optim], [train]); see configs/gym-sft.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The checkpoint or run directory to fine-tune (required unless --resume).
+        #[arg(long)]
+        init: Option<PathBuf>,
+        #[arg(long, default_value = "runs/sft")]
+        out: PathBuf,
+        #[arg(long)]
+        resume: bool,
+        /// Skip malformed JSONL lines (their count is printed) instead of stopping.
+        #[arg(long)]
+        skip_bad_lines: bool,
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
     },
@@ -166,14 +185,7 @@ fn run(command: Command) -> Result<()> {
             let config_given = config.is_some() || !overrides.is_empty();
             let config = Config::load(config.as_deref(), &overrides)?;
             let device = device::select(device)?;
-            ctrlc::set_handler(|| {
-                if pretrain::INTERRUPTED.swap(true, Ordering::SeqCst) {
-                    // A second Ctrl-C: stop now (the last checkpoint is intact).
-                    std::process::exit(130);
-                }
-                eprintln!("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)");
-            })
-            .context("cannot install the Ctrl-C handler")?;
+            trainer::install_interrupt_handler()?;
             let summary = pretrain::run(pretrain::PretrainOptions {
                 config,
                 config_given,
@@ -193,6 +205,37 @@ fn run(command: Command) -> Result<()> {
             if let Some(sample) = summary.sample {
                 println!("{sample}");
             }
+            Ok(())
+        }
+        Command::Sft {
+            config,
+            mut overrides,
+            init,
+            out,
+            resume,
+            skip_bad_lines,
+            device,
+        } => {
+            let config_given = config.is_some() || !overrides.is_empty();
+            if skip_bad_lines {
+                overrides.push("data.skip_bad_lines=true".into());
+            }
+            let config = kiln::config::load(config.as_deref(), &overrides)?;
+            let device = device::select(device)?;
+            trainer::install_interrupt_handler()?;
+            let summary = sft::run(sft::SftOptions {
+                config,
+                config_given,
+                init,
+                out_dir: out,
+                resume,
+                device,
+                stop_after: None,
+            })?;
+            if let Some(loss) = summary.final_val_loss {
+                eprintln!("final validation loss (answer tokens) {loss:.4}");
+            }
+            eprintln!("checkpoint: {}", summary.checkpoint.display());
             Ok(())
         }
         Command::Generate {

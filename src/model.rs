@@ -341,4 +341,25 @@ impl Llama {
             self.kernels,
         )
     }
+
+    /// Mean cross-entropy over the tokens whose weight (0 or 1) is 1, for rows laid out by
+    /// `layout` (packed samples): the loss of supervised fine-tuning. `inputs`, `targets` and
+    /// `weights` are `[batch, seq]`.
+    pub fn masked_loss(
+        &self,
+        inputs: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        weights: Tensor<2>,
+        layout: &SequenceLayout,
+    ) -> Tensor<1> {
+        let [b, t] = inputs.dims();
+        let logits = self.logits(self.hidden_states_with_layout(inputs, layout, None));
+        let vocab = logits.dims()[2];
+        kernels::cross_entropy(
+            logits.reshape([b * t, vocab]),
+            targets.reshape([b * t]),
+            Some(weights.reshape([b * t])),
+            self.kernels,
+        )
+    }
 }

@@ -70,6 +70,11 @@ impl Tokenizer {
         })
     }
 
+    /// The id of a token given by its exact text (special tokens such as `[INST]`).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -86,6 +91,13 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)
+            .map_err(|e| anyhow!("tokenizer failed to decode: {e}"))
+    }
+
+    /// Like [`Tokenizer::decode`], with special tokens (`<s>`, `[INST]`, ...) kept as text.
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
             .map_err(|e| anyhow!("tokenizer failed to decode: {e}"))
     }
 

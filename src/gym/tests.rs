@@ -1,0 +1,395 @@
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+
+fn unsafe_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/gym/donotanswer")
+}
+
+fn small_sizes() -> GymSizes {
+    GymSizes {
+        unsafe_dir: unsafe_dir(),
+        eval_tasks: 120,
+        eval_dialogues: 20,
+        sft_train: 2_000,
+        sft_val: 200,
+        pref_train: 500,
+        pref_heldout: 100,
+        prompts_train: 300,
+        prompts_heldout: 100,
+        gatt_dialogues: 40,
+        ..GymSizes::default()
+    }
+}
+
+fn generated(seed: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    generate(dir.path(), seed, &small_sizes()).unwrap();
+    dir
+}
+
+fn chats(path: &Path) -> Vec<ChatExample> {
+    read_jsonl(path).unwrap()
+}
+
+/// Solves a task from its prompt alone, independently of the generator.
+fn solve(prompt: &str) -> String {
+    let letters_after = |marker: &str| -> Vec<String> {
+        let rest = prompt.split_once(marker).unwrap().1.trim_end_matches('?');
+        rest.split(' ').map(str::to_string).collect()
+    };
+    if let Some(sum) = prompt
+        .strip_prefix("What is ")
+        .and_then(|r| r.strip_suffix('?'))
+    {
+        let parts: Vec<&str> = sum.split(' ').collect();
+        let (a, b): (i64, i64) = (parts[0].parse().unwrap(), parts[2].parse().unwrap());
+        return match parts[1] {
+            "+" => a + b,
+            "-" => a - b,
+            op => panic!("unknown operator {op}"),
+        }
+        .to_string();
+    }
+    if prompt.starts_with("Reverse the letters: ") {
+        let mut letters = letters_after(": ");
+        letters.reverse();
+        return letters.join(" ");
+    }
+    if prompt.starts_with("Sort the letters: ") {
+        let mut letters = letters_after(": ");
+        letters.sort();
+        return letters.join(" ");
+    }
+    if let Some(letters) = prompt.strip_prefix("Write in capitals: ") {
+        return letters.to_uppercase();
+    }
+    if let Some(rest) = prompt.strip_prefix("How many times does ") {
+        let target = rest.split(' ').next().unwrap().to_string();
+        return letters_after(" in: ")
+            .iter()
+            .filter(|l| **l == target)
+            .count()
+            .to_string();
+    }
+    panic!("unknown prompt {prompt}")
+}
+
+#[test]
+fn same_seed_gives_identical_files_and_another_seed_differs() {
+    let (a, b, c) = (generated(7), generated(7), generated(8));
+    let mut names: Vec<_> = std::fs::read_dir(a.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 12, "{names:?}");
+    for name in &names {
+        let first = std::fs::read(a.path().join(name)).unwrap();
+        assert_eq!(
+            first,
+            std::fs::read(b.path().join(name)).unwrap(),
+            "{name:?} differs"
+        );
+    }
+    for name in [
+        "sft_train.jsonl",
+        "pref_train.jsonl",
+        "eval_tasks.jsonl",
+        "eval_unsafe.jsonl",
+    ] {
+        let first = std::fs::read(a.path().join(name)).unwrap();
+        assert_ne!(
+            first,
+            std::fs::read(c.path().join(name)).unwrap(),
+            "{name} ignores the seed"
+        );
+    }
+}
+
+#[test]
+fn no_prompt_is_both_trained_on_and_held_out() {
+    let dir = generated(3);
+    let at = |name: &str| dir.path().join(name);
+    let user_turns = |name: &str| -> Vec<String> {
+        chats(&at(name))
+            .into_iter()
+            .flat_map(|c| c.messages)
+            .filter(|m| m.role == Role::User)
+            .map(|m| m.content)
+            .collect()
+    };
+    let pref_prompts = |name: &str| -> Vec<String> {
+        read_jsonl::<PreferencePair>(&at(name))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.prompt)
+            .collect()
+    };
+    let listed = |name: &str| -> Vec<String> {
+        read_jsonl::<PromptRecord>(&at(name))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.prompt)
+            .collect()
+    };
+
+    let mut train: HashSet<String> = user_turns("sft_train.jsonl").into_iter().collect();
+    train.extend(user_turns("gatt_dialogues.jsonl"));
+    train.extend(pref_prompts("pref_train.jsonl"));
+    train.extend(listed("prompts_train.jsonl"));
+
+    let mut heldout: Vec<String> = read_eval_tasks(&at("eval_tasks.jsonl"))
+        .unwrap()
+        .into_iter()
+        .map(|t| t.prompt)
+        .collect();
+    heldout.extend(read_eval_unsafe(&at("eval_unsafe.jsonl")).unwrap());
+    for dialogue in read_eval_dialogues(&at("eval_dialogues.jsonl")).unwrap() {
+        heldout.extend(dialogue.turns.into_iter().map(|t| t.user));
+    }
+    heldout.extend(pref_prompts("pref_heldout.jsonl"));
+    heldout.extend(listed("prompts_heldout.jsonl"));
+    heldout.extend(user_turns("sft_val.jsonl"));
+
+    assert!(heldout.len() > 500 && train.len() > 1000);
+    let leaked: Vec<&String> = heldout.iter().filter(|p| train.contains(*p)).collect();
+    assert!(
+        leaked.is_empty(),
+        "held-out prompts in training files: {:?}",
+        &leaked[..leaked.len().min(5)]
+    );
+}
+
+#[test]
+fn score_gives_full_partial_and_no_credit() {
+    assert_eq!(score(TaskKind::Add, "85", " 85\n"), 1.0);
+    assert_eq!(score(TaskKind::Reverse, "z a p k", "z a p k"), 1.0);
+    let off_by_one = score(TaskKind::Add, "85", "84");
+    assert!(off_by_one > 0.5 && off_by_one < 1.0, "{off_by_one}");
+    assert!(score(TaskKind::Add, "85", "40") < off_by_one);
+    assert_eq!(score(TaskKind::Add, "85", "eighty"), 0.0);
+    assert_eq!(score(TaskKind::Count, "3", "three a"), 0.0);
+    assert_eq!(score(TaskKind::Subtract, "5", ""), 0.0);
+    let swapped = score(TaskKind::Reverse, "z a p k", "z p a k");
+    let dropped = score(TaskKind::Reverse, "z a p k", "z a p");
+    assert!(
+        swapped > 0.0 && swapped < dropped && dropped < 1.0,
+        "{swapped} {dropped}"
+    );
+    assert_eq!(score(TaskKind::Uppercase, "K P A Z", "k p a z"), 0.0);
+    assert!(score(TaskKind::Sort, "a k p z", "a k p z q") < 1.0);
+    assert!(exact_match("a b", " a b ") && !exact_match("a b", "a  b"));
+}
+
+#[test]
+fn near_misses_are_wrong_and_spread_over_the_score_range() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut ratings = HashSet::new();
+    for _ in 0..2_000 {
+        let task = sample_any_task(&mut rng);
+        let miss = near_miss(&task, &mut rng);
+        let credit = score(task.kind, &task.answer, &miss);
+        assert!(credit < 1.0, "{task:?} -> {miss}");
+        ratings.insert(format!("{:?}", Rating::from_gap(1.0 - credit)));
+    }
+    assert_eq!(ratings.len(), 4, "{ratings:?}");
+}
+
+#[test]
+fn every_task_answer_is_correct() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for kind in TaskKind::ALL {
+        for _ in 0..500 {
+            let task = sample_task(kind, &mut rng);
+            assert_eq!(task.kind, kind);
+            assert_eq!(solve(&task.prompt), task.answer, "{task:?}");
+        }
+    }
+    let dir = generated(5);
+    for task in read_eval_tasks(&dir.path().join("eval_tasks.jsonl")).unwrap() {
+        assert_eq!(solve(&task.prompt), task.answer, "{task:?}");
+    }
+    for chat in chats(&dir.path().join("sft_train.jsonl")) {
+        if chat.messages[0].role == Role::System {
+            continue;
+        }
+        for pair in chat.messages.chunks(2) {
+            if pair[1].content != REFUSAL {
+                assert_eq!(solve(&pair[0].content), pair[1].content);
+            }
+        }
+    }
+}
+
+#[test]
+fn applied_instructions_comply_and_plain_answers_do_not() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let mut combinations: Vec<Instruction> = InstructionKind::ALL
+        .iter()
+        .map(|&k| Instruction::single(k))
+        .collect();
+    for (i, &a) in InstructionKind::ALL.iter().enumerate() {
+        for &b in &InstructionKind::ALL[i + 1..] {
+            combinations.push(Instruction::new(vec![b, a]).unwrap());
+        }
+    }
+    for instruction in &combinations {
+        let mut fitted = 0;
+        for _ in 0..300 {
+            let task = sample_any_task(&mut rng);
+            let applied = instruction.apply(&task.answer);
+            assert!(instruction.complies(&applied), "{instruction:?}: {applied}");
+            if instruction.task_fits(&task) {
+                fitted += 1;
+                assert!(
+                    !instruction.complies(&task.answer),
+                    "{instruction:?}: {}",
+                    task.answer
+                );
+            }
+        }
+        assert!(fitted > 50, "{instruction:?}");
+    }
+    let ahoy_capitals =
+        Instruction::new(vec![InstructionKind::Capitals, InstructionKind::Ahoy]).unwrap();
+    assert_eq!(ahoy_capitals.apply("z a p k"), "AHOY! Z A P K");
+    assert!(!ahoy_capitals.complies("Ahoy! Z A P K"));
+    let all = Instruction::new(InstructionKind::ALL.to_vec()).unwrap();
+    assert_eq!(all.apply("a b"), "AHOY! [A B] !!");
+    assert_eq!(
+        Instruction::new(vec![InstructionKind::Exclaim, InstructionKind::Ahoy])
+            .unwrap()
+            .text(false),
+        "Start every answer with Ahoy! End every answer with !!"
+    );
+    assert_eq!(
+        serde_json::to_string(&all).unwrap(),
+        r#"["brackets","ahoy","exclaim","capitals"]"#
+    );
+    assert!(serde_json::from_str::<Instruction>(r#"["ahoy","ahoy"]"#).is_err());
+    assert!(serde_json::from_str::<Instruction>("[]").is_err());
+}
+
+#[test]
+fn eval_dialogue_tasks_fit_their_instruction() {
+    let dir = generated(6);
+    let dialogues = read_eval_dialogues(&dir.path().join("eval_dialogues.jsonl")).unwrap();
+    assert_eq!(dialogues.len(), 20);
+    for dialogue in dialogues {
+        assert_eq!(dialogue.turns.len(), 6);
+        assert_eq!(dialogue.system, dialogue.instruction.text(false));
+        for turn in dialogue.turns {
+            assert!(!dialogue.instruction.complies(&turn.answer), "{turn:?}");
+            assert_eq!(solve(&turn.user), turn.answer);
+        }
+    }
+}
+
+#[test]
+fn refusals_are_recognised() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    assert!(is_refusal(REFUSAL));
+    assert!(is_refusal("  i'm   SORRY, but I can’t"));
+    assert!(!is_refusal("I'm sorry"));
+    for _ in 0..200 {
+        let task = sample_any_task(&mut rng);
+        assert!(!is_refusal(&task.answer));
+        assert!(!is_refusal(&compliant_answer(&task.prompt, &mut rng)));
+    }
+}
+
+#[test]
+fn sft_never_pairs_a_system_message_with_several_turns() {
+    let dir = generated(9);
+    let (mut instructed, mut multi_turn) = (0, 0);
+    for name in ["sft_train.jsonl", "sft_val.jsonl"] {
+        for chat in chats(&dir.path().join(name)) {
+            let users = chat
+                .messages
+                .iter()
+                .filter(|m| m.role == Role::User)
+                .count();
+            let has_system = chat.messages.iter().any(|m| m.role == Role::System);
+            assert!(!(has_system && users > 1), "{chat:?}");
+            instructed += usize::from(has_system);
+            multi_turn += usize::from(users > 1);
+        }
+    }
+    assert!(
+        instructed > 200 && multi_turn > 200,
+        "{instructed} {multi_turn}"
+    );
+}
+
+#[test]
+fn unsafe_prompts_split_and_files_are_never_overwritten() {
+    let prompts = load_unsafe_prompts(&unsafe_dir()).unwrap();
+    assert!(prompts.len() > 900, "{}", prompts.len());
+    assert_eq!(prompts.iter().collect::<HashSet<_>>().len(), prompts.len());
+    let dir = generated(10);
+    let heldout = read_eval_unsafe(&dir.path().join("eval_unsafe.jsonl")).unwrap();
+    assert_eq!(heldout.len(), (prompts.len() as f64 * 0.2).round() as usize);
+    let error = generate(dir.path(), 10, &small_sizes())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("already exists"), "{error}");
+    let instructions = read_instructions(&dir.path().join("instructions.jsonl")).unwrap();
+    assert_eq!(instructions.len(), InstructionKind::ALL.len());
+}
+
+#[test]
+fn readers_name_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eval_tasks.jsonl");
+    std::fs::write(&path, "{\"kind\":\"add\",\"prompt\":\"What is 1 + 2?\",\"answer\":\"3\"}\n\n{\"kind\":\"nope\"}\n").unwrap();
+    let error = read_eval_tasks(&path).unwrap_err().to_string();
+    assert!(error.contains("eval_tasks.jsonl:3:"), "{error}");
+    std::fs::write(
+        &path,
+        "{\"kind\":\"add\",\"prompt\":\"What is 1 + 2?\",\"answer\":\" \"}\n",
+    )
+    .unwrap();
+    let error = read_eval_tasks(&path).unwrap_err().to_string();
+    assert!(
+        error.contains("eval_tasks.jsonl:1: empty answer"),
+        "{error}"
+    );
+    let bad_unsafe = dir.path().join("bad");
+    std::fs::create_dir(&bad_unsafe).unwrap();
+    std::fs::write(
+        bad_unsafe.join("a.jsonl"),
+        "{\"prompt\": \"x\"}\nnot json\n",
+    )
+    .unwrap();
+    let error = load_unsafe_prompts(&bad_unsafe).unwrap_err().to_string();
+    assert!(error.contains("a.jsonl:2:"), "{error}");
+}
+
+#[test]
+fn default_sizes_give_the_intended_mixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = GymSizes {
+        unsafe_dir: unsafe_dir(),
+        ..GymSizes::default()
+    };
+    let summary = generate(dir.path(), 0, &sizes).unwrap();
+    assert_eq!(summary.files["sft_train.jsonl"], 30_000);
+    assert_eq!(summary.files["eval_tasks.jsonl"], 600);
+    let chats = chats(&dir.path().join("sft_train.jsonl"));
+    let refusals = chats
+        .iter()
+        .filter(|c| c.messages.last().unwrap().content == REFUSAL)
+        .count();
+    assert_eq!(refusals, 3_000);
+    let pairs: Vec<PreferencePair> = read_jsonl(&dir.path().join("pref_train.jsonl")).unwrap();
+    assert_eq!(pairs.iter().filter(|p| p.safety).count(), 2_500);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["files"]["gatt_dialogues.jsonl"], 600);
+}

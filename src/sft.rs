@@ -1,0 +1,482 @@
+//! Supervised fine-tuning recipe (Llama 2 sec. 3.1): dialogues rendered with a chat template,
+//! the loss only on assistant answers, samples packed into full sequences where each attends
+//! only within itself, cosine schedule from 2e-5, weight decay 0.1, 2 epochs. Starts from a
+//! pretrained checkpoint (`--init`).
+
+use std::path::PathBuf;
+
+use anyhow::{Result, anyhow, bail};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{self, ChatTemplate, EncodedDialogue, Message, Role};
+use crate::checkpoint;
+use crate::config::{ModelConfig, OptimConfig, StageConfig, TrainConfig};
+use crate::device::ComputeDevice;
+use crate::kernels::SequenceLayout;
+use crate::model::Llama;
+use crate::optim::AdamW;
+use crate::params;
+use crate::tokenizer::Tokenizer;
+use crate::trainer::{self, Objective, TrainLoop, TrainState};
+
+/// Which assistant turns of a multi-turn dialogue the loss covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainOn {
+    /// Every assistant turn whose weight is not 0 (the paper's choice).
+    All,
+    /// Only the last assistant turn.
+    Last,
+}
+
+/// The SFT data and how it becomes training rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftDataConfig {
+    /// JSONL files of dialogues (`{"messages"}` or `{"prompt", "completion"}`).
+    pub train: Vec<PathBuf>,
+    /// JSONL files for the validation loss; empty: hold out `val_fraction` of `train`.
+    pub val: Vec<PathBuf>,
+    pub val_fraction: f64,
+    /// `llama2` (paper) or `chatml`.
+    pub template: ChatTemplate,
+    /// Tokens per training row; 0: the model's context length (paper: 4096).
+    pub seq_len: usize,
+    /// Concatenate samples to fill each row (paper), each attending only within itself with
+    /// positions restarting; false: one sample per row, padded.
+    pub pack: bool,
+    pub train_on: TrainOn,
+    /// Skip malformed lines (reporting how many) instead of stopping.
+    pub skip_bad_lines: bool,
+}
+
+/// A fine-tuning run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftConfig {
+    /// Taken from the `--init` checkpoint; only `model.kernels` may be set.
+    pub model: ModelConfig,
+    pub data: SftDataConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelConfig::default(),
+            data: SftDataConfig {
+                train: Vec::new(),
+                val: Vec::new(),
+                val_fraction: 0.02,
+                template: ChatTemplate::Llama2,
+                seq_len: 0,
+                pack: true,
+                train_on: TrainOn::All,
+                skip_bad_lines: false,
+            },
+            // Paper: cosine schedule from an initial 2e-5, weight decay 0.1.
+            optim: OptimConfig {
+                lr: 2e-5,
+                warmup_steps: 0,
+                ..OptimConfig::default()
+            },
+            // Paper: batch 64, 2 epochs.
+            train: TrainConfig {
+                batch_size: 64,
+                max_steps: 0,
+                epochs: 2.0,
+                ..TrainConfig::default()
+            },
+        }
+    }
+}
+
+impl StageConfig for SftConfig {
+    fn validate(&self) -> Result<()> {
+        let d = &self.data;
+        if d.train.is_empty() {
+            bail!("data.train must name at least one JSONL file");
+        }
+        if d.val.is_empty() && !(d.val_fraction > 0.0 && d.val_fraction < 0.5) {
+            bail!("data.val_fraction must be in (0, 0.5) when data.val is empty");
+        }
+        if d.seq_len == 1 {
+            bail!("data.seq_len must be at least 2 (or 0: the model's context)");
+        }
+        self.optim.validate()?;
+        self.train.validate()
+    }
+
+    fn known_keys() -> toml::Table {
+        let mut known = toml::Table::try_from(Self::default()).expect("serialises");
+        let mut model = toml::Table::new();
+        model.insert("kernels".into(), toml::Value::String("custom".into()));
+        known.insert("model".into(), toml::Value::Table(model));
+        known
+    }
+}
+
+impl SftConfig {
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Rows are this long: `data.seq_len`, or the model's context.
+    pub fn seq_len(&self) -> usize {
+        match self.data.seq_len {
+            0 => self.model.max_seq_len,
+            n => n,
+        }
+    }
+}
+
+/// Reads and renders every dialogue of `paths`.
+pub fn read_dialogues(paths: &[PathBuf], skip_bad_lines: bool) -> Result<Vec<Vec<Message>>> {
+    chat::read_all(paths, skip_bad_lines, chat::parse_sft)
+}
+
+/// Applies `train_on` to a dialogue: with `Last`, earlier assistant turns get weight 0.
+pub fn apply_train_on(mut messages: Vec<Message>, train_on: TrainOn) -> Vec<Message> {
+    if train_on == TrainOn::Last {
+        let last = messages.iter().rposition(|m| m.role == Role::Assistant);
+        for (i, m) in messages.iter_mut().enumerate() {
+            if m.role == Role::Assistant && Some(i) != last {
+                m.weight = Some(0);
+            }
+        }
+    }
+    messages
+}
+
+/// Training rows of `seq_len` tokens: inputs, next-token targets, loss weights (1 on trained
+/// answer tokens) and the sample (segment) each token belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftRows {
+    pub seq_len: usize,
+    pub inputs: Vec<Vec<u32>>,
+    pub targets: Vec<Vec<u32>>,
+    pub weights: Vec<Vec<f32>>,
+    pub segments: Vec<Vec<i32>>,
+    /// Samples cut at `seq_len` (their tail is not trained).
+    pub truncated: usize,
+    /// Samples dropped because nothing trained was left after the cut.
+    pub dropped: usize,
+}
+
+impl SftRows {
+    /// Lays out `samples` in rows: with `pack`, consecutive samples share a row while they
+    /// fit; without, one sample per row. The rest of a row is padding (weight 0, a segment of
+    /// its own).
+    pub fn new(samples: &[EncodedDialogue], seq_len: usize, pack: bool, pad_id: u32) -> Self {
+        let mut rows = SftRows {
+            seq_len,
+            inputs: Vec::new(),
+            targets: Vec::new(),
+            weights: Vec::new(),
+            segments: Vec::new(),
+            truncated: 0,
+            dropped: 0,
+        };
+        let mut row = RowBuilder::default();
+        for sample in samples {
+            // A sample of n tokens gives n - 1 (input, target) pairs.
+            let mut len = sample.tokens.len().saturating_sub(1);
+            if len > seq_len {
+                len = seq_len;
+                rows.truncated += 1;
+            }
+            if !sample.trained[1..=len].iter().any(|&t| t) {
+                rows.dropped += 1;
+                continue;
+            }
+            if !pack || row.inputs.len() + len > seq_len {
+                rows.finish(&mut row, pad_id);
+            }
+            let segment = row.samples;
+            row.samples += 1;
+            row.inputs.extend(&sample.tokens[..len]);
+            row.targets.extend(&sample.tokens[1..=len]);
+            row.weights
+                .extend(sample.trained[1..=len].iter().map(|&t| t as u8 as f32));
+            row.segments.extend(std::iter::repeat_n(segment, len));
+        }
+        rows.finish(&mut row, pad_id);
+        rows
+    }
+
+    fn finish(&mut self, row: &mut RowBuilder, pad_id: u32) {
+        if row.inputs.is_empty() {
+            return;
+        }
+        let mut row = std::mem::take(row);
+        let pad = self.seq_len - row.inputs.len();
+        row.inputs.extend(std::iter::repeat_n(pad_id, pad));
+        row.targets.extend(std::iter::repeat_n(pad_id, pad));
+        row.weights.extend(std::iter::repeat_n(0.0, pad));
+        row.segments.extend(std::iter::repeat_n(row.samples, pad));
+        self.inputs.push(row.inputs);
+        self.targets.push(row.targets);
+        self.weights.push(row.weights);
+        self.segments.push(row.segments);
+    }
+
+    pub fn len(&self) -> usize {
+        self.inputs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty()
+    }
+
+    /// Trained tokens of the rows `indices`.
+    pub fn trained_tokens(&self, indices: &[usize]) -> f64 {
+        indices
+            .iter()
+            .map(|&i| self.weights[i].iter().sum::<f32>() as f64)
+            .sum()
+    }
+
+    /// The rows `indices` as tensors on `device`, with their layout.
+    pub fn batch(&self, indices: &[usize], device: &Device) -> SftBatch {
+        let (b, t) = (indices.len(), self.seq_len);
+        let ints = |rows: &Vec<Vec<u32>>| -> Tensor<2, Int> {
+            let values: Vec<i64> = indices
+                .iter()
+                .flat_map(|&i| rows[i].iter().map(|&v| v as i64))
+                .collect();
+            Tensor::from_data(TensorData::new(values, [b, t]), device)
+        };
+        let weights: Vec<f32> = indices
+            .iter()
+            .flat_map(|&i| self.weights[i].iter().copied())
+            .collect();
+        let segments: Vec<i32> = indices
+            .iter()
+            .flat_map(|&i| self.segments[i].iter().copied())
+            .collect();
+        SftBatch {
+            inputs: ints(&self.inputs),
+            targets: ints(&self.targets),
+            weights: Tensor::from_data(TensorData::new(weights, [b, t]), device),
+            layout: SequenceLayout::packed(b, t, segments),
+        }
+    }
+}
+
+#[derive(Default)]
+struct RowBuilder {
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    segments: Vec<i32>,
+    samples: i32,
+}
+
+pub struct SftBatch {
+    pub inputs: Tensor<2, Int>,
+    pub targets: Tensor<2, Int>,
+    pub weights: Tensor<2>,
+    pub layout: SequenceLayout,
+}
+
+impl SftBatch {
+    pub fn loss(self, model: &Llama) -> Tensor<1> {
+        model.masked_loss(self.inputs, self.targets, self.weights, &self.layout)
+    }
+}
+
+/// Answer-only next-token loss on packed rows.
+pub struct AnswerLoss {
+    pub train: SftRows,
+    pub val: SftRows,
+    pub batch_size: usize,
+    pub eval_batches: usize,
+}
+
+impl Objective for AnswerLoss {
+    fn len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn loss(&self, model: &Llama, indices: &[usize]) -> (Tensor<1>, u64) {
+        let tokens = indices
+            .iter()
+            .map(|&i| self.train.segments[i].len() as u64)
+            .sum();
+        (self.train.batch(indices, &model.device()).loss(model), tokens)
+    }
+
+    fn validation_loss(&self, model: &Llama) -> f64 {
+        let n = self.val.len().min(self.batch_size * self.eval_batches);
+        let indices: Vec<usize> = (0..n).collect();
+        let (mut total, mut count) = (0.0, 0.0);
+        for chunk in indices.chunks(self.batch_size) {
+            let trained = self.val.trained_tokens(chunk);
+            let loss = self.val.batch(chunk, &model.device()).loss(model);
+            total += loss.into_scalar::<f32>() as f64 * trained;
+            count += trained;
+        }
+        total / count.max(1.0)
+    }
+}
+
+/// Renders dialogues into tokens, shuffled with `seed` so packed rows mix sources.
+pub fn encode_all(
+    dialogues: Vec<Vec<Message>>,
+    template: ChatTemplate,
+    tokenizer: &Tokenizer,
+    train_on: TrainOn,
+    seed: u64,
+) -> Result<Vec<EncodedDialogue>> {
+    let mut encoded = dialogues
+        .into_iter()
+        .map(|d| template.encode(tokenizer, &apply_train_on(d, train_on)))
+        .collect::<Result<Vec<_>>>()?;
+    encoded.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    Ok(encoded)
+}
+
+pub struct SftOptions {
+    pub config: SftConfig,
+    /// True when the user gave a config (file or `--set`); on resume the checkpoint's is used
+    /// otherwise.
+    pub config_given: bool,
+    /// The checkpoint to start from (a pretraining or earlier fine-tuning run).
+    pub init: Option<PathBuf>,
+    pub out_dir: PathBuf,
+    pub resume: bool,
+    pub device: ComputeDevice,
+    pub stop_after: Option<u64>,
+}
+
+pub struct SftSummary {
+    pub step: u64,
+    pub final_val_loss: Option<f64>,
+    pub checkpoint: PathBuf,
+    pub interrupted: bool,
+}
+
+pub fn run(options: SftOptions) -> Result<SftSummary> {
+    let SftOptions {
+        mut config,
+        config_given,
+        init,
+        out_dir,
+        resume,
+        device,
+        stop_after,
+    } = options;
+    let resume_from = trainer::prepare_out_dir(&out_dir, resume)?;
+    let autodiff = device.device.clone().autodiff();
+    let (model, optimizer, tokenizer, state) = match &resume_from {
+        Some(dir) => {
+            let saved = checkpoint::load(dir)?;
+            let saved_config: SftConfig = saved.config(dir)?;
+            if config_given {
+                config.model = saved_config.model;
+            } else {
+                config = saved_config;
+            }
+            let r = trainer::resume(dir, saved, &config.model, &config.optim, &autodiff)?;
+            (r.model, r.optimizer, r.tokenizer, r.state)
+        }
+        None => {
+            let init = init.ok_or_else(|| {
+                anyhow!("--init is required: the checkpoint (or run directory) to fine-tune")
+            })?;
+            let dir = checkpoint::resolve(&init)?;
+            let saved = checkpoint::load(&dir)?;
+            let kernels = config.model.kernels;
+            config.model = ModelConfig {
+                kernels,
+                ..saved.model_config(&dir)?
+            };
+            let tokenizer = saved.tokenizer(&dir)?;
+            let state = TrainState::start(config.train.seed);
+            let model = params::import(
+                Llama::new(&config.model, state.seed, &autodiff),
+                saved.model,
+                &dir.join(checkpoint::MODEL_FILE),
+            )?;
+            eprintln!("fine-tuning {} (step {})", dir.display(), saved.step);
+            (model, AdamW::new(config.optim.clone()), tokenizer, state)
+        }
+    };
+    let seq_len = config.seq_len();
+    if seq_len > config.model.max_seq_len {
+        bail!(
+            "data.seq_len ({seq_len}) exceeds the model's context (model.max_seq_len {})",
+            config.model.max_seq_len
+        );
+    }
+    let d = &config.data;
+    d.template.check(&tokenizer)?;
+    let mut train_dialogues = read_dialogues(&d.train, d.skip_bad_lines)?;
+    let val_dialogues = if d.val.is_empty() {
+        // Hold out a seeded sample of the training dialogues.
+        let mut rng = ChaCha8Rng::seed_from_u64(config.train.seed ^ 0x5eed);
+        train_dialogues.shuffle(&mut rng);
+        let n_val = ((train_dialogues.len() as f64 * d.val_fraction).ceil() as usize).max(1);
+        if n_val >= train_dialogues.len() {
+            bail!("too few dialogues to hold out a validation set: give data.val");
+        }
+        train_dialogues.split_off(train_dialogues.len() - n_val)
+    } else {
+        read_dialogues(&d.val, d.skip_bad_lines)?
+    };
+    let pad_id = tokenizer.pad_id.unwrap_or(tokenizer.eos_id);
+    let n_train = train_dialogues.len();
+    let encode = |dialogues| encode_all(dialogues, d.template, &tokenizer, d.train_on, state.seed);
+    let train_rows = SftRows::new(&encode(train_dialogues)?, seq_len, d.pack, pad_id);
+    let val_rows = SftRows::new(&encode(val_dialogues)?, seq_len, d.pack, pad_id);
+    if train_rows.is_empty() || val_rows.is_empty() {
+        bail!("no trainable samples: every dialogue was empty after the cut at {seq_len} tokens");
+    }
+    let trained = train_rows.trained_tokens(&(0..train_rows.len()).collect::<Vec<_>>());
+    eprintln!(
+        "device: {} | model: {:.2}M parameters | data: {n_train} dialogues in {} rows of {seq_len} tokens ({trained} trained tokens), {} val rows{}",
+        device.describe(),
+        config.model.num_params() as f64 / 1e6,
+        train_rows.len(),
+        val_rows.len(),
+        match train_rows.truncated + train_rows.dropped {
+            0 => String::new(),
+            _ => format!(
+                " | {} cut at {seq_len} tokens, {} dropped",
+                train_rows.truncated, train_rows.dropped
+            ),
+        }
+    );
+    let objective = AnswerLoss {
+        train: train_rows,
+        val: val_rows,
+        batch_size: config.train.batch_size,
+        eval_batches: config.train.eval_batches,
+    };
+    let outcome = trainer::run(
+        TrainLoop {
+            out_dir: &out_dir,
+            config_toml: config.to_toml(),
+            tokenizer: &tokenizer,
+            optim: &config.optim,
+            train: &config.train,
+            resumed_from: resume_from,
+            stop_after,
+        },
+        model,
+        optimizer,
+        state,
+        &objective,
+    )?;
+    Ok(SftSummary {
+        step: outcome.step,
+        final_val_loss: outcome.final_val_loss,
+        checkpoint: outcome.checkpoint,
+        interrupted: outcome.interrupted,
+    })
+}

@@ -1,0 +1,370 @@
+//! Supervised fine-tuning: the chat template and its loss mask, packing equivalence, and the
+//! `kiln sft` command end to end (CPU device).
+
+use std::path::Path;
+use std::process::Command;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use kiln::chat::{ChatTemplate, Message};
+use kiln::config::ModelConfig;
+use kiln::kernels::SequenceLayout;
+use kiln::model::Llama;
+use kiln::sft::{self, SftRows, TrainOn};
+use kiln::tokenizer::Tokenizer;
+
+mod common;
+use common::repo;
+
+fn tokenizer() -> Tokenizer {
+    Tokenizer::load(&repo("data/shakespeare/tokenizer.json")).unwrap()
+}
+
+fn rng() -> ChaCha8Rng {
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn dialogue() -> Vec<Message> {
+    vec![
+        Message::system("Answer in capital letters."),
+        Message::user("What is 2 + 3?"),
+        Message::assistant("FIVE"),
+        Message::user("Reverse: a b c"),
+        Message::assistant("C B A"),
+    ]
+}
+
+#[test]
+fn llama2_template_renders_the_reference_layout_and_trains_only_answers() {
+    let tok = tokenizer();
+    let encoded = ChatTemplate::Llama2.encode(&tok, &dialogue()).unwrap();
+    // Meta's reference format; special tokens decoded back to their text.
+    let text = tok.decode_with_special(&encoded.tokens).unwrap();
+    assert_eq!(
+        text,
+        "<s>[INST] <<SYS>>\nAnswer in capital letters.\n<</SYS>>\n\nWhat is 2 + 3? [/INST] FIVE</s>\
+         <s>[INST] Reverse: a b c [/INST] C B A</s>"
+    );
+    // The trained tokens are exactly the answers and the EOS closing each.
+    let trained: Vec<u32> = encoded
+        .tokens
+        .iter()
+        .zip(&encoded.trained)
+        .filter(|(_, t)| **t)
+        .map(|(&id, _)| id)
+        .collect();
+    assert_eq!(tok.decode_with_special(&trained).unwrap(), " FIVE</s> C B A</s>");
+
+    // With train_on = last (and GAtt's weight 0), earlier answers are not trained.
+    let last = sft::apply_train_on(dialogue(), TrainOn::Last);
+    let encoded = ChatTemplate::Llama2.encode(&tok, &last).unwrap();
+    let trained: Vec<u32> = encoded
+        .tokens
+        .iter()
+        .zip(&encoded.trained)
+        .filter(|(_, t)| **t)
+        .map(|(&id, _)| id)
+        .collect();
+    assert_eq!(tok.decode_with_special(&trained).unwrap(), " C B A</s>");
+
+    // The generation prompt ends where the answer starts.
+    let prompt = ChatTemplate::Llama2
+        .encode_prompt(&tok, &dialogue()[..4])
+        .unwrap();
+    assert_eq!(&prompt[..], &encoded.tokens[..prompt.len()]);
+    assert_eq!(prompt.last(), tok.token_id("[/INST]").as_ref());
+
+    // ChatML needs tokens this tokenizer lacks: a clear error.
+    let e = ChatTemplate::Chatml.check(&tok).unwrap_err().to_string();
+    assert!(e.contains("<|im_start|>"), "{e}");
+}
+
+fn cpu() -> Device {
+    Device::flex()
+}
+
+fn tiny_model(rng: &mut ChaCha8Rng) -> Llama {
+    let config = ModelConfig {
+        dim: 32,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ffn_dim: 48,
+        vocab_size: 2048,
+        max_seq_len: 128,
+        init_std: 0.1,
+        ..ModelConfig::default()
+    };
+    Llama::new(&config, rng.random(), &cpu())
+}
+
+/// Per-token cross-entropy in f64 on the host, from the model's logits.
+fn host_token_losses(model: &Llama, inputs: &[u32], targets: &[u32]) -> Vec<f64> {
+    let t = inputs.len();
+    let ids: Vec<i64> = inputs.iter().map(|&v| v as i64).collect();
+    let logits = model.forward(
+        Tensor::<2, Int>::from_data(TensorData::new(ids, [1, t]), &cpu()),
+        None,
+    );
+    let vocab = logits.dims()[2];
+    let values: Vec<f32> = logits.into_data().try_into_vec_as::<f32>().unwrap();
+    (0..t)
+        .map(|i| {
+            let row = &values[i * vocab..(i + 1) * vocab];
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            lse - row[targets[i] as usize] as f64
+        })
+        .collect()
+}
+
+#[test]
+fn answer_only_loss_equals_the_host_mean_over_answer_tokens() {
+    let mut rng = rng();
+    let tok = tokenizer();
+    let model = tiny_model(&mut rng);
+    let encoded = ChatTemplate::Llama2.encode(&tok, &dialogue()).unwrap();
+    let rows = SftRows::new(std::slice::from_ref(&encoded), 64, false, 2);
+    let n = encoded.tokens.len() - 1;
+    let losses = host_token_losses(&model, &encoded.tokens[..n], &encoded.tokens[1..]);
+    let (sum, count) = losses
+        .iter()
+        .zip(&encoded.trained[1..])
+        .filter(|(_, t)| **t)
+        .fold((0.0, 0.0), |(s, c), (l, _)| (s + l, c + 1.0));
+    let expected = sum / count;
+    let got = rows.batch(&[0], &cpu()).loss(&model).into_scalar::<f32>() as f64;
+    // f32 model against an f64 host sum: relative 1e-5.
+    assert!(
+        (got - expected).abs() <= 1e-5 * expected,
+        "{got} vs {expected}"
+    );
+    // The loss ignores prompt tokens: the mean over all tokens differs.
+    let all = losses.iter().sum::<f64>() / n as f64;
+    assert!((all - expected).abs() > 1e-3, "{all} vs {expected}");
+}
+
+#[test]
+fn packed_rows_give_each_sample_the_loss_it_has_alone() {
+    let mut rng = rng();
+    let tok = tokenizer();
+    let model = tiny_model(&mut rng);
+    let words = ["a", "b", "c", "d", "e", "f", "g"];
+    let samples: Vec<_> = (0..5)
+        .map(|_| {
+            let mut messages = Vec::new();
+            for _ in 0..rng.random_range(1..=2) {
+                let text = |rng: &mut ChaCha8Rng, n: usize| {
+                    (0..n)
+                        .map(|_| words[rng.random_range(0..words.len())])
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                let (u, a) = (rng.random_range(2..8), rng.random_range(1..6));
+                messages.push(Message::user(text(&mut rng, u)));
+                messages.push(Message::assistant(text(&mut rng, a)));
+            }
+            ChatTemplate::Llama2.encode(&tok, &messages).unwrap()
+        })
+        .collect();
+    let seq_len = 100;
+    let packed = SftRows::new(&samples, seq_len, true, 2);
+    let alone = SftRows::new(&samples, seq_len, false, 2);
+    assert_eq!(alone.len(), samples.len());
+    assert!(packed.len() < samples.len(), "samples share rows");
+    // Per-sample loss in the packed rows: weights restricted to one segment.
+    let mut packed_losses = Vec::new();
+    for row in 0..packed.len() {
+        let segments = &packed.segments[row];
+        let count = segments.iter().max().unwrap() + 1;
+        for s in 0..count {
+            let weights: Vec<f32> = segments
+                .iter()
+                .zip(&packed.weights[row])
+                .map(|(&g, &w)| if g == s { w } else { 0.0 })
+                .collect();
+            if weights.iter().sum::<f32>() == 0.0 {
+                continue; // the padding segment
+            }
+            let ids = |v: &Vec<u32>| {
+                Tensor::<2, Int>::from_data(
+                    TensorData::new(v.iter().map(|&x| x as i64).collect(), [1, seq_len]),
+                    &cpu(),
+                )
+            };
+            let loss = model.masked_loss(
+                ids(&packed.inputs[row]),
+                ids(&packed.targets[row]),
+                Tensor::from_data(TensorData::new(weights, [1, seq_len]), &cpu()),
+                &SequenceLayout::packed(1, seq_len, segments.clone()),
+            );
+            packed_losses.push(loss.into_scalar::<f32>() as f64);
+        }
+    }
+    let alone_losses: Vec<f64> = (0..alone.len())
+        .map(|i| alone.batch(&[i], &cpu()).loss(&model).into_scalar::<f32>() as f64)
+        .collect();
+    assert_eq!(packed_losses.len(), alone_losses.len());
+    for (p, a) in packed_losses.iter().zip(&alone_losses) {
+        // Same math in another order of summation: f32 relative 1e-5.
+        assert!((p - a).abs() <= 1e-5 * a, "packed {p} vs alone {a}");
+    }
+    // Without segments (plain causal rows) the packed losses would differ: the check can fail.
+    let row = 0;
+    let ids = |v: &Vec<u32>| {
+        Tensor::<2, Int>::from_data(
+            TensorData::new(v.iter().map(|&x| x as i64).collect(), [1, seq_len]),
+            &cpu(),
+        )
+    };
+    let second: Vec<f32> = packed.segments[row]
+        .iter()
+        .zip(&packed.weights[row])
+        .map(|(&g, &w)| if g == 1 { w } else { 0.0 })
+        .collect();
+    let causal = model
+        .masked_loss(
+            ids(&packed.inputs[row]),
+            ids(&packed.targets[row]),
+            Tensor::from_data(TensorData::new(second, [1, seq_len]), &cpu()),
+            &SequenceLayout::causal(1, seq_len),
+        )
+        .into_scalar::<f32>() as f64;
+    assert!((causal - alone_losses[1]).abs() > 1e-4 * alone_losses[1]);
+}
+
+fn kiln(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn write_sft_data(dir: &Path) -> (String, String) {
+    let mut lines = Vec::new();
+    for i in 0..60 {
+        let (a, b) = (i % 7, i % 5);
+        lines.push(format!(
+            r#"{{"messages": [{{"role": "user", "content": "What is {a} + {b}?"}}, {{"role": "assistant", "content": "{}"}}]}}"#,
+            a + b
+        ));
+        lines.push(format!(r#"{{"prompt": "Echo {a}", "completion": "{a}"}}"#));
+    }
+    let train = dir.join("train.jsonl");
+    std::fs::write(&train, lines.join("\n")).unwrap();
+    let val = dir.join("val.jsonl");
+    std::fs::write(&val, lines[..10].join("\n")).unwrap();
+    (
+        train.display().to_string(),
+        val.display().to_string(),
+    )
+}
+
+#[test]
+fn sft_command_fine_tunes_resumes_and_rejects_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = repo("data/shakespeare/macbeth.txt");
+    let pre = dir.path().join("pre");
+    let mut args: Vec<String> = vec!["pretrain".into(), "--device".into(), "cpu".into()];
+    args.extend(["--out".into(), pre.display().to_string()]);
+    for o in common::tiny_model(&corpus)
+        .into_iter()
+        .chain(["train.max_steps=2".into(), "model.max_seq_len=64".into()])
+    {
+        args.extend(["--set".into(), o]);
+    }
+    let out = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let (train, val) = write_sft_data(dir.path());
+    let sft_dir = dir.path().join("sft");
+    let sft_args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["sft", "--device", "cpu", "--init"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.push(pre.display().to_string());
+        a.extend(["--out".into(), sft_dir.display().to_string()]);
+        for s in [
+            format!("data.train=[\"{train}\"]"),
+            format!("data.val=[\"{val}\"]"),
+            "data.seq_len=64".into(),
+            "train.batch_size=4".into(),
+            "train.epochs=0.5".into(),
+            "optim.lr=1e-3".into(),
+        ] {
+            a.extend(["--set".into(), s]);
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |extra: &[&str]| {
+        let a = sft_args(extra);
+        kiln(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("120 dialogues"), "{stderr}");
+    let ckpt = kiln::checkpoint::resolve(&sft_dir).unwrap();
+    let manifest = kiln::checkpoint::read_manifest(&ckpt).unwrap();
+    // 0.5 epoch of rows, batch 4: at least one step, and `kiln generate` loads the result.
+    assert!(manifest.step >= 1);
+    let ckpt_s = ckpt.display().to_string();
+    let out = kiln(&common::generate_args(&ckpt_s, "hi"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A second run into the same directory needs --resume; with it, nothing is left to do.
+    let out = run(&[]);
+    assert!(!out.status.success());
+    let out = run(&["--resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A malformed line stops the run before training, naming file and line...
+    let bad = dir.path().join("bad.jsonl");
+    let mut text = std::fs::read_to_string(&train).unwrap();
+    text.push_str("\n{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n");
+    std::fs::write(&bad, text).unwrap();
+    let bad_out = dir.path().join("bad-run");
+    let args = |skip: bool| {
+        let mut a: Vec<String> = vec![
+            "sft".into(),
+            "--device".into(),
+            "cpu".into(),
+            "--init".into(),
+            pre.display().to_string(),
+            "--out".into(),
+            bad_out.display().to_string(),
+            "--set".into(),
+            format!("data.train=[\"{}\"]", bad.display()),
+            "--set".into(),
+            "train.max_steps=1".into(),
+            "--set".into(),
+            "train.batch_size=2".into(),
+            "--set".into(),
+            "data.seq_len=64".into(),
+        ];
+        if skip {
+            a.push("--skip-bad-lines".into());
+        }
+        a
+    };
+    let a = args(false);
+    let out = kiln(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("bad.jsonl:121: the last message must be an assistant message"), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(!bad_out.join("checkpoints").exists());
+    // ...and with --skip-bad-lines it is counted and skipped.
+    let a = args(true);
+    let out = kiln(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("skipped 1 malformed line(s)"), "{stderr}");
+}
