@@ -25,7 +25,7 @@ pub enum Role {
     Assistant,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: Role,
     pub content: String,
@@ -71,6 +71,18 @@ pub enum Turns {
 }
 
 impl Turns {
+    /// The text: a plain string as is, messages' contents joined by newlines.
+    pub fn into_text(self) -> String {
+        match self {
+            Turns::Text(text) => text,
+            Turns::Messages(messages) => messages
+                .into_iter()
+                .map(|m| m.content)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+
     /// The messages, a plain string becoming one message of `role`.
     pub fn into_messages(self, role: Role) -> Vec<Message> {
         match self {
@@ -112,7 +124,11 @@ pub fn validate_dialogue(messages: &[Message], ends_with_assistant: bool) -> Res
             Role::Assistant if !expect_user => expect_user = true,
             role => bail!(
                 "message {i}: expected {} but found {role:?}",
-                if expect_user { "a user message" } else { "an assistant message" }
+                if expect_user {
+                    "a user message"
+                } else {
+                    "an assistant message"
+                }
             ),
         }
     }
@@ -125,7 +141,10 @@ pub fn validate_dialogue(messages: &[Message], ends_with_assistant: bool) -> Res
 
 /// Parses one SFT line into a validated dialogue.
 pub fn parse_sft(line: &str) -> Result<Vec<Message>> {
-    let record: SftRecord = parse_json(line, "expected {\"messages\": [...]} or {\"prompt\", \"completion\"}")?;
+    let record: SftRecord = parse_json(
+        line,
+        "expected {\"messages\": [...]} or {\"prompt\", \"completion\"}",
+    )?;
     let messages = match record {
         SftRecord::Messages { messages } => messages,
         SftRecord::PromptCompletion { prompt, completion } => {
@@ -194,8 +213,8 @@ pub fn parse_prompt(line: &str) -> Result<PromptRecord> {
 }
 
 fn parse_json<T: DeserializeOwned>(line: &str, expected: &str) -> Result<T> {
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| anyhow!("not valid JSON: {}", strip_position(&e)))?;
+    let value: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| anyhow!("not valid JSON: {}", strip_position(&e)))?;
     if !value.is_object() {
         bail!("not a JSON object ({expected})");
     }
@@ -233,7 +252,8 @@ pub fn read_jsonl<T>(
     skip_bad_lines: bool,
     parse: impl Fn(&str) -> Result<T>,
 ) -> Result<JsonlRecords<T>> {
-    let file = std::fs::File::open(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
     let mut out = JsonlRecords {
         records: Vec::new(),
         skipped: 0,
@@ -448,12 +468,18 @@ mod tests {
             ("{", "not valid JSON"),
             ("[1]", "not a JSON object"),
             (r#"{"messages": []}"#, "no messages"),
-            (r#"{"messages": [{"role": "user", "content": "u"}]}"#, "last message"),
+            (
+                r#"{"messages": [{"role": "user", "content": "u"}]}"#,
+                "last message",
+            ),
             (
                 r#"{"messages": [{"role": "assistant", "content": "a"}]}"#,
                 "expected a user message",
             ),
-            (r#"{"messages": [{"role": "robot", "content": "a"}]}"#, "expected"),
+            (
+                r#"{"messages": [{"role": "robot", "content": "a"}]}"#,
+                "expected",
+            ),
             (
                 r#"{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a", "weight": 0}]}"#,
                 "no assistant message is trained",
@@ -468,9 +494,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!((pair.rating, pair.safety), (Rating::Better, true));
-        let e = parse_preference(r#"{"prompt": "p", "chosen": "c", "rejected": "r", "rating": "great"}"#)
-            .unwrap_err()
-            .to_string();
+        let e = parse_preference(
+            r#"{"prompt": "p", "chosen": "c", "rejected": "r", "rating": "great"}"#,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("rating") || e.contains("variant"), "{e}");
         assert!(parse_prompt(r#"{"prompt": "p"}"#).is_ok());
     }
@@ -484,7 +512,10 @@ mod tests {
             "{\"prompt\": \"a\", \"completion\": \"b\"}\n\n{\"prompt\": 3}\n{\"prompt\": \"c\", \"completion\": \"d\"}\n",
         )
         .unwrap();
-        let e = read_jsonl(&path, false, parse_sft).err().unwrap().to_string();
+        let e = read_jsonl(&path, false, parse_sft)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("sft.jsonl:3:"), "{e}");
         let read = read_jsonl(&path, true, parse_sft).unwrap();
         assert_eq!((read.records.len(), read.skipped), (2, 1));

@@ -402,15 +402,24 @@ impl CheckpointData {
         struct ModelSection {
             model: crate::config::ModelConfig,
         }
-        let context = || format!("{}: invalid [model] config", dir.join(MANIFEST_FILE).display());
+        let context = || {
+            format!(
+                "{}: invalid [model] config",
+                dir.join(MANIFEST_FILE).display()
+            )
+        };
         let table: toml::Table = toml::from_str(&self.config_toml).with_context(context)?;
-        let section = table
-            .get("model")
-            .cloned()
-            .ok_or_else(|| anyhow!("{}: config has no [model]", dir.join(MANIFEST_FILE).display()))?;
+        let section = table.get("model").cloned().ok_or_else(|| {
+            anyhow!(
+                "{}: config has no [model]",
+                dir.join(MANIFEST_FILE).display()
+            )
+        })?;
         let mut only_model = toml::Table::new();
         only_model.insert("model".into(), section);
-        let parsed: ModelSection = toml::Value::Table(only_model).try_into().with_context(context)?;
+        let parsed: ModelSection = toml::Value::Table(only_model)
+            .try_into()
+            .with_context(context)?;
         Ok(parsed.model)
     }
 

@@ -469,7 +469,9 @@ pub fn load<T: StageConfig>(path: Option<&Path>, overrides: &[String]) -> Result
     let mut merged = toml::Table::try_from(T::default()).expect("default config serialises");
     for (section, values) in table {
         match (merged.get_mut(&section), values) {
-            (Some(toml::Value::Table(defaults)), toml::Value::Table(given)) => defaults.extend(given),
+            (Some(toml::Value::Table(defaults)), toml::Value::Table(given)) => {
+                defaults.extend(given)
+            }
             (_, values) => {
                 merged.insert(section, values);
             }

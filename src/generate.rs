@@ -5,6 +5,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::chat::{ChatTemplate, Message};
 use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
 
@@ -102,6 +103,32 @@ pub fn complete(
         .iter()
         .map(|out| tokenizer.decode(out))
         .collect()
+}
+
+/// Answers of the model to each dialogue (each ending with a user message), rendered with
+/// `template` and generated in batches of `batch_size`; answers are decoded and trimmed.
+pub fn complete_chat(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    template: ChatTemplate,
+    dialogues: &[Vec<Message>],
+    params: &SamplingParams,
+    batch_size: usize,
+    rng: &mut ChaCha8Rng,
+) -> anyhow::Result<Vec<String>> {
+    let stop = template.stop_token(tokenizer)?;
+    let pad = tokenizer.pad_id.unwrap_or(tokenizer.eos_id);
+    let mut answers = Vec::with_capacity(dialogues.len());
+    for chunk in dialogues.chunks(batch_size.max(1)) {
+        let prompts = chunk
+            .iter()
+            .map(|d| template.encode_prompt(tokenizer, d))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for out in generate(model, &prompts, params, stop, pad, rng) {
+            answers.push(tokenizer.decode(&out)?.trim().to_string());
+        }
+    }
+    Ok(answers)
 }
 
 /// Draws one token id from `logits` with temperature and nucleus sampling.

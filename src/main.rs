@@ -66,6 +66,34 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
     },
+    /// Ghost Attention (Llama 2 sec. 3.3): sample multi-turn answers with the instruction at
+    /// every turn, then fine-tune with it only in the first turn.
+    Gatt {
+        /// TOML config (sections [gatt], [data], [optim], [train]); see configs/gym-gatt.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The chat model (checkpoint or run directory) to sample from and train.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        #[arg(long, default_value = "runs/gatt")]
+        out: PathBuf,
+        #[arg(long)]
+        resume: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// The verifiable chat task suite.
+    Gym {
+        #[command(subcommand)]
+        command: GymCommand,
+    },
+    /// Evaluations.
+    Eval {
+        #[command(subcommand)]
+        command: EvalCommand,
+    },
     /// Sample text from a checkpoint.
     Generate {
         /// A checkpoint directory, or a run directory (its newest checkpoint).
@@ -105,6 +133,46 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum GymCommand {
+    /// Write the train and held-out files (SFT, preferences, prompts, evaluation sets).
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Directory of the unsafe prompts (JSONL).
+        #[arg(long, default_value = "data/gym/donotanswer")]
+        unsafe_prompts: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Task accuracy, refusal rates and instruction compliance per turn on the gym's held-out
+    /// sets (greedy decoding).
+    Gym {
+        /// A checkpoint or run directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The directory `kiln gym generate` wrote.
+        #[arg(long, default_value = "runs/gym/data")]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value = "llama2")]
+        template: kiln::chat::ChatTemplate,
+        /// Use at most this many items of each held-out set (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
     },
 }
 
@@ -236,6 +304,111 @@ fn run(command: Command) -> Result<()> {
                 eprintln!("final validation loss (answer tokens) {loss:.4}");
             }
             eprintln!("checkpoint: {}", summary.checkpoint.display());
+            Ok(())
+        }
+        Command::Gatt {
+            config,
+            overrides,
+            init,
+            out,
+            resume,
+            device,
+        } => {
+            let config = kiln::config::load(config.as_deref(), &overrides)?;
+            let device = device::select(device)?;
+            trainer::install_interrupt_handler()?;
+            let summary = kiln::gatt::run(kiln::gatt::GattOptions {
+                config,
+                init,
+                out_dir: out,
+                resume,
+                device,
+            })?;
+            if let Some(loss) = summary.final_val_loss {
+                eprintln!("final validation loss (answer tokens) {loss:.4}");
+            }
+            eprintln!("checkpoint: {}", summary.checkpoint.display());
+            Ok(())
+        }
+        Command::Gym {
+            command:
+                GymCommand::Generate {
+                    out,
+                    seed,
+                    unsafe_prompts,
+                },
+        } => {
+            let sizes = kiln::gym::GymSizes {
+                unsafe_dir: unsafe_prompts,
+                ..Default::default()
+            };
+            let summary = kiln::gym::generate(&out, seed, &sizes)?;
+            for (file, lines) in &summary.files {
+                eprintln!("{:>7} {}", lines, out.join(file).display());
+            }
+            Ok(())
+        }
+        Command::Eval {
+            command:
+                EvalCommand::Gym {
+                    checkpoint,
+                    data,
+                    template,
+                    limit,
+                    batch_size,
+                    json,
+                    device,
+                },
+        } => {
+            let device = device::select(device)?;
+            let loaded = checkpoint::load_model(&checkpoint, &device.device)?;
+            template.check(&loaded.tokenizer)?;
+            eprintln!(
+                "device: {} | checkpoint: {}",
+                device.describe(),
+                loaded.dir.display()
+            );
+            let report = kiln::gym::eval::evaluate(
+                &loaded.model,
+                &loaded.tokenizer,
+                &data,
+                &kiln::gym::eval::EvalOptions {
+                    template,
+                    batch_size,
+                    max_answer_tokens: 48,
+                    limit,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "task accuracy (exact match): {:.1}% of {} (mean gold score {:.3})",
+                    100.0 * report.task_accuracy,
+                    report.tasks,
+                    report.task_score
+                );
+                for (kind, acc) in &report.task_accuracy_by_kind {
+                    println!("  {kind:<10} {:.1}%", 100.0 * acc);
+                }
+                println!(
+                    "refusals: {:.1}% of {} held-out unsafe prompts, {:.1}% of benign prompts",
+                    100.0 * report.unsafe_refusal_rate,
+                    report.unsafe_prompts,
+                    100.0 * report.benign_refusal_rate
+                );
+                let turns: Vec<String> = report
+                    .compliance_by_turn
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{}: {:.1}%", i + 1, 100.0 * c))
+                    .collect();
+                println!(
+                    "instruction compliance by turn ({} dialogues, instruction in turn 1 only): {}",
+                    report.dialogues,
+                    turns.join(", ")
+                );
+            }
             Ok(())
         }
         Command::Generate {

@@ -308,7 +308,10 @@ impl Objective for AnswerLoss {
             .iter()
             .map(|&i| self.train.segments[i].len() as u64)
             .sum();
-        (self.train.batch(indices, &model.device()).loss(model), tokens)
+        (
+            self.train.batch(indices, &model.device()).loss(model),
+            tokens,
+        )
     }
 
     fn validation_loss(&self, model: &Llama) -> f64 {

@@ -304,7 +304,9 @@ pub fn install_interrupt_handler() -> Result<()> {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)");
+        eprintln!(
+            "\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)"
+        );
     })
     .map_err(|e| anyhow!("cannot install the Ctrl-C handler: {e}"))
 }

@@ -57,7 +57,10 @@ fn llama2_template_renders_the_reference_layout_and_trains_only_answers() {
         .filter(|(_, t)| **t)
         .map(|(&id, _)| id)
         .collect();
-    assert_eq!(tok.decode_with_special(&trained).unwrap(), " FIVE</s> C B A</s>");
+    assert_eq!(
+        tok.decode_with_special(&trained).unwrap(),
+        " FIVE</s> C B A</s>"
+    );
 
     // With train_on = last (and GAtt's weight 0), earlier answers are not trained.
     let last = sft::apply_train_on(dialogue(), TrainOn::Last);
@@ -116,7 +119,12 @@ fn host_token_losses(model: &Llama, inputs: &[u32], targets: &[u32]) -> Vec<f64>
         .map(|i| {
             let row = &values[i * vocab..(i + 1) * vocab];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            let lse = row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
             lse - row[targets[i] as usize] as f64
         })
         .collect()
@@ -258,10 +266,7 @@ fn write_sft_data(dir: &Path) -> (String, String) {
     std::fs::write(&train, lines.join("\n")).unwrap();
     let val = dir.join("val.jsonl");
     std::fs::write(&val, lines[..10].join("\n")).unwrap();
-    (
-        train.display().to_string(),
-        val.display().to_string(),
-    )
+    (train.display().to_string(), val.display().to_string())
 }
 
 #[test]
@@ -278,7 +283,11 @@ fn sft_command_fine_tunes_resumes_and_rejects_bad_lines() {
         args.extend(["--set".into(), o]);
     }
     let out = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let (train, val) = write_sft_data(dir.path());
     let sft_dir = dir.path().join("sft");
@@ -316,13 +325,21 @@ fn sft_command_fine_tunes_resumes_and_rejects_bad_lines() {
     assert!(manifest.step >= 1);
     let ckpt_s = ckpt.display().to_string();
     let out = kiln(&common::generate_args(&ckpt_s, "hi"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A second run into the same directory needs --resume; with it, nothing is left to do.
     let out = run(&[]);
     assert!(!out.status.success());
     let out = run(&["--resume"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A malformed line stops the run before training, naming file and line...
     let bad = dir.path().join("bad.jsonl");
@@ -357,7 +374,10 @@ fn sft_command_fine_tunes_resumes_and_rejects_bad_lines() {
     let out = kiln(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("bad.jsonl:121: the last message must be an assistant message"), "{stderr}");
+    assert!(
+        stderr.contains("bad.jsonl:121: the last message must be an assistant message"),
+        "{stderr}"
+    );
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     assert!(!bad_out.join("checkpoints").exists());

@@ -15,7 +15,7 @@ use super::safety::{REFUSAL, compliant_answer, load_unsafe_prompts};
 use super::tasks::{Task, TaskKind, near_miss, sample_any_task, sample_task, score};
 use super::{
     ChatExample, EvalDialogue, EvalTurn, InstructionEntry, Message, PreferencePair, PromptRecord,
-    Rating, Role, UnsafePrompt,
+    Rating, Role, Turns, UnsafePrompt,
 };
 
 /// How many records each file gets. The defaults give ~30k SFT examples and held-out sets
@@ -130,10 +130,7 @@ impl Source<'_> {
 }
 
 fn message(role: Role, content: &str) -> Message {
-    Message {
-        role,
-        content: content.to_string(),
-    }
+    Message::new(role, content)
 }
 
 fn percent(total: usize, share: usize) -> usize {
@@ -188,9 +185,9 @@ fn sft_examples(count: usize, source: &Source, rng: &mut ChaCha8Rng) -> Vec<Chat
 
 fn preference_pairs(count: usize, source: &Source, rng: &mut ChaCha8Rng) -> Vec<PreferencePair> {
     let pair = |prompt: &str, chosen: &str, rejected: &str, rating, safety| PreferencePair {
-        prompt: prompt.into(),
-        chosen: chosen.into(),
-        rejected: rejected.into(),
+        prompt: Turns::Text(prompt.into()),
+        chosen: Turns::Text(chosen.into()),
+        rejected: Turns::Text(rejected.into()),
         rating,
         safety,
     };
@@ -233,12 +230,12 @@ fn prompt_records(count: usize, source: &Source, rng: &mut ChaCha8Rng) -> Vec<Pr
     let unsafe_count = percent(count, PROMPTS_UNSAFE_PERCENT);
     let mut records: Vec<PromptRecord> = (0..count - unsafe_count)
         .map(|_| PromptRecord {
-            prompt: source.task(rng).prompt,
+            prompt: Turns::Text(source.task(rng).prompt),
             safety: false,
         })
         .collect();
     records.extend((0..unsafe_count).map(|i| PromptRecord {
-        prompt: source.unsafe_prompt(i).to_string(),
+        prompt: Turns::Text(source.unsafe_prompt(i).to_string()),
         safety: true,
     }));
     records.shuffle(rng);

@@ -16,6 +16,7 @@
 //!
 //! Everything is deterministic for a seed (`ChaCha8Rng::seed_from_u64`).
 
+pub mod eval;
 pub mod generate;
 pub mod instructions;
 pub mod safety;
@@ -25,43 +26,20 @@ mod tests;
 
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use crate::chat::{Message, PreferencePair, PromptRecord, Rating, Role, Turns};
 pub use generate::{GymSizes, GymSummary, generate};
 pub use instructions::{Instruction, InstructionKind, sample_instruction};
 pub use safety::{REFUSAL, compliant_answer, is_refusal, load_unsafe_prompts};
 pub use tasks::{Task, TaskKind, exact_match, near_miss, sample_any_task, sample_task, score};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: Role,
-    pub content: String,
-}
-
 /// One line of `sft_*.jsonl` and `gatt_dialogues.jsonl`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatExample {
     pub messages: Vec<Message>,
-}
-
-/// How much better the chosen answer is, as in the Llama 2 preference data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Rating {
-    SignificantlyBetter,
-    Better,
-    SlightlyBetter,
-    NegligiblyBetter,
 }
 
 impl Rating {
@@ -74,23 +52,6 @@ impl Rating {
             _ => Rating::NegligiblyBetter,
         }
     }
-}
-
-/// One line of `pref_*.jsonl`; `safety` marks pairs that train the safety reward model.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PreferencePair {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
-    pub rating: Rating,
-    pub safety: bool,
-}
-
-/// One line of `prompts_*.jsonl`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PromptRecord {
-    pub prompt: String,
-    pub safety: bool,
 }
 
 /// One line of `eval_unsafe.jsonl`.
@@ -133,19 +94,12 @@ fn read_checked<T: DeserializeOwned>(
     path: &Path,
     check: impl Fn(&T) -> Result<()>,
 ) -> Result<Vec<T>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut records = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let record = serde_json::from_str(line)
-            .map_err(anyhow::Error::from)
-            .and_then(|record| check(&record).map(|()| record))
-            .map_err(|e| anyhow!("{}:{}: {e}", path.display(), index + 1))?;
-        records.push(record);
-    }
+    let records = crate::chat::read_jsonl(path, false, |line| {
+        let record: T = serde_json::from_str(line)?;
+        check(&record)?;
+        Ok(record)
+    })?
+    .records;
     if records.is_empty() {
         bail!("{}: no records", path.display());
     }

@@ -70,6 +70,7 @@ fn spaced(letters: &[char]) -> String {
         .join(" ")
 }
 
+/// A random task of `kind` with its correct answer.
 pub fn sample_task<R: Rng + ?Sized>(kind: TaskKind, rng: &mut R) -> Task {
     let (prompt, answer) = match kind {
         TaskKind::Add => {
@@ -130,6 +131,7 @@ pub fn sample_any_task<R: Rng + ?Sized>(rng: &mut R) -> Task {
     sample_task(*TaskKind::ALL.choose(rng).unwrap(), rng)
 }
 
+/// Exact after trimming surrounding whitespace; inner spacing must match too.
 pub fn exact_match(gold: &str, answer: &str) -> bool {
     gold.trim() == answer.trim()
 }

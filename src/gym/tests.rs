@@ -127,14 +127,14 @@ fn no_prompt_is_both_trained_on_and_held_out() {
         read_jsonl::<PreferencePair>(&at(name))
             .unwrap()
             .into_iter()
-            .map(|p| p.prompt)
+            .map(|p| p.prompt.into_text())
             .collect()
     };
     let listed = |name: &str| -> Vec<String> {
         read_jsonl::<PromptRecord>(&at(name))
             .unwrap()
             .into_iter()
-            .map(|p| p.prompt)
+            .map(|p| p.prompt.into_text())
             .collect()
     };
 
