@@ -353,6 +353,23 @@ impl ChatTemplate {
         }
     }
 
+    /// The template a checkpoint was fine-tuned with (`data.template` of its config), or
+    /// `llama2` for checkpoints of stages without one.
+    pub fn of_checkpoint(dir: &Path) -> Result<Self> {
+        let manifest = crate::checkpoint::read_manifest(dir)?;
+        let config: toml::Table = manifest
+            .config
+            .parse()
+            .map_err(|e| anyhow!("{}: invalid config: {e}", dir.display()))?;
+        match config.get("data").and_then(|d| d.get("template")) {
+            Some(value) => value
+                .clone()
+                .try_into()
+                .map_err(|e| anyhow!("{}: data.template: {e}", dir.display())),
+            None => Ok(ChatTemplate::Llama2),
+        }
+    }
+
     /// Fails early, naming the token, when the tokenizer cannot express this template.
     pub fn check(self, tokenizer: &Tokenizer) -> Result<()> {
         let names: &[&str] = match self {

@@ -161,8 +161,9 @@ enum EvalCommand {
         /// The directory `kiln gym generate` wrote.
         #[arg(long, default_value = "runs/gym/data")]
         data: PathBuf,
-        #[arg(long, value_enum, default_value = "llama2")]
-        template: kiln::chat::ChatTemplate,
+        /// Chat template; default: the one the checkpoint was fine-tuned with (else llama2).
+        #[arg(long, value_enum)]
+        template: Option<kiln::chat::ChatTemplate>,
         /// Use at most this many items of each held-out set (0: all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
@@ -362,6 +363,10 @@ fn run(command: Command) -> Result<()> {
         } => {
             let device = device::select(device)?;
             let loaded = checkpoint::load_model(&checkpoint, &device.device)?;
+            let template = match template {
+                Some(t) => t,
+                None => kiln::chat::ChatTemplate::of_checkpoint(&loaded.dir)?,
+            };
             template.check(&loaded.tokenizer)?;
             eprintln!(
                 "device: {} | checkpoint: {}",

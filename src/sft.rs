@@ -483,3 +483,35 @@ pub fn run(options: SftOptions) -> Result<SftSummary> {
         interrupted: outcome.interrupted,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    #[test]
+    fn config_takes_sft_defaults_and_rejects_model_shape_keys() {
+        let c: SftConfig = config::load(None, &["data.train=[\"a.jsonl\"]".into()]).unwrap();
+        assert_eq!((c.optim.lr, c.optim.weight_decay), (2e-5, 0.1));
+        assert_eq!(
+            (c.train.epochs, c.train.max_steps, c.train.batch_size),
+            (2.0, 0, 64)
+        );
+        assert!(c.data.pack);
+        // A [train] section given in part keeps the SFT defaults for the rest.
+        let c: SftConfig = config::load(
+            None,
+            &[
+                "data.train=[\"a.jsonl\"]".into(),
+                "train.batch_size=8".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!((c.train.epochs, c.train.max_steps), (2.0, 0));
+        assert_eq!(c.train.total_steps(100), 25);
+        let e = config::load::<SftConfig>(None, &["model.dim=64".into()]).unwrap_err();
+        assert!(e.to_string().contains("unknown key model.dim"), "{e}");
+        let e = config::load::<SftConfig>(None, &[]).unwrap_err();
+        assert!(e.to_string().contains("data.train"), "{e}");
+    }
+}
