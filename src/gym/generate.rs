@@ -77,6 +77,8 @@ struct Manifest<'a> {
 const SFT_INSTRUCTED_PERCENT: usize = 15;
 const SFT_UNSAFE_PERCENT: usize = 10;
 const SFT_MULTI_TURN_PERCENT: usize = 15;
+/// Of all SFT examples: multi-turn ones with the instruction before every user turn.
+const SFT_REPEATED_INSTRUCTION_PERCENT: usize = 5;
 /// Preference mixture, in percent: near-miss helpfulness pairs take the rest.
 const PREF_BENIGN_REFUSAL_PERCENT: usize = 10;
 const PREF_SAFETY_PERCENT: usize = 25;
@@ -137,8 +139,10 @@ fn percent(total: usize, share: usize) -> usize {
     (total * share + 50) / 100
 }
 
-/// The SFT mixture. A system instruction only ever comes with a single turn: carrying it
-/// across turns is what Ghost Attention has to teach later.
+/// The SFT mixture. A system instruction is always visible where it applies: in single-turn
+/// examples, and in multi-turn ones repeated before every user turn (the form Ghost Attention
+/// samples in). No example gives it in the first turn only: carrying it across turns unseen
+/// is what Ghost Attention has to teach later.
 fn sft_examples(count: usize, source: &Source, rng: &mut ChaCha8Rng) -> Vec<ChatExample> {
     let instructed = percent(count, SFT_INSTRUCTED_PERCENT);
     let unsafe_count = percent(count, SFT_UNSAFE_PERCENT);
@@ -167,12 +171,28 @@ fn sft_examples(count: usize, source: &Source, rng: &mut ChaCha8Rng) -> Vec<Chat
             message(Role::Assistant, REFUSAL),
         ]);
     }
-    for _ in 0..multi_turn {
+    let repeated = percent(count, SFT_REPEATED_INSTRUCTION_PERCENT).min(multi_turn);
+    for index in 0..multi_turn {
         let mut messages = Vec::new();
-        for _ in 0..rng.random_range(2..=4) {
-            let task = source.task(rng);
-            messages.push(message(Role::User, &task.prompt));
-            messages.push(message(Role::Assistant, &task.answer));
+        let instruction = (index < repeated).then(|| {
+            let instruction = sample_instruction(rng, MAX_COMBINED_INSTRUCTIONS);
+            let text = instruction.text(rng.random_bool(0.5));
+            (instruction, text)
+        });
+        for _ in 0..rng.random_range(2..=6) {
+            match &instruction {
+                Some((instruction, text)) => {
+                    let task = source.fitting_task(instruction, rng);
+                    messages.push(message(Role::System, text));
+                    messages.push(message(Role::User, &task.prompt));
+                    messages.push(message(Role::Assistant, &instruction.apply(&task.answer)));
+                }
+                None => {
+                    let task = source.task(rng);
+                    messages.push(message(Role::User, &task.prompt));
+                    messages.push(message(Role::Assistant, &task.answer));
+                }
+            }
         }
         examples.push(messages);
     }
