@@ -71,10 +71,7 @@ impl Default for GattConfig {
             model: sft.model,
             data: sft.data,
             optim: sft.optim,
-            train: TrainConfig {
-                epochs: 1.0,
-                ..sft.train
-            },
+            train: sft.train,
             gatt: GattSection {
                 dialogues: Vec::new(),
                 instructions: PathBuf::new(),

@@ -301,10 +301,7 @@ fn run(command: Command) -> Result<()> {
                 device,
                 stop_after: None,
             })?;
-            if let Some(loss) = summary.final_val_loss {
-                eprintln!("final validation loss (answer tokens) {loss:.4}");
-            }
-            eprintln!("checkpoint: {}", summary.checkpoint.display());
+            report_fine_tuning(&summary);
             Ok(())
         }
         Command::Gatt {
@@ -325,10 +322,7 @@ fn run(command: Command) -> Result<()> {
                 resume,
                 device,
             })?;
-            if let Some(loss) = summary.final_val_loss {
-                eprintln!("final validation loss (answer tokens) {loss:.4}");
-            }
-            eprintln!("checkpoint: {}", summary.checkpoint.display());
+            report_fine_tuning(&summary);
             Ok(())
         }
         Command::Gym {
@@ -553,6 +547,13 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn report_fine_tuning(summary: &sft::SftSummary) {
+    if let Some(loss) = summary.final_val_loss {
+        eprintln!("final validation loss (answer tokens) {loss:.4}");
+    }
+    eprintln!("checkpoint: {}", summary.checkpoint.display());
 }
 
 fn print_info(model: &kiln::config::ModelConfig) {

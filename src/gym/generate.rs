@@ -179,7 +179,7 @@ fn sft_examples(count: usize, source: &Source, rng: &mut ChaCha8Rng) -> Vec<Chat
             let text = instruction.text(rng.random_bool(0.5));
             (instruction, text)
         });
-        for _ in 0..rng.random_range(2..=6) {
+        for _ in 0..rng.random_range(2..=4) {
             match &instruction {
                 Some((instruction, text)) => {
                     let task = source.fitting_task(instruction, rng);
