@@ -27,6 +27,7 @@ pub mod params;
 pub mod plot;
 pub mod pretrain;
 pub mod progress;
+pub mod reward;
 pub mod sft;
 pub mod tokenizer;
 pub mod trainer;

@@ -84,6 +84,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
     },
+    /// Reward models (Llama 2 sec. 3.2.2): train, score, evaluate.
+    Rm {
+        #[command(subcommand)]
+        command: RmCommand,
+    },
     /// The verifiable chat task suite.
     Gym {
         #[command(subcommand)]
@@ -147,6 +152,58 @@ enum GymCommand {
         /// Directory of the unsafe prompts (JSONL).
         #[arg(long, default_value = "data/gym/donotanswer")]
         unsafe_prompts: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum RmCommand {
+    /// Train a helpfulness or safety reward model from a chat model.
+    Train {
+        #[arg(long, value_enum)]
+        kind: kiln::reward::RmKind,
+        /// TOML config (sections [data], [rm], [optim], [train]); see configs/gym-rm.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The chat model (checkpoint or run directory) to start from.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        #[arg(long, default_value = "runs/rm")]
+        out: PathBuf,
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        skip_bad_lines: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Add `score` and `score_sigmoid` to each `{"prompt", "response"}` line of a JSONL file.
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Accuracy per rating level, mean margin and (safety) unsafe-response flagging on a
+    /// preference file.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
     },
 }
 
@@ -323,6 +380,108 @@ fn run(command: Command) -> Result<()> {
                 device,
             })?;
             report_fine_tuning(&summary);
+            Ok(())
+        }
+        Command::Rm {
+            command:
+                RmCommand::Train {
+                    kind,
+                    config,
+                    mut overrides,
+                    init,
+                    out,
+                    resume,
+                    skip_bad_lines,
+                    device,
+                },
+        } => {
+            let config_given = config.is_some() || !overrides.is_empty();
+            overrides.push(format!("rm.kind={}", serde_json::to_string(&kind)?));
+            if skip_bad_lines {
+                overrides.push("data.skip_bad_lines=true".into());
+            }
+            let config = kiln::config::load(config.as_deref(), &overrides)?;
+            let device = device::select(device)?;
+            trainer::install_interrupt_handler()?;
+            let summary = kiln::reward::train(kiln::reward::RmOptions {
+                config,
+                config_given,
+                init,
+                out_dir: out,
+                resume,
+                device,
+            })?;
+            if let Some(loss) = summary.final_val_loss {
+                eprintln!("final validation ranking loss {loss:.4} (step {})", summary.step);
+            }
+            eprintln!("checkpoint: {}", summary.checkpoint.display());
+            Ok(())
+        }
+        Command::Rm {
+            command:
+                RmCommand::Score {
+                    model,
+                    input,
+                    out,
+                    batch_size,
+                    device,
+                },
+        } => {
+            let device = device::select(device)?;
+            let rm = kiln::reward::load(&model, &device.device)?;
+            let read = kiln::chat::read_jsonl(&input, false, kiln::reward::parse_scoring_line)?;
+            let dialogues: Vec<_> = read.records.iter().map(|(_, d)| d.clone()).collect();
+            let scores = kiln::reward::score_dialogues(&rm, &dialogues, batch_size)?;
+            let mut text = String::new();
+            for ((mut record, _), score) in read.records.into_iter().zip(scores) {
+                record.insert("score".into(), serde_json::json!(score));
+                record.insert("score_sigmoid".into(), serde_json::json!(kiln::reward::sigmoid(score)));
+                text.push_str(&serde_json::Value::Object(record).to_string());
+                text.push('\n');
+            }
+            checkpoint::write_atomic(&out, text.as_bytes())?;
+            eprintln!("scored {} lines into {}", dialogues.len(), out.display());
+            Ok(())
+        }
+        Command::Rm {
+            command:
+                RmCommand::Eval {
+                    model,
+                    input,
+                    json,
+                    batch_size,
+                    device,
+                },
+        } => {
+            let device = device::select(device)?;
+            let rm = kiln::reward::load(&model, &device.device)?;
+            let pairs = kiln::reward::read_pairs(&[input], false)?;
+            let report = kiln::reward::evaluate(&rm, &pairs, batch_size)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "{:?} reward model: accuracy {:.1}% on {} pairs, mean margin {:.3}",
+                    rm.config.rm.kind,
+                    100.0 * report.accuracy,
+                    report.pairs,
+                    report.mean_margin
+                );
+                for (rating, acc) in &report.accuracy_by_rating {
+                    println!("  {rating:<20} {:.1}% ({} pairs)", 100.0 * acc, report.pairs_by_rating[rating]);
+                }
+                if let (Some(recall), Some(flagged), Some(precision)) =
+                    (report.unsafe_recall, report.refusals_flagged, report.unsafe_precision)
+                {
+                    println!(
+                        "safety pairs, threshold {}: unsafe answers flagged {:.1}% (recall), refusals flagged {:.1}%, precision {:.1}%",
+                        rm.config.rm.safety_threshold,
+                        100.0 * recall,
+                        100.0 * flagged,
+                        100.0 * precision
+                    );
+                }
+            }
             Ok(())
         }
         Command::Gym {

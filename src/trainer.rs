@@ -56,13 +56,14 @@ impl TrainState {
 }
 
 /// What a stage trains on: examples drawn in shuffled micro-batches, and a validation loss.
-pub trait Objective {
+/// `M` is the model the stage trains (the language model, or a reward model).
+pub trait Objective<M = Llama> {
     /// Number of training examples (rows) the shuffle draws from.
     fn len(&self) -> usize;
     /// Mean loss of the training examples `indices`, and how many tokens they hold.
-    fn loss(&self, model: &Llama, indices: &[usize]) -> (Tensor<1>, u64);
+    fn loss(&self, model: &M, indices: &[usize]) -> (Tensor<1>, u64);
     /// Validation loss of `model` (a model without autodiff).
-    fn validation_loss(&self, model: &Llama) -> f64;
+    fn validation_loss(&self, model: &M) -> f64;
 }
 
 pub fn checkpoints_dir(out_dir: &Path) -> PathBuf {
@@ -99,15 +100,15 @@ pub fn prepare_out_dir(out_dir: &Path, resume: bool) -> Result<Option<PathBuf>> 
 }
 
 /// A run's model, optimizer and position, as training continues from them.
-pub struct Resumed {
-    pub model: Llama,
+pub struct Resumed<M = Llama> {
+    pub model: M,
     pub optimizer: AdamW,
     pub tokenizer: Tokenizer,
     pub state: TrainState,
 }
 
 /// Loads model, optimizer, tokenizer and training state from a checkpoint of this run, for a
-/// model of shape `model_config` on the autodiff `device`.
+/// language model of shape `model_config` on the autodiff `device`.
 pub fn resume(
     dir: &Path,
     saved: CheckpointData,
@@ -115,14 +116,21 @@ pub fn resume(
     optim: &OptimConfig,
     device: &Device,
 ) -> Result<Resumed> {
+    resume_with(dir, saved, optim, |seed| Llama::new(model_config, seed, device))
+}
+
+/// [`resume`] for any model: `build` makes the model (from the run's seed) whose parameters
+/// the checkpoint fills.
+pub fn resume_with<M: Module>(
+    dir: &Path,
+    saved: CheckpointData,
+    optim: &OptimConfig,
+    build: impl FnOnce(u64) -> M,
+) -> Result<Resumed<M>> {
     let tokenizer = saved.tokenizer(dir)?;
     let state: TrainState = serde_json::from_str(&saved.state_json)
         .map_err(|e| anyhow!("{}: {e}", dir.join(checkpoint::STATE_FILE).display()))?;
-    let model = params::import(
-        Llama::new(model_config, state.seed, device),
-        saved.model,
-        &dir.join(checkpoint::MODEL_FILE),
-    )?;
+    let model = params::import(build(state.seed), saved.model, &dir.join(checkpoint::MODEL_FILE))?;
     let optimizer = AdamW::import(
         optim.clone(),
         &model,
@@ -154,8 +162,8 @@ pub struct TrainLoop<'a> {
     pub stop_after: Option<u64>,
 }
 
-pub struct TrainOutcome {
-    pub model: Llama,
+pub struct TrainOutcome<M = Llama> {
+    pub model: M,
     pub step: u64,
     pub final_val_loss: Option<f64>,
     pub checkpoint: PathBuf,
@@ -164,13 +172,13 @@ pub struct TrainOutcome {
 
 /// Trains `model` on `objective` until `train.max_steps` (or `train.epochs` over the
 /// objective's examples), saving checkpoints into `out_dir/checkpoints`.
-pub fn run(
+pub fn run<M: Module>(
     setup: TrainLoop<'_>,
-    mut model: Llama,
+    mut model: M,
     mut optimizer: AdamW,
     mut state: TrainState,
-    objective: &dyn Objective,
-) -> Result<TrainOutcome> {
+    objective: &dyn Objective<M>,
+) -> Result<TrainOutcome<M>> {
     let TrainLoop {
         out_dir,
         config_toml,
@@ -198,7 +206,7 @@ pub fn run(
     let mut interrupted = false;
     let mut steps_this_run = 0u64;
 
-    let save = |model: &Llama, optimizer: &AdamW, state: &TrainState| -> Result<PathBuf> {
+    let save = |model: &M, optimizer: &AdamW, state: &TrainState| -> Result<PathBuf> {
         let data = CheckpointData {
             step: state.step,
             config_toml: config_toml.clone(),
