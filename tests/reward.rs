@@ -1,0 +1,155 @@
+//! Reward models: the ranking loss against hand-computed values and finite differences, the
+//! scalar head reading the last response token under padding and packing, and batched scores
+//! equal to scores alone (CPU device).
+
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use kiln::chat::Rating;
+use kiln::config::ModelConfig;
+use kiln::reward::{Arrangement, MarginTable, RewardModel, ScoreBatch, ranking_loss};
+
+fn cpu() -> Device {
+    Device::flex()
+}
+
+fn rng() -> ChaCha8Rng {
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn tensor(values: &[f64]) -> Tensor<1> {
+    let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    Tensor::from_data(TensorData::new(v, [values.len()]), &cpu())
+}
+
+/// -log(sigmoid(x)) in f64.
+fn nll(x: f64) -> f64 {
+    (1.0 + (-x).exp()).ln()
+}
+
+#[test]
+fn ranking_loss_equals_the_hand_computed_value_for_each_margin_table() {
+    let chosen = [1.5, -0.25, 0.75, 2.0];
+    let rejected = [0.5, 0.25, 1.0, -1.0];
+    let ratings = [
+        Rating::SignificantlyBetter,
+        Rating::Better,
+        Rating::SlightlyBetter,
+        Rating::NegligiblyBetter,
+    ];
+    for (table, margins) in [
+        (MarginTable::None, [0.0, 0.0, 0.0, 0.0]),
+        (MarginTable::Small, [1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0]),
+        (MarginTable::Large, [3.0, 2.0, 1.0, 0.0]),
+    ] {
+        let m: Vec<f64> = ratings.iter().map(|&r| table.margin(r)).collect();
+        assert_eq!(m, margins);
+        let expected: f64 = (0..4)
+            .map(|i| nll(chosen[i] - rejected[i] - margins[i]))
+            .sum::<f64>()
+            / 4.0;
+        let got = ranking_loss(tensor(&chosen), tensor(&rejected), tensor(&m))
+            .into_scalar::<f32>() as f64;
+        assert!((got - expected).abs() < 1e-6, "{table:?}: {got} vs {expected}");
+    }
+}
+
+#[test]
+fn ranking_loss_gradient_matches_finite_differences() {
+    let mut rng = rng();
+    let n = 5;
+    let chosen: Vec<f64> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
+    let rejected: Vec<f64> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
+    let margins: Vec<f64> = (0..n).map(|_| MarginTable::Large.margin(Rating::Better) * rng.random::<f64>()).collect();
+    let device = cpu().autodiff();
+    let c = Tensor::<1>::from_data(
+        TensorData::new(chosen.iter().map(|&x| x as f32).collect::<Vec<_>>(), [n]),
+        &device,
+    )
+    .require_grad();
+    let r = Tensor::<1>::from_data(
+        TensorData::new(rejected.iter().map(|&x| x as f32).collect::<Vec<_>>(), [n]),
+        &device,
+    );
+    let m = Tensor::<1>::from_data(
+        TensorData::new(margins.iter().map(|&x| x as f32).collect::<Vec<_>>(), [n]),
+        &device,
+    );
+    let grads = ranking_loss(c.clone(), r, m).backward();
+    let analytic: Vec<f32> = c.grad(&grads).unwrap().into_data().try_into_vec_as::<f32>().unwrap();
+    // Central differences of the f64 loss.
+    let loss = |c: &[f64]| (0..n).map(|i| nll(c[i] - rejected[i] - margins[i])).sum::<f64>() / n as f64;
+    let h = 1e-5;
+    for i in 0..n {
+        let mut up = chosen.clone();
+        up[i] += h;
+        let mut down = chosen.clone();
+        down[i] -= h;
+        let numeric = (loss(&up) - loss(&down)) / (2.0 * h);
+        assert!(
+            (analytic[i] as f64 - numeric).abs() < 1e-5,
+            "d/dchosen[{i}]: {} vs {numeric}",
+            analytic[i]
+        );
+    }
+}
+
+fn tiny_rm(rng: &mut ChaCha8Rng) -> RewardModel {
+    let config = ModelConfig {
+        dim: 32,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ffn_dim: 48,
+        vocab_size: 97,
+        max_seq_len: 64,
+        init_std: 0.2,
+        ..ModelConfig::default()
+    };
+    RewardModel::new(&config, rng.random(), &cpu())
+}
+
+fn scores(model: &RewardModel, sequences: &[Vec<u32>], arrangement: Arrangement) -> Vec<f32> {
+    model
+        .scores(&ScoreBatch::new(sequences, arrangement, 0))
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn head_reads_the_last_token_under_padding_and_packing_and_batches_change_nothing() {
+    let mut rng = rng();
+    let model = tiny_rm(&mut rng);
+    let sequences: Vec<Vec<u32>> = (0..6)
+        .map(|_| {
+            let len = rng.random_range(3..20);
+            (0..len).map(|_| rng.random_range(1..97)).collect()
+        })
+        .collect();
+    let alone: Vec<f32> = sequences
+        .iter()
+        .map(|s| scores(&model, std::slice::from_ref(s), Arrangement::RightPadded)[0])
+        .collect();
+    let close = |a: &[f32], what: &str| {
+        for (x, y) in a.iter().zip(&alone) {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{what}: {a:?} vs {alone:?}");
+        }
+    };
+    close(&scores(&model, &sequences, Arrangement::RightPadded), "right padding");
+    close(&scores(&model, &sequences, Arrangement::LeftPadded), "left padding");
+    close(&scores(&model, &sequences, Arrangement::Packed(40)), "packing");
+    // The score depends on the last token: changing it changes the score, changing a
+    // padding token does not.
+    let mut changed = sequences[0].clone();
+    let last = changed.len() - 1;
+    changed[last] = (changed[last] % 96) + 1;
+    let other = scores(&model, &[changed], Arrangement::RightPadded)[0];
+    assert!((other - alone[0]).abs() > 1e-6, "the last token is read");
+    let padded_with_other = ScoreBatch::new(&sequences, Arrangement::RightPadded, 5);
+    let s = model.scores(&padded_with_other).into_data().try_into_vec_as::<f32>().unwrap();
+    close(&s, "another pad id");
+}
