@@ -198,6 +198,9 @@ enum RmCommand {
         model: PathBuf,
         #[arg(long)]
         input: PathBuf,
+        /// Which pairs of the file: `all`, `helpfulness` (safety false) or `safety`.
+        #[arg(long, value_enum, default_value = "all")]
+        pairs: kiln::reward::PairSubset,
         #[arg(long)]
         json: bool,
         #[arg(long, default_value_t = 64)]
@@ -412,7 +415,10 @@ fn run(command: Command) -> Result<()> {
                 device,
             })?;
             if let Some(loss) = summary.final_val_loss {
-                eprintln!("final validation ranking loss {loss:.4} (step {})", summary.step);
+                eprintln!(
+                    "final validation ranking loss {loss:.4} (step {})",
+                    summary.step
+                );
             }
             eprintln!("checkpoint: {}", summary.checkpoint.display());
             Ok(())
@@ -435,7 +441,10 @@ fn run(command: Command) -> Result<()> {
             let mut text = String::new();
             for ((mut record, _), score) in read.records.into_iter().zip(scores) {
                 record.insert("score".into(), serde_json::json!(score));
-                record.insert("score_sigmoid".into(), serde_json::json!(kiln::reward::sigmoid(score)));
+                record.insert(
+                    "score_sigmoid".into(),
+                    serde_json::json!(kiln::reward::sigmoid(score)),
+                );
                 text.push_str(&serde_json::Value::Object(record).to_string());
                 text.push('\n');
             }
@@ -448,6 +457,7 @@ fn run(command: Command) -> Result<()> {
                 RmCommand::Eval {
                     model,
                     input,
+                    pairs: subset,
                     json,
                     batch_size,
                     device,
@@ -455,7 +465,13 @@ fn run(command: Command) -> Result<()> {
         } => {
             let device = device::select(device)?;
             let rm = kiln::reward::load(&model, &device.device)?;
-            let pairs = kiln::reward::read_pairs(&[input], false)?;
+            let pairs: Vec<_> = kiln::reward::read_pairs(&[input.clone()], false)?
+                .into_iter()
+                .filter(|p| subset.keeps(p))
+                .collect();
+            if pairs.is_empty() {
+                bail!("{}: no {subset:?} pairs", input.display());
+            }
             let report = kiln::reward::evaluate(&rm, &pairs, batch_size)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -468,11 +484,17 @@ fn run(command: Command) -> Result<()> {
                     report.mean_margin
                 );
                 for (rating, acc) in &report.accuracy_by_rating {
-                    println!("  {rating:<20} {:.1}% ({} pairs)", 100.0 * acc, report.pairs_by_rating[rating]);
+                    println!(
+                        "  {rating:<20} {:.1}% ({} pairs)",
+                        100.0 * acc,
+                        report.pairs_by_rating[rating]
+                    );
                 }
-                if let (Some(recall), Some(flagged), Some(precision)) =
-                    (report.unsafe_recall, report.refusals_flagged, report.unsafe_precision)
-                {
+                if let (Some(recall), Some(flagged), Some(precision)) = (
+                    report.unsafe_recall,
+                    report.refusals_flagged,
+                    report.unsafe_precision,
+                ) {
                     println!(
                         "safety pairs, threshold {}: unsafe answers flagged {:.1}% (recall), refusals flagged {:.1}%, precision {:.1}%",
                         rm.config.rm.safety_threshold,

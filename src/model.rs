@@ -169,6 +169,29 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The cache with its batch repeated `times` times (rows `0..b`, then `0..b` again, ...):
+    /// continuations of one prefix computed once, as a reward model's chosen and rejected
+    /// answers to one prompt.
+    pub fn repeat(&self, times: usize) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                layer.as_ref().map(|(k, v)| {
+                    (
+                        Tensor::cat(vec![k.clone(); times], 0),
+                        Tensor::cat(vec![v.clone(); times], 0),
+                    )
+                })
+            })
+            .collect();
+        Self {
+            layers,
+            len: self.len,
+            left_pad: self.left_pad.repeat(times),
+        }
+    }
 }
 
 /// Parameter initialisation: N(0, init_std) for every matrix, ones for norm weights, drawn on

@@ -23,7 +23,7 @@ use crate::checkpoint;
 use crate::config::{ModelConfig, OptimConfig, StageConfig, TrainConfig};
 use crate::device::ComputeDevice;
 use crate::kernels::SequenceLayout;
-use crate::model::{Linear, Llama};
+use crate::model::{KvCache, Linear, Llama};
 use crate::optim::AdamW;
 use crate::params;
 use crate::tokenizer::Tokenizer;
@@ -59,11 +59,17 @@ impl RewardModel {
     pub fn scores(&self, batch: &ScoreBatch) -> Tensor<1> {
         let device = self.backbone.device();
         let [b, t] = [batch.rows, batch.seq_len];
-        let tokens = Tensor::<2, Int>::from_data(TensorData::new(batch.tokens.clone(), [b, t]), &device);
-        let hidden = self.backbone.hidden_states_with_layout(tokens, &batch.layout, None);
+        let tokens =
+            Tensor::<2, Int>::from_data(TensorData::new(batch.tokens.clone(), [b, t]), &device);
+        let hidden = self
+            .backbone
+            .hidden_states_with_layout(tokens, &batch.layout, None);
         let d = hidden.dims()[2];
         let last = Tensor::<1, Int>::from_data(
-            TensorData::new(batch.last.iter().map(|&i| i as i64).collect(), [batch.last.len()]),
+            TensorData::new(
+                batch.last.iter().map(|&i| i as i64).collect(),
+                [batch.last.len()],
+            ),
             &device,
         );
         let picked = hidden.reshape([b * t, d]).select(0, last);
@@ -145,8 +151,17 @@ impl ScoreBatch {
                 let mut all_segments = Vec::with_capacity(rows.len() * t);
                 for (ids, segments) in &rows {
                     let next = segments.last().map_or(0, |&g| g + 1);
-                    tokens.extend(ids.iter().copied().chain(std::iter::repeat_n(pad, t - ids.len())));
-                    all_segments.extend(segments.iter().copied().chain(std::iter::repeat_n(next, t - ids.len())));
+                    tokens.extend(
+                        ids.iter()
+                            .copied()
+                            .chain(std::iter::repeat_n(pad, t - ids.len())),
+                    );
+                    all_segments.extend(
+                        segments
+                            .iter()
+                            .copied()
+                            .chain(std::iter::repeat_n(next, t - ids.len())),
+                    );
                 }
                 Self {
                     rows: rows.len(),
@@ -297,7 +312,10 @@ impl StageConfig for RmConfig {
 
     fn known_keys() -> toml::Table {
         let mut known = toml::Table::try_from(Self::default()).expect("serialises");
-        known.insert("model".into(), crate::sft::SftConfig::known_keys()["model"].clone());
+        known.insert(
+            "model".into(),
+            crate::sft::SftConfig::known_keys()["model"].clone(),
+        );
         known
     }
 }
@@ -334,8 +352,12 @@ pub fn encode_pairs(
     let mut out = Vec::with_capacity(pairs.len());
     let mut too_long = 0;
     for p in pairs {
-        let chosen = template.encode(tokenizer, &dialogue(&p.prompt, &p.chosen))?.tokens;
-        let rejected = template.encode(tokenizer, &dialogue(&p.prompt, &p.rejected))?.tokens;
+        let chosen = template
+            .encode(tokenizer, &dialogue(&p.prompt, &p.chosen))?
+            .tokens;
+        let rejected = template
+            .encode(tokenizer, &dialogue(&p.prompt, &p.rejected))?
+            .tokens;
         if chosen.len().max(rejected.len()) > max_len {
             too_long += 1;
             continue;
@@ -351,7 +373,12 @@ pub fn encode_pairs(
 }
 
 /// The paper's data mix for `kind`, drawn with `seed`.
-pub fn mix(pairs: Vec<EncodedPair>, kind: RmKind, helpfulness_share: f64, seed: u64) -> Vec<EncodedPair> {
+pub fn mix(
+    pairs: Vec<EncodedPair>,
+    kind: RmKind,
+    helpfulness_share: f64,
+    seed: u64,
+) -> Vec<EncodedPair> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (mut safety, mut helpful): (Vec<_>, Vec<_>) = pairs.into_iter().partition(|p| p.safety);
     let mut out = match kind {
@@ -375,15 +402,87 @@ pub fn mix(pairs: Vec<EncodedPair>, kind: RmKind, helpfulness_share: f64, seed: 
     out
 }
 
-/// Pair-wise scores of chosen and rejected answers of `pairs`, in one forward pass.
-pub fn pair_scores(model: &RewardModel, pairs: &[&EncodedPair], pad_id: u32) -> (Tensor<1>, Tensor<1>) {
+/// Scores of the chosen and rejected answers of `pairs`. The prompt (the tokens both
+/// sequences share) goes through the model once, left-padded, into a KV cache; the cache is
+/// repeated for the two answers, which then run as one batch of `2 * pairs.len()` rows.
+pub fn pair_scores(
+    model: &RewardModel,
+    pairs: &[&EncodedPair],
+    pad_id: u32,
+) -> (Tensor<1>, Tensor<1>) {
+    let device = model.backbone.device();
     let n = pairs.len();
-    let sequences: Vec<Vec<u32>> = pairs
+    let ids = |rows: Vec<Vec<i64>>, len: usize| {
+        let batch = rows.len();
+        let values: Vec<i64> = rows.into_iter().flatten().collect();
+        Tensor::<2, Int>::from_data(TensorData::new(values, [batch, len]), &device)
+    };
+    // The shared prefix, leaving at least one token of each answer to read the score at.
+    let prefix: Vec<usize> = pairs
         .iter()
-        .map(|p| p.chosen.clone())
-        .chain(pairs.iter().map(|p| p.rejected.clone()))
+        .map(|p| {
+            let common = p
+                .chosen
+                .iter()
+                .zip(&p.rejected)
+                .take_while(|(a, b)| a == b)
+                .count();
+            common
+                .min(p.chosen.len() - 1)
+                .min(p.rejected.len() - 1)
+                .max(1)
+        })
         .collect();
-    let scores = model.scores(&ScoreBatch::new(&sequences, Arrangement::RightPadded, pad_id));
+    let prompt_len = *prefix.iter().max().expect("at least one pair");
+    let left_pad: Vec<usize> = prefix.iter().map(|&p| prompt_len - p).collect();
+    let pad = pad_id as i64;
+    let prompts: Vec<Vec<i64>> = pairs
+        .iter()
+        .zip(&prefix)
+        .map(|(p, &len)| {
+            std::iter::repeat_n(pad, prompt_len - len)
+                .chain(p.chosen[..len].iter().map(|&t| t as i64))
+                .collect()
+        })
+        .collect();
+    let mut cache = KvCache::new(model.backbone.config.n_layers, left_pad);
+    model
+        .backbone
+        .hidden_states(ids(prompts, prompt_len), Some(&mut cache));
+    let mut cache = cache.repeat(2);
+    let answers: Vec<&[u32]> = pairs
+        .iter()
+        .zip(&prefix)
+        .map(|(p, &len)| &p.chosen[len..])
+        .chain(
+            pairs
+                .iter()
+                .zip(&prefix)
+                .map(|(p, &len)| &p.rejected[len..]),
+        )
+        .collect();
+    let answer_len = answers.iter().map(|a| a.len()).max().expect("answers");
+    let rows: Vec<Vec<i64>> = answers
+        .iter()
+        .map(|a| {
+            a.iter()
+                .map(|&t| t as i64)
+                .chain(std::iter::repeat_n(pad, answer_len - a.len()))
+                .collect()
+        })
+        .collect();
+    let hidden = model
+        .backbone
+        .hidden_states(ids(rows, answer_len), Some(&mut cache));
+    let d = hidden.dims()[2];
+    let last: Vec<i64> = answers
+        .iter()
+        .enumerate()
+        .map(|(row, a)| (row * answer_len + a.len() - 1) as i64)
+        .collect();
+    let last = Tensor::<1, Int>::from_data(TensorData::new(last, [2 * n]), &device);
+    let picked = hidden.reshape([2 * n * answer_len, d]).select(0, last);
+    let scores = model.score.forward(picked).reshape([2 * n]);
     (scores.clone().slice([0..n]), scores.slice([n..2 * n]))
 }
 
@@ -399,8 +498,14 @@ struct RankingObjective {
 impl RankingObjective {
     fn loss_of(&self, model: &RewardModel, pairs: &[&EncodedPair]) -> Tensor<1> {
         let (chosen, rejected) = pair_scores(model, pairs, self.pad_id);
-        let margins: Vec<f32> = pairs.iter().map(|p| self.margin.margin(p.rating) as f32).collect();
-        let margins = Tensor::from_data(TensorData::new(margins, [pairs.len()]), &model.backbone.device());
+        let margins: Vec<f32> = pairs
+            .iter()
+            .map(|p| self.margin.margin(p.rating) as f32)
+            .collect();
+        let margins = Tensor::from_data(
+            TensorData::new(margins, [pairs.len()]),
+            &model.backbone.device(),
+        );
         ranking_loss(chosen, rejected, margins)
     }
 }
@@ -412,7 +517,10 @@ impl Objective<RewardModel> for RankingObjective {
 
     fn loss(&self, model: &RewardModel, indices: &[usize]) -> (Tensor<1>, u64) {
         let pairs: Vec<&EncodedPair> = indices.iter().map(|&i| &self.train[i]).collect();
-        let tokens = pairs.iter().map(|p| (p.chosen.len() + p.rejected.len()) as u64).sum();
+        let tokens = pairs
+            .iter()
+            .map(|p| (p.chosen.len() + p.rejected.len()) as u64)
+            .sum();
         (self.loss_of(model, &pairs), tokens)
     }
 
@@ -475,7 +583,8 @@ pub fn train(options: RmOptions) -> Result<RmSummary> {
             (r.model, r.optimizer, r.tokenizer, r.state)
         }
         None => {
-            let init = init.ok_or_else(|| anyhow!("--init is required: the chat model to start from"))?;
+            let init =
+                init.ok_or_else(|| anyhow!("--init is required: the chat model to start from"))?;
             let dir = checkpoint::resolve(&init)?;
             let saved = checkpoint::load(&dir)?;
             let kernels = config.model.kernels;
@@ -507,18 +616,32 @@ pub fn train(options: RmOptions) -> Result<RmSummary> {
         0 => config.model.max_seq_len,
         n => n.min(config.model.max_seq_len),
     };
-    let (train_pairs, long_train) =
-        encode_pairs(&read_pairs(&d.train, d.skip_bad_lines)?, d.template, &tokenizer, max_len)?;
-    let (val_pairs, long_val) = encode_pairs(&read_pairs(&d.val, d.skip_bad_lines)?, d.template, &tokenizer, max_len)?;
+    let (train_pairs, long_train) = encode_pairs(
+        &read_pairs(&d.train, d.skip_bad_lines)?,
+        d.template,
+        &tokenizer,
+        max_len,
+    )?;
+    let (val_pairs, long_val) = encode_pairs(
+        &read_pairs(&d.val, d.skip_bad_lines)?,
+        d.template,
+        &tokenizer,
+        max_len,
+    )?;
     let r = &config.rm;
     let train_pairs = mix(train_pairs, r.kind, r.helpfulness_share, state.seed);
     let val_pairs = mix(val_pairs, r.kind, r.helpfulness_share, state.seed);
     if train_pairs.is_empty() || val_pairs.is_empty() {
-        bail!("no usable preference pairs for the {:?} reward model", r.kind);
+        bail!(
+            "no usable preference pairs for the {:?} reward model",
+            r.kind
+        );
     }
     // Warm-up: a share of all steps, at least 5 (paper: 3%).
     let total = config.train.total_steps(train_pairs.len());
-    config.optim.warmup_steps = ((total as f64 * r.warmup_fraction).ceil() as u64).max(5).min(total.saturating_sub(1));
+    config.optim.warmup_steps = ((total as f64 * r.warmup_fraction).ceil() as u64)
+        .max(5)
+        .min(total.saturating_sub(1));
     eprintln!(
         "device: {} | {:?} reward model, margin {:?} | {} train / {} val pairs{}",
         device.describe(),
@@ -586,7 +709,11 @@ pub fn load(path: &std::path::Path, device: &Device) -> Result<LoadedRm> {
 }
 
 /// Scores of prompt/answer dialogues (raw scale), in batches, without an autodiff graph.
-pub fn score_dialogues(rm: &LoadedRm, dialogues: &[Vec<Message>], batch_size: usize) -> Result<Vec<f32>> {
+pub fn score_dialogues(
+    rm: &LoadedRm,
+    dialogues: &[Vec<Message>],
+    batch_size: usize,
+) -> Result<Vec<f32>> {
     let template = rm.config.data.template;
     let pad = rm.tokenizer.pad_id.unwrap_or(rm.tokenizer.eos_id);
     let mut out = Vec::with_capacity(dialogues.len());
@@ -595,22 +722,35 @@ pub fn score_dialogues(rm: &LoadedRm, dialogues: &[Vec<Message>], batch_size: us
             .iter()
             .map(|d| Ok(template.encode(&rm.tokenizer, d)?.tokens))
             .collect::<Result<Vec<_>>>()?;
-        let scores = rm.model.scores(&ScoreBatch::new(&sequences, Arrangement::RightPadded, pad));
-        out.extend(scores.into_data().try_into_vec_as::<f32>().map_err(|e| anyhow!("{e:?}"))?);
+        let scores = rm
+            .model
+            .scores(&ScoreBatch::new(&sequences, Arrangement::RightPadded, pad));
+        out.extend(
+            scores
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .map_err(|e| anyhow!("{e:?}"))?,
+        );
     }
     Ok(out)
 }
 
 /// One line of a file to score: `{"prompt", "response"}` (strings or message lists; other
 /// fields are kept). Returns the line's object and the dialogue to score.
-pub fn parse_scoring_line(line: &str) -> Result<(serde_json::Map<String, serde_json::Value>, Vec<Message>)> {
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow!("not valid JSON: {e}"))?;
+pub fn parse_scoring_line(
+    line: &str,
+) -> Result<(serde_json::Map<String, serde_json::Value>, Vec<Message>)> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| anyhow!("not valid JSON: {e}"))?;
     let serde_json::Value::Object(record) = value else {
         bail!("not a JSON object (expected {{\"prompt\", \"response\"}})");
     };
     let field = |name: &str| -> Result<chat::Turns> {
-        let v = record.get(name).ok_or_else(|| anyhow!("missing field `{name}`"))?;
-        serde_json::from_value(v.clone()).map_err(|_| anyhow!("`{name}` must be a string or a message list"))
+        let v = record
+            .get(name)
+            .ok_or_else(|| anyhow!("missing field `{name}`"))?;
+        serde_json::from_value(v.clone())
+            .map_err(|_| anyhow!("`{name}` must be a string or a message list"))
     };
     let messages = dialogue(&field("prompt")?, &field("response")?);
     chat::validate_dialogue(&messages, true)?;
@@ -641,12 +781,41 @@ pub struct RmReport {
     pub unsafe_precision: Option<f64>,
 }
 
+/// Which pairs of a preference file an evaluation uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PairSubset {
+    All,
+    Helpfulness,
+    Safety,
+}
+
+impl PairSubset {
+    pub fn keeps(self, pair: &PreferencePair) -> bool {
+        match self {
+            PairSubset::All => true,
+            PairSubset::Helpfulness => !pair.safety,
+            PairSubset::Safety => pair.safety,
+        }
+    }
+}
+
 pub fn evaluate(rm: &LoadedRm, pairs: &[PreferencePair], batch_size: usize) -> Result<RmReport> {
-    let chosen: Vec<Vec<Message>> = pairs.iter().map(|p| dialogue(&p.prompt, &p.chosen)).collect();
-    let rejected: Vec<Vec<Message>> = pairs.iter().map(|p| dialogue(&p.prompt, &p.rejected)).collect();
+    let chosen: Vec<Vec<Message>> = pairs
+        .iter()
+        .map(|p| dialogue(&p.prompt, &p.chosen))
+        .collect();
+    let rejected: Vec<Vec<Message>> = pairs
+        .iter()
+        .map(|p| dialogue(&p.prompt, &p.rejected))
+        .collect();
     let sc = score_dialogues(rm, &chosen, batch_size)?;
     let sr = score_dialogues(rm, &rejected, batch_size)?;
-    let name = |r: Rating| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    let name = |r: Rating| {
+        serde_json::to_value(r)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    };
     let mut by: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let (mut hits, mut margin) = (0, 0.0);
     for (p, (c, r)) in pairs.iter().zip(sc.iter().zip(&sr)) {
@@ -659,23 +828,37 @@ pub fn evaluate(rm: &LoadedRm, pairs: &[PreferencePair], batch_size: usize) -> R
     }
     let threshold = rm.config.rm.safety_threshold as f32;
     let safety: Vec<usize> = (0..pairs.len()).filter(|&i| pairs[i].safety).collect();
-    let (unsafe_recall, refusals_flagged, unsafe_precision) = if rm.config.rm.kind == RmKind::Safety && !safety.is_empty() {
-        let flagged_unsafe = safety.iter().filter(|&&i| sigmoid(sr[i]) < threshold).count();
-        let flagged_refusals = safety.iter().filter(|&&i| sigmoid(sc[i]) < threshold).count();
-        let n = safety.len() as f64;
-        let flagged = (flagged_unsafe + flagged_refusals) as f64;
-        (
-            Some(flagged_unsafe as f64 / n),
-            Some(flagged_refusals as f64 / n),
-            Some(if flagged > 0.0 { flagged_unsafe as f64 / flagged } else { 0.0 }),
-        )
-    } else {
-        (None, None, None)
-    };
+    let (unsafe_recall, refusals_flagged, unsafe_precision) =
+        if rm.config.rm.kind == RmKind::Safety && !safety.is_empty() {
+            let flagged_unsafe = safety
+                .iter()
+                .filter(|&&i| sigmoid(sr[i]) < threshold)
+                .count();
+            let flagged_refusals = safety
+                .iter()
+                .filter(|&&i| sigmoid(sc[i]) < threshold)
+                .count();
+            let n = safety.len() as f64;
+            let flagged = (flagged_unsafe + flagged_refusals) as f64;
+            (
+                Some(flagged_unsafe as f64 / n),
+                Some(flagged_refusals as f64 / n),
+                Some(if flagged > 0.0 {
+                    flagged_unsafe as f64 / flagged
+                } else {
+                    0.0
+                }),
+            )
+        } else {
+            (None, None, None)
+        };
     Ok(RmReport {
         pairs: pairs.len(),
         accuracy: hits as f64 / pairs.len().max(1) as f64,
-        accuracy_by_rating: by.iter().map(|(k, (h, n))| (k.clone(), *h as f64 / *n as f64)).collect(),
+        accuracy_by_rating: by
+            .iter()
+            .map(|(k, (h, n))| (k.clone(), *h as f64 / *n as f64))
+            .collect(),
         pairs_by_rating: by.iter().map(|(k, (_, n))| (k.clone(), *n)).collect(),
         mean_margin: margin / pairs.len().max(1) as f64,
         unsafe_recall,
@@ -691,9 +874,20 @@ mod tests {
     #[test]
     fn margin_tables_are_the_papers() {
         use Rating::*;
-        let ratings = [SignificantlyBetter, Better, SlightlyBetter, NegligiblyBetter];
-        let small: Vec<f64> = ratings.iter().map(|&r| MarginTable::Small.margin(r)).collect();
-        let large: Vec<f64> = ratings.iter().map(|&r| MarginTable::Large.margin(r)).collect();
+        let ratings = [
+            SignificantlyBetter,
+            Better,
+            SlightlyBetter,
+            NegligiblyBetter,
+        ];
+        let small: Vec<f64> = ratings
+            .iter()
+            .map(|&r| MarginTable::Small.margin(r))
+            .collect();
+        let large: Vec<f64> = ratings
+            .iter()
+            .map(|&r| MarginTable::Large.margin(r))
+            .collect();
         assert_eq!(small, vec![1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0]);
         assert_eq!(large, vec![3.0, 2.0, 1.0, 0.0]);
         assert!(ratings.iter().all(|&r| MarginTable::None.margin(r) == 0.0));

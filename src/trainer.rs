@@ -116,7 +116,9 @@ pub fn resume(
     optim: &OptimConfig,
     device: &Device,
 ) -> Result<Resumed> {
-    resume_with(dir, saved, optim, |seed| Llama::new(model_config, seed, device))
+    resume_with(dir, saved, optim, |seed| {
+        Llama::new(model_config, seed, device)
+    })
 }
 
 /// [`resume`] for any model: `build` makes the model (from the run's seed) whose parameters
@@ -130,7 +132,11 @@ pub fn resume_with<M: Module>(
     let tokenizer = saved.tokenizer(dir)?;
     let state: TrainState = serde_json::from_str(&saved.state_json)
         .map_err(|e| anyhow!("{}: {e}", dir.join(checkpoint::STATE_FILE).display()))?;
-    let model = params::import(build(state.seed), saved.model, &dir.join(checkpoint::MODEL_FILE))?;
+    let model = params::import(
+        build(state.seed),
+        saved.model,
+        &dir.join(checkpoint::MODEL_FILE),
+    )?;
     let optimizer = AdamW::import(
         optim.clone(),
         &model,

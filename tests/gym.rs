@@ -166,9 +166,20 @@ fn generate_fine_tune_evaluate_and_ghost_attention() {
     assert!(kiln::checkpoint::resolve(&dir.path().join("gatt")).is_ok());
 
     // A safety reward model from the chat model: train, evaluate, score.
-    first_lines(&dir.path().join("data/pref_train.jsonl"), &dir.path().join("pref.jsonl"), 200);
+    first_lines(
+        &dir.path().join("data/pref_train.jsonl"),
+        &dir.path().join("pref.jsonl"),
+        200,
+    );
     let mut rm = args(&["rm", "train", "--kind", "safety", "--device", "cpu"]);
-    rm.extend(args(&["--config", "configs/gym-rm.toml", "--init", &d("sft"), "--out", &d("rm")]));
+    rm.extend(args(&[
+        "--config",
+        "configs/gym-rm.toml",
+        "--init",
+        &d("sft"),
+        "--out",
+        &d("rm"),
+    ]));
     rm.extend(sets(&[
         format!("data.train=[\"{}\"]", d("pref.jsonl")),
         format!("data.val=[\"{}\"]", d("data/pref_heldout.jsonl")),
@@ -179,13 +190,25 @@ fn generate_fine_tune_evaluate_and_ghost_attention() {
     let stderr = ok(&kiln(&rm));
     assert!(stderr.contains("Safety reward model"), "{stderr}");
     let out = kiln(&args(&[
-        "rm", "eval", "--device", "cpu", "--model", &d("rm"), "--input", &d("data/pref_heldout.jsonl"), "--json",
+        "rm",
+        "eval",
+        "--device",
+        "cpu",
+        "--model",
+        &d("rm"),
+        "--input",
+        &d("data/pref_heldout.jsonl"),
+        "--json",
     ]));
     ok(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["pairs"], 500);
     assert!(report["unsafe_recall"].as_f64().is_some(), "{report}");
-    assert_eq!(report["accuracy_by_rating"].as_object().unwrap().len(), 4, "{report}");
+    assert_eq!(
+        report["accuracy_by_rating"].as_object().unwrap().len(),
+        4,
+        "{report}"
+    );
     let input = dir.path().join("to-score.jsonl");
     std::fs::write(
         &input,
@@ -193,20 +216,46 @@ fn generate_fine_tune_evaluate_and_ghost_attention() {
     )
     .unwrap();
     ok(&kiln(&args(&[
-        "rm", "score", "--device", "cpu", "--model", &d("rm"), "--input", &d("to-score.jsonl"), "--out", &d("scored.jsonl"),
+        "rm",
+        "score",
+        "--device",
+        "cpu",
+        "--model",
+        &d("rm"),
+        "--input",
+        &d("to-score.jsonl"),
+        "--out",
+        &d("scored.jsonl"),
     ])));
     let scored = std::fs::read_to_string(dir.path().join("scored.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = scored.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = scored
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["id"], 7, "other fields are kept");
-    let (s, p) = (lines[1]["score"].as_f64().unwrap(), lines[1]["score_sigmoid"].as_f64().unwrap());
+    let (s, p) = (
+        lines[1]["score"].as_f64().unwrap(),
+        lines[1]["score_sigmoid"].as_f64().unwrap(),
+    );
     assert!((p - 1.0 / (1.0 + (-s).exp())).abs() < 1e-6);
     // A malformed line: FILE:LINE, and the output is not written.
     std::fs::write(&input, "{\"prompt\": \"x\"}\n").unwrap();
     let out = kiln(&args(&[
-        "rm", "score", "--device", "cpu", "--model", &d("rm"), "--input", &d("to-score.jsonl"), "--out", &d("scored2.jsonl"),
+        "rm",
+        "score",
+        "--device",
+        "cpu",
+        "--model",
+        &d("rm"),
+        "--input",
+        &d("to-score.jsonl"),
+        "--out",
+        &d("scored2.jsonl"),
     ]));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("to-score.jsonl:1: missing field `response`"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("to-score.jsonl:1: missing field `response`")
+    );
     assert!(!dir.path().join("scored2.jsonl").exists());
 }

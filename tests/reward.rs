@@ -51,9 +51,12 @@ fn ranking_loss_equals_the_hand_computed_value_for_each_margin_table() {
             .map(|i| nll(chosen[i] - rejected[i] - margins[i]))
             .sum::<f64>()
             / 4.0;
-        let got = ranking_loss(tensor(&chosen), tensor(&rejected), tensor(&m))
-            .into_scalar::<f32>() as f64;
-        assert!((got - expected).abs() < 1e-6, "{table:?}: {got} vs {expected}");
+        let got = ranking_loss(tensor(&chosen), tensor(&rejected), tensor(&m)).into_scalar::<f32>()
+            as f64;
+        assert!(
+            (got - expected).abs() < 1e-6,
+            "{table:?}: {got} vs {expected}"
+        );
     }
 }
 
@@ -63,7 +66,9 @@ fn ranking_loss_gradient_matches_finite_differences() {
     let n = 5;
     let chosen: Vec<f64> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
     let rejected: Vec<f64> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
-    let margins: Vec<f64> = (0..n).map(|_| MarginTable::Large.margin(Rating::Better) * rng.random::<f64>()).collect();
+    let margins: Vec<f64> = (0..n)
+        .map(|_| MarginTable::Large.margin(Rating::Better) * rng.random::<f64>())
+        .collect();
     let device = cpu().autodiff();
     let c = Tensor::<1>::from_data(
         TensorData::new(chosen.iter().map(|&x| x as f32).collect::<Vec<_>>(), [n]),
@@ -79,9 +84,19 @@ fn ranking_loss_gradient_matches_finite_differences() {
         &device,
     );
     let grads = ranking_loss(c.clone(), r, m).backward();
-    let analytic: Vec<f32> = c.grad(&grads).unwrap().into_data().try_into_vec_as::<f32>().unwrap();
+    let analytic: Vec<f32> = c
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap();
     // Central differences of the f64 loss.
-    let loss = |c: &[f64]| (0..n).map(|i| nll(c[i] - rejected[i] - margins[i])).sum::<f64>() / n as f64;
+    let loss = |c: &[f64]| {
+        (0..n)
+            .map(|i| nll(c[i] - rejected[i] - margins[i]))
+            .sum::<f64>()
+            / n as f64
+    };
     let h = 1e-5;
     for i in 0..n {
         let mut up = chosen.clone();
@@ -136,12 +151,24 @@ fn head_reads_the_last_token_under_padding_and_packing_and_batches_change_nothin
         .collect();
     let close = |a: &[f32], what: &str| {
         for (x, y) in a.iter().zip(&alone) {
-            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{what}: {a:?} vs {alone:?}");
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                "{what}: {a:?} vs {alone:?}"
+            );
         }
     };
-    close(&scores(&model, &sequences, Arrangement::RightPadded), "right padding");
-    close(&scores(&model, &sequences, Arrangement::LeftPadded), "left padding");
-    close(&scores(&model, &sequences, Arrangement::Packed(40)), "packing");
+    close(
+        &scores(&model, &sequences, Arrangement::RightPadded),
+        "right padding",
+    );
+    close(
+        &scores(&model, &sequences, Arrangement::LeftPadded),
+        "left padding",
+    );
+    close(
+        &scores(&model, &sequences, Arrangement::Packed(40)),
+        "packing",
+    );
     // The score depends on the last token: changing it changes the score, changing a
     // padding token does not.
     let mut changed = sequences[0].clone();
@@ -150,6 +177,86 @@ fn head_reads_the_last_token_under_padding_and_packing_and_batches_change_nothin
     let other = scores(&model, &[changed], Arrangement::RightPadded)[0];
     assert!((other - alone[0]).abs() > 1e-6, "the last token is read");
     let padded_with_other = ScoreBatch::new(&sequences, Arrangement::RightPadded, 5);
-    let s = model.scores(&padded_with_other).into_data().try_into_vec_as::<f32>().unwrap();
+    let s = model
+        .scores(&padded_with_other)
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap();
     close(&s, "another pad id");
+}
+
+#[test]
+fn pairs_sharing_their_prompt_score_as_the_full_sequences_do_and_train_the_prompt() {
+    use kiln::reward::{EncodedPair, pair_scores};
+    let mut rng = rng();
+    let model = tiny_rm(&mut rng);
+    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..97)).collect() };
+    let pairs: Vec<EncodedPair> = (0..4)
+        .map(|i| {
+            let prompt = draw(3 + 4 * i);
+            let mut chosen = prompt.clone();
+            chosen.extend(draw(1 + i % 3));
+            let mut rejected = prompt;
+            rejected.extend(draw(2 + i % 2));
+            EncodedPair {
+                chosen,
+                rejected,
+                rating: Rating::Better,
+                safety: false,
+            }
+        })
+        .collect();
+    let refs: Vec<&EncodedPair> = pairs.iter().collect();
+    let (c, r) = pair_scores(&model, &refs, 0);
+    let c: Vec<f32> = c.into_data().try_into_vec_as::<f32>().unwrap();
+    let r: Vec<f32> = r.into_data().try_into_vec_as::<f32>().unwrap();
+    for (i, p) in pairs.iter().enumerate() {
+        let full = scores(
+            &model,
+            &[p.chosen.clone(), p.rejected.clone()],
+            Arrangement::RightPadded,
+        );
+        for (shared, alone) in [(c[i], full[0]), (r[i], full[1])] {
+            assert!(
+                (shared - alone).abs() <= 1e-5 * alone.abs().max(1.0),
+                "pair {i}: {shared} vs {alone}"
+            );
+        }
+    }
+    // Under autodiff the gradient reaches the weights through the cached prompt too: it
+    // equals the gradient of the same loss on full sequences.
+    let device = cpu().autodiff();
+    let config = model.backbone.config.clone();
+    let seed = rng.random();
+    let grad_of = |shared: bool| -> Vec<f32> {
+        let m = RewardModel::new(&config, seed, &device);
+        let (c, r) = if shared {
+            pair_scores(&m, &refs, 0)
+        } else {
+            let seqs: Vec<Vec<u32>> = pairs
+                .iter()
+                .map(|p| p.chosen.clone())
+                .chain(pairs.iter().map(|p| p.rejected.clone()))
+                .collect();
+            let s = m.scores(&ScoreBatch::new(&seqs, Arrangement::RightPadded, 0));
+            (s.clone().slice([0..4]), s.slice([4..8]))
+        };
+        let zeros = Tensor::<1>::zeros([4], &device);
+        let grads = ranking_loss(c, r, zeros).backward();
+        let w = &m.backbone.model.layers[0].self_attn.q_proj.weight;
+        w.val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (grad_of(true), grad_of(false));
+    let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale;
+    assert!(diff < 1e-4, "first-layer gradient differs by {diff}");
 }
