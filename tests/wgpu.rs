@@ -292,3 +292,71 @@ fn packed_sft_batch_with_custom_kernels_matches_the_cpu_reference() {
     assert!((gpu_loss - cpu_loss).abs() <= TOL * cpu_loss);
     assert!(grad_diff < 10.0 * TOL, "gradients differ by {grad_diff}");
 }
+
+/// A reward-model training step on wgpu with the custom kernels (pairs as full sequences)
+/// gives the loss and gradient of the CPU reference (pairs sharing their prompt's pass).
+#[test]
+fn reward_model_pairs_on_wgpu_match_the_cpu_reference() {
+    use kiln::chat::Rating;
+    use kiln::reward::{EncodedPair, RewardModel, pair_scores, ranking_loss};
+    let Some(gpu) = common::wgpu_device() else {
+        return;
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::rng().random());
+    let config = ModelConfig {
+        kernels: Kernels::Custom,
+        dim: 32,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ffn_dim: 48,
+        vocab_size: 97,
+        max_seq_len: 64,
+        init_std: 0.2,
+        ..ModelConfig::default()
+    };
+    let pairs: Vec<EncodedPair> = (0..3)
+        .map(|i| {
+            let prompt: Vec<u32> = (0..5 + 3 * i).map(|_| rng.random_range(1..97)).collect();
+            let answer = |rng: &mut rand_chacha::ChaCha8Rng, n: usize| {
+                let mut s = prompt.clone();
+                s.extend((0..n).map(|_| rng.random_range(1..97u32)));
+                s
+            };
+            EncodedPair {
+                chosen: answer(&mut rng, 2 + i),
+                rejected: answer(&mut rng, 4 - i),
+                rating: Rating::Better,
+                safety: false,
+            }
+        })
+        .collect();
+    let refs: Vec<&EncodedPair> = pairs.iter().collect();
+    let seed: u64 = rng.random();
+    let run = |device: &burn::tensor::Device| -> (f32, Vec<f32>) {
+        let device = device.clone().autodiff();
+        let model = RewardModel::new(&config, seed, &device);
+        let (c, r) = pair_scores(&model, &refs, 0);
+        let loss = ranking_loss(c, r, Tensor::zeros([3], &device));
+        let value = loss.clone().into_scalar::<f32>();
+        let grads = loss.backward();
+        let w = &model.backbone.model.layers[0].self_attn.v_proj.weight;
+        (
+            value,
+            w.val()
+                .grad(&grads)
+                .unwrap()
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .unwrap(),
+        )
+    };
+    let (cpu_loss, cpu_grad) = run(&ComputeDevice::cpu().device);
+    let (gpu_loss, gpu_grad) = run(&gpu.device);
+    let grad_diff = max_rel_diff(&gpu_grad, &cpu_grad);
+    eprintln!(
+        "ranking loss cpu {cpu_loss} wgpu {gpu_loss}; v_proj gradient differs by {grad_diff:.2e}"
+    );
+    assert!((gpu_loss - cpu_loss).abs() <= TOL * cpu_loss.abs().max(1.0));
+    assert!(grad_diff < 10.0 * TOL, "gradients differ by {grad_diff}");
+}
