@@ -43,16 +43,23 @@ impl RewardModel {
     pub fn new(config: &ModelConfig, seed: u64, device: &Device) -> Self {
         let mut backbone = Llama::new(config, seed, device);
         backbone.lm_head = None;
+        Self {
+            backbone,
+            score: Self::fresh_head(config, seed, device),
+        }
+    }
+
+    /// A scalar head drawn from N(0, init_std).
+    pub fn fresh_head(config: &ModelConfig, seed: u64, device: &Device) -> Linear {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5c0e);
         let normal = Normal::new(0.0, config.init_std as f32).expect("valid std");
         let values: Vec<f32> = (0..config.dim).map(|_| normal.sample(&mut rng)).collect();
-        let score = Linear {
+        Linear {
             weight: Param::from_tensor(Tensor::from_data(
                 TensorData::new(values, [1, config.dim]),
                 device,
             )),
-        };
-        Self { backbone, score }
+        }
     }
 
     /// Scores of the sequences of `batch`, in the batch's order (raw scale).
@@ -599,30 +606,27 @@ pub fn train(options: RmOptions) -> Result<RmSummary> {
             (r.model, r.optimizer, r.tokenizer, r.state)
         }
         None => {
-            let init =
-                init.ok_or_else(|| anyhow!("--init is required: the chat model to start from"))?;
-            let dir = checkpoint::resolve(&init)?;
-            let saved = checkpoint::load(&dir)?;
-            let kernels = config.model.kernels;
-            config.model = ModelConfig {
-                kernels,
-                ..saved.model_config(&dir)?
-            };
-            let tokenizer = saved.tokenizer(&dir)?;
             let state = TrainState::start(config.train.seed);
-            let fresh = RewardModel::new(&config.model, state.seed, &autodiff);
-            // The chat model's weights, less its next-token head.
-            let mut backbone = params::import(
-                Llama::new(&config.model, state.seed, &autodiff),
-                saved.model,
-                &dir.join(checkpoint::MODEL_FILE),
+            let start = trainer::initial_model(
+                init.as_deref(),
+                config.model.kernels,
+                state.seed,
+                &autodiff,
             )?;
+            config.model = start.model_config;
+            // The chat model's weights, less its next-token head, and a fresh scalar head.
+            let mut backbone = start.model;
             backbone.lm_head = None;
             let model = RewardModel {
                 backbone,
-                score: fresh.score,
+                score: RewardModel::fresh_head(&config.model, state.seed, &autodiff),
             };
-            eprintln!("reward model from {} (step {})", dir.display(), saved.step);
+            let tokenizer = start.tokenizer;
+            eprintln!(
+                "reward model from {} (step {})",
+                start.dir.display(),
+                start.step
+            );
             (model, AdamW::new(config.optim.clone()), tokenizer, state)
         }
     };

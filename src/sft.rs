@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -19,7 +19,6 @@ use crate::device::ComputeDevice;
 use crate::kernels::SequenceLayout;
 use crate::model::Llama;
 use crate::optim::AdamW;
-use crate::params;
 use crate::tokenizer::Tokenizer;
 use crate::trainer::{self, Objective, TrainLoop, TrainState};
 
@@ -389,24 +388,16 @@ pub fn run(options: SftOptions) -> Result<SftSummary> {
             (r.model, r.optimizer, r.tokenizer, r.state)
         }
         None => {
-            let init = init.ok_or_else(|| {
-                anyhow!("--init is required: the checkpoint (or run directory) to fine-tune")
-            })?;
-            let dir = checkpoint::resolve(&init)?;
-            let saved = checkpoint::load(&dir)?;
-            let kernels = config.model.kernels;
-            config.model = ModelConfig {
-                kernels,
-                ..saved.model_config(&dir)?
-            };
-            let tokenizer = saved.tokenizer(&dir)?;
             let state = TrainState::start(config.train.seed);
-            let model = params::import(
-                Llama::new(&config.model, state.seed, &autodiff),
-                saved.model,
-                &dir.join(checkpoint::MODEL_FILE),
+            let start = trainer::initial_model(
+                init.as_deref(),
+                config.model.kernels,
+                state.seed,
+                &autodiff,
             )?;
-            eprintln!("fine-tuning {} (step {})", dir.display(), saved.step);
+            config.model = start.model_config;
+            eprintln!("fine-tuning {} (step {})", start.dir.display(), start.step);
+            let (model, tokenizer) = (start.model, start.tokenizer);
             (model, AdamW::new(config.optim.clone()), tokenizer, state)
         }
     };

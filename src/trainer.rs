@@ -153,6 +153,47 @@ pub fn resume_with<M: Module>(
     })
 }
 
+/// A language model from another stage's checkpoint (`--init`), to start a new stage from.
+pub struct Initial {
+    pub dir: PathBuf,
+    pub step: u64,
+    /// The checkpoint's shape, with `kernels` as the new stage's config asks.
+    pub model_config: ModelConfig,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+}
+
+/// Loads the `--init` checkpoint (a checkpoint or run directory) onto the autodiff `device`.
+pub fn initial_model(
+    init: Option<&Path>,
+    kernels: crate::kernels::Kernels,
+    seed: u64,
+    device: &Device,
+) -> Result<Initial> {
+    let init = init.ok_or_else(|| {
+        anyhow!("--init is required: the checkpoint (or run directory) to start from")
+    })?;
+    let dir = checkpoint::resolve(init)?;
+    let saved = checkpoint::load(&dir)?;
+    let model_config = ModelConfig {
+        kernels,
+        ..saved.model_config(&dir)?
+    };
+    let tokenizer = saved.tokenizer(&dir)?;
+    let model = params::import(
+        Llama::new(&model_config, seed, device),
+        saved.model,
+        &dir.join(checkpoint::MODEL_FILE),
+    )?;
+    Ok(Initial {
+        dir,
+        step: saved.step,
+        model_config,
+        model,
+        tokenizer,
+    })
+}
+
 /// The fixed parts of a training loop.
 pub struct TrainLoop<'a> {
     pub out_dir: &'a Path,
