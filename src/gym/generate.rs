@@ -214,11 +214,36 @@ fn preference_pairs(count: usize, source: &Source, rng: &mut ChaCha8Rng) -> Vec<
     let benign_refusal = percent(count, PREF_BENIGN_REFUSAL_PERCENT);
     let safety = percent(count, PREF_SAFETY_PERCENT).min(count - benign_refusal);
     let mut pairs = Vec::with_capacity(count);
-    for _ in 0..count - benign_refusal - safety {
+    for index in 0..count - benign_refusal - safety {
         let task = source.task(rng);
-        let rejected = near_miss(&task, rng);
-        let rating = Rating::from_gap(1.0 - score(task.kind, &task.answer, &rejected));
-        pairs.push(pair(&task.prompt, &task.answer, &rejected, rating, false));
+        // Half the pairs set the gold answer against a near miss; the other half two near
+        // misses, the closer one chosen, so that small gold-score gaps (the "negligibly
+        // better" end of the scale) are hard to tell apart, as close human ratings are.
+        let credit = |answer: &str| score(task.kind, &task.answer, answer);
+        let mut misses = (0..8).map(|_| near_miss(&task, rng));
+        let two_misses = (index % 2 == 1)
+            .then(|| {
+                let first = misses.next()?;
+                // Some tasks give every miss the same credit (a gold answer of 0): then the
+                // pair falls back to gold against a miss.
+                let second = misses.find(|m| credit(m) != credit(&first))?;
+                Some(if credit(&first) > credit(&second) {
+                    (first, second)
+                } else {
+                    (second, first)
+                })
+            })
+            .flatten();
+        let (chosen, rejected) =
+            two_misses.unwrap_or_else(|| (task.answer.clone(), near_miss(&task, rng)));
+        let gap = credit(&chosen) - credit(&rejected);
+        pairs.push(pair(
+            &task.prompt,
+            &chosen,
+            &rejected,
+            Rating::from_gap(gap),
+            false,
+        ));
     }
     // Refusing a benign prompt is unhelpful, so the helpfulness model must learn that too.
     for _ in 0..benign_refusal {
