@@ -254,20 +254,14 @@ pub fn run(options: GattOptions) -> Result<SftSummary> {
         device,
     } = options;
     let samples_path = out_dir.join(SAMPLES_FILE);
+    // Fail before the (slow) sampling if the directory cannot take this run; the SFT recipe
+    // checks it again, finding it as left.
+    crate::trainer::prepare_out_dir(&out_dir, resume)?;
     if !resume {
-        // Fail before the (slow) sampling if the directory already holds a run.
-        if !crate::checkpoint::list(&crate::trainer::checkpoints_dir(&out_dir))?.is_empty() {
-            bail!(
-                "{} already holds a run: pass --resume to continue it, or choose another --out",
-                out_dir.display()
-            );
-        }
         let init = init
             .as_ref()
             .ok_or_else(|| anyhow!("--init is required: the chat model to train"))?;
         let samples = sample(&config, init, &device)?;
-        std::fs::create_dir_all(&out_dir)
-            .map_err(|e| anyhow!("cannot create {}: {e}", out_dir.display()))?;
         let lines: Vec<String> = samples
             .iter()
             .map(|messages| serde_json::json!({ "messages": messages }).to_string())

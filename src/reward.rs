@@ -71,16 +71,20 @@ impl RewardModel {
         let hidden = self
             .backbone
             .hidden_states_with_layout(tokens, &batch.layout, None);
-        let d = hidden.dims()[2];
+        self.score_at(hidden, &batch.last)
+    }
+
+    /// The head applied to `hidden` (`[batch, seq, dim]`) at the flat positions
+    /// `row * seq + position` of `last`.
+    fn score_at(&self, hidden: Tensor<3>, last: &[usize]) -> Tensor<1> {
+        let [b, t, d] = hidden.dims();
         let last = Tensor::<1, Int>::from_data(
-            TensorData::new(
-                batch.last.iter().map(|&i| i as i64).collect(),
-                [batch.last.len()],
-            ),
-            &device,
+            TensorData::new(last.iter().map(|&i| i as i64).collect(), [last.len()]),
+            &hidden.device(),
         );
+        let n = last.dims()[0];
         let picked = hidden.reshape([b * t, d]).select(0, last);
-        self.score.forward(picked).reshape([batch.last.len()])
+        self.score.forward(picked).reshape([n])
     }
 }
 
@@ -497,15 +501,12 @@ pub fn pair_scores(
     let hidden = model
         .backbone
         .hidden_states(ids(rows, answer_len), Some(&mut cache));
-    let d = hidden.dims()[2];
-    let last: Vec<i64> = answers
+    let last: Vec<usize> = answers
         .iter()
         .enumerate()
-        .map(|(row, a)| (row * answer_len + a.len() - 1) as i64)
+        .map(|(row, a)| row * answer_len + a.len() - 1)
         .collect();
-    let last = Tensor::<1, Int>::from_data(TensorData::new(last, [2 * n]), &device);
-    let picked = hidden.reshape([2 * n * answer_len, d]).select(0, last);
-    let scores = model.score.forward(picked).reshape([2 * n]);
+    let scores = model.score_at(hidden, &last);
     (scores.clone().slice([0..n]), scores.slice([n..2 * n]))
 }
 

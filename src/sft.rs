@@ -303,10 +303,8 @@ impl Objective for AnswerLoss {
     }
 
     fn loss(&self, model: &Llama, indices: &[usize]) -> (Tensor<1>, u64) {
-        let tokens = indices
-            .iter()
-            .map(|&i| self.train.segments[i].len() as u64)
-            .sum();
+        // Every row is `seq_len` tokens, padding included.
+        let tokens = (indices.len() * self.train.seq_len) as u64;
         (
             self.train.batch(indices, &model.device()).loss(model),
             tokens,
