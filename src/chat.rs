@@ -333,6 +333,23 @@ impl EncodedDialogue {
     }
 }
 
+/// Meta's Llama 2 chat layout, as in Hugging Face's `Llama-2-7b-chat-hf` (system prompt folded
+/// into the first user turn).
+const LLAMA2_JINJA: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message.strip() + '\\n<</SYS>>\\n\\n' + message['content'].strip() %}{% else %}{% set content = message['content'].strip() %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + content + ' ' + eos_token }}{% endif %}{% endfor %}";
+
+/// ChatML, as SmolLM2 and Qwen ship it.
+const CHATML_JINJA: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// The default system prompt a Jinja chat template inserts when a dialogue has none (SmolLM2's
+/// "You are a helpful AI assistant named SmolLM, ..."), if it has one in the ChatML layout.
+pub fn default_system_prompt(jinja: &str) -> Option<String> {
+    let start = jinja.find("<|im_start|>system\n")? + "<|im_start|>system\n".len();
+    let end = start + jinja[start..].find("<|im_end|>")?;
+    let text = &jinja[start..end];
+    // Only a literal: a Jinja expression there (`{{ ... }}`) is not a fixed prompt.
+    (!text.contains("{{") && !text.contains('\'') && !text.is_empty()).then(|| text.to_string())
+}
+
 const LLAMA2_SPECIALS: [&str; 4] = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"];
 const CHATML_SPECIALS: [&str; 2] = ["<|im_start|>", "<|im_end|>"];
 
@@ -350,6 +367,26 @@ impl ChatTemplate {
         match self {
             ChatTemplate::Llama2 => "llama2",
             ChatTemplate::Chatml => "chatml",
+        }
+    }
+
+    /// The template as a Jinja `chat_template`, for Hugging Face's `tokenizer_config.json`.
+    pub fn jinja(self) -> &'static str {
+        match self {
+            ChatTemplate::Llama2 => LLAMA2_JINJA,
+            ChatTemplate::Chatml => CHATML_JINJA,
+        }
+    }
+
+    /// Recognises the layout of a Jinja `chat_template` (from a GGUF or Hugging Face model)
+    /// by its markers.
+    pub fn from_jinja(jinja: &str) -> Option<Self> {
+        if jinja.contains("<|im_start|>") {
+            Some(ChatTemplate::Chatml)
+        } else if jinja.contains("[INST]") {
+            Some(ChatTemplate::Llama2)
+        } else {
+            None
         }
     }
 

@@ -77,6 +77,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 pub fn encode_safetensors(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
+    encode_safetensors_with(tensors, None)
+}
+
+/// [`encode_safetensors`] with header metadata (`{"format": "pt"}` for Hugging Face).
+pub fn encode_safetensors_with(
+    tensors: &[NamedTensor],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|t| {
@@ -89,7 +97,7 @@ pub fn encode_safetensors(tensors: &[NamedTensor]) -> Result<Vec<u8>> {
             Ok((t.name.clone(), view))
         })
         .collect::<Result<_>>()?;
-    safetensors::serialize(views, None).map_err(|e| anyhow!("cannot serialise tensors: {e}"))
+    safetensors::serialize(views, metadata).map_err(|e| anyhow!("cannot serialise tensors: {e}"))
 }
 
 /// Reads every tensor of a safetensors file as f32 (f16/bf16 are widened), in file order.
@@ -134,20 +142,7 @@ pub fn decode_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<NamedTensor>>
 }
 
 fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as i32;
-    let mant = (h & 0x3ff) as u32;
-    let bits = match exp {
-        0 if mant == 0 => sign,
-        0 => {
-            // Subnormal: value = mant * 2^-24.
-            let v = mant as f32 * (-24f32).exp2();
-            return if sign != 0 { -v } else { v };
-        }
-        0x1f => sign | 0x7f80_0000 | (mant << 13),
-        _ => sign | (((exp - 15 + 127) as u32) << 23) | (mant << 13),
-    };
-    f32::from_bits(bits)
+    half::f16::from_bits(h).to_f32()
 }
 
 /// What a checkpoint holds, before it is written or after it is read.
@@ -181,42 +176,9 @@ pub fn save(checkpoints_dir: &Path, data: &CheckpointData, keep: usize) -> Resul
     std::fs::create_dir(&tmp_dir)
         .map_err(|e| anyhow!("cannot create {}: {e}", tmp_dir.display()))?;
 
-    let files: Vec<(&str, Vec<u8>)> = vec![
-        (MODEL_FILE, encode_safetensors(&data.model)?),
-        (OPTIMIZER_FILE, encode_safetensors(&data.optimizer)?),
-        (STATE_FILE, data.state_json.clone().into_bytes()),
-        (TOKENIZER_FILE, data.tokenizer_json.clone().into_bytes()),
-        (CONFIG_FILE, data.config_toml.clone().into_bytes()),
-    ];
-    let mut manifest = Manifest {
-        format: FORMAT.into(),
-        step: data.step,
-        config: data.config_toml.clone(),
-        files: BTreeMap::new(),
-    };
-    let mut write_all = || -> Result<()> {
-        for (name, bytes) in &files {
-            let path = tmp_dir.join(name);
-            let mut f =
-                File::create(&path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
-            f.write_all(bytes)
-                .and_then(|_| f.sync_all())
-                .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
-            manifest.files.insert(
-                name.to_string(),
-                FileEntry {
-                    bytes: bytes.len() as u64,
-                    sha256: sha256_hex(bytes),
-                },
-            );
-        }
-        let path = tmp_dir.join(MANIFEST_FILE);
-        let mut f =
-            File::create(&path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
-        f.write_all(serde_json::to_string_pretty(&manifest)?.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
-        sync_dir(&tmp_dir)?;
+    let files = checkpoint_files(data)?;
+    let write_all = || -> Result<()> {
+        write_files(&tmp_dir, &files)?;
         // Re-saving a step that exists (a resume that saves before taking a step) replaces it:
         // move the old one aside first, since a directory cannot be renamed onto another.
         let displaced = checkpoints_dir.join(format!(".replaced-{}", step_dir_name(data.step)));
@@ -237,6 +199,96 @@ pub fn save(checkpoints_dir: &Path, data: &CheckpointData, keep: usize) -> Resul
         let _ = std::fs::remove_dir_all(old.1);
     }
     Ok(final_dir)
+}
+
+/// The files of a checkpoint, its manifest (with every other file's checksum) last.
+fn checkpoint_files(data: &CheckpointData) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        (MODEL_FILE, encode_safetensors(&data.model)?),
+        (OPTIMIZER_FILE, encode_safetensors(&data.optimizer)?),
+        (STATE_FILE, data.state_json.clone().into_bytes()),
+        (TOKENIZER_FILE, data.tokenizer_json.clone().into_bytes()),
+        (CONFIG_FILE, data.config_toml.clone().into_bytes()),
+    ];
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        step: data.step,
+        config: data.config_toml.clone(),
+        files: files
+            .iter()
+            .map(|(name, bytes)| {
+                let entry = FileEntry {
+                    bytes: bytes.len() as u64,
+                    sha256: sha256_hex(bytes),
+                };
+                (name.to_string(), entry)
+            })
+            .collect(),
+    };
+    files.push((
+        MANIFEST_FILE,
+        serde_json::to_string_pretty(&manifest)?.into_bytes(),
+    ));
+    Ok(files)
+}
+
+/// Writes and fsyncs each file into the existing directory `dir`, then the directory.
+fn write_files(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        let mut f =
+            File::create(&path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    sync_dir(dir).map_err(|e| anyhow!("cannot sync {}: {e}", dir.display()))
+}
+
+/// Creates the directory `dir` holding `files`, all at once: they are written to a temporary
+/// directory beside it, which is renamed into place. `dir` must not exist, or be empty; a
+/// failure leaves neither `dir` nor the temporary directory behind.
+pub fn write_dir_atomic(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .map(|mut entries| entries.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            bail!(
+                "{} exists and is not empty; kiln does not overwrite it",
+                dir.display()
+            );
+        }
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| anyhow!("cannot create {}: {e}", parent.display()))?;
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| anyhow!("cannot create {}: {e}", tmp.display()))?;
+    let finish = || -> Result<()> {
+        write_files(&tmp, files)?;
+        if dir.exists() {
+            std::fs::remove_dir(dir)?;
+        }
+        std::fs::rename(&tmp, dir)?;
+        sync_dir(&parent)?;
+        Ok(())
+    };
+    finish().map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        anyhow!("cannot write {}: {e}", dir.display())
+    })
+}
+
+/// Writes a checkpoint as the new directory `dir` (see [`write_dir_atomic`]): an imported
+/// model, which belongs to no run.
+pub fn save_to(dir: &Path, data: &CheckpointData) -> Result<()> {
+    write_dir_atomic(dir, &checkpoint_files(data)?)
 }
 
 /// Removes temporary directories left by a process that died while writing a checkpoint

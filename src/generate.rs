@@ -29,6 +29,20 @@ pub fn generate(
     pad_id: u32,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Vec<u32>> {
+    generate_with(model, prompts, params, stop_id, pad_id, rng, &mut |_, _| {})
+}
+
+/// [`generate`], calling `on_token(row, token)` for each new token as soon as it is drawn
+/// (the stop token excluded): for streaming output.
+pub fn generate_with(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    stop_id: u32,
+    pad_id: u32,
+    rng: &mut ChaCha8Rng,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Vec<Vec<u32>> {
     assert!(
         prompts.iter().all(|p| !p.is_empty()),
         "prompts must not be empty"
@@ -70,6 +84,7 @@ pub fn generate(
                 done[row] = true;
             } else {
                 out.push(token);
+                on_token(row, token);
             }
             next.push(token as i64);
         }
@@ -129,6 +144,43 @@ pub fn complete_chat(
         }
     }
     Ok(answers)
+}
+
+/// Decodes a growing list of tokens into text pieces as they arrive. A token may end in the
+/// middle of a UTF-8 character (byte-level BPE): text is held back until it decodes whole.
+pub struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    tokens: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// The new text `token` completes (possibly empty).
+    pub fn push(&mut self, token: u32) -> anyhow::Result<String> {
+        self.tokens.push(token);
+        let text = self.tokenizer.decode(&self.tokens)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let Some(piece) = text.get(self.emitted..).map(str::to_string) else {
+            return Ok(String::new());
+        };
+        self.emitted = text.len();
+        Ok(piece)
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self) -> anyhow::Result<String> {
+        self.tokenizer.decode(&self.tokens)
+    }
 }
 
 /// Draws one token id from `logits` with temperature and nucleus sampling.

@@ -11,13 +11,17 @@
 
 pub mod bench;
 pub mod chat;
+pub mod chat_session;
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod data;
 pub mod device;
 pub mod gatt;
 pub mod generate;
+pub mod gguf;
 pub mod gym;
+pub mod hf;
 pub mod kernels;
 pub mod metrics;
 pub mod model;

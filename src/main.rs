@@ -99,11 +99,12 @@ enum Command {
         #[command(subcommand)]
         command: EvalCommand,
     },
-    /// Sample text from a checkpoint.
+    /// Sample text from a model.
     Generate {
-        /// A checkpoint directory, or a run directory (its newest checkpoint).
-        #[arg(long)]
-        checkpoint: PathBuf,
+        /// A kiln checkpoint (or run directory: its newest checkpoint), a Hugging Face Llama
+        /// directory, or a GGUF file.
+        #[arg(long, visible_alias = "checkpoint")]
+        model: PathBuf,
         #[arg(long)]
         prompt: String,
         #[arg(long, default_value_t = 0.8)]
@@ -116,6 +117,42 @@ enum Command {
         seed: u64,
         #[arg(long, value_enum, default_value = "auto")]
         device: DeviceChoice,
+    },
+    /// Talk to a chat model in the terminal; answers stream as they are generated.
+    Chat {
+        /// A kiln checkpoint (or run directory), a Hugging Face Llama directory, or a GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+        /// System prompt; default: the one the model's chat template inserts, if any.
+        #[arg(long)]
+        system: Option<String>,
+        /// Chat template; default: the model's own.
+        #[arg(long, value_enum)]
+        template: Option<kiln::chat::ChatTemplate>,
+        /// 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f64,
+        /// Longest answer, in tokens.
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Convert a model between a kiln checkpoint, a Hugging Face Llama directory and GGUF
+    /// (read only).
+    Convert {
+        /// A kiln checkpoint (or run directory), a Hugging Face Llama directory, or a GGUF file.
+        input: PathBuf,
+        /// The new directory to write; it must not exist yet (or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Output format; default: `hf` for a kiln checkpoint, `kiln` for anything else.
+        #[arg(long, value_enum)]
+        to: Option<kiln::convert::Format>,
     },
     /// Tokenizer tools.
     Tokenizer {
@@ -592,7 +629,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Generate {
-            checkpoint,
+            model,
             prompt,
             temperature,
             top_p,
@@ -600,33 +637,82 @@ fn run(command: Command) -> Result<()> {
             seed,
             device,
         } => {
-            if !(temperature >= 0.0) {
-                bail!("--temperature must be non-negative");
-            }
-            if !(top_p > 0.0 && top_p <= 1.0) {
-                bail!("--top-p must be in (0, 1]");
-            }
+            let params = sampling_params(temperature, top_p, max_tokens)?;
             let device = device::select(device)?;
+            let loaded = kiln::convert::load_model(&model, &device.device, Default::default())?;
             let checkpoint::LoadedModel {
                 dir,
                 model,
                 tokenizer,
                 ..
-            } = checkpoint::load_model(&checkpoint, &device.device)?;
-            eprintln!(
-                "device: {} | checkpoint: {}",
-                device.describe(),
-                dir.display()
-            );
-            let params = SamplingParams {
-                temperature,
-                top_p,
-                max_tokens,
-            };
+            } = loaded.loaded;
+            eprintln!("device: {} | model: {}", device.describe(), dir.display());
             let mut rng = generate::seeded_rng(seed);
             let out =
                 generate::complete(&model, &tokenizer, &[prompt.as_str()], &params, &mut rng)?;
             println!("{prompt}{}", out[0]);
+            Ok(())
+        }
+        Command::Chat {
+            model,
+            system,
+            template,
+            temperature,
+            top_p,
+            max_tokens,
+            seed,
+            device,
+        } => {
+            use std::io::IsTerminal;
+            let params = sampling_params(temperature, top_p, max_tokens)?;
+            let device = device::select(device)?;
+            let started = std::time::Instant::now();
+            let loaded = kiln::convert::load_model(&model, &device.device, Default::default())?;
+            let template = template.unwrap_or(loaded.template);
+            let system = system.or(loaded.default_system).filter(|s| !s.is_empty());
+            let interactive = std::io::stdin().is_terminal();
+            eprintln!(
+                "device: {} | model: {} ({:.1}M parameters, loaded in {:.1}s) | template: {}",
+                device.describe(),
+                loaded.loaded.dir.display(),
+                loaded.loaded.model_config.num_params() as f64 / 1e6,
+                started.elapsed().as_secs_f64(),
+                template.name()
+            );
+            if interactive {
+                eprintln!("Type a message and press Enter; /reset starts over, /exit quits.");
+            }
+            let session = kiln::chat_session::ChatSession {
+                model: &loaded.loaded.model,
+                tokenizer: &loaded.loaded.tokenizer,
+                template,
+                system,
+                params,
+                prompt_marker: interactive,
+            };
+            let mut rng = generate::seeded_rng(seed);
+            session.run(std::io::stdin().lock(), &mut std::io::stdout(), &mut rng)
+        }
+        Command::Convert { input, out, to } => {
+            use kiln::convert::{self, Format};
+            let from = Format::detect(&input)?;
+            let to = to.unwrap_or(match from {
+                Format::Kiln => Format::Hf,
+                _ => Format::Kiln,
+            });
+            let started = std::time::Instant::now();
+            let model = convert::read(&input)?;
+            let read_s = started.elapsed().as_secs_f64();
+            convert::write(&model, &input, to, &out)?;
+            eprintln!(
+                "{} ({from:?}, {:.1}M parameters, {} template) -> {} ({to:?}) in {:.1}s (read {:.1}s)",
+                input.display(),
+                model.model_config.num_params() as f64 / 1e6,
+                model.template.name(),
+                out.display(),
+                started.elapsed().as_secs_f64(),
+                read_s
+            );
             Ok(())
         }
         Command::Tokenizer {
@@ -735,6 +821,20 @@ fn report_fine_tuning(summary: &sft::SftSummary) {
         eprintln!("final validation loss (answer tokens) {loss:.4}");
     }
     eprintln!("checkpoint: {}", summary.checkpoint.display());
+}
+
+fn sampling_params(temperature: f64, top_p: f64, max_tokens: usize) -> Result<SamplingParams> {
+    if !(temperature >= 0.0) {
+        bail!("--temperature must be non-negative");
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    Ok(SamplingParams {
+        temperature,
+        top_p,
+        max_tokens,
+    })
 }
 
 fn print_info(model: &kiln::config::ModelConfig) {

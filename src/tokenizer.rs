@@ -130,18 +130,7 @@ pub fn train_bpe<'a>(
         .special_tokens(specials)
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let pre_tokenizer = PreTokenizerWrapper::Sequence(Sequence::new(vec![
-        PreTokenizerWrapper::Digits(Digits::new(true)),
-        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
-    ]));
-    let mut tokenizer = TokenizerBuilder::<BPE, NormalizerWrapper, _, ByteLevel, _>::new()
-        .with_model(BPE::default())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(pre_tokenizer))
-        .with_post_processor(Some(ByteLevel::default()))
-        .with_decoder(Some(ByteLevelDecoder::default()))
-        .build()
-        .map_err(|e| anyhow!("cannot build tokenizer: {e}"))?;
+    let mut tokenizer = byte_level_bpe(BPE::default(), true)?;
     tokenizer
         .train(&mut trainer, texts)
         .map_err(|e| anyhow!("tokenizer training failed: {e}"))?;
@@ -149,6 +138,81 @@ pub fn train_bpe<'a>(
         .to_string(false)
         .map_err(|e| anyhow!("tokenizer failed to serialise: {e}"))?;
     Tokenizer::from_json(&json)
+}
+
+type ByteLevelBpe = tokenizers::TokenizerImpl<
+    BPE,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    ByteLevel,
+    ByteLevelDecoder,
+>;
+
+/// A byte-level BPE pipeline around `model`, GPT-2's regex split, digits split one by one
+/// when `split_digits` (Llama 2's and SmolLM2's choice).
+fn byte_level_bpe(model: BPE, split_digits: bool) -> Result<ByteLevelBpe> {
+    let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
+    let pre_tokenizer = if split_digits {
+        PreTokenizerWrapper::Sequence(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            byte_level,
+        ]))
+    } else {
+        byte_level
+    };
+    TokenizerBuilder::new()
+        .with_model(model)
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(pre_tokenizer))
+        .with_post_processor(Some(ByteLevel::default()))
+        .with_decoder(Some(ByteLevelDecoder::default()))
+        .build()
+        .map_err(|e| anyhow!("cannot build tokenizer: {e}"))
+}
+
+/// The `tokenizer.json` of a byte-level BPE given by its vocabulary (id = position), its
+/// merges (`"a b"`, highest priority first) and its special tokens (id, text): how a GGUF
+/// file describes a GPT-2-style tokenizer.
+pub fn byte_level_bpe_json(
+    tokens: &[&str],
+    merges: &[&str],
+    specials: &[(u32, &str)],
+    split_digits: bool,
+) -> Result<String> {
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), i as u32))
+        .collect();
+    if vocab.len() != tokens.len() {
+        return Err(anyhow!("the vocabulary lists a token twice"));
+    }
+    let merges = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| anyhow!("merge {m:?} is not two tokens"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let model = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| anyhow!("invalid BPE: {e}"))?;
+    let mut tokenizer = byte_level_bpe(model, split_digits)?;
+    let added: Vec<AddedToken> = specials
+        .iter()
+        .map(|(_, t)| AddedToken::from(t.to_string(), true))
+        .collect();
+    tokenizer.add_special_tokens(&added);
+    for (id, text) in specials {
+        if tokenizer.token_to_id(text) != Some(*id) {
+            return Err(anyhow!("special token {text:?} does not keep its id {id}"));
+        }
+    }
+    tokenizer
+        .to_string(false)
+        .map_err(|e| anyhow!("tokenizer failed to serialise: {e}"))
 }
 
 #[cfg(test)]

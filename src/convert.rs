@@ -1,0 +1,224 @@
+//! Models in and out: a kiln checkpoint, a Hugging Face Llama directory or a GGUF file, told
+//! apart by what the path holds. `kiln convert` moves a model between them; `kiln chat` and
+//! `kiln generate` load any of them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow, bail};
+use serde::Serialize;
+
+use crate::chat::{self, ChatTemplate};
+use crate::checkpoint::{self, CheckpointData, LoadedModel, NamedTensor};
+use crate::config::ModelConfig;
+use crate::kernels::Kernels;
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
+
+/// The formats kiln reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A kiln checkpoint (manifest, config.toml, model.safetensors, tokenizer.json).
+    Kiln,
+    /// A Hugging Face Llama directory (config.json, safetensors, tokenizer.json).
+    Hf,
+    /// A llama.cpp GGUF file (read only).
+    Gguf,
+}
+
+impl Format {
+    /// What `path` holds: a `.gguf` file (or any file starting with the GGUF magic), a
+    /// directory with `config.json`, or else a kiln checkpoint or run directory.
+    pub fn detect(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            let mut magic = [0u8; 4];
+            let read = std::fs::File::open(path)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
+            if read.is_ok() && &magic == crate::gguf::MAGIC {
+                return Ok(Format::Gguf);
+            }
+            bail!(
+                "{}: not a GGUF file; a model is a GGUF file, a Hugging Face directory or a kiln checkpoint",
+                path.display()
+            );
+        }
+        if !path.exists() {
+            bail!("model {} not found", path.display());
+        }
+        if crate::hf::is_hf_dir(path) {
+            return Ok(Format::Hf);
+        }
+        Ok(Format::Kiln)
+    }
+}
+
+/// A whole model held on the host: shape, weights under kiln's (Hugging Face's) names,
+/// tokenizer and chat layout.
+pub struct ForeignModel {
+    pub model_config: ModelConfig,
+    pub tensors: Vec<NamedTensor>,
+    pub tokenizer_json: String,
+    pub template: ChatTemplate,
+    /// The system prompt the model's own chat template inserts when a dialogue has none.
+    pub default_system: Option<String>,
+}
+
+impl ForeignModel {
+    /// Chat settings come from the model's Jinja `chat_template` when it has one, else from
+    /// its tokenizer (ChatML markers present or not).
+    pub fn new(
+        model_config: ModelConfig,
+        tensors: Vec<NamedTensor>,
+        tokenizer_json: String,
+        chat_template: Option<&str>,
+    ) -> Self {
+        let template = chat_template
+            .and_then(ChatTemplate::from_jinja)
+            .unwrap_or_else(|| {
+                if tokenizer_json.contains("\"<|im_start|>\"") {
+                    ChatTemplate::Chatml
+                } else {
+                    ChatTemplate::Llama2
+                }
+            });
+        Self {
+            model_config,
+            tensors,
+            tokenizer_json,
+            template,
+            default_system: chat_template.and_then(chat::default_system_prompt),
+        }
+    }
+}
+
+/// The `[model]` and `[chat]` sections an imported checkpoint's config.toml holds.
+#[derive(Serialize)]
+struct ImportedConfig<'a> {
+    model: &'a ModelConfig,
+    data: DataSection,
+    chat: ChatSection<'a>,
+}
+
+#[derive(Serialize)]
+struct DataSection {
+    template: ChatTemplate,
+}
+
+#[derive(Serialize)]
+struct ChatSection<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    default_system: Option<&'a str>,
+    /// Where the weights came from.
+    imported_from: String,
+}
+
+/// The default system prompt stored in a kiln checkpoint's config (`chat.default_system`).
+fn checkpoint_default_system(config_toml: &str) -> Option<String> {
+    let table: toml::Table = config_toml.parse().ok()?;
+    table
+        .get("chat")?
+        .get("default_system")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Reads a model in any format onto the host.
+pub fn read(path: &Path) -> Result<ForeignModel> {
+    match Format::detect(path)? {
+        Format::Gguf => crate::gguf::GgufFile::read(path)?.to_llama(),
+        Format::Hf => crate::hf::read(path),
+        Format::Kiln => {
+            let dir = checkpoint::resolve(path)?;
+            let saved = checkpoint::load(&dir)?;
+            Ok(ForeignModel {
+                model_config: saved.model_config(&dir)?,
+                template: ChatTemplate::of_checkpoint(&dir)?,
+                default_system: checkpoint_default_system(&saved.config_toml),
+                tensors: saved.model,
+                tokenizer_json: saved.tokenizer_json,
+            })
+        }
+    }
+}
+
+/// Checks that the weights, shape and tokenizer agree, naming the first thing that does not.
+pub fn validate(model: &ForeignModel, source: &Path) -> Result<Tokenizer> {
+    crate::hf::check_tensors(&model.model_config, &model.tensors, source)?;
+    let tokenizer = Tokenizer::from_json(&model.tokenizer_json)
+        .map_err(|e| anyhow!("{}: {e}", source.display()))?;
+    if tokenizer.vocab_size() > model.model_config.vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens, the model's vocabulary only {}",
+            source.display(),
+            tokenizer.vocab_size(),
+            model.model_config.vocab_size
+        );
+    }
+    Ok(tokenizer)
+}
+
+/// Writes `model` (read from `source`) in `format` at `out`, which must not exist yet (or be
+/// empty); nothing is left at `out` if it fails.
+pub fn write(model: &ForeignModel, source: &Path, format: Format, out: &Path) -> Result<()> {
+    validate(model, source)?;
+    match format {
+        Format::Hf => crate::hf::write(model, out),
+        Format::Kiln => {
+            let config = ImportedConfig {
+                model: &model.model_config,
+                data: DataSection {
+                    template: model.template,
+                },
+                chat: ChatSection {
+                    default_system: model.default_system.as_deref(),
+                    imported_from: source.display().to_string(),
+                },
+            };
+            let data = CheckpointData {
+                step: 0,
+                config_toml: toml::to_string(&config)?,
+                model: model.tensors.clone(),
+                optimizer: Vec::new(),
+                state_json: "{}".into(),
+                tokenizer_json: model.tokenizer_json.clone(),
+            };
+            checkpoint::save_to(out, &data)
+        }
+        Format::Gguf => bail!("kiln reads GGUF files but does not write them"),
+    }
+}
+
+/// A model of any format, ready for inference on `device`, with its chat settings.
+pub struct ChatModel {
+    pub loaded: LoadedModel,
+    pub template: ChatTemplate,
+    pub default_system: Option<String>,
+}
+
+/// Loads a kiln checkpoint, Hugging Face directory or GGUF file onto `device`.
+pub fn load_model(
+    path: &Path,
+    device: &burn::tensor::Device,
+    kernels: Kernels,
+) -> Result<ChatModel> {
+    let foreign = read(path)?;
+    let tokenizer = validate(&foreign, path)?;
+    let model_config = ModelConfig {
+        kernels,
+        ..foreign.model_config.clone()
+    };
+    let dir: PathBuf = match Format::detect(path)? {
+        Format::Kiln => checkpoint::resolve(path)?,
+        _ => path.to_path_buf(),
+    };
+    let model = crate::params::import(Llama::new(&model_config, 0, device), foreign.tensors, path)?;
+    Ok(ChatModel {
+        loaded: LoadedModel {
+            dir,
+            model,
+            model_config,
+            tokenizer,
+        },
+        template: foreign.template,
+        default_system: foreign.default_system,
+    })
+}
