@@ -76,7 +76,9 @@ impl Value {
 
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
-            Value::F32(v) => Some(v as f64),
+            // The f32's shortest decimal form: 1e-5 stored as f32 reads as 1e-5, not as
+            // 9.99999974e-6, as the model's authors wrote it.
+            Value::F32(v) => v.to_string().parse().ok(),
             Value::F64(v) => Some(v),
             _ => self.as_u64().map(|v| v as f64),
         }
@@ -235,8 +237,9 @@ impl<'a> Cursor<'a> {
         let n = self.u64()?;
         if n > (self.bytes.len() - self.pos) as u64 {
             bail!(
-                "{what} count {n} at offset {} is larger than the file",
-                self.pos - 8
+                "truncated or corrupted: {what} count {n} at offset {} exceeds the {} bytes left",
+                self.pos - 8,
+                self.bytes.len() - self.pos
             );
         }
         Ok(n as usize)

@@ -1,0 +1,1047 @@
+//! Models in and out: Hugging Face directories both ways, GGUF dequantisation of every
+//! supported type against hand-built blocks, a GGUF llama model rebuilt exactly, bad files
+//! refused without partial output, `kiln convert`/`chat`/`generate` on any model path, and the
+//! real SmolLM2-135M-Instruct (when `scripts/fetch-smollm2.sh` has fetched it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use burn::tensor::{Int, Tensor, TensorData};
+use half::{bf16, f16};
+use kiln::chat::{ChatTemplate, Message};
+use kiln::checkpoint::NamedTensor;
+use kiln::config::ModelConfig;
+use kiln::convert::{self, ForeignModel, Format};
+use kiln::gguf::{self, GgmlType, GgufFile, TensorToWrite, Value};
+use kiln::model::Llama;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+mod common;
+use common::repo;
+
+fn rng() -> StdRng {
+    let seed = rand::random::<u64>();
+    eprintln!("seed {seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+fn cpu() -> burn::tensor::Device {
+    kiln::device::ComputeDevice::cpu().device
+}
+
+fn shakespeare_tokenizer() -> String {
+    std::fs::read_to_string(repo("data/shakespeare/tokenizer.json")).unwrap()
+}
+
+/// A small Llama of random shape (GQA ratio, tied or not) and random weights.
+fn random_model(rng: &mut StdRng) -> (Llama, ForeignModel) {
+    let n_heads = 4;
+    let config = ModelConfig {
+        dim: 32,
+        n_layers: 2,
+        n_heads,
+        n_kv_heads: [1, 2, 4][rng.random_range(0..3)],
+        ffn_dim: 32 * rng.random_range(1..4),
+        vocab_size: 2048,
+        max_seq_len: 64,
+        norm_eps: 1e-5,
+        rope_theta: [10000.0, 100000.0][rng.random_range(0..2)],
+        tie_embeddings: rng.random_bool(0.5),
+        init_std: 0.2,
+        kernels: kiln::kernels::Kernels::Reference,
+    };
+    let model = Llama::new(&config, rng.random(), &cpu());
+    // Norm weights start at one: make them random too, so a mix-up would show.
+    let tensors = kiln::params::export(&model)
+        .into_iter()
+        .map(|mut t| {
+            if t.shape.len() == 1 {
+                t.values
+                    .iter_mut()
+                    .for_each(|v| *v = rng.random_range(0.5..1.5));
+            }
+            t
+        })
+        .collect::<Vec<_>>();
+    let model = kiln::params::import(model, tensors.clone(), Path::new("test")).unwrap();
+    let foreign = ForeignModel {
+        model_config: config,
+        tensors,
+        tokenizer_json: shakespeare_tokenizer(),
+        template: ChatTemplate::Llama2,
+        default_system: None,
+    };
+    (model, foreign)
+}
+
+fn by_name(tensors: &[NamedTensor]) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    tensors
+        .iter()
+        .map(|t| (t.name.clone(), (t.shape.clone(), t.values.clone())))
+        .collect()
+}
+
+fn logits(model: &Llama, tokens: &[i64]) -> Vec<f32> {
+    let input = Tensor::<2, Int>::from_data(
+        TensorData::new(tokens.to_vec(), [1, tokens.len()]),
+        &model.device(),
+    );
+    model
+        .forward(input, None)
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap()
+}
+
+/// The shape fields a file format carries (not kiln's own `init_std` and `kernels`).
+fn shape_of(
+    c: &ModelConfig,
+) -> (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    u64,
+    u64,
+    bool,
+) {
+    (
+        c.dim,
+        c.n_layers,
+        c.n_heads,
+        c.n_kv_heads,
+        c.ffn_dim,
+        c.vocab_size,
+        c.max_seq_len,
+        c.norm_eps.to_bits(),
+        c.rope_theta.to_bits(),
+        c.tie_embeddings,
+    )
+}
+
+fn kiln_cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn kiln_ok(args: &[&str]) -> Output {
+    let out = kiln_cli(args);
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `kiln` fails with a one-line error containing every one of `needles`.
+fn kiln_fails(args: &[&str], needles: &[&str]) {
+    let out = kiln_cli(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kiln {args:?} succeeded");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{needle:?} not in: {stderr}");
+    }
+}
+
+/// Nothing was written: neither `out` nor a temporary directory beside it.
+fn assert_nothing_written(out: &Path) {
+    assert!(!out.exists(), "{} was written", out.display());
+    let parent = out.parent().unwrap();
+    for entry in std::fs::read_dir(parent).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(!name.contains(".partial-"), "temporary {name} left behind");
+    }
+}
+
+#[test]
+fn kiln_to_hf_to_kiln_is_identical() {
+    let mut rng = rng();
+    let (model, foreign) = random_model(&mut rng);
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    convert::write(&foreign, Path::new("test"), Format::Hf, &hf).unwrap();
+    // Hugging Face's layout: a tied head is left out, as transformers' save_pretrained does.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(
+        config["num_key_value_heads"],
+        foreign.model_config.n_kv_heads
+    );
+    assert_eq!(
+        config["tie_word_embeddings"],
+        foreign.model_config.tie_embeddings
+    );
+    let weights = std::fs::read(hf.join("model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&weights).unwrap();
+    assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+    assert_eq!(
+        meta.tensors().contains_key("lm_head.weight"),
+        !foreign.model_config.tie_embeddings
+    );
+    assert!(
+        meta.tensors()
+            .contains_key("model.layers.1.self_attn.k_proj.weight")
+    );
+
+    let back = convert::read(&hf).unwrap();
+    assert_eq!(
+        shape_of(&back.model_config),
+        shape_of(&foreign.model_config)
+    );
+    assert_eq!(
+        by_name(&back.tensors),
+        by_name(&foreign.tensors),
+        "bit for bit"
+    );
+    assert_eq!(back.template, ChatTemplate::Llama2);
+
+    // On to a kiln checkpoint, which loads as the model we started from.
+    let kiln_dir = dir.path().join("kiln");
+    convert::write(&back, &hf, Format::Kiln, &kiln_dir).unwrap();
+    let loaded = convert::load_model(&kiln_dir, &cpu(), Default::default()).unwrap();
+    assert_eq!(
+        by_name(&kiln::params::export(&loaded.loaded.model)),
+        by_name(&foreign.tensors)
+    );
+    let tokens: Vec<i64> = (0..17).map(|_| rng.random_range(0..2048)).collect();
+    assert_eq!(
+        logits(&loaded.loaded.model, &tokens),
+        logits(&model, &tokens)
+    );
+    // And the Hugging Face directory itself loads too.
+    let from_hf = convert::load_model(&hf, &cpu(), Default::default()).unwrap();
+    assert_eq!(
+        logits(&from_hf.loaded.model, &tokens),
+        logits(&model, &tokens)
+    );
+}
+
+#[test]
+fn hf_import_reads_shards_in_f16_and_bf16() {
+    let mut rng = rng();
+    let (_, foreign) = random_model(&mut rng);
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    convert::write(&foreign, Path::new("test"), Format::Hf, &hf).unwrap();
+    std::fs::remove_file(hf.join("model.safetensors")).unwrap();
+    // Half of the tensors in an f16 shard, half in a bf16 one, listed by the index.
+    let mut expected = BTreeMap::new();
+    let mut shards: [Vec<(String, Vec<usize>, Vec<u8>)>; 2] = [Vec::new(), Vec::new()];
+    let mut weight_map = serde_json::Map::new();
+    for (i, t) in foreign.tensors.iter().enumerate() {
+        let shard = i % 2;
+        let (bytes, values): (Vec<u8>, Vec<f32>) = if shard == 0 {
+            let h: Vec<f16> = t.values.iter().map(|&v| f16::from_f32(v)).collect();
+            (
+                h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                h.iter().map(|v| v.to_f32()).collect(),
+            )
+        } else {
+            let h: Vec<bf16> = t.values.iter().map(|&v| bf16::from_f32(v)).collect();
+            (
+                h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                h.iter().map(|v| v.to_f32()).collect(),
+            )
+        };
+        expected.insert(t.name.clone(), (t.shape.clone(), values));
+        let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
+        weight_map.insert(t.name.clone(), file.into());
+        shards[shard].push((t.name.clone(), t.shape.clone(), bytes));
+    }
+    for (shard, tensors) in shards.iter().enumerate() {
+        let dtype = [safetensors::Dtype::F16, safetensors::Dtype::BF16][shard];
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|(name, shape, bytes)| {
+                let view =
+                    safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes).unwrap();
+                (name.clone(), view)
+            })
+            .collect();
+        let file = hf.join(format!("model-0000{}-of-00002.safetensors", shard + 1));
+        std::fs::write(file, safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(hf.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let back = convert::read(&hf).unwrap();
+    assert_eq!(by_name(&back.tensors), expected);
+    assert!(
+        expected
+            .values()
+            .zip(by_name(&foreign.tensors).values())
+            .any(|(a, b)| a.1 != b.1),
+        "halving the precision changed something, so the comparison can fail"
+    );
+}
+
+/// One tensor of `ty`, built from random blocks by hand (not by kiln's quantisers), and the
+/// values it must dequantise to, computed in f64 from the block fields.
+fn hand_made(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> (Vec<u8>, Vec<f64>) {
+    let n = rows * cols;
+    let mut bytes = Vec::new();
+    let mut values = Vec::with_capacity(n);
+    let scale = |rng: &mut StdRng| f16::from_f32(rng.random_range(-0.1f32..0.1));
+    match ty {
+        GgmlType::F32 => {
+            for _ in 0..n {
+                let v: f32 = rng.random_range(-3.0..3.0);
+                bytes.extend(v.to_le_bytes());
+                values.push(v as f64);
+            }
+        }
+        GgmlType::F16 => {
+            for _ in 0..n {
+                let v = f16::from_f32(rng.random_range(-3.0..3.0));
+                bytes.extend(v.to_le_bytes());
+                values.push(v.to_f64());
+            }
+        }
+        GgmlType::BF16 => {
+            for _ in 0..n {
+                let v = bf16::from_f32(rng.random_range(-3.0..3.0));
+                bytes.extend(v.to_le_bytes());
+                values.push(v.to_f64());
+            }
+        }
+        GgmlType::Q8_0 => {
+            for _ in 0..n / 32 {
+                let d = scale(rng);
+                bytes.extend(d.to_le_bytes());
+                for _ in 0..32 {
+                    let q: i8 = rng.random();
+                    bytes.push(q as u8);
+                    values.push(d.to_f64() * q as f64);
+                }
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            for _ in 0..n / 32 {
+                let (d, m) = (scale(rng), scale(rng));
+                bytes.extend(d.to_le_bytes());
+                if ty == GgmlType::Q4_1 {
+                    bytes.extend(m.to_le_bytes());
+                }
+                let q: Vec<u8> = (0..32).map(|_| rng.random_range(0..16)).collect();
+                // ggml packs value j in the low nibble of byte j, value j + 16 in its high one.
+                bytes.extend((0..16).map(|j| q[j] | (q[j + 16] << 4)));
+                values.extend(q.iter().map(|&q| match ty {
+                    GgmlType::Q4_0 => d.to_f64() * (q as f64 - 8.0),
+                    _ => d.to_f64() * q as f64 + m.to_f64(),
+                }));
+            }
+        }
+        _ => unreachable!(),
+    }
+    (bytes, values)
+}
+
+const SUPPORTED: [GgmlType; 6] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+];
+
+#[test]
+fn gguf_dequantises_every_supported_type() {
+    let mut rng = rng();
+    let (rows, cols) = (3, 96);
+    let mut tensors = Vec::new();
+    let mut expected = Vec::new();
+    for ty in SUPPORTED {
+        let (bytes, values) = hand_made(ty, rows, cols, &mut rng);
+        tensors.push(TensorToWrite {
+            name: ty.name(),
+            shape: vec![rows, cols],
+            ggml_type: ty,
+            bytes,
+        });
+        expected.push(values);
+    }
+    let metadata = vec![("general.name".to_string(), Value::String("test".into()))];
+    let file = GgufFile::parse(gguf::write(&metadata, &tensors), "test.gguf").unwrap();
+    assert_eq!(file.version, 3);
+    for (ty, want) in SUPPORTED.iter().zip(&expected) {
+        let info = file.tensor(&ty.name()).unwrap();
+        assert_eq!(info.shape(), vec![rows, cols]);
+        let got = file.dequantize(info).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            // f32 products of f16 fields: relative 1e-6.
+            assert!(
+                (*g as f64 - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                "{} element {i}: {g} vs {w}",
+                ty.name()
+            );
+        }
+    }
+
+    // A known block: Q4_0 with d = 0.5 and byte 0 = 0x10 gives x0 = (0 - 8) / 2, x16 = (1 - 8) / 2.
+    let mut block = f16::from_f32(0.5).to_le_bytes().to_vec();
+    block.extend([0x10u8; 16]);
+    let tensor = TensorToWrite {
+        name: "q".into(),
+        shape: vec![32],
+        ggml_type: GgmlType::Q4_0,
+        bytes: block,
+    };
+    let file = GgufFile::parse(gguf::write(&[], &[tensor]), "known.gguf").unwrap();
+    let values = file.dequantize(file.tensor("q").unwrap()).unwrap();
+    assert_eq!(values[0], -4.0);
+    assert_eq!(values[15], -4.0);
+    assert_eq!(values[16], -3.5);
+    assert_eq!(values[31], -3.5);
+}
+
+#[test]
+fn gguf_quantisers_round_trip_within_half_a_step() {
+    let mut rng = rng();
+    let values: Vec<f32> = (0..32 * 20).map(|_| rng.random_range(-2.0..2.0)).collect();
+    for ty in SUPPORTED {
+        let tensor = TensorToWrite {
+            name: "t".into(),
+            shape: vec![20, 32],
+            ggml_type: ty,
+            bytes: gguf::quantize(ty, &values).unwrap(),
+        };
+        let file = GgufFile::parse(gguf::write(&[], &[tensor]), "t.gguf").unwrap();
+        let back = file.dequantize(file.tensor("t").unwrap()).unwrap();
+        for (block, (orig, got)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
+            let (lo, hi) = orig
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+            let amax = lo.abs().max(hi.abs());
+            // One quantisation step of each format (Q4_0 may clamp its far end by a step).
+            let step = match ty {
+                GgmlType::F32 => 0.0,
+                GgmlType::F16 => amax / 1024.0,
+                GgmlType::BF16 => amax / 128.0,
+                GgmlType::Q8_0 => amax / 127.0 / 2.0,
+                GgmlType::Q4_0 => amax / 8.0,
+                _ => (hi - lo) / 15.0 / 2.0,
+            };
+            for (o, g) in orig.iter().zip(got) {
+                assert!(
+                    (o - g).abs() <= step * 1.01 + 1e-3 * amax * (ty != GgmlType::F32) as u8 as f32,
+                    "{} block {block}: {o} -> {g} (step {step})",
+                    ty.name()
+                );
+            }
+        }
+    }
+}
+
+/// llama.cpp's `permute` for Q/K weights, written as its NumPy reshape:
+/// `w.reshape(heads, 2, head_dim / 2, cols).swapaxes(1, 2).reshape(w.shape)`.
+fn llama_cpp_permute(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let head_dim = values.len() / cols / heads;
+    let half = head_dim / 2;
+    let mut out = Vec::with_capacity(values.len());
+    for h in 0..heads {
+        for i in 0..half {
+            for s in 0..2 {
+                let row = h * head_dim + s * half + i;
+                out.extend_from_slice(&values[row * cols..(row + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// `tokenizer.ggml.*` metadata for the byte-level BPE of a `tokenizer.json`.
+fn tokenizer_metadata(tokenizer_json: &str) -> Vec<(String, Value)> {
+    let json: serde_json::Value = serde_json::from_str(tokenizer_json).unwrap();
+    let vocab = json["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (token, id) in vocab {
+        tokens[id.as_u64().unwrap() as usize] = token.clone();
+    }
+    let specials: Vec<u64> = json["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    let merges: Vec<Value> = json["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Value::String(s.clone()),
+            pair => Value::String(format!(
+                "{} {}",
+                pair[0].as_str().unwrap(),
+                pair[1].as_str().unwrap()
+            )),
+        })
+        .collect();
+    let types = (0..tokens.len())
+        .map(|i| Value::I32(if specials.contains(&(i as u64)) { 3 } else { 1 }))
+        .collect();
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
+    ]
+}
+
+/// A GGUF of `foreign` as llama.cpp's converter writes it: GGUF names, Q/K rows permuted,
+/// weights quantised as `ty` (norms stay F32).
+fn write_llama_gguf(foreign: &ForeignModel, ty: GgmlType) -> Vec<u8> {
+    let c = &foreign.model_config;
+    let mut metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("llama.block_count".into(), Value::U32(c.n_layers as u32)),
+        (
+            "llama.context_length".into(),
+            Value::U32(c.max_seq_len as u32),
+        ),
+        ("llama.embedding_length".into(), Value::U32(c.dim as u32)),
+        (
+            "llama.feed_forward_length".into(),
+            Value::U32(c.ffn_dim as u32),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            Value::U32(c.n_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            Value::U32(c.n_kv_heads as u32),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(c.rope_theta as f32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(c.norm_eps as f32),
+        ),
+        (
+            "llama.rope.dimension_count".into(),
+            Value::U32(c.head_dim() as u32),
+        ),
+    ];
+    metadata.extend(tokenizer_metadata(&foreign.tokenizer_json));
+    let tensors = foreign
+        .tensors
+        .iter()
+        .map(|t| {
+            let name = match t.name.as_str() {
+                "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+                "model.norm.weight" => "output_norm.weight".to_string(),
+                "lm_head.weight" => "output.weight".to_string(),
+                other => {
+                    let rest = other.strip_prefix("model.layers.").unwrap();
+                    let (layer, part) = rest.split_once('.').unwrap();
+                    let part = match part {
+                        "input_layernorm.weight" => "attn_norm",
+                        "post_attention_layernorm.weight" => "ffn_norm",
+                        "self_attn.q_proj.weight" => "attn_q",
+                        "self_attn.k_proj.weight" => "attn_k",
+                        "self_attn.v_proj.weight" => "attn_v",
+                        "self_attn.o_proj.weight" => "attn_output",
+                        "mlp.gate_proj.weight" => "ffn_gate",
+                        "mlp.up_proj.weight" => "ffn_up",
+                        "mlp.down_proj.weight" => "ffn_down",
+                        p => panic!("{p}"),
+                    };
+                    format!("blk.{layer}.{part}.weight")
+                }
+            };
+            let cols = *t.shape.last().unwrap();
+            let values = if name.ends_with("attn_q.weight") {
+                llama_cpp_permute(&t.values, c.n_heads, cols)
+            } else if name.ends_with("attn_k.weight") {
+                llama_cpp_permute(&t.values, c.n_kv_heads, cols)
+            } else {
+                t.values.clone()
+            };
+            let ty = if t.shape.len() == 1 {
+                GgmlType::F32
+            } else {
+                ty
+            };
+            TensorToWrite {
+                name,
+                shape: t.shape.clone(),
+                ggml_type: ty,
+                bytes: gguf::quantize(ty, &values).unwrap(),
+            }
+        })
+        .collect::<Vec<_>>();
+    gguf::write(&metadata, &tensors)
+}
+
+#[test]
+fn gguf_llama_model_imports_exactly() {
+    let mut rng = rng();
+    let (model, foreign) = random_model(&mut rng);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::write(&path, write_llama_gguf(&foreign, GgmlType::F32)).unwrap();
+
+    let imported = convert::read(&path).unwrap();
+    assert_eq!(
+        shape_of(&imported.model_config),
+        shape_of(&foreign.model_config)
+    );
+    assert_eq!(
+        by_name(&imported.tensors),
+        by_name(&foreign.tensors),
+        "Q/K rows back in order"
+    );
+    let loaded = convert::load_model(&path, &cpu(), Default::default()).unwrap();
+    let tokens: Vec<i64> = (0..13).map(|_| rng.random_range(0..2048)).collect();
+    assert_eq!(
+        logits(&loaded.loaded.model, &tokens),
+        logits(&model, &tokens)
+    );
+    // The tokenizer rebuilt from the metadata encodes as the original does.
+    let original = kiln::tokenizer::Tokenizer::from_json(&foreign.tokenizer_json).unwrap();
+    let text = "KING LEAR.\nBlow, winds, and crack your cheeks! 1606 [INST] rage, blow! </s>";
+    assert_eq!(
+        loaded.loaded.tokenizer.encode(text).unwrap(),
+        original.encode(text).unwrap()
+    );
+
+    // `kiln convert` and `kiln generate` take the GGUF file as it is.
+    let out = dir.path().join("kiln");
+    kiln_ok(&[
+        "convert",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let again = convert::read(&out).unwrap();
+    assert_eq!(by_name(&again.tensors), by_name(&foreign.tensors));
+    let generated = kiln_ok(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--model",
+        path.to_str().unwrap(),
+        "--prompt",
+        "KING",
+        "--max-tokens",
+        "5",
+    ]);
+    assert!(String::from_utf8_lossy(&generated.stdout).starts_with("KING"));
+}
+
+#[test]
+fn quantised_gguf_model_stays_close_to_the_original() {
+    let mut rng = rng();
+    let (model, foreign) = random_model(&mut rng);
+    let tokens: Vec<i64> = (0..9).map(|_| rng.random_range(0..2048)).collect();
+    let reference = logits(&model, &tokens);
+    let spread = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut errors = Vec::new();
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_0] {
+        let bytes = write_llama_gguf(&foreign, ty);
+        let file = GgufFile::parse(bytes, "q.gguf").unwrap();
+        let loaded = kiln::params::import(
+            Llama::new(&foreign.model_config, 0, &cpu()),
+            file.to_llama().unwrap().tensors,
+            Path::new("q.gguf"),
+        )
+        .unwrap();
+        let got = logits(&loaded, &tokens);
+        let err = got
+            .iter()
+            .zip(&reference)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        errors.push(err / spread);
+    }
+    // 8-bit is far closer than 4-bit, and neither is exact nor lost.
+    assert!(errors[0] < 0.05 && errors[0] > 0.0, "{errors:?}");
+    assert!(errors[0] < errors[1] && errors[0] < errors[2], "{errors:?}");
+    assert!(errors[1] < 1.0 && errors[2] < 1.0, "{errors:?}");
+}
+
+#[test]
+fn bad_model_files_fail_clearly_and_write_nothing() {
+    let mut rng = rng();
+    let (_, foreign) = random_model(&mut rng);
+    let dir = tempfile::tempdir().unwrap();
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+    let hf = dir.path().join("hf");
+    convert::write(&foreign, Path::new("test"), Format::Hf, &hf).unwrap();
+    let out = dir.path().join("out");
+
+    // A truncated safetensors file.
+    let broken = dir.path().join("truncated");
+    copy_dir(&hf, &broken);
+    let weights = std::fs::read(hf.join("model.safetensors")).unwrap();
+    std::fs::write(
+        broken.join("model.safetensors"),
+        &weights[..weights.len() * 2 / 3],
+    )
+    .unwrap();
+    kiln_fails(
+        &["convert", &arg(&broken), "--out", &arg(&out)],
+        &["model.safetensors"],
+    );
+    assert_nothing_written(&out);
+
+    // A config without a required key, and one whose shape the weights do not have.
+    let edit_config = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let d = dir.path().join(name);
+        copy_dir(&hf, &d);
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        edit(&mut c);
+        std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+        d
+    };
+    let missing = edit_config("missing", &|c| {
+        c.as_object_mut().unwrap().remove("hidden_size");
+    });
+    kiln_fails(
+        &["convert", &arg(&missing), "--out", &arg(&out)],
+        &["config.json", "missing key hidden_size"],
+    );
+    let wider = edit_config("wider", &|c| {
+        c["intermediate_size"] = (foreign.model_config.ffn_dim + 32).into()
+    });
+    kiln_fails(
+        &["convert", &arg(&wider), "--out", &arg(&out)],
+        &["wider: tensor model.layers.0.mlp.", "shape"],
+    );
+    kiln_fails(
+        &["chat", "--device", "cpu", "--model", &arg(&wider)],
+        &["shape"],
+    );
+    assert_nothing_written(&out);
+
+    // A truncated GGUF file, and one with a quantisation type kiln does not read.
+    let gguf_bytes = write_llama_gguf(&foreign, GgmlType::Q8_0);
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &gguf_bytes[..gguf_bytes.len() - 100]).unwrap();
+    kiln_fails(
+        &["convert", &arg(&truncated), "--out", &arg(&out)],
+        &["truncated.gguf", "truncated"],
+    );
+    let header_cut = dir.path().join("header.gguf");
+    std::fs::write(&header_cut, &gguf_bytes[..1000]).unwrap();
+    kiln_fails(
+        &["convert", &arg(&header_cut), "--out", &arg(&out)],
+        &["header.gguf", "truncated"],
+    );
+    let q4k = TensorToWrite {
+        name: "token_embd.weight".into(),
+        shape: vec![4, 256],
+        ggml_type: GgmlType(12),
+        bytes: vec![0; 4 * 144],
+    };
+    let mut metadata = vec![(
+        "general.architecture".to_string(),
+        Value::String("llama".into()),
+    )];
+    for (key, v) in [
+        ("llama.block_count", 0u32),
+        ("llama.context_length", 16),
+        ("llama.embedding_length", 256),
+        ("llama.feed_forward_length", 16),
+        ("llama.attention.head_count", 4),
+    ] {
+        metadata.push((key.to_string(), Value::U32(v)));
+    }
+    metadata.push((
+        "llama.attention.layer_norm_rms_epsilon".into(),
+        Value::F32(1e-5),
+    ));
+    let unknown = dir.path().join("q4k.gguf");
+    std::fs::write(&unknown, gguf::write(&metadata, &[q4k])).unwrap();
+    kiln_fails(
+        &["convert", &arg(&unknown), "--out", &arg(&out)],
+        &["q4k.gguf", "Q4_K", "token_embd.weight"],
+    );
+    assert_nothing_written(&out);
+
+    // An existing output directory is never overwritten.
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    kiln_fails(&["convert", &arg(&hf), "--out", &arg(&out)], &["not empty"]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn chat_streams_answers_and_keeps_the_dialogue() {
+    let mut rng = rng();
+    let (_, foreign) = random_model(&mut rng);
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("kiln");
+    convert::write(&foreign, Path::new("test"), Format::Kiln, &ckpt).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["chat", "--device", "cpu", "--max-tokens", "4", "--model"])
+        .arg(&ckpt)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello there\n\n/reset\nAnd again\n/exit\nnever read\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("template: llama2"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // An answer (random text, possibly empty), the reset, another answer, then /exit.
+    let (first, second) = stdout
+        .split_once("(conversation cleared)\n")
+        .expect(&stdout);
+    assert!(
+        first.ends_with('\n') && second.ends_with('\n'),
+        "{stdout:?}"
+    );
+}
+
+/// SmolLM2-135M-Instruct from `scripts/fetch-smollm2.sh`, or `None` with a note.
+fn smollm2() -> Option<PathBuf> {
+    let path = std::env::var_os("KILN_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must fetch SmolLM2 (scripts/fetch-smollm2.sh)"
+    );
+    eprintln!(
+        "SKIPPED: {} is not there; run scripts/fetch-smollm2.sh to run this test",
+        path.display()
+    );
+    None
+}
+
+#[test]
+fn smollm2_knows_the_capital_of_france() {
+    let Some(path) = smollm2() else { return };
+    let loaded = convert::load_model(&path, &cpu(), Default::default()).unwrap();
+    let c = &loaded.loaded.model_config;
+    assert_eq!(
+        (
+            c.dim,
+            c.n_layers,
+            c.n_heads,
+            c.n_kv_heads,
+            c.ffn_dim,
+            c.vocab_size,
+            c.tie_embeddings
+        ),
+        (576, 30, 9, 3, 1536, 49152, true)
+    );
+    assert_eq!(c.rope_theta, 100000.0);
+    assert_eq!(loaded.template, ChatTemplate::Chatml);
+    let system = loaded.default_system.clone().unwrap();
+    assert!(system.contains("SmolLM"), "{system}");
+    let params = kiln::generate::SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens: 30,
+    };
+    let dialogue = vec![
+        Message::system(system),
+        Message::user("What is the capital of France?"),
+    ];
+    let answers = kiln::generate::complete_chat(
+        &loaded.loaded.model,
+        &loaded.loaded.tokenizer,
+        loaded.template,
+        &[dialogue],
+        &params,
+        1,
+        &mut kiln::generate::seeded_rng(0),
+    )
+    .unwrap();
+    eprintln!("SmolLM2: {}", answers[0]);
+    assert!(answers[0].contains("Paris"), "{}", answers[0]);
+
+    // The same through `kiln chat`, greedy, streaming to stdout.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "chat",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "30",
+            "--model",
+        ])
+        .arg(&path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.trim(),
+        answers[0],
+        "the CLI answers as the library does"
+    );
+}
+
+/// GPT-2's byte-to-character map: printable bytes stand for themselves, the others are
+/// shifted past 255.
+fn bytes_to_unicode() -> Vec<char> {
+    let mut map = vec!['\0'; 256];
+    let mut next = 256u32;
+    for b in 0..256u32 {
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        map[b as usize] = if printable {
+            char::from_u32(b).unwrap()
+        } else {
+            next += 1;
+            char::from_u32(next - 1).unwrap()
+        };
+    }
+    map
+}
+
+/// A deliberately naive byte-level BPE from a GGUF's vocabulary and merges, as llama.cpp's
+/// `smollm` pre-tokenizer splits text (each digit alone, then GPT-2's pattern): repeatedly
+/// merge the adjacent pair of lowest merge rank.
+fn reference_bpe(file: &GgufFile, text: &str) -> Vec<u32> {
+    let strings = |key: &str| match file.get(key).unwrap() {
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect::<Vec<_>>(),
+        _ => panic!(),
+    };
+    let tokens = strings("tokenizer.ggml.tokens");
+    let ids: BTreeMap<&str, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i as u32))
+        .collect();
+    let merges = strings("tokenizer.ggml.merges");
+    let rank: BTreeMap<(String, String), usize> = merges
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let (a, b) = m.split_once(' ').unwrap();
+            ((a.to_string(), b.to_string()), i)
+        })
+        .collect();
+    let digits = fancy_regex::Regex::new(r"\p{N}").unwrap();
+    let gpt2 = fancy_regex::Regex::new(
+        r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    )
+    .unwrap();
+    let byte_chars = bytes_to_unicode();
+    // Split around each digit, keeping the digits.
+    let mut pieces = Vec::new();
+    let mut last = 0;
+    for m in digits.find_iter(text) {
+        let m = m.unwrap();
+        pieces.push(&text[last..m.start()]);
+        pieces.push(m.as_str());
+        last = m.end();
+    }
+    pieces.push(&text[last..]);
+    let mut out = Vec::new();
+    for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
+        for word in gpt2.find_iter(piece) {
+            let word = word.unwrap().as_str();
+            let mut parts: Vec<String> = word
+                .bytes()
+                .map(|b| byte_chars[b as usize].to_string())
+                .collect();
+            loop {
+                let best = (0..parts.len().saturating_sub(1))
+                    .filter_map(|i| {
+                        rank.get(&(parts[i].clone(), parts[i + 1].clone()))
+                            .map(|r| (*r, i))
+                    })
+                    .min();
+                let Some((_, i)) = best else { break };
+                let merged = format!("{}{}", parts[i], parts[i + 1]);
+                parts.splice(i..i + 2, [merged]);
+            }
+            out.extend(parts.iter().map(|p| ids[p.as_str()]));
+        }
+    }
+    out
+}
+
+#[test]
+fn smollm2_tokenizer_from_gguf_matches_its_vocabulary() {
+    let Some(path) = smollm2() else { return };
+    let file = GgufFile::read(&path).unwrap();
+    let tokenizer = kiln::tokenizer::Tokenizer::from_json(&file.tokenizer_json().unwrap()).unwrap();
+    assert_eq!(tokenizer.vocab_size(), 49152);
+    for (i, name) in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(
+            tokenizer.encode(name).unwrap(),
+            vec![i as u32],
+            "{name} is special"
+        );
+    }
+    for text in [
+        "What is the capital of France?",
+        "The quick brown fox jumps over the lazy dog.\n\nIt's 2024; prices rose 12.5% (from $1,999).",
+        "  Indented code:\n\tfn main() { println!(\"hi\"); }",
+        "naïve café — 東京 🎭 don't you'll we've",
+    ] {
+        let ids = tokenizer.encode(text).unwrap();
+        assert_eq!(ids, reference_bpe(&file, text), "{text:?}");
+        assert_eq!(tokenizer.decode(&ids).unwrap(), text);
+    }
+}
