@@ -383,3 +383,102 @@ pub fn kernels(device: &ComputeDevice, repeats: usize, quick: bool) -> Result<Ve
     }
     Ok(rows)
 }
+
+#[derive(Debug, Serialize)]
+pub struct GenerateBench {
+    pub model: String,
+    pub device: String,
+    pub kernels: String,
+    pub params: u64,
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Reading the file (parsing, dequantising, tokenizer) and building the model on the device.
+    pub load_s: f64,
+    /// The prompt's forward pass and the first token.
+    pub prefill_ms: f64,
+    /// Every later token: one cached forward pass of the whole batch per step.
+    pub decode_ms_per_step: f64,
+    /// New tokens of all rows per second while decoding.
+    pub decode_tokens_per_s: f64,
+}
+
+/// Generation speed with the KV cache: `batch` random prompts of `prompt_tokens` tokens, each
+/// continued greedily by exactly `new_tokens` tokens, after one untimed warm-up run.
+pub fn generate(
+    model_path: &std::path::Path,
+    device: &ComputeDevice,
+    kernels: Kernels,
+    batches: &[usize],
+    prompt_tokens: usize,
+    new_tokens: usize,
+) -> Result<Vec<GenerateBench>> {
+    anyhow::ensure!(new_tokens >= 2, "--new-tokens must be at least 2");
+    let start = Instant::now();
+    let loaded = crate::convert::load_model(model_path, &device.device, kernels)?;
+    let load_s = start.elapsed().as_secs_f64();
+    let model = &loaded.loaded.model;
+    let config = &loaded.loaded.model_config;
+    anyhow::ensure!(
+        prompt_tokens + new_tokens <= config.max_seq_len,
+        "prompt and new tokens exceed the model's context of {}",
+        config.max_seq_len
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let greedy = crate::generate::SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens: new_tokens,
+    };
+    // No token id is u32::MAX: every row runs the full `new_tokens`.
+    let never = u32::MAX;
+    let mut results = Vec::new();
+    for &batch in batches {
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|_| {
+                (0..prompt_tokens)
+                    .map(|_| rng.random_range(0..config.vocab_size as u32))
+                    .collect()
+            })
+            .collect();
+        let warmup = crate::generate::SamplingParams {
+            max_tokens: 3,
+            ..greedy.clone()
+        };
+        crate::generate::generate(model, &prompts, &warmup, never, 0, &mut rng);
+        let start = Instant::now();
+        let mut first_token = None;
+        let out = crate::generate::generate_with(
+            model,
+            &prompts,
+            &greedy,
+            never,
+            0,
+            &mut rng,
+            &mut |row, _| {
+                if row == 0 && first_token.is_none() {
+                    first_token = Some(Instant::now());
+                }
+            },
+        );
+        let end = Instant::now();
+        anyhow::ensure!(out.iter().all(|o| o.len() == new_tokens));
+        let first = first_token.expect("tokens were generated");
+        let decode_s = (end - first).as_secs_f64();
+        let steps = (new_tokens - 1) as f64;
+        results.push(GenerateBench {
+            model: model_path.display().to_string(),
+            device: device.describe(),
+            kernels: model.kernels().name().to_string(),
+            params: config.num_params(),
+            batch,
+            prompt_tokens,
+            new_tokens,
+            load_s,
+            prefill_ms: (first - start).as_secs_f64() * 1e3,
+            decode_ms_per_step: decode_s / steps * 1e3,
+            decode_tokens_per_s: batch as f64 * steps / decode_s,
+        });
+    }
+    Ok(results)
+}

@@ -497,7 +497,7 @@ pub fn load_model(path: &Path, device: &burn::tensor::Device) -> Result<LoadedMo
     let model_config = saved.model_config(&dir)?;
     let tokenizer = saved.tokenizer(&dir)?;
     let model = crate::params::import(
-        crate::model::Llama::new(&model_config, 0, device),
+        crate::model::Llama::for_import(&model_config, device),
         saved.model,
         &dir.join(MODEL_FILE),
     )?;

@@ -210,7 +210,11 @@ pub fn load_model(
         Format::Kiln => checkpoint::resolve(path)?,
         _ => path.to_path_buf(),
     };
-    let model = crate::params::import(Llama::new(&model_config, 0, device), foreign.tensors, path)?;
+    let model = crate::params::import(
+        Llama::for_import(&model_config, device),
+        foreign.tensors,
+        path,
+    )?;
     Ok(ChatModel {
         loaded: LoadedModel {
             dir,

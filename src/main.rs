@@ -304,6 +304,23 @@ enum BenchCommand {
         #[arg(long, value_enum, default_value = "custom")]
         kernels: kiln::kernels::Kernels,
     },
+    /// Generation tokens/s of a model with the KV cache, per batch size; one JSON line each.
+    Generate {
+        /// A kiln checkpoint, a Hugging Face Llama directory or a GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceChoice,
+        /// Batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 64)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        #[arg(long, value_enum, default_value = "custom")]
+        kernels: kiln::kernels::Kernels,
+    },
     /// The custom WGSL kernels against the reference ops, forward + backward, side by side.
     Kernels {
         #[arg(long, value_enum, default_value = "wgpu")]
@@ -770,6 +787,29 @@ fn run(command: Command) -> Result<()> {
             eprintln!("device: {}", device.describe());
             let result = kiln::bench::train(preset, &device, steps, warmup, kernels)?;
             println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Generate {
+                    model,
+                    device,
+                    batch,
+                    prompt_tokens,
+                    new_tokens,
+                    kernels,
+                },
+        } => {
+            if batch.is_empty() || batch.contains(&0) {
+                bail!("--batch must list batch sizes of at least 1");
+            }
+            let device = device::select(device)?;
+            eprintln!("device: {}", device.describe());
+            let rows =
+                kiln::bench::generate(&model, &device, kernels, &batch, prompt_tokens, new_tokens)?;
+            for row in rows {
+                println!("{}", serde_json::to_string(&row)?);
+            }
             Ok(())
         }
         Command::Bench {

@@ -200,10 +200,15 @@ struct Init {
     rng: ChaCha8Rng,
     normal: Normal<f32>,
     device: Device,
+    /// Zeros instead of random draws: for a model whose weights are loaded next.
+    zeros: bool,
 }
 
 impl Init {
     fn matrix(&mut self, rows: usize, cols: usize) -> Param<Tensor<2>> {
+        if self.zeros {
+            return Param::from_tensor(Tensor::zeros([rows, cols], &self.device));
+        }
         let values: Vec<f32> = (0..rows * cols)
             .map(|_| self.normal.sample(&mut self.rng))
             .collect();
@@ -230,10 +235,21 @@ impl Init {
 impl Llama {
     /// A freshly initialised model on `device`.
     pub fn new(config: &ModelConfig, seed: u64, device: &Device) -> Self {
+        Self::build(config, seed, device, false)
+    }
+
+    /// A model of shape `config` with every weight zero, for `params::import` to fill: skips
+    /// drawing random weights that would be replaced (seconds for a 100M-parameter model).
+    pub fn for_import(config: &ModelConfig, device: &Device) -> Self {
+        Self::build(config, 0, device, true)
+    }
+
+    fn build(config: &ModelConfig, seed: u64, device: &Device, zeros: bool) -> Self {
         let mut init = Init {
             rng: ChaCha8Rng::seed_from_u64(seed),
             normal: Normal::new(0.0, config.init_std as f32).expect("valid std"),
             device: device.clone(),
+            zeros,
         };
         let (dim, kv_dim) = (config.dim, config.n_kv_heads * config.head_dim());
         let embed_tokens = Embedding {

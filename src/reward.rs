@@ -608,12 +608,7 @@ pub fn train(options: RmOptions) -> Result<RmSummary> {
         }
         None => {
             let state = TrainState::start(config.train.seed);
-            let start = trainer::initial_model(
-                init.as_deref(),
-                config.model.kernels,
-                state.seed,
-                &autodiff,
-            )?;
+            let start = trainer::initial_model(init.as_deref(), config.model.kernels, &autodiff)?;
             config.model = start.model_config;
             // The chat model's weights, less its next-token head, and a fresh scalar head.
             let mut backbone = start.model;

@@ -387,12 +387,7 @@ pub fn run(options: SftOptions) -> Result<SftSummary> {
         }
         None => {
             let state = TrainState::start(config.train.seed);
-            let start = trainer::initial_model(
-                init.as_deref(),
-                config.model.kernels,
-                state.seed,
-                &autodiff,
-            )?;
+            let start = trainer::initial_model(init.as_deref(), config.model.kernels, &autodiff)?;
             config.model = start.model_config;
             eprintln!("fine-tuning {} (step {})", start.dir.display(), start.step);
             let (model, tokenizer) = (start.model, start.tokenizer);

@@ -167,7 +167,6 @@ pub struct Initial {
 pub fn initial_model(
     init: Option<&Path>,
     kernels: crate::kernels::Kernels,
-    seed: u64,
     device: &Device,
 ) -> Result<Initial> {
     let init = init.ok_or_else(|| {
@@ -181,7 +180,7 @@ pub fn initial_model(
     };
     let tokenizer = saved.tokenizer(&dir)?;
     let model = params::import(
-        Llama::new(&model_config, seed, device),
+        Llama::for_import(&model_config, device),
         saved.model,
         &dir.join(checkpoint::MODEL_FILE),
     )?;
