@@ -140,8 +140,21 @@ pub fn read(path: &Path) -> Result<ForeignModel> {
     }
 }
 
+/// The file (GGUF, a kiln checkpoint's model.safetensors) or directory (Hugging Face) that
+/// holds the weights of the model at `path`, for error messages.
+fn weights_source(path: &Path) -> PathBuf {
+    match Format::detect(path) {
+        Ok(Format::Kiln) => checkpoint::resolve(path)
+            .map(|dir| dir.join(checkpoint::MODEL_FILE))
+            .unwrap_or_else(|_| path.to_path_buf()),
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Checks that the weights, shape and tokenizer agree, naming the first thing that does not.
+/// `source` is the path the model was read from.
 pub fn validate(model: &ForeignModel, source: &Path) -> Result<Tokenizer> {
+    let source = &weights_source(source);
     crate::hf::check_tensors(&model.model_config, &model.tensors, source)?;
     let tokenizer = Tokenizer::from_json(&model.tokenizer_json)
         .map_err(|e| anyhow!("{}: {e}", source.display()))?;
