@@ -393,7 +393,9 @@ pub struct GenerateBench {
     pub batch: usize,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
-    /// Reading the file (parsing, dequantising, tokenizer) and building the model on the device.
+    /// Reading the file into host f32 weights (parsing, dequantising, tokenizer).
+    pub read_s: f64,
+    /// Reading plus building the model on the device.
     pub load_s: f64,
     /// The prompt's forward pass and the first token.
     pub prefill_ms: f64,
@@ -415,7 +417,10 @@ pub fn generate(
 ) -> Result<Vec<GenerateBench>> {
     anyhow::ensure!(new_tokens >= 2, "--new-tokens must be at least 2");
     let start = Instant::now();
-    let loaded = crate::convert::load_model(model_path, &device.device, kernels)?;
+    let foreign = crate::convert::read(model_path)?;
+    let read_s = start.elapsed().as_secs_f64();
+    let loaded =
+        crate::convert::load_read_model(foreign, model_path, &device.device, kernels)?;
     let load_s = start.elapsed().as_secs_f64();
     let model = &loaded.loaded.model;
     let config = &loaded.loaded.model_config;
@@ -474,6 +479,7 @@ pub fn generate(
             batch,
             prompt_tokens,
             new_tokens,
+            read_s,
             load_s,
             prefill_ms: (first - start).as_secs_f64() * 1e3,
             decode_ms_per_step: decode_s / steps * 1e3,

@@ -213,7 +213,16 @@ pub fn load_model(
     device: &burn::tensor::Device,
     kernels: Kernels,
 ) -> Result<ChatModel> {
-    let foreign = read(path)?;
+    load_read_model(read(path)?, path, device, kernels)
+}
+
+/// [`load_model`] for a model already read from `path` by [`read`].
+pub fn load_read_model(
+    foreign: ForeignModel,
+    path: &Path,
+    device: &burn::tensor::Device,
+    kernels: Kernels,
+) -> Result<ChatModel> {
     let tokenizer = validate(&foreign, path)?;
     let model_config = ModelConfig {
         kernels,
