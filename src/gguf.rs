@@ -653,8 +653,7 @@ fn kiln_name(gguf_name: &str) -> Option<String> {
 /// head's rows (row `s * head_dim/2 + i` moves to `2i + s`) so that RoPE rotates adjacent
 /// pairs, as Meta's original code does; this undoes it.
 pub fn unpermute_rope_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = values.len() / cols;
-    let head_dim = rows / heads;
+    let head_dim = values.len() / cols / heads;
     let half = head_dim / 2;
     let mut out = vec![0f32; values.len()];
     for h in 0..heads {
@@ -662,25 +661,6 @@ pub fn unpermute_rope_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32
             for i in 0..half {
                 let to = h * head_dim + s * half + i;
                 let from = h * head_dim + 2 * i + s;
-                out[to * cols..(to + 1) * cols]
-                    .copy_from_slice(&values[from * cols..(from + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
-/// The inverse of [`unpermute_rope_rows`]: rotate-half order to GGUF's interleaved order.
-pub fn permute_rope_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = values.len() / cols;
-    let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let mut out = vec![0f32; values.len()];
-    for h in 0..heads {
-        for s in 0..2 {
-            for i in 0..half {
-                let from = h * head_dim + s * half + i;
-                let to = h * head_dim + 2 * i + s;
                 out[to * cols..(to + 1) * cols]
                     .copy_from_slice(&values[from * cols..(from + 1) * cols]);
             }

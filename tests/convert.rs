@@ -795,16 +795,13 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn chat_streams_answers_and_keeps_the_dialogue() {
-    let mut rng = rng();
-    let (_, foreign) = random_model(&mut rng);
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("kiln");
-    convert::write(&foreign, Path::new("test"), Format::Kiln, &ckpt).unwrap();
+/// `kiln chat` on the CPU with `input` on its standard input.
+fn chat(args: &[&str], model: &Path, input: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["chat", "--device", "cpu", "--max-tokens", "4", "--model"])
-        .arg(&ckpt)
+        .args(["chat", "--device", "cpu"])
+        .args(args)
+        .arg("--model")
+        .arg(model)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -815,9 +812,23 @@ fn chat_streams_answers_and_keeps_the_dialogue() {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"Hello there\n\n/reset\nAnd again\n/exit\nnever read\n")
+        .write_all(input.as_bytes())
         .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn chat_streams_answers_and_keeps_the_dialogue() {
+    let mut rng = rng();
+    let (_, foreign) = random_model(&mut rng);
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("kiln");
+    convert::write(&foreign, Path::new("test"), Format::Kiln, &ckpt).unwrap();
+    let out = chat(
+        &["--max-tokens", "4"],
+        &ckpt,
+        "Hello there\n\n/reset\nAnd again\n/exit\nnever read\n",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("template: llama2"), "{stderr}");
@@ -895,31 +906,11 @@ fn smollm2_knows_the_capital_of_france() {
     assert!(answers[0].contains("Paris"), "{}", answers[0]);
 
     // The same through `kiln chat`, greedy, streaming to stdout.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "chat",
-            "--device",
-            "cpu",
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "30",
-            "--model",
-        ])
-        .arg(&path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"What is the capital of France?\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = chat(
+        &["--temperature", "0", "--max-tokens", "30"],
+        &path,
+        "What is the capital of France?\n",
+    );
     assert!(
         out.status.success(),
         "{}",
