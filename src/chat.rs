@@ -408,15 +408,46 @@ impl ChatTemplate {
     }
 
     /// Fails early, naming the token, when the tokenizer cannot express this template.
+    /// When the tokenizer has the other template's markers, the error says to use that one.
     pub fn check(self, tokenizer: &Tokenizer) -> Result<()> {
-        let names: &[&str] = match self {
+        let fits = |template: ChatTemplate| {
+            template
+                .special_names()
+                .iter()
+                .all(|name| tokenizer.token_id(name).is_some())
+        };
+        if fits(self) {
+            return Ok(());
+        }
+        let missing = self
+            .special_names()
+            .iter()
+            .find(|name| tokenizer.token_id(name).is_none())
+            .expect("some token is missing");
+        let other = match self {
+            ChatTemplate::Llama2 => ChatTemplate::Chatml,
+            ChatTemplate::Chatml => ChatTemplate::Llama2,
+        };
+        let hint = if fits(other) {
+            format!(
+                "; the model is made for the {} template (data.template = \"{}\")",
+                other.name(),
+                other.name()
+            )
+        } else {
+            String::new()
+        };
+        bail!(
+            "the {} chat template needs the token {missing}, which the tokenizer lacks{hint}",
+            self.name()
+        )
+    }
+
+    fn special_names(self) -> &'static [&'static str] {
+        match self {
             ChatTemplate::Llama2 => &LLAMA2_SPECIALS,
             ChatTemplate::Chatml => &CHATML_SPECIALS,
-        };
-        for name in names {
-            self.special(tokenizer, name)?;
         }
-        Ok(())
     }
 
     /// The token that ends an assistant answer: generation stops there.
