@@ -1,6 +1,8 @@
 //! `kiln chat`: a conversation in the terminal. Each user line is added to the dialogue, the
 //! whole dialogue is rendered with the model's chat template, and the answer is streamed as
-//! it is sampled. `/reset` starts over, `/exit` (or end of input) quits.
+//! it is sampled. The KV cache is kept between turns, so each turn computes only the tokens
+//! that follow what it shares with the previous one. `/reset` starts over, `/exit` (or end of
+//! input) quits.
 
 use std::io::{BufRead, Write};
 
@@ -8,8 +10,14 @@ use anyhow::{Result, anyhow};
 
 use crate::chat::{ChatTemplate, Message, Role};
 use crate::generate::{self, SamplingParams, TextStream};
-use crate::model::Llama;
+use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
+
+/// The KV cache of the conversation so far and the tokens it holds.
+struct Memory {
+    cache: KvCache,
+    tokens: Vec<u32>,
+}
 
 pub struct ChatSession<'a> {
     pub model: &'a Llama,
@@ -31,6 +39,7 @@ impl ChatSession<'_> {
     ) -> Result<()> {
         self.template.check(self.tokenizer)?;
         let mut dialogue = self.fresh();
+        let mut memory = self.empty_memory();
         let mut lines = input.lines();
         loop {
             if self.prompt_marker {
@@ -51,7 +60,7 @@ impl ChatSession<'_> {
                 _ => {}
             }
             dialogue.push(Message::user(line));
-            let answer = self.answer(&mut dialogue, output, rng)?;
+            let answer = self.answer(&mut dialogue, &mut memory, output, rng)?;
             dialogue.push(Message::assistant(answer));
         }
         Ok(())
@@ -61,12 +70,20 @@ impl ChatSession<'_> {
         self.system.iter().map(Message::system).collect()
     }
 
+    fn empty_memory(&self) -> Memory {
+        Memory {
+            cache: KvCache::new(self.model.config.n_layers, vec![0]),
+            tokens: Vec::new(),
+        }
+    }
+
     /// Streams the answer to the dialogue (which ends with a user message) and returns it.
     /// Earlier turns are dropped, oldest first, when the dialogue and the answer would not
     /// fit the model's context.
     fn answer(
         &self,
         dialogue: &mut Vec<Message>,
+        memory: &mut Memory,
         output: &mut dyn Write,
         rng: &mut rand_chacha::ChaCha8Rng,
     ) -> Result<String> {
@@ -93,16 +110,29 @@ impl ChatSession<'_> {
                 self.model.config.max_seq_len
             ));
         }
+        // Earlier turns are in the cache: feed only what follows the longest shared prefix
+        // (at least one token, whose logits start the answer).
+        let shared = memory
+            .tokens
+            .iter()
+            .zip(&prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
+        if shared == 0 {
+            *memory = self.empty_memory();
+        } else {
+            memory.cache.truncate(shared);
+        }
         let stop = self.template.stop_token(self.tokenizer)?;
-        let pad = self.tokenizer.pad_id.unwrap_or(self.tokenizer.eos_id);
         let mut stream = TextStream::new(self.tokenizer);
         let mut failure = None;
-        generate::generate_with(
+        let answer = generate::continue_cached(
             self.model,
-            &[prompt],
+            &mut memory.cache,
+            &prompt[shared..],
             &self.params,
             stop,
-            pad,
             rng,
             &mut |_, token| {
                 let written = stream
@@ -116,6 +146,10 @@ impl ChatSession<'_> {
         if let Some(e) = failure {
             return Err(e);
         }
+        // What the cache holds: the prompt and the answer tokens fed back (not the last drawn).
+        memory.tokens = prompt;
+        memory.tokens.extend(answer);
+        memory.tokens.truncate(memory.cache.len());
         writeln!(output)?;
         Ok(stream.text()?.trim().to_string())
     }

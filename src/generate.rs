@@ -60,11 +60,57 @@ pub fn generate_with(
         padded.extend(prompt.iter().map(|&t| t as i64));
     }
     let mut cache = KvCache::new(model.config.n_layers, left_pad);
-    let mut input = Tensor::<2, Int>::from_data(TensorData::new(padded, [batch, longest]), &device);
+    let input = Tensor::<2, Int>::from_data(TensorData::new(padded, [batch, longest]), &device);
+    decode(
+        model, &mut cache, input, max_new, params, stop_id, rng, on_token,
+    )
+}
+
+/// Continues one sequence whose first `cache.len()` tokens are in `cache`: feeds `new_tokens`
+/// (at least one), then samples as [`generate_with`] does. The cache keeps every token fed,
+/// so a chat can go on from it next turn.
+pub fn continue_cached(
+    model: &Llama,
+    cache: &mut KvCache,
+    new_tokens: &[u32],
+    params: &SamplingParams,
+    stop_id: u32,
+    rng: &mut ChaCha8Rng,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Vec<u32> {
+    assert!(!new_tokens.is_empty(), "nothing to feed");
+    let fed = cache.len() + new_tokens.len();
+    let max_new = params
+        .max_tokens
+        .min(model.config.max_seq_len.saturating_sub(fed));
+    let ids: Vec<i64> = new_tokens.iter().map(|&t| t as i64).collect();
+    let input =
+        Tensor::<2, Int>::from_data(TensorData::new(ids, [1, new_tokens.len()]), &model.device());
+    decode(model, cache, input, max_new, params, stop_id, rng, on_token)
+        .pop()
+        .expect("one row")
+}
+
+/// The sampling loop: forwards `input` (`[batch, t]`) through the cache, draws each row's next
+/// token from the last position, and feeds the drawn tokens back, up to `max_new` times or
+/// until every row has drawn `stop_id`.
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    model: &Llama,
+    cache: &mut KvCache,
+    mut input: Tensor<2, Int>,
+    max_new: usize,
+    params: &SamplingParams,
+    stop_id: u32,
+    rng: &mut ChaCha8Rng,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Vec<Vec<u32>> {
+    let device = model.device();
+    let batch = input.dims()[0];
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); batch];
     let mut done = vec![false; batch];
     for _ in 0..max_new {
-        let logits = model.forward(input, Some(&mut cache));
+        let logits = model.forward(input, Some(&mut *cache));
         let [_, t, vocab] = logits.dims();
         let last = logits
             .slice([0..batch, t - 1..t, 0..vocab])

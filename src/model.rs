@@ -170,6 +170,22 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Keeps only the first `len` positions: the part of a sequence that a new one shares
+    /// (a chat's earlier turns), so that only what differs is computed again.
+    pub fn truncate(&mut self, len: usize) {
+        assert!(len <= self.len, "cannot grow a cache by truncating it");
+        for layer in self.layers.iter_mut() {
+            if let Some((k, v)) = layer.take() {
+                let [b, _, h, d] = k.dims();
+                *layer = Some((
+                    k.slice([0..b, 0..len, 0..h, 0..d]),
+                    v.slice([0..b, 0..len, 0..h, 0..d]),
+                ));
+            }
+        }
+        self.len = len;
+    }
+
     /// The cache with its batch repeated `times` times (rows `0..b`, then `0..b` again, ...):
     /// continuations of one prefix computed once, as a reward model's chosen and rejected
     /// answers to one prompt.

@@ -451,6 +451,44 @@ fn kv_cache_gives_the_same_logits_as_a_full_forward_pass() {
         Some(&mut cache),
     ));
     assert_close(&with_pad[3 * 17..], &alone, 1e-9, "left padding");
+
+    // A cache cut back to a shared prefix continues as if the rest had never been fed (a
+    // chat's next turn): prefix + B, truncated to the prefix, then C = prefix + C fresh.
+    let (prefix, b, c) = (&tokens[..4], &tokens[4..9], &tokens[9..15]);
+    let feed = |cache: &mut KvCache, part: &[i64]| {
+        values(model.forward(
+            Tensor::from_data(
+                TensorData::new(part.to_vec(), [1, part.len()]),
+                &device().inner(),
+            ),
+            Some(cache),
+        ))
+    };
+    let mut cache = KvCache::new(config.n_layers, vec![0]);
+    feed(&mut cache, prefix);
+    feed(&mut cache, b);
+    cache.truncate(prefix.len());
+    assert_eq!(cache.len(), prefix.len());
+    let continued = feed(&mut cache, c);
+    let fresh = values(model.forward(
+        Tensor::from_data(
+            TensorData::new([prefix, c].concat(), [1, 10]),
+            &device().inner(),
+        ),
+        None,
+    ));
+    assert_close(&continued, &fresh[4 * 17..], FORWARD_TOL, "truncated cache");
+    let stale = feed(
+        &mut KvCache::new(config.n_layers, vec![0]),
+        &[prefix, b, c].concat(),
+    );
+    assert!(
+        stale[9 * 17..]
+            .iter()
+            .zip(&continued)
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "keeping B in the cache would change the logits, so the check can fail"
+    );
 }
 
 #[test]

@@ -906,10 +906,12 @@ fn smollm2_knows_the_capital_of_france() {
     assert!(answers[0].contains("Paris"), "{}", answers[0]);
 
     // The same through `kiln chat`, greedy, streaming to stdout.
+    // A second turn goes on from the first turn's KV cache; it must answer as a fresh pass
+    // over the whole dialogue does.
     let out = chat(
         &["--temperature", "0", "--max-tokens", "30"],
         &path,
-        "What is the capital of France?\n",
+        "What is the capital of France?\nAnd of Italy?\n",
     );
     assert!(
         out.status.success(),
@@ -917,11 +919,25 @@ fn smollm2_knows_the_capital_of_france() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        stdout.trim(),
-        answers[0],
-        "the CLI answers as the library does"
-    );
+    let turns: Vec<&str> = stdout.trim().lines().collect();
+    assert_eq!(turns[0], answers[0], "the CLI answers as the library does");
+    let second = kiln::generate::complete_chat(
+        &loaded.loaded.model,
+        &loaded.loaded.tokenizer,
+        loaded.template,
+        &[vec![
+            Message::system(loaded.default_system.clone().unwrap()),
+            Message::user("What is the capital of France?"),
+            Message::assistant(answers[0].clone()),
+            Message::user("And of Italy?"),
+        ]],
+        &params,
+        1,
+        &mut kiln::generate::seeded_rng(0),
+    )
+    .unwrap();
+    eprintln!("SmolLM2, second turn: {}", second[0]);
+    assert_eq!(turns[1..].join("\n"), second[0]);
 }
 
 /// GPT-2's byte-to-character map: printable bytes stand for themselves, the others are
