@@ -653,7 +653,7 @@ fn quantised_gguf_model_stays_close_to_the_original() {
     let (model, foreign) = random_model(&mut rng);
     let tokens: Vec<i64> = (0..9).map(|_| rng.random_range(0..2048)).collect();
     let reference = logits(&model, &tokens);
-    let spread = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
     let mut errors = Vec::new();
     for ty in [GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_0] {
         let bytes = write_llama_gguf(&foreign, ty);
@@ -665,16 +665,16 @@ fn quantised_gguf_model_stays_close_to_the_original() {
         )
         .unwrap();
         let got = logits(&loaded, &tokens);
-        let err = got
-            .iter()
-            .zip(&reference)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        errors.push(err / spread);
+        // Relative RMS error of the logits.
+        let diff = norm(&mut got.iter().zip(&reference).map(|(a, b)| a - b));
+        errors.push(diff / norm(&mut reference.iter().copied()));
     }
-    // 8-bit is far closer than 4-bit, and neither is exact nor lost.
-    assert!(errors[0] < 0.05 && errors[0] > 0.0, "{errors:?}");
-    assert!(errors[0] < errors[1] && errors[0] < errors[2], "{errors:?}");
-    assert!(errors[1] < 1.0 && errors[2] < 1.0, "{errors:?}");
+    eprintln!("relative logit error, Q8_0 / Q4_1 / Q4_0: {errors:?}");
+    // 8-bit is far closer than 4-bit (seen: 0.016-0.036 against 0.24-0.51 over 8 seeds), and
+    // neither is exact nor lost.
+    assert!(errors[0] < 0.1 && errors[0] > 0.0, "{errors:?}");
+    assert!(errors[0] * 3.0 < errors[1].min(errors[2]), "{errors:?}");
+    assert!(errors[1] < 0.8 && errors[2] < 0.8, "{errors:?}");
 }
 
 #[test]
