@@ -463,6 +463,7 @@ pub fn generate(
                 if row == 0 && first_token.is_none() {
                     first_token = Some(Instant::now());
                 }
+                std::ops::ControlFlow::Continue(())
             },
         );
         let end = Instant::now();

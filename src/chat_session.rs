@@ -2,9 +2,11 @@
 //! whole dialogue is rendered with the model's chat template, and the answer is streamed as
 //! it is sampled. The KV cache is kept between turns, so each turn computes only the tokens
 //! that follow what it shares with the previous one. `/reset` starts over, `/exit` (or end of
-//! input) quits.
+//! input) quits; Ctrl-C stops the answer being generated.
 
 use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, anyhow};
 
@@ -12,6 +14,23 @@ use crate::chat::{ChatTemplate, Message, Role};
 use crate::generate::{self, SamplingParams, TextStream};
 use crate::model::{KvCache, Llama};
 use crate::tokenizer::Tokenizer;
+
+/// Set by Ctrl-C while an answer is being generated: the answer stops there.
+static STOP_ANSWER: AtomicBool = AtomicBool::new(false);
+static ANSWERING: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C stops the answer being generated (the conversation goes on); at the prompt it quits.
+pub fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if ANSWERING.load(Ordering::SeqCst) {
+            STOP_ANSWER.store(true, Ordering::SeqCst);
+        } else {
+            eprintln!();
+            std::process::exit(130);
+        }
+    })
+    .map_err(|e| anyhow!("cannot install the Ctrl-C handler: {e}"))
+}
 
 /// The KV cache of the conversation so far and the tokens it holds.
 struct Memory {
@@ -126,6 +145,8 @@ impl ChatSession<'_> {
         }
         let stop = self.template.stop_token(self.tokenizer)?;
         let mut stream = TextStream::new(self.tokenizer);
+        STOP_ANSWER.store(false, Ordering::SeqCst);
+        ANSWERING.store(true, Ordering::SeqCst);
         let mut failure = None;
         let answer = generate::continue_cached(
             self.model,
@@ -141,8 +162,17 @@ impl ChatSession<'_> {
                 if let Err(e) = written {
                     failure.get_or_insert(e);
                 }
+                if STOP_ANSWER.load(Ordering::SeqCst) || failure.is_some() {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
             },
         );
+        ANSWERING.store(false, Ordering::SeqCst);
+        if STOP_ANSWER.swap(false, Ordering::SeqCst) {
+            write!(output, " [stopped]")?;
+        }
         if let Some(e) = failure {
             return Err(e);
         }

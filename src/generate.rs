@@ -1,6 +1,8 @@
 //! Sampling text from a model with the KV cache: temperature, nucleus (top-p) sampling, and
 //! batches of prompts of different lengths (left-padded; padding keys are masked).
 
+use std::ops::ControlFlow;
+
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -29,11 +31,14 @@ pub fn generate(
     pad_id: u32,
     rng: &mut ChaCha8Rng,
 ) -> Vec<Vec<u32>> {
-    generate_with(model, prompts, params, stop_id, pad_id, rng, &mut |_, _| {})
+    generate_with(model, prompts, params, stop_id, pad_id, rng, &mut |_, _| {
+        ControlFlow::Continue(())
+    })
 }
 
 /// [`generate`], calling `on_token(row, token)` for each new token as soon as it is drawn
-/// (the stop token excluded): for streaming output.
+/// (the stop token excluded): for streaming output. `on_token` returning `Break` ends the
+/// generation of every row after this step (a user who stops an answer).
 pub fn generate_with(
     model: &Llama,
     prompts: &[Vec<u32>],
@@ -41,7 +46,7 @@ pub fn generate_with(
     stop_id: u32,
     pad_id: u32,
     rng: &mut ChaCha8Rng,
-    on_token: &mut dyn FnMut(usize, u32),
+    on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
 ) -> Vec<Vec<u32>> {
     assert!(
         prompts.iter().all(|p| !p.is_empty()),
@@ -76,7 +81,7 @@ pub fn continue_cached(
     params: &SamplingParams,
     stop_id: u32,
     rng: &mut ChaCha8Rng,
-    on_token: &mut dyn FnMut(usize, u32),
+    on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
 ) -> Vec<u32> {
     assert!(!new_tokens.is_empty(), "nothing to feed");
     let fed = cache.len() + new_tokens.len();
@@ -103,12 +108,13 @@ fn decode(
     params: &SamplingParams,
     stop_id: u32,
     rng: &mut ChaCha8Rng,
-    on_token: &mut dyn FnMut(usize, u32),
+    on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
 ) -> Vec<Vec<u32>> {
     let device = model.device();
     let batch = input.dims()[0];
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); batch];
     let mut done = vec![false; batch];
+    let mut stopped = false;
     for _ in 0..max_new {
         let logits = model.forward(input, Some(&mut *cache));
         let [_, t, vocab] = logits.dims();
@@ -130,11 +136,11 @@ fn decode(
                 done[row] = true;
             } else {
                 out.push(token);
-                on_token(row, token);
+                stopped |= on_token(row, token).is_break();
             }
             next.push(token as i64);
         }
-        if done.iter().all(|&d| d) {
+        if stopped || done.iter().all(|&d| d) {
             break;
         }
         input = Tensor::from_data(TensorData::new(next, [batch, 1]), &device);

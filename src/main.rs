@@ -697,7 +697,10 @@ fn run(command: Command) -> Result<()> {
                 template.name()
             );
             if interactive {
-                eprintln!("Type a message and press Enter; /reset starts over, /exit quits.");
+                kiln::chat_session::install_interrupt_handler()?;
+                eprintln!(
+                    "Type a message and press Enter; Ctrl-C stops an answer, /reset starts over, /exit quits."
+                );
             }
             let session = kiln::chat_session::ChatSession {
                 model: &loaded.loaded.model,

@@ -124,6 +124,16 @@ fn shape_of(
     )
 }
 
+/// The same shape and the same weights, bit for bit.
+fn assert_same_model(read: &ForeignModel, original: &ForeignModel, what: &str) {
+    assert_eq!(
+        shape_of(&read.model_config),
+        shape_of(&original.model_config),
+        "{what}"
+    );
+    assert_eq!(by_name(&read.tensors), by_name(&original.tensors), "{what}");
+}
+
 fn kiln_cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
@@ -194,15 +204,7 @@ fn kiln_to_hf_to_kiln_is_identical() {
     );
 
     let back = convert::read(&hf).unwrap();
-    assert_eq!(
-        shape_of(&back.model_config),
-        shape_of(&foreign.model_config)
-    );
-    assert_eq!(
-        by_name(&back.tensors),
-        by_name(&foreign.tensors),
-        "bit for bit"
-    );
+    assert_same_model(&back, &foreign, "HF export read back");
     assert_eq!(back.template, ChatTemplate::Llama2);
 
     // On to a kiln checkpoint, which loads as the model we started from.
@@ -600,15 +602,7 @@ fn gguf_llama_model_imports_exactly() {
     std::fs::write(&path, write_llama_gguf(&foreign, GgmlType::F32)).unwrap();
 
     let imported = convert::read(&path).unwrap();
-    assert_eq!(
-        shape_of(&imported.model_config),
-        shape_of(&foreign.model_config)
-    );
-    assert_eq!(
-        by_name(&imported.tensors),
-        by_name(&foreign.tensors),
-        "Q/K rows back in order"
-    );
+    assert_same_model(&imported, &foreign, "GGUF import (Q/K rows back in order)");
     let loaded = convert::load_model(&path, &cpu(), Default::default()).unwrap();
     let tokens: Vec<i64> = (0..13).map(|_| rng.random_range(0..2048)).collect();
     assert_eq!(
