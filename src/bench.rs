@@ -419,7 +419,7 @@ pub fn generate(
     let start = Instant::now();
     let foreign = crate::convert::read(model_path)?;
     let read_s = start.elapsed().as_secs_f64();
-    let loaded = crate::convert::load_read_model(foreign, model_path, &device.device, kernels)?;
+    let loaded = crate::convert::load_read_model(foreign, &device.device, kernels)?;
     let load_s = start.elapsed().as_secs_f64();
     let model = &loaded.loaded.model;
     let config = &loaded.loaded.model_config;

@@ -5,7 +5,7 @@
 //! renamed into place: a crash at any instant leaves either the old set of checkpoints or the
 //! old set plus the new one, never a half-written checkpoint under a real name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -412,29 +412,42 @@ pub fn match_shapes(
     expected: &[(String, Vec<usize>)],
     source: &Path,
 ) -> Result<Vec<NamedTensor>> {
+    check_shapes(&tensors, expected, source)?;
     let mut by_name: BTreeMap<String, NamedTensor> =
         tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
-    let ordered = expected
+    Ok(expected
         .iter()
-        .map(|(name, shape)| {
-            let t = by_name
-                .remove(name)
-                .ok_or_else(|| anyhow!("{}: tensor {name} is missing", source.display()))?;
-            if &t.shape != shape {
-                bail!(
-                    "{}: tensor {name} has shape {:?}, the model expects {:?}",
-                    source.display(),
-                    t.shape,
-                    shape
-                );
-            }
-            Ok(t)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    if let Some(extra) = by_name.keys().next() {
+        .map(|(name, _)| by_name.remove(name).expect("checked"))
+        .collect())
+}
+
+/// Fails, naming the first difference in `expected`'s order, unless `tensors` are exactly the
+/// `expected` names and shapes.
+pub fn check_shapes(
+    tensors: &[NamedTensor],
+    expected: &[(String, Vec<usize>)],
+    source: &Path,
+) -> Result<()> {
+    let by_name: BTreeMap<&str, &NamedTensor> =
+        tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    for (name, shape) in expected {
+        let t = by_name
+            .get(name.as_str())
+            .ok_or_else(|| anyhow!("{}: tensor {name} is missing", source.display()))?;
+        if &t.shape != shape {
+            bail!(
+                "{}: tensor {name} has shape {:?}, the model expects {:?}",
+                source.display(),
+                t.shape,
+                shape
+            );
+        }
+    }
+    let known: BTreeSet<&str> = expected.iter().map(|(name, _)| name.as_str()).collect();
+    if let Some(extra) = by_name.keys().find(|name| !known.contains(*name)) {
         bail!("{}: unexpected tensor {extra}", source.display());
     }
-    Ok(ordered)
+    Ok(())
 }
 
 impl CheckpointData {

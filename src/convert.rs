@@ -54,6 +54,10 @@ impl Format {
 /// A whole model held on the host: shape, weights under kiln's (Hugging Face's) names,
 /// tokenizer and chat layout.
 pub struct ForeignModel {
+    /// What it was read as, and from where: the GGUF file, the Hugging Face directory or the
+    /// kiln checkpoint directory.
+    pub format: Format,
+    pub path: PathBuf,
     pub model_config: ModelConfig,
     pub tensors: Vec<NamedTensor>,
     pub tokenizer_json: String,
@@ -66,6 +70,8 @@ impl ForeignModel {
     /// Chat settings come from the model's Jinja `chat_template` when it has one, else from
     /// its tokenizer (ChatML markers present or not).
     pub fn new(
+        format: Format,
+        path: &Path,
         model_config: ModelConfig,
         tensors: Vec<NamedTensor>,
         tokenizer_json: String,
@@ -81,6 +87,8 @@ impl ForeignModel {
                 }
             });
         Self {
+            format,
+            path: path.to_path_buf(),
             model_config,
             tensors,
             tokenizer_json,
@@ -130,49 +138,55 @@ pub fn read(path: &Path) -> Result<ForeignModel> {
             let dir = checkpoint::resolve(path)?;
             let saved = checkpoint::load(&dir)?;
             Ok(ForeignModel {
+                format: Format::Kiln,
                 model_config: saved.model_config(&dir)?,
                 template: ChatTemplate::of_checkpoint(&dir)?,
                 default_system: checkpoint_default_system(&saved.config_toml),
                 tensors: saved.model,
                 tokenizer_json: saved.tokenizer_json,
+                path: dir,
             })
         }
     }
 }
 
-/// The file (GGUF, a kiln checkpoint's model.safetensors) or directory (Hugging Face) that
-/// holds the weights of the model at `path`, for error messages.
-fn weights_source(path: &Path) -> PathBuf {
-    match Format::detect(path) {
-        Ok(Format::Kiln) => checkpoint::resolve(path)
-            .map(|dir| dir.join(checkpoint::MODEL_FILE))
-            .unwrap_or_else(|_| path.to_path_buf()),
-        _ => path.to_path_buf(),
+impl ForeignModel {
+    /// What holds the weights, for error messages: the GGUF file, the Hugging Face directory,
+    /// the kiln checkpoint's model.safetensors.
+    pub fn weights_path(&self) -> PathBuf {
+        match self.format {
+            Format::Kiln => self.path.join(checkpoint::MODEL_FILE),
+            _ => self.path.clone(),
+        }
+    }
+
+    /// The tokenizer, which must fit the model's vocabulary.
+    fn tokenizer(&self) -> Result<Tokenizer> {
+        let source = self.weights_path();
+        let tokenizer = Tokenizer::from_json(&self.tokenizer_json)
+            .map_err(|e| anyhow!("{}: {e}", source.display()))?;
+        if tokenizer.vocab_size() > self.model_config.vocab_size {
+            bail!(
+                "{}: the tokenizer has {} tokens, the model's vocabulary only {}",
+                source.display(),
+                tokenizer.vocab_size(),
+                self.model_config.vocab_size
+            );
+        }
+        Ok(tokenizer)
     }
 }
 
-/// Checks that the weights, shape and tokenizer agree, naming the first thing that does not.
-/// `source` is the path the model was read from.
-pub fn validate(model: &ForeignModel, source: &Path) -> Result<Tokenizer> {
-    let source = &weights_source(source);
-    crate::hf::check_tensors(&model.model_config, &model.tensors, source)?;
-    let tokenizer = Tokenizer::from_json(&model.tokenizer_json)
-        .map_err(|e| anyhow!("{}: {e}", source.display()))?;
-    if tokenizer.vocab_size() > model.model_config.vocab_size {
-        bail!(
-            "{}: the tokenizer has {} tokens, the model's vocabulary only {}",
-            source.display(),
-            tokenizer.vocab_size(),
-            model.model_config.vocab_size
-        );
-    }
-    Ok(tokenizer)
-}
-
-/// Writes `model` (read from `source`) in `format` at `out`, which must not exist yet (or be
-/// empty); nothing is left at `out` if it fails.
-pub fn write(model: &ForeignModel, source: &Path, format: Format, out: &Path) -> Result<()> {
-    validate(model, source)?;
+/// Writes `model` in `format` at `out`, which must not exist yet (or be empty); nothing is
+/// left at `out` if it fails. The weights must be exactly those of a Llama of the model's
+/// shape.
+pub fn write(model: &ForeignModel, format: Format, out: &Path) -> Result<()> {
+    checkpoint::check_shapes(
+        &model.tensors,
+        &Llama::param_shapes(&model.model_config),
+        &model.weights_path(),
+    )?;
+    model.tokenizer()?;
     match format {
         Format::Hf => crate::hf::write(model, out),
         Format::Kiln => {
@@ -183,7 +197,7 @@ pub fn write(model: &ForeignModel, source: &Path, format: Format, out: &Path) ->
                 },
                 chat: ChatSection {
                     default_system: model.default_system.as_deref(),
-                    imported_from: source.display().to_string(),
+                    imported_from: model.path.display().to_string(),
                 },
             };
             let data = CheckpointData {
@@ -213,30 +227,28 @@ pub fn load_model(
     device: &burn::tensor::Device,
     kernels: Kernels,
 ) -> Result<ChatModel> {
-    load_read_model(read(path)?, path, device, kernels)
+    load_read_model(read(path)?, device, kernels)
 }
 
-/// [`load_model`] for a model already read from `path` by [`read`].
+/// [`load_model`] for a model already read by [`read`]. The import checks every weight's
+/// name and shape.
 pub fn load_read_model(
     foreign: ForeignModel,
-    path: &Path,
     device: &burn::tensor::Device,
     kernels: Kernels,
 ) -> Result<ChatModel> {
-    let tokenizer = validate(&foreign, path)?;
+    let tokenizer = foreign.tokenizer()?;
     let model_config = ModelConfig {
         kernels,
         ..foreign.model_config.clone()
     };
-    let dir: PathBuf = match Format::detect(path)? {
-        Format::Kiln => checkpoint::resolve(path)?,
-        _ => path.to_path_buf(),
-    };
+    let source = foreign.weights_path();
     let model = crate::params::import(
         Llama::for_import(&model_config, device),
         foreign.tensors,
-        path,
+        &source,
     )?;
+    let dir = foreign.path;
     Ok(ChatModel {
         loaded: LoadedModel {
             dir,

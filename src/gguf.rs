@@ -15,7 +15,7 @@ use half::f16;
 
 use crate::checkpoint::NamedTensor;
 use crate::config::ModelConfig;
-use crate::convert::ForeignModel;
+use crate::convert::{ForeignModel, Format};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -762,6 +762,8 @@ impl GgufFile {
             });
         }
         Ok(ForeignModel::new(
+            Format::Gguf,
+            Path::new(&self.path),
             model_config,
             tensors,
             self.tokenizer_json()?,

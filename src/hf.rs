@@ -7,15 +7,15 @@
 //! permutation that Hugging Face's `convert_llama_weights_to_hf.py` applies turns Meta's
 //! interleaved layout into this one; GGUF files keep Meta's and are permuted in `gguf.rs`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value, json};
 
-use crate::checkpoint::{self, NamedTensor};
+use crate::checkpoint;
 use crate::config::ModelConfig;
-use crate::convert::ForeignModel;
+use crate::convert::{ForeignModel, Format};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -191,6 +191,8 @@ pub fn read(dir: &Path) -> Result<ForeignModel> {
         .map_err(|e| anyhow!("cannot read {}: {e}", tokenizer_path.display()))?;
     let chat_template = read_chat_template(dir)?;
     Ok(ForeignModel::new(
+        Format::Hf,
+        dir,
         model_config,
         tensors,
         tokenizer_json,
@@ -279,61 +281,4 @@ pub fn write(model: &ForeignModel, dir: &Path) -> Result<()> {
         ),
     ];
     checkpoint::write_dir_atomic(dir, &files)
-}
-
-/// Names of the tensors a kiln Llama of this shape has, in Hugging Face's naming.
-pub fn expected_names(config: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
-    let (d, f, v) = (config.dim, config.ffn_dim, config.vocab_size);
-    let kv = config.n_kv_heads * config.head_dim();
-    let mut names = BTreeMap::new();
-    names.insert("model.embed_tokens.weight".to_string(), vec![v, d]);
-    names.insert("model.norm.weight".to_string(), vec![d]);
-    if !config.tie_embeddings {
-        names.insert("lm_head.weight".to_string(), vec![v, d]);
-    }
-    for l in 0..config.n_layers {
-        let p = format!("model.layers.{l}");
-        for (name, shape) in [
-            ("input_layernorm.weight", vec![d]),
-            ("post_attention_layernorm.weight", vec![d]),
-            ("self_attn.q_proj.weight", vec![d, d]),
-            ("self_attn.k_proj.weight", vec![kv, d]),
-            ("self_attn.v_proj.weight", vec![kv, d]),
-            ("self_attn.o_proj.weight", vec![d, d]),
-            ("mlp.gate_proj.weight", vec![f, d]),
-            ("mlp.up_proj.weight", vec![f, d]),
-            ("mlp.down_proj.weight", vec![d, f]),
-        ] {
-            names.insert(format!("{p}.{name}"), shape);
-        }
-    }
-    names
-}
-
-/// Fails, naming the first difference, unless `tensors` are exactly the weights of a Llama of
-/// shape `config`.
-pub fn check_tensors(config: &ModelConfig, tensors: &[NamedTensor], source: &Path) -> Result<()> {
-    let expected = expected_names(config);
-    for t in tensors {
-        match expected.get(&t.name) {
-            None => bail!(
-                "{}: tensor {} is not a weight of a Llama model",
-                source.display(),
-                t.name
-            ),
-            Some(shape) if *shape != t.shape => bail!(
-                "{}: tensor {} has shape {:?}, the config implies {:?}",
-                source.display(),
-                t.name,
-                t.shape,
-                shape
-            ),
-            Some(_) => {}
-        }
-    }
-    let present: BTreeSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-    if let Some(missing) = expected.keys().find(|n| !present.contains(n.as_str())) {
-        bail!("{}: tensor {missing} is missing", source.display());
-    }
-    Ok(())
 }

@@ -715,15 +715,15 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Convert { input, out, to } => {
             use kiln::convert::{self, Format};
-            let from = Format::detect(&input)?;
+            let started = std::time::Instant::now();
+            let model = convert::read(&input)?;
+            let read_s = started.elapsed().as_secs_f64();
+            let from = model.format;
             let to = to.unwrap_or(match from {
                 Format::Kiln => Format::Hf,
                 _ => Format::Kiln,
             });
-            let started = std::time::Instant::now();
-            let model = convert::read(&input)?;
-            let read_s = started.elapsed().as_secs_f64();
-            convert::write(&model, &input, to, &out)?;
+            convert::write(&model, to, &out)?;
             eprintln!(
                 "{} ({from:?}, {:.1}M parameters, {} template) -> {} ({to:?}) in {:.1}s (read {:.1}s)",
                 input.display(),

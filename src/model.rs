@@ -310,6 +310,34 @@ impl Llama {
         }
     }
 
+    /// Every parameter's name and shape, in the order the module visits them, without
+    /// building the model: for checking weights before they are written elsewhere.
+    pub fn param_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        let (d, f, v) = (config.dim, config.ffn_dim, config.vocab_size);
+        let kv = config.n_kv_heads * config.head_dim();
+        let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+        for l in 0..config.n_layers {
+            for (name, shape) in [
+                ("self_attn.q_proj", vec![d, d]),
+                ("self_attn.k_proj", vec![kv, d]),
+                ("self_attn.v_proj", vec![kv, d]),
+                ("self_attn.o_proj", vec![d, d]),
+                ("mlp.gate_proj", vec![f, d]),
+                ("mlp.up_proj", vec![f, d]),
+                ("mlp.down_proj", vec![d, f]),
+                ("input_layernorm", vec![d]),
+                ("post_attention_layernorm", vec![d]),
+            ] {
+                shapes.push((format!("model.layers.{l}.{name}.weight"), shape));
+            }
+        }
+        shapes.push(("model.norm.weight".to_string(), vec![d]));
+        if !config.tie_embeddings {
+            shapes.push(("lm_head.weight".to_string(), vec![v, d]));
+        }
+        shapes
+    }
+
     /// The kernels this model runs.
     pub fn kernels(&self) -> Kernels {
         self.kernels

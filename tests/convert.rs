@@ -66,7 +66,18 @@ fn random_model(rng: &mut StdRng) -> (Llama, ForeignModel) {
         })
         .collect::<Vec<_>>();
     let model = kiln::params::import(model, tensors.clone(), Path::new("test")).unwrap();
+    let listed: Vec<(String, Vec<usize>)> = kiln::params::list(&model)
+        .into_iter()
+        .map(|p| (p.name, p.shape))
+        .collect();
+    assert_eq!(
+        Llama::param_shapes(&config),
+        listed,
+        "names, shapes and order"
+    );
     let foreign = ForeignModel {
+        format: Format::Kiln,
+        path: PathBuf::from("test"),
         model_config: config,
         tensors,
         tokenizer_json: shakespeare_tokenizer(),
@@ -178,7 +189,7 @@ fn kiln_to_hf_to_kiln_is_identical() {
     let (model, foreign) = random_model(&mut rng);
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
-    convert::write(&foreign, Path::new("test"), Format::Hf, &hf).unwrap();
+    convert::write(&foreign, Format::Hf, &hf).unwrap();
     // Hugging Face's layout: a tied head is left out, as transformers' save_pretrained does.
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
@@ -209,7 +220,7 @@ fn kiln_to_hf_to_kiln_is_identical() {
 
     // On to a kiln checkpoint, which loads as the model we started from.
     let kiln_dir = dir.path().join("kiln");
-    convert::write(&back, &hf, Format::Kiln, &kiln_dir).unwrap();
+    convert::write(&back, Format::Kiln, &kiln_dir).unwrap();
     let loaded = convert::load_model(&kiln_dir, &cpu(), Default::default()).unwrap();
     assert_eq!(
         by_name(&kiln::params::export(&loaded.loaded.model)),
@@ -234,7 +245,7 @@ fn hf_import_reads_shards_in_f16_and_bf16() {
     let (_, foreign) = random_model(&mut rng);
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
-    convert::write(&foreign, Path::new("test"), Format::Hf, &hf).unwrap();
+    convert::write(&foreign, Format::Hf, &hf).unwrap();
     std::fs::remove_file(hf.join("model.safetensors")).unwrap();
     // Half of the tensors in an f16 shard, half in a bf16 one, listed by the index.
     let mut expected = BTreeMap::new();
@@ -678,7 +689,7 @@ fn bad_model_files_fail_clearly_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let arg = |p: &Path| p.to_str().unwrap().to_string();
     let hf = dir.path().join("hf");
-    convert::write(&foreign, Path::new("test"), Format::Hf, &hf).unwrap();
+    convert::write(&foreign, Format::Hf, &hf).unwrap();
     let out = dir.path().join("out");
 
     // A truncated safetensors file.
@@ -817,7 +828,7 @@ fn chat_streams_answers_and_keeps_the_dialogue() {
     let (_, foreign) = random_model(&mut rng);
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("kiln");
-    convert::write(&foreign, Path::new("test"), Format::Kiln, &ckpt).unwrap();
+    convert::write(&foreign, Format::Kiln, &ckpt).unwrap();
     let out = chat(
         &["--max-tokens", "4"],
         &ckpt,
