@@ -1,12 +1,12 @@
-// SwiGLU backward, both input gradients in one pass:
+// SwiGLU backward, both input gradients in one pass, four elements per invocation:
 //   d_up = dy * silu(gate),  d_gate = dy * up * sigmoid(gate) * (1 + gate * (1 - sigmoid(gate))).
 
-@group(0) @binding(0) var<storage, read_write> gate: array<f32>;
-@group(0) @binding(1) var<storage, read_write> up: array<f32>;
-@group(0) @binding(2) var<storage, read_write> dy: array<f32>;
-@group(0) @binding(3) var<storage, read_write> d_gate: array<f32>;
-@group(0) @binding(4) var<storage, read_write> d_up: array<f32>;
-// n
+@group(0) @binding(0) var<storage, read_write> gate: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> up: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> dy: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> d_gate: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> d_up: array<vec4<f32>>;
+// n / 4
 @group(0) @binding(5) var<storage, read_write> params: array<u32>;
 
 @compute @workgroup_size(256)

@@ -1,9 +1,11 @@
-// SwiGLU: y = silu(gate) * up = gate * sigmoid(gate) * up, elementwise.
+// SwiGLU: y = silu(gate) * up = gate * sigmoid(gate) * up, elementwise, four elements per
+// invocation (vec4 loads: CPU rasterizers such as lavapipe issue one load per invocation and
+// scalar element). Sizes are multiples of 4; kernels::swiglu uses the reference otherwise.
 
-@group(0) @binding(0) var<storage, read_write> gate: array<f32>;
-@group(0) @binding(1) var<storage, read_write> up: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-// n
+@group(0) @binding(0) var<storage, read_write> gate: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> up: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> y: array<vec4<f32>>;
+// n / 4
 @group(0) @binding(3) var<storage, read_write> params: array<u32>;
 
 @compute @workgroup_size(256)

@@ -143,9 +143,9 @@ struct KernelCase {
 }
 
 impl KernelCase {
-    /// One forward and backward pass. With `read`, returns the output and the gradients of
-    /// the inputs; without, only waits for the device to finish.
-    fn run(&self, variant: Variant, read: bool) -> Vec<Vec<f32>> {
+    /// One forward and backward pass, queued on the device: the output and the gradients of
+    /// the inputs, not yet read.
+    fn run(&self, variant: Variant) -> Vec<Tensor<1>> {
         let leaves: Vec<Tensor<1>> = self
             .inputs
             .iter()
@@ -157,18 +157,30 @@ impl KernelCase {
             None => out.clone().sum(),
         };
         let grads = objective.backward();
-        let grads: Vec<Tensor<1>> = leaves
-            .iter()
-            .map(|l| l.grad(&grads).expect("grad"))
-            .collect();
-        if !read {
-            out.device().sync().expect("device sync");
-            return Vec::new();
-        }
-        std::iter::once(out)
-            .chain(grads)
+        std::iter::once(out.inner())
+            .chain(leaves.iter().map(|l| l.grad(&grads).expect("grad")))
+            .collect()
+    }
+
+    /// The output and the gradients, read back.
+    fn run_read(&self, variant: Variant) -> Vec<Vec<f32>> {
+        self.run(variant)
+            .into_iter()
             .map(|t| t.into_data().try_into_vec_as::<f32>().expect("f32 tensor"))
             .collect()
+    }
+
+    /// Milliseconds per forward and backward pass: `iterations` passes queued back to back
+    /// and one wait for the device. The results stay alive until the device has finished, so
+    /// burn's fusion cannot skip work whose output nobody holds.
+    fn time(&self, variant: Variant, iterations: usize) -> f64 {
+        let device = self.inputs[0].device();
+        let start = Instant::now();
+        let results: Vec<Vec<Tensor<1>>> = (0..iterations).map(|_| self.run(variant)).collect();
+        device.sync().expect("device sync");
+        let ms = start.elapsed().as_secs_f64() * 1e3 / iterations as f64;
+        drop(results);
+        ms
     }
 }
 
@@ -329,23 +341,43 @@ fn max_rel_err(custom: &[Vec<f32>], reference: &[Vec<f32>]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The kernels `kiln bench kernels` measures, by the name its rows carry.
+pub const KERNEL_NAMES: &[&str] = &[
+    "flash_attention",
+    "rms_norm",
+    "swiglu",
+    "rope",
+    "cross_entropy",
+];
+
 /// `kiln bench kernels`: each custom kernel against its reference on `device` (forward and
-/// backward under autodiff), median of `repeats` timed runs after one warm-up run.
-pub fn kernels(device: &ComputeDevice, repeats: usize, quick: bool) -> Result<Vec<KernelBench>> {
+/// backward under autodiff), median of `repeats` timed runs after one warm-up run. `only`
+/// names the kernels to run (empty: all).
+pub fn kernels(
+    device: &ComputeDevice,
+    repeats: usize,
+    quick: bool,
+    only: &[String],
+) -> Result<Vec<KernelBench>> {
     anyhow::ensure!(
         device.is_wgpu(),
         "the custom kernels run on wgpu devices only (--device wgpu)"
     );
     let mut rows = Vec::new();
-    for case in kernel_cases(&device.device, quick) {
+    let cases = kernel_cases(&device.device, quick)
+        .into_iter()
+        .filter(|case| only.is_empty() || only.iter().any(|k| k == case.kernel));
+    for case in cases {
         let time = |variant: Variant| {
-            case.run(variant, false); // warm-up: compilation and autotune
+            // Warm-up (compilation and autotune), then enough passes per sample for about
+            // 100 ms, so that the wait for the device and timer noise do not dominate.
+            case.time(variant, 1);
+            let once = case.time(variant, 1);
+            let iterations = ((100.0 / once).ceil() as usize).clamp(1, 50);
+            // Back-to-back passes can fuse differently from a single one: compile those too.
+            case.time(variant, iterations);
             let mut times: Vec<f64> = (0..repeats)
-                .map(|_| {
-                    let start = Instant::now();
-                    case.run(variant, false);
-                    start.elapsed().as_secs_f64() * 1e3
-                })
+                .map(|_| case.time(variant, iterations))
                 .collect();
             times.sort_by(f64::total_cmp);
             times[times.len() / 2]
@@ -354,8 +386,8 @@ pub fn kernels(device: &ComputeDevice, repeats: usize, quick: bool) -> Result<Ve
         let reference_ms = time(Variant::Reference);
         let burn_attention_ms = case.has_burn.then(|| time(Variant::BurnAttention));
         let max_rel_err = max_rel_err(
-            &case.run(Variant::Custom, true),
-            &case.run(Variant::Reference, true),
+            &case.run_read(Variant::Custom),
+            &case.run_read(Variant::Reference),
         );
         let row = KernelBench {
             kernel: case.kernel.to_string(),

@@ -334,6 +334,9 @@ enum BenchCommand {
         /// One JSON object per kernel and shape instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only these kernels (e.g. `--kernel rms_norm --kernel swiglu`); default: all.
+        #[arg(long = "kernel", value_parser = clap::builder::PossibleValuesParser::new(kiln::bench::KERNEL_NAMES))]
+        kernels: Vec<String>,
     },
 }
 
@@ -822,6 +825,7 @@ fn run(command: Command) -> Result<()> {
                     repeats,
                     quick,
                     json,
+                    kernels,
                 },
         } => {
             if repeats == 0 {
@@ -829,7 +833,7 @@ fn run(command: Command) -> Result<()> {
             }
             let device = device::select(device)?;
             eprintln!("device: {}", device.describe());
-            let rows = kiln::bench::kernels(&device, repeats, quick)?;
+            let rows = kiln::bench::kernels(&device, repeats, quick, &kernels)?;
             if json {
                 for row in &rows {
                     println!("{}", serde_json::to_string(row)?);

@@ -76,12 +76,15 @@ fn compare(what: &str, custom: &[(&str, Vec<f32>)], reference: &[(&str, Vec<f32>
 
 #[test]
 fn every_shader_parses_and_validates_with_naga() {
+    let variants = kernels::ATTENTION_HEAD_DIMS
+        .iter()
+        .flat_map(|&d| kernels::THREADS_PER_ROW.iter().map(move |&t| (d, t)));
     for (name, _) in kernels::SHADERS {
-        for &head_dim in kernels::ATTENTION_HEAD_DIMS {
-            let source = kernels::shader_source(name, head_dim);
+        for (head_dim, threads_per_row) in variants.clone() {
+            let source = kernels::shader_source(name, head_dim, threads_per_row);
             let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| {
                 panic!(
-                    "{name} (head_dim {head_dim}): {}",
+                    "{name} (head_dim {head_dim}, {threads_per_row} threads per row): {}",
                     e.emit_to_string(&source)
                 )
             });
@@ -285,11 +288,25 @@ fn flash_attention_over_a_kv_cache_matches_reference() {
     );
 }
 
+/// Runs `check` once per layout of the row kernels (a workgroup per row, as on GPUs; one
+/// invocation per row, as on CPU adapters), whatever the adapter. Serialised, because the
+/// layout is a process-wide setting.
+fn for_each_row_layout(mut check: impl FnMut(usize)) {
+    static LAYOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
+    for &threads in kernels::THREADS_PER_ROW {
+        kernels::force_threads_per_row(Some(threads));
+        check(threads);
+    }
+    kernels::force_threads_per_row(None);
+}
+
 #[test]
 fn rms_norm_matches_reference_forward_and_backward() {
     let Some(gpu) = wgpu() else { return };
     let mut rng = rng();
-    for (rows, dim) in [(37, 100), (300, 64), (5, 1000)] {
+    // 30 is not a multiple of 4: the custom path falls back to the reference.
+    for (rows, dim) in [(37, 100), (300, 64), (5, 1000), (3, 30)] {
         let x = randn(&mut rng, rows * dim, 3.0);
         let w = randn(&mut rng, dim, 1.5);
         let probe = randn(&mut rng, rows * dim, 1.0);
@@ -307,11 +324,14 @@ fn rms_norm_matches_reference_forward_and_backward() {
                 ("dw", values(wt.grad(&grads).unwrap())),
             ]
         };
-        compare(
-            &format!("rms_norm {rows}x{dim}"),
-            &run(&gpu, Kernels::Custom),
-            &run(&cpu(), Kernels::Reference),
-        );
+        let reference = run(&cpu(), Kernels::Reference);
+        for_each_row_layout(|threads| {
+            compare(
+                &format!("rms_norm {rows}x{dim} ({threads} threads per row)"),
+                &run(&gpu, Kernels::Custom),
+                &reference,
+            )
+        });
     }
 }
 
@@ -370,36 +390,44 @@ fn rope_matches_reference_forward_and_backward_with_packed_positions() {
 fn swiglu_matches_reference_forward_and_backward() {
     let Some(gpu) = wgpu() else { return };
     let mut rng = rng();
-    let (rows, dim) = (33, 177);
-    let gate = randn(&mut rng, rows * dim, 6.0);
-    let up = randn(&mut rng, rows * dim, 2.0);
-    let probe = randn(&mut rng, rows * dim, 1.0);
-    let run = |device: &Device, kernels: Kernels| {
-        let device = device.clone().autodiff();
-        let g = tensor(&gate, [rows, dim], &device).require_grad();
-        let u = tensor(&up, [rows, dim], &device).require_grad();
-        let y = kernels::swiglu(g.clone(), u.clone(), kernels);
-        let grads = (y.clone() * tensor(&probe, [rows, dim], &device))
-            .sum()
-            .backward();
-        vec![
-            ("y", values(y)),
-            ("d_gate", values(g.grad(&grads).unwrap())),
-            ("d_up", values(u.grad(&grads).unwrap())),
-        ]
-    };
-    compare(
-        "swiglu",
-        &run(&gpu, Kernels::Custom),
-        &run(&cpu(), Kernels::Reference),
-    );
+    // 177 is not a multiple of 4: the custom path falls back to the reference.
+    for (rows, dim) in [(33, 176), (5, 177)] {
+        let gate = randn(&mut rng, rows * dim, 6.0);
+        let up = randn(&mut rng, rows * dim, 2.0);
+        let probe = randn(&mut rng, rows * dim, 1.0);
+        let run = |device: &Device, kernels: Kernels| {
+            let device = device.clone().autodiff();
+            let g = tensor(&gate, [rows, dim], &device).require_grad();
+            let u = tensor(&up, [rows, dim], &device).require_grad();
+            let y = kernels::swiglu(g.clone(), u.clone(), kernels);
+            let grads = (y.clone() * tensor(&probe, [rows, dim], &device))
+                .sum()
+                .backward();
+            vec![
+                ("y", values(y)),
+                ("d_gate", values(g.grad(&grads).unwrap())),
+                ("d_up", values(u.grad(&grads).unwrap())),
+            ]
+        };
+        compare(
+            &format!("swiglu {rows}x{dim}"),
+            &run(&gpu, Kernels::Custom),
+            &run(&cpu(), Kernels::Reference),
+        );
+    }
 }
 
 #[test]
 fn cross_entropy_matches_reference_forward_and_backward_with_ignored_rows() {
     let Some(gpu) = wgpu() else { return };
     let mut rng = rng();
-    for (rows, vocab, masked) in [(29, 1000, true), (7, 50_000, false)] {
+    // 997 is not a multiple of 4: the custom path falls back to the reference.
+    for (rows, vocab, masked) in [
+        (29, 1000, true),
+        (7, 50_000, false),
+        (67, 4096, true),
+        (3, 997, true),
+    ] {
         let logits = randn(&mut rng, rows * vocab, 8.0);
         let targets: Vec<i32> = (0..rows)
             .map(|_| rng.random_range(0..vocab as i32))
@@ -422,10 +450,15 @@ fn cross_entropy_matches_reference_forward_and_backward_with_ignored_rows() {
                 ("d_logits", values(z.grad(&grads).unwrap())),
             ]
         };
-        compare(
-            &format!("cross_entropy {rows}x{vocab} masked {masked}"),
-            &run(&gpu, Kernels::Custom),
-            &run(&cpu(), Kernels::Reference),
-        );
+        let reference = run(&cpu(), Kernels::Reference);
+        for_each_row_layout(|threads| {
+            compare(
+                &format!(
+                    "cross_entropy {rows}x{vocab} masked {masked} ({threads} threads per row)"
+                ),
+                &run(&gpu, Kernels::Custom),
+                &reference,
+            )
+        });
     }
 }

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::ops::{self, AttentionBias, RopeTables};
 pub use extension::KilnKernels;
 pub use wgsl::{
-    ATTENTION_HEAD_DIMS, SHADERS, attention_block, poison_outputs, shader_source, supports_head_dim,
+    ATTENTION_HEAD_DIMS, SHADERS, THREADS_PER_ROW, attention_block, force_threads_per_row,
+    poison_outputs, shader_source, supports_head_dim, supports_row_width,
 };
 
 /// Which implementation of the block operations runs: the `model.kernels` setting, and, after
@@ -67,7 +68,8 @@ pub fn is_wgpu(device: &Device) -> bool {
     )
 }
 
-/// RMSNorm over the last dimension.
+/// RMSNorm over the last dimension. The custom kernel reads rows as vec4: a last dimension
+/// that is not a multiple of 4 runs the reference (as do `swiglu` and `cross_entropy`).
 pub fn rms_norm<const D: usize>(
     x: Tensor<D>,
     weight: Tensor<1>,
@@ -75,8 +77,7 @@ pub fn rms_norm<const D: usize>(
     kernels: Kernels,
 ) -> Tensor<D> {
     match kernels {
-        Kernels::Reference => ops::rms_norm(x, weight, eps),
-        Kernels::Custom => {
+        Kernels::Custom if supports_row_width(x.dims()[D - 1]) => {
             let dims = x.dims();
             let rows = dims[..D - 1].iter().product();
             let x = x.reshape([rows, dims[D - 1]]);
@@ -84,16 +85,17 @@ pub fn rms_norm<const D: usize>(
                 Dispatch::rms_norm(x.into_dispatch(), weight.into_dispatch(), eps as f32);
             Tensor::<2>::from_dispatch(y).reshape(dims)
         }
+        _ => ops::rms_norm(x, weight, eps),
     }
 }
 
 /// `silu(gate) * up`.
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>, kernels: Kernels) -> Tensor<D> {
     match kernels {
-        Kernels::Reference => ops::swiglu(gate, up),
-        Kernels::Custom => {
+        Kernels::Custom if supports_row_width(gate.dims()[D - 1]) => {
             Tensor::from_dispatch(Dispatch::swiglu(gate.into_dispatch(), up.into_dispatch()))
         }
+        _ => ops::swiglu(gate, up),
     }
 }
 
@@ -106,12 +108,12 @@ pub fn cross_entropy(
     kernels: Kernels,
 ) -> Tensor<1> {
     match kernels {
-        Kernels::Reference => ops::cross_entropy(logits, targets, weights),
-        Kernels::Custom => {
+        Kernels::Custom if supports_row_width(logits.dims()[1]) => {
             let (loss, _lse) =
                 Dispatch::cross_entropy(logits.into_dispatch(), targets.into_dispatch());
             ops::masked_mean(Tensor::from_dispatch(loss), weights)
         }
+        _ => ops::cross_entropy(logits, targets, weights),
     }
 }
 

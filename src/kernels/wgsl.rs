@@ -14,7 +14,7 @@ use burn::cubecl::prelude::{CubeCount, ExecutionMode, KernelId};
 use burn::cubecl::server::KernelArguments;
 use burn::tensor::{DType, Shape};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::extension::KilnKernels;
 
@@ -81,21 +81,64 @@ pub fn attention_block(head_dim: usize) -> usize {
 /// Rows summed by one invocation of `rms_norm_backward_weight`.
 const RMS_WEIGHT_ROWS: usize = 256;
 
+/// Invocations that share a row in the row kernels (RMSNorm, cross-entropy), each a value
+/// the tests validate and run: a whole workgroup on GPUs, one invocation on CPU adapters.
+pub const THREADS_PER_ROW: &[usize] = &[64, 1];
+
+/// 0: choose by adapter; otherwise the forced value (tests run both on lavapipe).
+static FORCED_THREADS_PER_ROW: AtomicUsize = AtomicUsize::new(0);
+
+/// Tests: run the row kernels with `threads` invocations per row whatever the adapter, so the
+/// GPU layout is checked on lavapipe too; `None` restores the choice by adapter.
+pub fn force_threads_per_row(threads: Option<usize>) {
+    if let Some(t) = threads {
+        assert!(
+            THREADS_PER_ROW.contains(&t),
+            "threads per row must be one of {THREADS_PER_ROW:?}"
+        );
+    }
+    FORCED_THREADS_PER_ROW.store(threads.unwrap_or(0), Ordering::Relaxed);
+}
+
+/// Invocations per row for the row kernels on `client`'s adapter. On a CPU adapter (lavapipe,
+/// which reports no physical card) a workgroup's invocations run as loops over SIMD lanes and
+/// every barrier is a context switch, so one invocation per row with no barrier is fastest
+/// (RMSNorm forward at 2048x256: ~4x faster than a workgroup per row); on a GPU a workgroup
+/// shares the row and reduces it in workgroup memory.
+fn threads_per_row(client: &burn::cubecl::client::Client) -> usize {
+    match FORCED_THREADS_PER_ROW.load(Ordering::Relaxed) {
+        0 if client.properties().identity.physical.is_none() => 1,
+        0 => 64,
+        forced => forced,
+    }
+}
+
 /// The template values a shader is compiled with.
-fn shader_defines(name: &str, head_dim: usize) -> Vec<(&'static str, usize)> {
+fn shader_defines(
+    name: &str,
+    head_dim: usize,
+    threads_per_row: usize,
+) -> Vec<(&'static str, usize)> {
     match name {
         n if n.starts_with("flash_attention") => vec![
             ("head_dim", head_dim),
             ("block_keys", attention_block(head_dim)),
         ],
         "rms_norm_backward_weight" => vec![("rows_per_chunk", RMS_WEIGHT_ROWS)],
+        "rms_norm_forward"
+        | "rms_norm_backward"
+        | "cross_entropy_forward"
+        | "cross_entropy_backward" => vec![("threads_per_row", threads_per_row)],
         _ => Vec::new(),
     }
 }
 
-/// The full WGSL text of a shader with its template values filled in.
-pub fn shader_source(name: &str, head_dim: usize) -> String {
-    wgsl_kernel(name, head_dim).source().complete()
+/// The full WGSL text of a shader with its template values filled in (`head_dim` for the
+/// attention kernels, `threads_per_row` for the row kernels; others ignore them).
+pub fn shader_source(name: &str, head_dim: usize, threads_per_row: usize) -> String {
+    wgsl_kernel(name, head_dim, threads_per_row)
+        .source()
+        .complete()
 }
 
 struct WgslKernel {
@@ -104,7 +147,7 @@ struct WgslKernel {
     defines: Vec<(&'static str, usize)>,
 }
 
-fn wgsl_kernel(name: &str, head_dim: usize) -> WgslKernel {
+fn wgsl_kernel(name: &str, head_dim: usize, threads_per_row: usize) -> WgslKernel {
     let &(name, source) = SHADERS
         .iter()
         .find(|(n, _)| *n == name)
@@ -112,7 +155,7 @@ fn wgsl_kernel(name: &str, head_dim: usize) -> WgslKernel {
     WgslKernel {
         name,
         source,
-        defines: shader_defines(name, head_dim),
+        defines: shader_defines(name, head_dim, threads_per_row),
     }
 }
 
@@ -191,15 +234,15 @@ fn empty_like(reference: &CubeTensor, shape: Shape) -> CubeTensor {
     )
 }
 
-/// Launches shader `name` over `count` workgroups. `buffers` are bound in order, then the
-/// `params` buffer.
-fn launch(name: &str, head_dim: usize, count: CubeCount, buffers: &[&CubeTensor], params: &[u32]) {
+/// Launches `kernel` over `count` workgroups. `buffers` are bound in order, then the `params`
+/// buffer.
+fn launch(kernel: WgslKernel, count: CubeCount, buffers: &[&CubeTensor], params: &[u32]) {
     let client = &buffers[0].client;
     let params = client.create_from_slice(bytemuck::cast_slice(params));
     let mut bindings: Vec<_> = buffers.iter().map(|t| t.handle.clone().binding()).collect();
     bindings.push(params.binding());
     // The workgroup size is declared in the shader; CubeDim only keys the compilation cache.
-    let kernel = SourceKernel::new(wgsl_kernel(name, head_dim), CubeDim::new_1d(64));
+    let kernel = SourceKernel::new(kernel, CubeDim::new_1d(64));
     client.launch(
         Box::new(kernel),
         count,
@@ -219,6 +262,20 @@ fn check_head_dim(d: usize) {
         supports_head_dim(d),
         "flash attention supports head dims that are multiples of 4 up to {MAX_HEAD_DIM}, got {d}"
     );
+}
+
+/// The row and elementwise kernels read vec4s: `kernels::*` send other widths to the reference.
+fn check_vec4_rows(width: usize, what: &str) {
+    assert!(
+        width % 4 == 0,
+        "{what}: the custom kernel needs a multiple of 4, got {width}"
+    );
+}
+
+/// Whether the RMSNorm, SwiGLU and cross-entropy kernels take rows of this width (the last
+/// dimension; for SwiGLU any element count divisible by 4 would do).
+pub fn supports_row_width(width: usize) -> bool {
+    width % 4 == 0
 }
 
 /// Head dimensions the attention kernels handle: rows are read as vec4s.
@@ -247,8 +304,7 @@ impl KilnKernels for CubeBackend {
         let out = empty_like(&q, Shape::from([b, tq, h, d]));
         let lse = empty_like(&q, Shape::from([b, h, tq]));
         launch(
-            "flash_attention_forward",
-            d,
+            wgsl_kernel("flash_attention_forward", d, 0),
             CubeCount::Static(tq.div_ceil(64) as u32, (b * h) as u32, 1),
             &[&q, &k, &v, &segments, &out, &lse],
             &[h as u32, kv as u32, tq as u32, tk as u32, scale.to_bits()],
@@ -283,8 +339,7 @@ impl KilnKernels for CubeBackend {
         let dq = empty_like(&q, Shape::from([b, t, h, d]));
         let delta = empty_like(&q, Shape::from([b, h, t]));
         launch(
-            "flash_attention_backward_dq",
-            d,
+            wgsl_kernel("flash_attention_backward_dq", d, 0),
             CubeCount::Static(t.div_ceil(64) as u32, (b * h) as u32, 1),
             &[&q, &k, &v, &out, &d_out, &lse, &segments, &dq, &delta],
             &params,
@@ -292,8 +347,7 @@ impl KilnKernels for CubeBackend {
         let dk = empty_like(&k, Shape::from([b, t, kv, d]));
         let dv = empty_like(&k, Shape::from([b, t, kv, d]));
         launch(
-            "flash_attention_backward_dkv",
-            d,
+            wgsl_kernel("flash_attention_backward_dkv", d, 0),
             CubeCount::Static(t.div_ceil(64) as u32, (b * kv) as u32, 1),
             &[&q, &k, &v, &d_out, &lse, &delta, &segments, &dk, &dv],
             &params,
@@ -311,12 +365,13 @@ impl KilnKernels for CubeBackend {
             float_input(weight, "rms_norm weight"),
         );
         let [rows, c] = dims::<2>(&x, "rms_norm x");
+        check_vec4_rows(c, "rms_norm");
+        let threads = threads_per_row(&x.client);
         let y = empty_like(&x, Shape::from([rows, c]));
         let rstd = empty_like(&x, Shape::from([rows]));
         launch(
-            "rms_norm_forward",
-            0,
-            grid(rows),
+            wgsl_kernel("rms_norm_forward", 0, threads),
+            grid(rows.div_ceil(64 / threads)),
             &[&x, &weight, &y, &rstd],
             &[rows as u32, c as u32, eps.to_bits()],
         );
@@ -336,21 +391,21 @@ impl KilnKernels for CubeBackend {
             float_input(dy, "rms_norm grad"),
         );
         let [rows, c] = dims::<2>(&x, "rms_norm x");
+        check_vec4_rows(c, "rms_norm");
+        let threads = threads_per_row(&x.client);
         let params = [rows as u32, c as u32];
         let dx = empty_like(&x, Shape::from([rows, c]));
         launch(
-            "rms_norm_backward",
-            0,
-            grid(rows),
+            wgsl_kernel("rms_norm_backward", 0, threads),
+            grid(rows.div_ceil(64 / threads)),
             &[&x, &weight, &rstd, &dy, &dx],
             &params,
         );
         let chunks = rows.div_ceil(RMS_WEIGHT_ROWS);
         let partial = empty_like(&x, Shape::from([chunks, c]));
         launch(
-            "rms_norm_backward_weight",
-            0,
-            CubeCount::Static(c.div_ceil(64) as u32, chunks as u32, 1),
+            wgsl_kernel("rms_norm_backward_weight", 0, 0),
+            CubeCount::Static((c / 4).div_ceil(64) as u32, chunks as u32, 1),
             &[&x, &rstd, &dy, &partial],
             &params,
         );
@@ -377,8 +432,7 @@ impl KilnKernels for CubeBackend {
         let y = empty_like(&x, Shape::from([b, t, h, d]));
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
         launch(
-            "rope",
-            0,
+            wgsl_kernel("rope", 0, 0),
             grid(pairs.div_ceil(256)),
             &[&x, &positions, &cos, &sin, &y],
             &[pairs as u32, h as u32, d as u32, sign.to_bits()],
@@ -394,13 +448,13 @@ impl KilnKernels for CubeBackend {
         use burn::backend::TensorMetadata;
         let shape = gate.shape();
         let n = shape.num_elements();
+        check_vec4_rows(n, "swiglu");
         let y = empty_like(&gate, shape);
         launch(
-            "swiglu_forward",
-            0,
-            grid(n.div_ceil(256)),
+            wgsl_kernel("swiglu_forward", 0, 0),
+            grid((n / 4).div_ceil(256)),
             &[&gate, &up, &y],
-            &[n as u32],
+            &[(n / 4) as u32],
         );
         y
     }
@@ -418,14 +472,14 @@ impl KilnKernels for CubeBackend {
         use burn::backend::TensorMetadata;
         let shape = gate.shape();
         let n = shape.num_elements();
+        check_vec4_rows(n, "swiglu");
         let d_gate = empty_like(&gate, shape.clone());
         let d_up = empty_like(&gate, shape);
         launch(
-            "swiglu_backward",
-            0,
-            grid(n.div_ceil(256)),
+            wgsl_kernel("swiglu_backward", 0, 0),
+            grid((n / 4).div_ceil(256)),
             &[&gate, &up, &dy, &d_gate, &d_up],
-            &[n as u32],
+            &[(n / 4) as u32],
         );
         (d_gate, d_up)
     }
@@ -437,12 +491,13 @@ impl KilnKernels for CubeBackend {
         let logits = float_input(logits, "cross_entropy logits");
         let targets = int_input(targets, "cross_entropy targets");
         let [rows, vocab] = dims::<2>(&logits, "cross_entropy logits");
+        check_vec4_rows(vocab, "cross_entropy");
+        let threads = threads_per_row(&logits.client);
         let loss = empty_like(&logits, Shape::from([rows]));
         let lse = empty_like(&logits, Shape::from([rows]));
         launch(
-            "cross_entropy_forward",
-            0,
-            grid(rows),
+            wgsl_kernel("cross_entropy_forward", 0, threads),
+            grid(rows.div_ceil(64 / threads)),
             &[&logits, &targets, &loss, &lse],
             &[rows as u32, vocab as u32],
         );
@@ -462,11 +517,12 @@ impl KilnKernels for CubeBackend {
             float_input(d_loss, "cross_entropy grad"),
         );
         let [rows, vocab] = dims::<2>(&logits, "cross_entropy logits");
+        check_vec4_rows(vocab, "cross_entropy");
+        let threads = threads_per_row(&logits.client);
         let d_logits = empty_like(&logits, Shape::from([rows, vocab]));
         launch(
-            "cross_entropy_backward",
-            0,
-            grid(rows),
+            wgsl_kernel("cross_entropy_backward", 0, threads),
+            grid(rows.div_ceil(64 / threads)),
             &[&logits, &targets, &lse, &d_loss, &d_logits],
             &[rows as u32, vocab as u32],
         );
