@@ -1,7 +1,8 @@
 // Flash attention, backward pass, part 1: dQ, and delta = rowsum(dO * O) for part 2.
 //
-// Same layouts and visibility rule as flash_attention_forward.wgsl; training has
-// q_len == k_len. Scores are recomputed from Q, K and the saved log-sum-exp:
+// Same layouts and visibility rule as flash_attention_forward.wgsl, including a KV cache:
+// query i sits at key position p = k_len - q_len + i (gradients then flow into the cached
+// keys and values too). Scores are recomputed from Q, K and the saved log-sum-exp:
 //   P_ij = exp(scale * q_i.k_j - lse_i),  dS_ij = P_ij * (dO_i.v_j - delta_i),
 //   dq_i = scale * sum_j dS_ij k_j.
 // One workgroup owns BQ queries of one (batch, head); K/V tiles are staged in workgroup
@@ -20,7 +21,7 @@ const BQ: u32 = 64u;
 @group(0) @binding(6) var<storage, read_write> segments: array<i32>;
 @group(0) @binding(7) var<storage, read_write> dq: array<vec4<f32>>;
 @group(0) @binding(8) var<storage, read_write> delta: array<f32>;
-// heads, kv_heads, seq_len, bitcast(scale)
+// heads, kv_heads, q_len, k_len, bitcast(scale)
 @group(0) @binding(9) var<storage, read_write> params: array<u32>;
 
 var<workgroup> k_tile: array<vec4<f32>, BK * D4>;
@@ -33,24 +34,29 @@ fn main(
 ) {
     // Uniform sizes through workgroup memory (see the forward kernel).
     if (lid == 0u) {
-        v_tile[0] = vec4<f32>(f32(params[0]), f32(params[1]), f32(params[2]), bitcast<f32>(params[3]));
+        v_tile[0] = vec4<f32>(f32(params[0]), f32(params[1]), f32(params[2]), f32(params[3]));
+        v_tile[1] = vec4<f32>(bitcast<f32>(params[4]), 0.0, 0.0, 0.0);
     }
-    let sizes = workgroupUniformLoad(&v_tile[0]);
-    let heads = u32(sizes.x);
-    let kv_heads = u32(sizes.y);
-    let n = u32(sizes.z);
-    let scale = sizes.w;
+    let sizes = vec4<u32>(workgroupUniformLoad(&v_tile[0]));
+    let scale = workgroupUniformLoad(&v_tile[1]).x;
+    let heads = sizes.x;
+    let kv_heads = sizes.y;
+    let q_len = sizes.z;
+    let k_len = sizes.w;
+    let q_offset = k_len - q_len;
 
     let b = wg.y / heads;
     let h = wg.y % heads;
     let kvh = h / (heads / kv_heads);
     let q_block = wg.x * BQ;
     let i = q_block + lid;
-    let in_range = i < n;
-    let qi = min(i, n - 1u);
-    let seg_base = b * n;
-    let seg = segments[seg_base + qi];
-    var first = qi;
+    let in_range = i < q_len;
+    // Lanes past the end shadow the last query so that every load stays in bounds.
+    let qi = min(i, q_len - 1u);
+    let p = qi + q_offset;
+    let seg_base = b * k_len;
+    let seg = segments[seg_base + p];
+    var first = p;
     while (first > 0u && segments[seg_base + first - 1u] == seg) {
         first = first - 1u;
     }
@@ -61,12 +67,12 @@ fn main(
         for (var t = 1u; t < BQ; t++) {
             lowest = min(lowest, u32(k_tile[t].x));
         }
-        v_tile[1] = vec4<f32>(f32(lowest));
+        v_tile[2] = vec4<f32>(f32(lowest));
     }
-    let tile_start = (u32(workgroupUniformLoad(&v_tile[1]).x) / BK) * BK;
-    let key_end = min(q_block + BQ, n);
+    let tile_start = (u32(workgroupUniformLoad(&v_tile[2]).x) / BK) * BK;
+    let key_end = min(q_block + BQ, q_len) + q_offset;
 
-    let base = ((b * n + qi) * heads + h) * D4;
+    let base = ((b * q_len + qi) * heads + h) * D4;
     var qv: array<vec4<f32>, D4>;
     var dov: array<vec4<f32>, D4>;
     var dqv: array<vec4<f32>, D4>;
@@ -77,7 +83,7 @@ fn main(
         dqv[d] = vec4<f32>(0.0);
         dlt = dlt + dot(dov[d], o[base + d]);
     }
-    let row = (b * heads + h) * n + qi;
+    let row = (b * heads + h) * q_len + qi;
     let row_lse = lse[row];
 
     for (var kt = tile_start; kt < key_end; kt += BK) {
@@ -86,8 +92,8 @@ fn main(
             let j = kt + e / D4;
             var kx = vec4<f32>(0.0);
             var vx = vec4<f32>(0.0);
-            if (j < n) {
-                let src = ((b * n + j) * kv_heads + kvh) * D4 + e % D4;
+            if (j < k_len) {
+                let src = ((b * k_len + j) * kv_heads + kvh) * D4 + e % D4;
                 kx = k[src];
                 vx = v[src];
             }
@@ -97,7 +103,7 @@ fn main(
         workgroupBarrier();
         for (var jj = 0u; jj < BK; jj++) {
             let j = kt + jj;
-            if (j >= first && j <= qi) {
+            if (j >= first && j <= p) {
                 var score = 0.0;
                 var dp = 0.0;
                 for (var d = 0u; d < D4; d++) {

@@ -22,7 +22,7 @@ use crate::chat::{self, ChatTemplate, Message, PreferencePair, Rating, Role};
 use crate::checkpoint;
 use crate::config::{ModelConfig, OptimConfig, StageConfig, TrainConfig};
 use crate::device::ComputeDevice;
-use crate::kernels::{Kernels, SequenceLayout};
+use crate::kernels::SequenceLayout;
 use crate::model::{KvCache, Linear, Llama};
 use crate::optim::AdamW;
 use crate::params;
@@ -416,28 +416,13 @@ pub fn mix(
 /// Scores of the chosen and rejected answers of `pairs`. The prompt (the tokens both
 /// sequences share) goes through the model once, left-padded, into a KV cache; the cache is
 /// repeated for the two answers, which then run as one batch of `2 * pairs.len()` rows.
-///
-/// With the custom WGSL kernels the pairs run as full sequences instead: the flash-attention
-/// backward kernel handles only queries and keys of the same length (no cached prefix).
+/// Gradients flow through the cache into the prompt's pass, with either kernel set.
 pub fn pair_scores(
     model: &RewardModel,
     pairs: &[&EncodedPair],
     pad_id: u32,
 ) -> (Tensor<1>, Tensor<1>) {
     let n = pairs.len();
-    if model.backbone.kernels() == Kernels::Custom {
-        let sequences: Vec<Vec<u32>> = pairs
-            .iter()
-            .map(|p| p.chosen.clone())
-            .chain(pairs.iter().map(|p| p.rejected.clone()))
-            .collect();
-        let scores = model.scores(&ScoreBatch::new(
-            &sequences,
-            Arrangement::RightPadded,
-            pad_id,
-        ));
-        return (scores.clone().slice([0..n]), scores.slice([n..2 * n]));
-    }
     let device = model.backbone.device();
     let ids = |rows: Vec<Vec<i64>>, len: usize| {
         let batch = rows.len();

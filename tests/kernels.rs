@@ -259,33 +259,50 @@ fn flash_attention_matches_reference_forward_and_backward() {
     }
 }
 
-/// Generation: a few new queries over a longer, left-padded KV cache.
+/// New queries over a left-padded KV cache, forward and backward: generation (a few queries)
+/// and a prompt shared through a cache (reward-model pairs: many queries, gradients flowing
+/// into the cached keys and values too).
 #[test]
 fn flash_attention_over_a_kv_cache_matches_reference() {
     let Some(gpu) = wgpu() else { return };
     let mut rng = rng();
-    let (b, start, tq, h, kv, d) = (3, 37, 2, 4, 2, 32);
-    let tk = start + tq;
-    let left_pad = [0, 5, 36];
-    let q = randn(&mut rng, b * tq * h * d, 2.0);
-    let k = randn(&mut rng, b * tk * kv * d, 2.0);
-    let v = randn(&mut rng, b * tk * kv * d, 1.0);
-    let run = |device: &Device, kernels: Kernels| {
-        let rope = RopeTables::new(tk, d, 10_000.0, device);
-        let layout = SequenceLayout::cached(&left_pad, start, tq);
-        let prepared = PreparedLayout::new(&layout, kernels, &rope, h / kv, device);
-        let out = prepared.attention(
-            tensor(&q, [b, tq, h, d], device),
-            tensor(&k, [b, tk, kv, d], device),
-            tensor(&v, [b, tk, kv, d], device),
+    // (batch, cached, new, heads, kv heads, head dim, left padding per row)
+    let cases: [(usize, usize, usize, usize, usize, usize, &[usize]); 3] = [
+        (3, 37, 2, 4, 2, 32, &[0, 5, 36]),
+        (2, 45, 70, 4, 1, 64, &[0, 44]),
+        (1, 130, 9, 2, 2, 32, &[3]),
+    ];
+    for (b, start, tq, h, kv, d, left_pad) in cases {
+        let tk = start + tq;
+        let q = randn(&mut rng, b * tq * h * d, 2.0);
+        let k = randn(&mut rng, b * tk * kv * d, 2.0);
+        let v = randn(&mut rng, b * tk * kv * d, 1.0);
+        let probe = randn(&mut rng, b * tq * h * d, 1.0);
+        let run = |device: &Device, kernels: Kernels| {
+            let device = device.clone().autodiff();
+            let rope = RopeTables::new(tk, d, 10_000.0, &device);
+            let layout = SequenceLayout::cached(left_pad, start, tq);
+            let prepared = PreparedLayout::new(&layout, kernels, &rope, h / kv, &device);
+            let qt = tensor(&q, [b, tq, h, d], &device).require_grad();
+            let kt = tensor(&k, [b, tk, kv, d], &device).require_grad();
+            let vt = tensor(&v, [b, tk, kv, d], &device).require_grad();
+            let out = prepared.attention(qt.clone(), kt.clone(), vt.clone());
+            let grads = (out.clone() * tensor(&probe, [b, tq, h, d], &device))
+                .sum()
+                .backward();
+            vec![
+                ("out", values(out)),
+                ("dq", values(qt.grad(&grads).unwrap())),
+                ("dk", values(kt.grad(&grads).unwrap())),
+                ("dv", values(vt.grad(&grads).unwrap())),
+            ]
+        };
+        compare(
+            &format!("cached attention b{b} cached {start} new {tq} h{h}/{kv} d{d}"),
+            &run(&gpu, Kernels::Custom),
+            &run(&cpu(), Kernels::Reference),
         );
-        vec![("out", values(out))]
-    };
-    compare(
-        "cached attention",
-        &run(&gpu, Kernels::Custom),
-        &run(&cpu(), Kernels::Reference),
-    );
+    }
 }
 
 /// Runs `check` once per layout of the row kernels (a workgroup per row, as on GPUs; one

@@ -360,3 +360,80 @@ fn reward_model_pairs_on_wgpu_match_the_cpu_reference() {
     assert!((gpu_loss - cpu_loss).abs() <= TOL * cpu_loss.abs().max(1.0));
     assert!(grad_diff < 10.0 * TOL, "gradients differ by {grad_diff}");
 }
+
+/// Reward-model pairs that share their prompt through a KV cache (the flash-attention backward
+/// over cached keys, with the custom kernels on wgpu) score and train as the full sequences do
+/// on the CPU reference.
+#[test]
+fn reward_pairs_sharing_a_cached_prompt_on_wgpu_match_full_sequences_on_the_cpu() {
+    use kiln::chat::Rating;
+    use kiln::reward::{
+        Arrangement, EncodedPair, RewardModel, ScoreBatch, pair_scores, ranking_loss,
+    };
+    let Some(gpu) = common::wgpu_device() else {
+        return;
+    };
+    let config = ModelConfig {
+        dim: 32,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ffn_dim: 48,
+        vocab_size: 97,
+        max_seq_len: 64,
+        init_std: 0.2,
+        ..ModelConfig::default()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::rng().random());
+    let seed: u64 = rng.random();
+    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..97)).collect() };
+    let pairs: Vec<EncodedPair> = (0..4)
+        .map(|i| {
+            let prompt = draw(3 + 5 * i);
+            let mut chosen = prompt.clone();
+            chosen.extend(draw(1 + i % 3));
+            let mut rejected = prompt;
+            rejected.extend(draw(2 + i % 2));
+            EncodedPair {
+                chosen,
+                rejected,
+                rating: Rating::Better,
+                safety: false,
+            }
+        })
+        .collect();
+    let refs: Vec<&EncodedPair> = pairs.iter().collect();
+    // Scores and the first layer's q_proj gradient of the ranking loss.
+    let run = |device: &burn::tensor::Device, shared: bool| -> (Vec<f32>, Vec<f32>) {
+        let device = device.clone().autodiff();
+        let model = RewardModel::new(&config, seed, &device);
+        let (c, r) = if shared {
+            pair_scores(&model, &refs, 0)
+        } else {
+            let seqs: Vec<Vec<u32>> = pairs
+                .iter()
+                .map(|p| p.chosen.clone())
+                .chain(pairs.iter().map(|p| p.rejected.clone()))
+                .collect();
+            let s = model.scores(&ScoreBatch::new(&seqs, Arrangement::RightPadded, 0));
+            (s.clone().slice([0..4]), s.slice([4..8]))
+        };
+        let scores: Vec<f32> = Tensor::cat(vec![c.clone(), r.clone()], 0)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        let grads = ranking_loss(c, r, Tensor::<1>::zeros([4], &device)).backward();
+        let q = &model.backbone.model.layers[0].self_attn.q_proj.weight;
+        let grad = q.val().grad(&grads).unwrap();
+        (scores, grad.into_data().try_into_vec_as::<f32>().unwrap())
+    };
+    let (gpu_scores, gpu_grad) = run(&gpu.device, true);
+    let (cpu_scores, cpu_grad) = run(&ComputeDevice::cpu().device, false);
+    let scores_diff = max_rel_diff(&gpu_scores, &cpu_scores);
+    let grad_diff = max_rel_diff(&gpu_grad, &cpu_grad);
+    eprintln!(
+        "shared prompt on wgpu vs full sequences on cpu: scores {scores_diff:.2e}, gradient {grad_diff:.2e}"
+    );
+    assert!(scores_diff < TOL, "scores differ by {scores_diff}");
+    assert!(grad_diff < 10.0 * TOL, "gradients differ by {grad_diff}");
+}

@@ -25,8 +25,9 @@ pub trait KilnKernels: Backend {
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// Gradients of [`flash_attention`](Self::flash_attention) for `q_len == k_len`:
-    /// `(dq, dk, dv)`, with dk/dv summed over the query heads sharing each KV head.
+    /// Gradients of [`flash_attention`](Self::flash_attention), also over a KV cache
+    /// (`q_len < k_len`): `(dq, dk, dv)`, with dk/dv summed over the query heads sharing each
+    /// KV head.
     #[fusion(meta = |q, k, v, _o, _lse, _d_o, _segments, _scale| (q.clone(), k.clone(), v.clone()))]
     #[allow(clippy::too_many_arguments)]
     fn flash_attention_backward(

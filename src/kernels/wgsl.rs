@@ -331,24 +331,24 @@ impl KilnKernels for CubeBackend {
             float_input(d_out, "attention grad"),
         );
         let segments = int_input(segments, "attention segments");
-        let [b, t, h, d] = dims::<4>(&q, "attention q");
+        let [b, tq, h, d] = dims::<4>(&q, "attention q");
         let [_, tk, kv, _] = dims::<4>(&k, "attention k");
         check_head_dim(d);
-        assert_eq!(t, tk, "attention backward needs q_len == k_len");
-        let params = [h as u32, kv as u32, t as u32, scale.to_bits()];
-        let dq = empty_like(&q, Shape::from([b, t, h, d]));
-        let delta = empty_like(&q, Shape::from([b, h, t]));
+        assert!(tq <= tk && h % kv == 0, "attention: bad shapes");
+        let params = [h as u32, kv as u32, tq as u32, tk as u32, scale.to_bits()];
+        let dq = empty_like(&q, Shape::from([b, tq, h, d]));
+        let delta = empty_like(&q, Shape::from([b, h, tq]));
         launch(
             wgsl_kernel("flash_attention_backward_dq", d, 0),
-            CubeCount::Static(t.div_ceil(64) as u32, (b * h) as u32, 1),
+            CubeCount::Static(tq.div_ceil(64) as u32, (b * h) as u32, 1),
             &[&q, &k, &v, &out, &d_out, &lse, &segments, &dq, &delta],
             &params,
         );
-        let dk = empty_like(&k, Shape::from([b, t, kv, d]));
-        let dv = empty_like(&k, Shape::from([b, t, kv, d]));
+        let dk = empty_like(&k, Shape::from([b, tk, kv, d]));
+        let dv = empty_like(&k, Shape::from([b, tk, kv, d]));
         launch(
             wgsl_kernel("flash_attention_backward_dkv", d, 0),
-            CubeCount::Static(t.div_ceil(64) as u32, (b * kv) as u32, 1),
+            CubeCount::Static(tk.div_ceil(64) as u32, (b * kv) as u32, 1),
             &[&q, &k, &v, &d_out, &lse, &delta, &segments, &dk, &dv],
             &params,
         );
