@@ -223,6 +223,15 @@ fn flash_attention_matches_reference_forward_and_backward() {
             head_dim: 128,
             packed: &[100, 150],
         },
+        // At most 8 queries: the forward pass runs flash_attention_decode; packed, GQA 2.
+        AttentionCase {
+            batch: 3,
+            len: 7,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
+            packed: &[2, 4, 1],
+        },
         // 17 key tiles of head dim 64 (the shape that exposed the lavapipe bug, see shaders).
         AttentionCase {
             batch: 1,
@@ -267,10 +276,16 @@ fn flash_attention_over_a_kv_cache_matches_reference() {
     let Some(gpu) = wgpu() else { return };
     let mut rng = rng();
     // (batch, cached, new, heads, kv heads, head dim, left padding per row)
-    let cases: [(usize, usize, usize, usize, usize, usize, &[usize]); 3] = [
+    // Up to 8 new queries run flash_attention_decode (a workgroup per query), more run
+    // flash_attention_forward.
+    let cases: [(usize, usize, usize, usize, usize, usize, &[usize]); 5] = [
         (3, 37, 2, 4, 2, 32, &[0, 5, 36]),
         (2, 45, 70, 4, 1, 64, &[0, 44]),
         (1, 130, 9, 2, 2, 32, &[3]),
+        // Decoding: GQA 8, head dim 128, several keys per invocation.
+        (2, 300, 8, 8, 1, 128, &[0, 250]),
+        // Head dim 36: nine vec4s, not a whole number of merge chunks.
+        (2, 20, 1, 2, 2, 36, &[7, 0]),
     ];
     for (b, start, tq, h, kv, d, left_pad) in cases {
         let tk = start + tq;

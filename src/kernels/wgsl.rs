@@ -25,6 +25,10 @@ pub const SHADERS: &[(&str, &str)] = &[
         include_str!("../../shaders/flash_attention_forward.wgsl"),
     ),
     (
+        "flash_attention_decode",
+        include_str!("../../shaders/flash_attention_decode.wgsl"),
+    ),
+    (
         "flash_attention_backward_dq",
         include_str!("../../shaders/flash_attention_backward_dq.wgsl"),
     ),
@@ -77,6 +81,10 @@ pub fn attention_block(head_dim: usize) -> usize {
     // Even: the kernels take two rows per step.
     ((2048 / head_dim).min(64) / 2 * 2).max(2)
 }
+
+/// Up to this many queries per row, attention runs `flash_attention_decode` (a workgroup per
+/// query, splitting the keys) instead of `flash_attention_forward` (an invocation per query).
+pub const DECODE_MAX_QUERIES: usize = 8;
 
 /// Rows summed by one invocation of `rms_norm_backward_weight`.
 const RMS_WEIGHT_ROWS: usize = 256;
@@ -303,9 +311,16 @@ impl KilnKernels for CubeBackend {
         assert!(tq <= tk && h % kv == 0, "attention: bad shapes");
         let out = empty_like(&q, Shape::from([b, tq, h, d]));
         let lse = empty_like(&q, Shape::from([b, h, tq]));
+        let (kernel, count) = if tq <= DECODE_MAX_QUERIES {
+            let count = CubeCount::Static(tq as u32, (b * h) as u32, 1);
+            (wgsl_kernel("flash_attention_decode", d, 0), count)
+        } else {
+            let count = CubeCount::Static(tq.div_ceil(64) as u32, (b * h) as u32, 1);
+            (wgsl_kernel("flash_attention_forward", d, 0), count)
+        };
         launch(
-            wgsl_kernel("flash_attention_forward", d, 0),
-            CubeCount::Static(tq.div_ceil(64) as u32, (b * h) as u32, 1),
+            kernel,
+            count,
             &[&q, &k, &v, &segments, &out, &lse],
             &[h as u32, kv as u32, tq as u32, tk as u32, scale.to_bits()],
         );
