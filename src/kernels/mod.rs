@@ -41,7 +41,7 @@ pub enum Kernels {
 
 impl Kernels {
     /// `custom` where the kernels can run: a wgpu device and a head dimension that is a
-    /// multiple of 4 (at most 256); `reference` everywhere else.
+    /// multiple of 8 (at most 256); `reference` everywhere else.
     pub fn resolve(self, device: &Device, head_dim: usize) -> Self {
         match self {
             Kernels::Custom if is_wgpu(device) && wgsl::supports_head_dim(head_dim) => {

@@ -67,7 +67,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Head dimensions the shaders are validated for in tests. Any multiple of 4 up to
+/// Head dimensions the shaders are validated for in tests. Any multiple of 8 up to
 /// [`MAX_HEAD_DIM`] works (it is a template constant); these are the common ones.
 pub const ATTENTION_HEAD_DIMS: &[usize] = &[32, 64, 128];
 
@@ -268,7 +268,7 @@ fn dims<const D: usize>(t: &CubeTensor, what: &str) -> [usize; D] {
 fn check_head_dim(d: usize) {
     assert!(
         supports_head_dim(d),
-        "flash attention supports head dims that are multiples of 4 up to {MAX_HEAD_DIM}, got {d}"
+        "the attention and RoPE kernels take head dims that are multiples of 8 up to {MAX_HEAD_DIM}, got {d}"
     );
 }
 
@@ -286,9 +286,10 @@ pub fn supports_row_width(width: usize) -> bool {
     width % 4 == 0
 }
 
-/// Head dimensions the attention kernels handle: rows are read as vec4s.
+/// Head dimensions the attention and RoPE kernels handle: rows are read as vec4s, and RoPE
+/// rotates a vec4 of each half of the row.
 pub fn supports_head_dim(d: usize) -> bool {
-    d % 4 == 0 && d <= MAX_HEAD_DIM
+    d % 8 == 0 && d <= MAX_HEAD_DIM
 }
 
 impl KilnKernels for CubeBackend {
@@ -443,14 +444,15 @@ impl KilnKernels for CubeBackend {
         let positions = int_input(positions, "rope positions");
         let (cos, sin) = (float_input(cos, "rope cos"), float_input(sin, "rope sin"));
         let [b, t, h, d] = dims::<4>(&x, "rope x");
-        let pairs = b * t * h * d / 2;
+        check_head_dim(d);
+        let quads = b * t * h * d / 8;
         let y = empty_like(&x, Shape::from([b, t, h, d]));
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
         launch(
             wgsl_kernel("rope", 0, 0),
-            grid(pairs.div_ceil(256)),
+            grid(quads.div_ceil(256)),
             &[&x, &positions, &cos, &sin, &y],
-            &[pairs as u32, h as u32, d as u32, sign.to_bits()],
+            &[quads as u32, h as u32, d as u32, sign.to_bits()],
         );
         y
     }
