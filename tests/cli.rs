@@ -141,4 +141,28 @@ fn kernel_benchmark_prints_one_json_object_per_kernel() {
         assert!(row["max_rel_err"].as_f64().unwrap() <= 1e-4, "{row}");
     }
     assert!(rows[0]["burn_attention_ms"].as_f64().unwrap() > 0.0);
+
+    // `--kernel` keeps only the kernels named; an unknown name is refused.
+    let out = kiln(&[
+        "bench",
+        "kernels",
+        "--quick",
+        "--json",
+        "--repeats",
+        "1",
+        "--kernel",
+        "rope",
+    ]);
+    let text = stdout(&out);
+    assert!(!text.trim().is_empty());
+    for line in text.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(row["kernel"], "rope", "{text}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["bench", "kernels", "--quick", "--kernel", "softmax"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("softmax"));
 }
