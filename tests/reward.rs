@@ -7,8 +7,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use kiln::chat::Rating;
-use kiln::config::ModelConfig;
 use kiln::reward::{Arrangement, MarginTable, RewardModel, ScoreBatch, ranking_loss};
+
+mod common;
 
 fn cpu() -> Device {
     Device::flex()
@@ -113,18 +114,7 @@ fn ranking_loss_gradient_matches_finite_differences() {
 }
 
 fn tiny_rm(rng: &mut ChaCha8Rng) -> RewardModel {
-    let config = ModelConfig {
-        dim: 32,
-        n_layers: 2,
-        n_heads: 4,
-        n_kv_heads: 2,
-        ffn_dim: 48,
-        vocab_size: 97,
-        max_seq_len: 64,
-        init_std: 0.2,
-        ..ModelConfig::default()
-    };
-    RewardModel::new(&config, rng.random(), &cpu())
+    RewardModel::new(&common::tiny_rm_config(), rng.random(), &cpu())
 }
 
 fn scores(model: &RewardModel, sequences: &[Vec<u32>], arrangement: Arrangement) -> Vec<f32> {
@@ -190,22 +180,7 @@ fn pairs_sharing_their_prompt_score_as_the_full_sequences_do_and_train_the_promp
     use kiln::reward::{EncodedPair, pair_scores};
     let mut rng = rng();
     let model = tiny_rm(&mut rng);
-    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..97)).collect() };
-    let pairs: Vec<EncodedPair> = (0..4)
-        .map(|i| {
-            let prompt = draw(3 + 4 * i);
-            let mut chosen = prompt.clone();
-            chosen.extend(draw(1 + i % 3));
-            let mut rejected = prompt;
-            rejected.extend(draw(2 + i % 2));
-            EncodedPair {
-                chosen,
-                rejected,
-                rating: Rating::Better,
-                safety: false,
-            }
-        })
-        .collect();
+    let pairs = common::pairs_sharing_prompts(&mut rng);
     let refs: Vec<&EncodedPair> = pairs.iter().collect();
     let (c, r) = pair_scores(&model, &refs, 0);
     let c: Vec<f32> = c.into_data().try_into_vec_as::<f32>().unwrap();

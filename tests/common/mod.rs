@@ -57,3 +57,39 @@ pub fn wgpu_device() -> Option<kiln::device::ComputeDevice> {
     }
     found
 }
+
+/// The reward-model tests' backbone: two layers of dim 32, GQA 4/2, a vocabulary of 97.
+pub fn tiny_rm_config() -> kiln::config::ModelConfig {
+    kiln::config::ModelConfig {
+        dim: 32,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ffn_dim: 48,
+        vocab_size: 97,
+        max_seq_len: 64,
+        init_std: 0.2,
+        ..kiln::config::ModelConfig::default()
+    }
+}
+
+/// Four preference pairs whose chosen and rejected answers share a prompt (3 to 18 tokens)
+/// and differ after it (1 to 3 tokens each), over token ids 1..97.
+pub fn pairs_sharing_prompts(rng: &mut impl rand::Rng) -> Vec<kiln::reward::EncodedPair> {
+    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..97)).collect() };
+    (0..4)
+        .map(|i| {
+            let prompt = draw(3 + 5 * i);
+            let mut chosen = prompt.clone();
+            chosen.extend(draw(1 + i % 3));
+            let mut rejected = prompt;
+            rejected.extend(draw(2 + i % 2));
+            kiln::reward::EncodedPair {
+                chosen,
+                rejected,
+                rating: kiln::chat::Rating::Better,
+                safety: false,
+            }
+        })
+        .collect()
+}
