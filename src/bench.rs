@@ -351,7 +351,7 @@ pub const KERNEL_NAMES: &[&str] = &[
 ];
 
 /// `kiln bench kernels`: each custom kernel against its reference on `device` (forward and
-/// backward under autodiff), median of `repeats` timed runs after one warm-up run. `only`
+/// backward under autodiff), the median of `repeats` timed samples after warm-up. `only`
 /// names the kernels to run (empty: all).
 pub fn kernels(
     device: &ComputeDevice,
