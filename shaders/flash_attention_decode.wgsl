@@ -26,6 +26,50 @@ var<workgroup> red: array<f32, WG>;
 var<workgroup> red_u: array<u32, WG>;
 var<workgroup> acc_red: array<vec4<f32>, WG * CH>;
 
+// Tree reductions over the workgroup; every invocation gets the result, and the scratch is
+// free again when they return.
+fn workgroup_max_u32(lid: u32, value: u32) -> u32 {
+    red_u[lid] = value;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            red_u[lid] = max(red_u[lid], red_u[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    let result = red_u[0];
+    workgroupBarrier();
+    return result;
+}
+
+fn workgroup_max(lid: u32, value: f32) -> f32 {
+    red[lid] = value;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            red[lid] = max(red[lid], red[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    let result = red[0];
+    workgroupBarrier();
+    return result;
+}
+
+fn workgroup_sum(lid: u32, value: f32) -> f32 {
+    red[lid] = value;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            red[lid] = red[lid] + red[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let result = red[0];
+    workgroupBarrier();
+    return result;
+}
+
 @compute @workgroup_size(64)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -53,15 +97,7 @@ fn main(
             boundary = j + 1u;
         }
     }
-    red_u[lid] = boundary;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            red_u[lid] = max(red_u[lid], red_u[lid + stride]);
-        }
-        workgroupBarrier();
-    }
-    let first = red_u[0];
+    let first = workgroup_max_u32(lid, boundary);
 
     let q_base = ((b * q_len + i) * heads + h) * D4;
     var qv: array<vec4<f32>, D4>;
@@ -89,27 +125,10 @@ fn main(
     }
 
     // Merge the partials: the overall max, then every partial rescaled to it.
-    red[lid] = m;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            red[lid] = max(red[lid], red[lid + stride]);
-        }
-        workgroupBarrier();
-    }
-    let m_all = red[0];
+    let m_all = workgroup_max(lid, m);
     // An invocation without keys has l = 0 and acc = 0; exp(NEG - m_all) = 0 keeps them so.
     let f = exp(m - m_all);
-    workgroupBarrier();
-    red[lid] = l * f;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
-        if (lid < stride) {
-            red[lid] = red[lid] + red[lid + stride];
-        }
-        workgroupBarrier();
-    }
-    let l_all = red[0];
+    let l_all = workgroup_sum(lid, l * f);
     let inv_l = 1.0 / l_all;
     for (var c = 0u; c < D4; c += CH) {
         for (var x = 0u; x < CH; x++) {

@@ -121,6 +121,20 @@ fn threads_per_row(client: &burn::cubecl::client::Client) -> usize {
     }
 }
 
+/// A row kernel (RMSNorm, cross-entropy) over `rows` rows, compiled for the invocations per
+/// row of `client`'s adapter, with the workgroups that cover the rows.
+fn row_kernel(
+    name: &str,
+    rows: usize,
+    client: &burn::cubecl::client::Client,
+) -> (WgslKernel, CubeCount) {
+    let threads = threads_per_row(client);
+    (
+        wgsl_kernel(name, 0, threads),
+        grid(rows.div_ceil(64 / threads)),
+    )
+}
+
 /// The template values a shader is compiled with.
 fn shader_defines(
     name: &str,
@@ -275,7 +289,7 @@ fn check_head_dim(d: usize) {
 /// The row and elementwise kernels read vec4s: `kernels::*` send other widths to the reference.
 fn check_vec4_rows(width: usize, what: &str) {
     assert!(
-        width % 4 == 0,
+        supports_row_width(width),
         "{what}: the custom kernel needs a multiple of 4, got {width}"
     );
 }
@@ -382,12 +396,12 @@ impl KilnKernels for CubeBackend {
         );
         let [rows, c] = dims::<2>(&x, "rms_norm x");
         check_vec4_rows(c, "rms_norm");
-        let threads = threads_per_row(&x.client);
+        let (kernel, count) = row_kernel("rms_norm_forward", rows, &x.client);
         let y = empty_like(&x, Shape::from([rows, c]));
         let rstd = empty_like(&x, Shape::from([rows]));
         launch(
-            wgsl_kernel("rms_norm_forward", 0, threads),
-            grid(rows.div_ceil(64 / threads)),
+            kernel,
+            count,
             &[&x, &weight, &y, &rstd],
             &[rows as u32, c as u32, eps.to_bits()],
         );
@@ -408,15 +422,10 @@ impl KilnKernels for CubeBackend {
         );
         let [rows, c] = dims::<2>(&x, "rms_norm x");
         check_vec4_rows(c, "rms_norm");
-        let threads = threads_per_row(&x.client);
+        let (kernel, count) = row_kernel("rms_norm_backward", rows, &x.client);
         let params = [rows as u32, c as u32];
         let dx = empty_like(&x, Shape::from([rows, c]));
-        launch(
-            wgsl_kernel("rms_norm_backward", 0, threads),
-            grid(rows.div_ceil(64 / threads)),
-            &[&x, &weight, &rstd, &dy, &dx],
-            &params,
-        );
+        launch(kernel, count, &[&x, &weight, &rstd, &dy, &dx], &params);
         let chunks = rows.div_ceil(RMS_WEIGHT_ROWS);
         let partial = empty_like(&x, Shape::from([chunks, c]));
         launch(
@@ -509,12 +518,12 @@ impl KilnKernels for CubeBackend {
         let targets = int_input(targets, "cross_entropy targets");
         let [rows, vocab] = dims::<2>(&logits, "cross_entropy logits");
         check_vec4_rows(vocab, "cross_entropy");
-        let threads = threads_per_row(&logits.client);
+        let (kernel, count) = row_kernel("cross_entropy_forward", rows, &logits.client);
         let loss = empty_like(&logits, Shape::from([rows]));
         let lse = empty_like(&logits, Shape::from([rows]));
         launch(
-            wgsl_kernel("cross_entropy_forward", 0, threads),
-            grid(rows.div_ceil(64 / threads)),
+            kernel,
+            count,
             &[&logits, &targets, &loss, &lse],
             &[rows as u32, vocab as u32],
         );
@@ -535,11 +544,11 @@ impl KilnKernels for CubeBackend {
         );
         let [rows, vocab] = dims::<2>(&logits, "cross_entropy logits");
         check_vec4_rows(vocab, "cross_entropy");
-        let threads = threads_per_row(&logits.client);
+        let (kernel, count) = row_kernel("cross_entropy_backward", rows, &logits.client);
         let d_logits = empty_like(&logits, Shape::from([rows, vocab]));
         launch(
-            wgsl_kernel("cross_entropy_backward", 0, threads),
-            grid(rows.div_ceil(64 / threads)),
+            kernel,
+            count,
             &[&logits, &targets, &lse, &d_loss, &d_logits],
             &[rows as u32, vocab as u32],
         );
