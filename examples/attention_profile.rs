@@ -7,7 +7,7 @@ use std::time::Instant;
 use burn::tensor::{Tensor, TensorData};
 use kiln::device::{self, DeviceChoice};
 use kiln::kernels::{Kernels, PreparedLayout, SequenceLayout};
-use kiln::ops::RopeTables;
+use kiln::model::ops::RopeTables;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -4,16 +4,16 @@
 //!     cargo run --release --example batched_generation -- runs/shakespeare
 
 use anyhow::{Context, Result};
-use kiln::checkpoint;
+use kiln::interop::convert;
 use kiln::device::{self, DeviceChoice};
-use kiln::generate::{self, SamplingParams};
+use kiln::infer::generate::{self, SamplingParams};
 
 fn main() -> Result<()> {
     let run = std::env::args()
         .nth(1)
-        .context("usage: batched_generation RUN_OR_CHECKPOINT_DIR")?;
+        .context("usage: batched_generation MODEL (a kiln run or checkpoint, a Hugging Face directory or a GGUF file)")?;
     let device = device::select(DeviceChoice::Auto)?;
-    let loaded = checkpoint::load_model(run.as_ref(), &device.device)?;
+    let loaded = convert::load_model(run.as_ref(), &device.device, Default::default())?.loaded;
     let (model, tokenizer) = (loaded.model, loaded.tokenizer);
 
     let prompts = ["ROMEO:\n", "HAMLET:\nTo be", "KING LEAR:\nBlow, winds"];

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow};
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Parser;
-use kiln::checkpoint::NamedTensor;
+use kiln::interop::checkpoint::NamedTensor;
 
 #[derive(Parser)]
 struct Args {
@@ -32,7 +32,7 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let device = kiln::device::select(kiln::device::DeviceChoice::Cpu)?.device;
     let loaded =
-        kiln::convert::load_model(&args.model, &device, kiln::kernels::Kernels::Reference)?;
+        kiln::interop::convert::load_model(&args.model, &device, kiln::kernels::Kernels::Reference)?;
     let t = tokens.len();
     let input = Tensor::<2, Int>::from_data(TensorData::new(tokens.clone(), [1, t]), &device);
     let logits = loaded.loaded.model.forward(input, None);
@@ -41,7 +41,7 @@ fn main() -> Result<()> {
         .into_data()
         .try_into_vec_as::<f32>()
         .map_err(|e| anyhow!("{e:?}"))?;
-    let logits = kiln::checkpoint::encode_safetensors(&[NamedTensor {
+    let logits = kiln::interop::checkpoint::encode_safetensors(&[NamedTensor {
         name: "logits".into(),
         shape: vec![1, t, vocab],
         values,
@@ -57,7 +57,7 @@ fn main() -> Result<()> {
         vec![("input_ids", ids), ("logits", parsed.tensor("logits")?)],
         None,
     )?;
-    kiln::checkpoint::write_atomic(&args.out, &bytes)?;
+    kiln::interop::checkpoint::write_atomic(&args.out, &bytes)?;
     eprintln!("wrote logits [1, {t}, {vocab}] to {}", args.out.display());
     Ok(())
 }

@@ -11,11 +11,11 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use clap::ValueEnum;
 use kiln::config::{OptimConfig, Preset};
-use kiln::data::Batch;
+use kiln::data::corpus::Batch;
 use kiln::device::ComputeDevice;
 use kiln::model::Llama;
-use kiln::optim::AdamW;
-use kiln::pretrain::batch_tensors;
+use kiln::train::optim::AdamW;
+use kiln::stages::pretrain::batch_tensors;
 
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_else(|| "bench-5m".into());

@@ -4,7 +4,6 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::optim::GradientsParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -12,13 +11,14 @@ use serde::Serialize;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{ModelConfig, OptimConfig, Preset};
-use crate::data::Batch;
+use crate::data::corpus::Batch;
 use crate::device::ComputeDevice;
 use crate::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
 use crate::model::Llama;
-use crate::ops::RopeTables;
-use crate::optim::AdamW;
-use crate::pretrain::batch_tensors;
+use crate::model::ops::RopeTables;
+use crate::train::optim::AdamW;
+use crate::train::step::{self, Accumulated, MicroBatchLoss, SingleWorker};
+use crate::stages::pretrain::batch_tensors;
 
 #[derive(Debug, Serialize)]
 pub struct TrainBench {
@@ -71,11 +71,15 @@ pub fn train(
         let batch = random_batch();
         let start = Instant::now();
         let (inputs, targets) = batch_tensors(&batch, &autodiff);
-        let loss = model.loss(inputs, targets);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let (updated, _) = optimizer.step(model, grads, 3e-4);
+        // The training stages' own step: summed loss, backward, clip, AdamW.
+        let tokens = batch.inputs.len();
+        let mut micro_batches = Accumulated::default();
+        micro_batches.add(
+            &model,
+            MicroBatchLoss::from_mean(model.loss(inputs, targets), tokens as f64, tokens as u64),
+        );
+        let (updated, _) = step::apply(model, &mut optimizer, micro_batches, 3e-4, &SingleWorker)?;
         model = updated;
-        let _: f32 = loss.into_scalar();
         if i >= warmup {
             timed += start.elapsed().as_secs_f64();
         }
@@ -449,9 +453,9 @@ pub fn generate(
 ) -> Result<Vec<GenerateBench>> {
     anyhow::ensure!(new_tokens >= 2, "--new-tokens must be at least 2");
     let start = Instant::now();
-    let foreign = crate::convert::read(model_path)?;
+    let foreign = crate::interop::convert::read(model_path)?;
     let read_s = start.elapsed().as_secs_f64();
-    let loaded = crate::convert::load_read_model(foreign, &device.device, kernels)?;
+    let loaded = crate::interop::convert::load_read_model(foreign, &device.device, kernels)?;
     let load_s = start.elapsed().as_secs_f64();
     let model = &loaded.loaded.model;
     let config = &loaded.loaded.model_config;
@@ -461,7 +465,7 @@ pub fn generate(
         config.max_seq_len
     );
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let greedy = crate::generate::SamplingParams {
+    let greedy = crate::infer::generate::SamplingParams {
         temperature: 0.0,
         top_p: 1.0,
         max_tokens: new_tokens,
@@ -477,14 +481,14 @@ pub fn generate(
                     .collect()
             })
             .collect();
-        let warmup = crate::generate::SamplingParams {
+        let warmup = crate::infer::generate::SamplingParams {
             max_tokens: 3,
             ..greedy.clone()
         };
-        crate::generate::generate(model, &prompts, &warmup, never, 0, &mut rng);
+        crate::infer::generate::generate(model, &prompts, &warmup, never, 0, &mut rng)?;
         let start = Instant::now();
         let mut first_token = None;
-        let out = crate::generate::generate_with(
+        let out = crate::infer::generate::generate_with(
             model,
             &prompts,
             &greedy,
@@ -497,9 +501,9 @@ pub fn generate(
                 }
                 std::ops::ControlFlow::Continue(())
             },
-        );
+        )?;
         let end = Instant::now();
-        anyhow::ensure!(out.iter().all(|o| o.len() == new_tokens));
+        anyhow::ensure!(out.iter().all(|o| o.tokens.len() == new_tokens));
         let first = first_token.expect("tokens were generated");
         let decode_s = (end - first).as_secs_f64();
         let steps = (new_tokens - 1) as f64;

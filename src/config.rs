@@ -428,10 +428,6 @@ impl Config {
         self.sample.validate()?;
         Ok(())
     }
-
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serialises")
-    }
 }
 
 /// The configuration of one training stage (pretraining, SFT, GAtt, ...): TOML sections whose
@@ -449,6 +445,87 @@ pub trait StageConfig: Default + Serialize + DeserializeOwned {
 /// Reads a stage's TOML file over its defaults, applies `section.key=value` overrides, and
 /// validates. A section given in part keeps the stage's defaults for the rest.
 pub fn load<T: StageConfig>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+    let defaults = toml::Table::try_from(T::default()).expect("default config serialises");
+    load_over(defaults, path, overrides)
+}
+
+/// The keys a resumed run may change, and why each is safe: none of them alters a step
+/// already taken or the data the saved cursor walks.
+pub const RESUMABLE_KEYS: &[&str] = &[
+    // Longer or shorter runs: the learning rate of the steps scheduled before is kept
+    // (`train::run_dir`: steps past the first schedule run at its final rate).
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_interval",
+    "train.eval_batches",
+    "train.checkpoint_interval",
+    "train.keep_checkpoints",
+    "train.log_interval",
+    // Which implementation runs the ops (not part of the shape).
+    "model.kernels",
+];
+
+/// The configuration of a resumed run: the run's saved configuration (`saved`, the TOML it
+/// stored) with the given file and `--set` overrides over it. Only [`RESUMABLE_KEYS`] (and
+/// the `[sample]` of pretraining) may differ from the saved values; any other difference is
+/// an error naming the key and both values. `source` names the saved file in messages.
+pub fn load_resumed<T: StageConfig>(
+    saved: &str,
+    source: &Path,
+    path: Option<&Path>,
+    overrides: &[String],
+) -> Result<T> {
+    let saved_config: T = toml::from_str(saved)
+        .map_err(|e| anyhow!("{}: {}", source.display(), one_line(&e.to_string())))?;
+    let saved_table = toml::Table::try_from(&saved_config).expect("config serialises");
+    let config: T = load_over(saved_table.clone(), path, overrides)?;
+    let new_table = toml::Table::try_from(&config).expect("config serialises");
+    let (old, new) = (flatten(&saved_table), flatten(&new_table));
+    for (key, new_value) in &new {
+        let old_value = old.get(key);
+        if old_value == Some(new_value) {
+            continue;
+        }
+        if RESUMABLE_KEYS.contains(&key.as_str()) || key.starts_with("sample.") {
+            continue;
+        }
+        let shown = |v: Option<&toml::Value>| v.map_or("(none)".to_string(), |v| v.to_string());
+        bail!(
+            "--resume: {key} is {} in the run ({}) but {} now; only {} may change on resume (start a new run with another --out to change it)",
+            shown(old_value),
+            source.display(),
+            shown(Some(new_value)),
+            RESUMABLE_KEYS.join(", ")
+        );
+    }
+    Ok(config)
+}
+
+/// `section.key` -> value, for the two-level tables configs are.
+fn flatten(table: &toml::Table) -> std::collections::BTreeMap<String, toml::Value> {
+    let mut out = std::collections::BTreeMap::new();
+    for (section, value) in table {
+        match value {
+            toml::Value::Table(keys) => {
+                for (key, v) in keys {
+                    out.insert(format!("{section}.{key}"), v.clone());
+                }
+            }
+            v => {
+                out.insert(section.clone(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// [`load`] over the given base table (the stage's defaults, or a resumed run's own
+/// configuration).
+fn load_over<T: StageConfig>(
+    base: toml::Table,
+    path: Option<&Path>,
+    overrides: &[String],
+) -> Result<T> {
     let mut table = match path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -466,7 +543,7 @@ pub fn load<T: StageConfig>(path: Option<&Path>, overrides: &[String]) -> Result
     for item in overrides {
         apply_override(&known, &mut table, item)?;
     }
-    let mut merged = toml::Table::try_from(T::default()).expect("default config serialises");
+    let mut merged = base;
     for (section, values) in table {
         match (merged.get_mut(&section), values) {
             (Some(toml::Value::Table(defaults)), toml::Value::Table(given)) => {

@@ -1,37 +1,20 @@
 //! kiln: a portable trainer for the Llama 2 recipe on Burn.
 //!
-//! The pieces, in the order a run uses them: [`config`] (TOML sections with the paper's
-//! defaults), [`device`] (GPU through wgpu, CUDA, or the CPU), [`tokenizer`] and [`data`]
-//! (text to packed token sequences), [`model`] (the Llama architecture, built on [`kernels`]: fused WGSL kernels
-//! on wgpu, the plain Burn [`ops`] elsewhere),
-//! [`optim`] (AdamW, clipping, schedule), [`checkpoint`] and [`params`] (state on disk),
-//! [`trainer`] (the loop every stage shares), [`pretrain`] and [`sft`] (the recipes, with
-//! [`chat`]: data formats and chat templates), [`generate`] (sampling), [`metrics`] and
-//! [`plot`].
+//! Where things live (`docs/architecture.md` has a line per module):
+//! [`stages`] holds the recipe, one file per stage; [`train`] the pieces every stage shares
+//! (optimizer step, run directory, supervised loop, metrics); [`model`] the Llama and its
+//! reference ops, with [`kernels`] the fused WGSL versions; [`data`] corpora, tokenizer and
+//! chat formats; [`infer`] generation and chat; [`interop`] models on disk in every format;
+//! [`gym`] the verifiable task suite; [`config`], [`device`], [`bench`] and the command line in `main.rs`.
 
 pub mod bench;
-pub mod chat;
-pub mod chat_session;
-pub mod checkpoint;
 pub mod config;
-pub mod convert;
 pub mod data;
 pub mod device;
-pub mod gatt;
-pub mod generate;
-pub mod gguf;
 pub mod gym;
-pub mod hf;
+pub mod infer;
+pub mod interop;
 pub mod kernels;
-pub mod metrics;
 pub mod model;
-pub mod ops;
-pub mod optim;
-pub mod params;
-pub mod plot;
-pub mod pretrain;
-pub mod progress;
-pub mod reward;
-pub mod sft;
-pub mod tokenizer;
-pub mod trainer;
+pub mod stages;
+pub mod train;

@@ -9,7 +9,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use kiln::kernels::{Kernels, PreparedLayout, SequenceLayout};
-use kiln::ops::RopeTables;
+use kiln::model::ops::RopeTables;
 
 mod common;
 

@@ -107,7 +107,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn newest_checkpoint(run: &Path) -> PathBuf {
-    kiln::checkpoint::resolve(run).unwrap()
+    kiln::interop::checkpoint::resolve(run).unwrap()
 }
 
 #[test]

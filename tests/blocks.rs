@@ -7,8 +7,8 @@ use burn::module::Module;
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use kiln::config::ModelConfig;
 use kiln::model::{KvCache, Llama};
-use kiln::ops::{self, AttentionBias, RopeTables};
-use rand::{Rng, SeedableRng};
+use kiln::model::ops::{self, AttentionBias, RopeTables};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 /// Relative tolerance of f64 forward passes against the loop references.
@@ -26,11 +26,8 @@ fn device() -> Device {
     Device::flex().autodiff()
 }
 
-fn rng() -> ChaCha8Rng {
-    let seed: u64 = rand::rng().random();
-    eprintln!("seed {seed}");
-    ChaCha8Rng::seed_from_u64(seed)
-}
+mod common;
+use common::rng;
 
 fn randn(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
     (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
@@ -350,8 +347,8 @@ fn whole_model_gradient_matches_finite_differences() {
     let loss = model.loss(ids(&tokens), ids(&targets));
     let grads = loss.backward();
     // Perturb a few entries of each parameter and compare with the autodiff gradient.
-    let names = kiln::params::list(&model);
-    let exported = kiln::params::export(&model);
+    let names = kiln::interop::params::list(&model);
+    let exported = kiln::interop::params::export(&model);
     for (info, original) in names.iter().zip(&exported) {
         let analytic: Vec<f64> = {
             struct Find<'a> {
@@ -381,7 +378,7 @@ fn whole_model_gradient_matches_finite_differences() {
                 let mut tensors = exported.clone();
                 let k = tensors.iter().position(|t| t.name == info.name).unwrap();
                 tensors[k].values[i] += delta;
-                let m = kiln::params::import(model.clone(), tensors, std::path::Path::new("test"))
+                let m = kiln::interop::params::import(model.clone(), tensors, std::path::Path::new("test"))
                     .unwrap();
                 m.loss(ids(&tokens), ids(&targets)).into_scalar()
             };
@@ -500,29 +497,31 @@ fn batched_generation_of_unequal_prompts_equals_one_at_a_time() {
         .iter()
         .map(|&n| (0..n).map(|_| rng.random_range(1..17)).collect())
         .collect();
-    let greedy = kiln::generate::SamplingParams {
+    let greedy = kiln::infer::generate::SamplingParams {
         temperature: 0.0,
         top_p: 1.0,
         max_tokens: 6,
     };
     // Stop id 0 is never produced by chance often enough to matter; pad id 0 is masked.
-    let batched = kiln::generate::generate(
+    let batched = kiln::infer::generate::generate(
         &model,
         &prompts,
         &greedy,
         0,
         0,
-        &mut kiln::generate::seeded_rng(0),
-    );
+        &mut kiln::infer::generate::seeded_rng(0),
+    )
+    .unwrap();
     for (prompt, expected) in prompts.iter().zip(&batched) {
-        let alone = kiln::generate::generate(
+        let alone = kiln::infer::generate::generate(
             &model,
             std::slice::from_ref(prompt),
             &greedy,
             0,
             0,
-            &mut kiln::generate::seeded_rng(0),
-        );
+            &mut kiln::infer::generate::seeded_rng(0),
+        )
+        .unwrap();
         assert_eq!(&alone[0], expected, "prompt {prompt:?}");
     }
     assert!(batched.iter().any(|o| !o.is_empty()));

@@ -9,23 +9,20 @@ use std::process::{Command, Output, Stdio};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use half::{bf16, f16};
-use kiln::chat::{ChatTemplate, Message};
-use kiln::checkpoint::NamedTensor;
+use kiln::data::chat::{ChatTemplate, Message};
+use kiln::interop::checkpoint::NamedTensor;
 use kiln::config::ModelConfig;
-use kiln::convert::{self, ForeignModel, Format};
-use kiln::gguf::{self, GgmlType, GgufFile, TensorToWrite, Value};
+use kiln::interop::convert::{self, ForeignModel, Format};
+use common::gguf_writer::{self, TensorToWrite};
+use kiln::interop::gguf::{GgmlType, GgufFile, Value};
 use kiln::model::Llama;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
 mod common;
 use common::repo;
 
-fn rng() -> StdRng {
-    let seed = rand::random::<u64>();
-    eprintln!("seed {seed}");
-    StdRng::seed_from_u64(seed)
-}
+use common::rng;
 
 fn cpu() -> burn::tensor::Device {
     kiln::device::ComputeDevice::cpu().device
@@ -36,7 +33,7 @@ fn shakespeare_tokenizer() -> String {
 }
 
 /// A small Llama of random shape (GQA ratio, tied or not) and random weights.
-fn random_model(rng: &mut StdRng) -> (Llama, ForeignModel) {
+fn random_model(rng: &mut ChaCha8Rng) -> (Llama, ForeignModel) {
     let n_heads = 4;
     let config = ModelConfig {
         dim: 32,
@@ -54,7 +51,7 @@ fn random_model(rng: &mut StdRng) -> (Llama, ForeignModel) {
     };
     let model = Llama::new(&config, rng.random(), &cpu());
     // Norm weights start at one: make them random too, so a mix-up would show.
-    let tensors = kiln::params::export(&model)
+    let tensors = kiln::interop::params::export(&model)
         .into_iter()
         .map(|mut t| {
             if t.shape.len() == 1 {
@@ -65,8 +62,8 @@ fn random_model(rng: &mut StdRng) -> (Llama, ForeignModel) {
             t
         })
         .collect::<Vec<_>>();
-    let model = kiln::params::import(model, tensors.clone(), Path::new("test")).unwrap();
-    let listed: Vec<(String, Vec<usize>)> = kiln::params::list(&model)
+    let model = kiln::interop::params::import(model, tensors.clone(), Path::new("test")).unwrap();
+    let listed: Vec<(String, Vec<usize>)> = kiln::interop::params::list(&model)
         .into_iter()
         .map(|p| (p.name, p.shape))
         .collect();
@@ -223,7 +220,7 @@ fn kiln_to_hf_to_kiln_is_identical() {
     convert::write(&back, Format::Kiln, &kiln_dir).unwrap();
     let loaded = convert::load_model(&kiln_dir, &cpu(), Default::default()).unwrap();
     assert_eq!(
-        by_name(&kiln::params::export(&loaded.loaded.model)),
+        by_name(&kiln::interop::params::export(&loaded.loaded.model)),
         by_name(&foreign.tensors)
     );
     let tokens: Vec<i64> = (0..17).map(|_| rng.random_range(0..2048)).collect();
@@ -300,11 +297,11 @@ fn hf_import_reads_shards_in_f16_and_bf16() {
 
 /// One tensor of `ty`, built from random blocks by hand (not by kiln's quantisers), and the
 /// values it must dequantise to, computed in f64 from the block fields.
-fn hand_made(ty: GgmlType, rows: usize, cols: usize, rng: &mut StdRng) -> (Vec<u8>, Vec<f64>) {
+fn hand_made(ty: GgmlType, rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> (Vec<u8>, Vec<f64>) {
     let n = rows * cols;
     let mut bytes = Vec::new();
     let mut values = Vec::with_capacity(n);
-    let scale = |rng: &mut StdRng| f16::from_f32(rng.random_range(-0.1f32..0.1));
+    let scale = |rng: &mut ChaCha8Rng| f16::from_f32(rng.random_range(-0.1f32..0.1));
     match ty {
         GgmlType::F32 => {
             for _ in 0..n {
@@ -385,7 +382,7 @@ fn gguf_dequantises_every_supported_type() {
         expected.push(values);
     }
     let metadata = vec![("general.name".to_string(), Value::String("test".into()))];
-    let file = GgufFile::parse(gguf::write(&metadata, &tensors), "test.gguf").unwrap();
+    let file = GgufFile::parse(gguf_writer::write(&metadata, &tensors), "test.gguf").unwrap();
     assert_eq!(file.version, 3);
     for (ty, want) in SUPPORTED.iter().zip(&expected) {
         let info = file.tensor(&ty.name()).unwrap();
@@ -411,7 +408,7 @@ fn gguf_dequantises_every_supported_type() {
         ggml_type: GgmlType::Q4_0,
         bytes: block,
     };
-    let file = GgufFile::parse(gguf::write(&[], &[tensor]), "known.gguf").unwrap();
+    let file = GgufFile::parse(gguf_writer::write(&[], &[tensor]), "known.gguf").unwrap();
     let values = file.dequantize(file.tensor("q").unwrap()).unwrap();
     assert_eq!(values[0], -4.0);
     assert_eq!(values[15], -4.0);
@@ -428,9 +425,9 @@ fn gguf_quantisers_round_trip_within_half_a_step() {
             name: "t".into(),
             shape: vec![20, 32],
             ggml_type: ty,
-            bytes: gguf::quantize(ty, &values).unwrap(),
+            bytes: gguf_writer::quantize(ty, &values).unwrap(),
         };
-        let file = GgufFile::parse(gguf::write(&[], &[tensor]), "t.gguf").unwrap();
+        let file = GgufFile::parse(gguf_writer::write(&[], &[tensor]), "t.gguf").unwrap();
         let back = file.dequantize(file.tensor("t").unwrap()).unwrap();
         for (block, (orig, got)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
             let (lo, hi) = orig
@@ -597,11 +594,11 @@ fn write_llama_gguf(foreign: &ForeignModel, ty: GgmlType) -> Vec<u8> {
                 name,
                 shape: t.shape.clone(),
                 ggml_type: ty,
-                bytes: gguf::quantize(ty, &values).unwrap(),
+                bytes: gguf_writer::quantize(ty, &values).unwrap(),
             }
         })
         .collect::<Vec<_>>();
-    gguf::write(&metadata, &tensors)
+    gguf_writer::write(&metadata, &tensors)
 }
 
 #[test]
@@ -621,7 +618,7 @@ fn gguf_llama_model_imports_exactly() {
         logits(&model, &tokens)
     );
     // The tokenizer rebuilt from the metadata encodes as the original does.
-    let original = kiln::tokenizer::Tokenizer::from_json(&foreign.tokenizer_json).unwrap();
+    let original = kiln::data::tokenizer::Tokenizer::from_json(&foreign.tokenizer_json).unwrap();
     let text = "KING LEAR.\nBlow, winds, and crack your cheeks! 1606 [INST] rage, blow! </s>";
     assert_eq!(
         loaded.loaded.tokenizer.encode(text).unwrap(),
@@ -663,7 +660,7 @@ fn quantised_gguf_model_stays_close_to_the_original() {
     for ty in [GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_0] {
         let bytes = write_llama_gguf(&foreign, ty);
         let file = GgufFile::parse(bytes, "q.gguf").unwrap();
-        let loaded = kiln::params::import(
+        let loaded = kiln::interop::params::import(
             Llama::new(&foreign.model_config, 0, &cpu()),
             file.to_llama().unwrap().tensors,
             Path::new("q.gguf"),
@@ -775,7 +772,7 @@ fn bad_model_files_fail_clearly_and_write_nothing() {
         Value::F32(1e-5),
     ));
     let unknown = dir.path().join("q4k.gguf");
-    std::fs::write(&unknown, gguf::write(&metadata, &[q4k])).unwrap();
+    std::fs::write(&unknown, gguf_writer::write(&metadata, &[q4k])).unwrap();
     kiln_fails(
         &["convert", &arg(&unknown), "--out", &arg(&out)],
         &["q4k.gguf", "Q4_K", "token_embd.weight"],
@@ -848,28 +845,9 @@ fn chat_streams_answers_and_keeps_the_dialogue() {
     );
 }
 
-/// SmolLM2-135M-Instruct from `scripts/fetch-smollm2.sh`, or `None` with a note.
-fn smollm2() -> Option<PathBuf> {
-    let path = std::env::var_os("KILN_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must fetch SmolLM2 (scripts/fetch-smollm2.sh)"
-    );
-    eprintln!(
-        "SKIPPED: {} is not there; run scripts/fetch-smollm2.sh to run this test",
-        path.display()
-    );
-    None
-}
-
 #[test]
 fn smollm2_knows_the_capital_of_france() {
-    let Some(path) = smollm2() else { return };
+    let Some(path) = common::smollm2() else { return };
     let loaded = convert::load_model(&path, &cpu(), Default::default()).unwrap();
     let c = &loaded.loaded.model_config;
     assert_eq!(
@@ -888,7 +866,7 @@ fn smollm2_knows_the_capital_of_france() {
     assert_eq!(loaded.template, ChatTemplate::Chatml);
     let system = loaded.default_system.clone().unwrap();
     assert!(system.contains("SmolLM"), "{system}");
-    let params = kiln::generate::SamplingParams {
+    let params = kiln::infer::generate::SamplingParams {
         temperature: 0.0,
         top_p: 1.0,
         max_tokens: 30,
@@ -897,14 +875,14 @@ fn smollm2_knows_the_capital_of_france() {
         Message::system(system),
         Message::user("What is the capital of France?"),
     ];
-    let answers = kiln::generate::complete_chat(
+    let answers = kiln::infer::generate::complete_chat(
         &loaded.loaded.model,
         &loaded.loaded.tokenizer,
         loaded.template,
         &[dialogue],
         &params,
         1,
-        &mut kiln::generate::seeded_rng(0),
+        &mut kiln::infer::generate::seeded_rng(0),
     )
     .unwrap();
     eprintln!("SmolLM2: {}", answers[0]);
@@ -926,7 +904,7 @@ fn smollm2_knows_the_capital_of_france() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let turns: Vec<&str> = stdout.trim().lines().collect();
     assert_eq!(turns[0], answers[0], "the CLI answers as the library does");
-    let second = kiln::generate::complete_chat(
+    let second = kiln::infer::generate::complete_chat(
         &loaded.loaded.model,
         &loaded.loaded.tokenizer,
         loaded.template,
@@ -938,7 +916,7 @@ fn smollm2_knows_the_capital_of_france() {
         ]],
         &params,
         1,
-        &mut kiln::generate::seeded_rng(0),
+        &mut kiln::infer::generate::seeded_rng(0),
     )
     .unwrap();
     eprintln!("SmolLM2, second turn: {}", second[0]);
@@ -1032,9 +1010,9 @@ fn reference_bpe(file: &GgufFile, text: &str) -> Vec<u32> {
 
 #[test]
 fn smollm2_tokenizer_from_gguf_matches_its_vocabulary() {
-    let Some(path) = smollm2() else { return };
+    let Some(path) = common::smollm2() else { return };
     let file = GgufFile::read(&path).unwrap();
-    let tokenizer = kiln::tokenizer::Tokenizer::from_json(&file.tokenizer_json().unwrap()).unwrap();
+    let tokenizer = kiln::data::tokenizer::Tokenizer::from_json(&file.tokenizer_json().unwrap()).unwrap();
     assert_eq!(tokenizer.vocab_size(), 49152);
     for (i, name) in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         .iter()

@@ -139,6 +139,8 @@ fn generate_fine_tune_evaluate_and_ghost_attention() {
         format!("data.train=[]"),
         format!("data.val=[\"{}\"]", d("data/sft_val.jsonl")),
         "gatt.max_answer_tokens=4".into(),
+        // Answers cut at 4 tokens are kept without their end marker (the default drops them).
+        "gatt.cut_answers=\"keep\"".into(),
         "data.seq_len=256".into(),
         "train.max_steps=1".into(),
         "train.batch_size=2".into(),
@@ -148,14 +150,14 @@ fn generate_fine_tune_evaluate_and_ghost_attention() {
     assert!(stderr.contains("wrote 18 GAtt samples"), "{stderr}");
     let samples = std::fs::read_to_string(dir.path().join("gatt/gatt_samples.jsonl")).unwrap();
     for line in samples.lines() {
-        let messages: Vec<kiln::chat::Message> = serde_json::from_value(
+        let messages: Vec<kiln::data::chat::Message> = serde_json::from_value(
             serde_json::from_str::<serde_json::Value>(line).unwrap()["messages"].clone(),
         )
         .unwrap();
-        assert_eq!(messages[0].role, kiln::chat::Role::System);
+        assert_eq!(messages[0].role, kiln::data::chat::Role::System);
         let systems = messages
             .iter()
-            .filter(|m| m.role == kiln::chat::Role::System)
+            .filter(|m| m.role == kiln::data::chat::Role::System)
             .count();
         assert_eq!(systems, 1, "{line}");
         let trained: Vec<usize> = (0..messages.len())
@@ -163,7 +165,7 @@ fn generate_fine_tune_evaluate_and_ghost_attention() {
             .collect();
         assert_eq!(trained, vec![messages.len() - 1], "{line}");
     }
-    assert!(kiln::checkpoint::resolve(&dir.path().join("gatt")).is_ok());
+    assert!(kiln::interop::checkpoint::resolve(&dir.path().join("gatt")).is_ok());
 
     // A safety reward model from the chat model: train, evaluate, score.
     first_lines(

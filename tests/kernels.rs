@@ -10,7 +10,7 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
-use kiln::ops::RopeTables;
+use kiln::model::ops::RopeTables;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

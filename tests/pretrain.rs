@@ -5,10 +5,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln::checkpoint;
+use kiln::interop::checkpoint;
 use kiln::config::Config;
-use kiln::device::ComputeDevice;
-use kiln::pretrain::{self, PretrainOptions};
+use kiln::stages::pretrain;
+use kiln::train::stage::Launch;
 
 mod common;
 use common::repo;
@@ -36,16 +36,8 @@ fn small_overrides(max_steps: u64) -> Vec<String> {
     ]
 }
 
-fn options(config: Config, out: &Path) -> PretrainOptions {
-    PretrainOptions {
-        config,
-        config_given: true,
-        out_dir: out.to_path_buf(),
-        resume: false,
-        device: ComputeDevice::cpu(),
-        print_sample: false,
-        stop_after: None,
-    }
+fn options(overrides: &[String], out: &Path) -> Launch {
+    Launch::new(out, overrides)
 }
 
 #[test]
@@ -56,13 +48,12 @@ fn pretraining_lowers_validation_loss() {
     let config = Config::load(None, &overrides).unwrap();
     // Validation loss of the untrained model is about ln(vocab).
     let first = {
-        let c = Config::load(None, &small_overrides(1)).unwrap();
-        pretrain::run(options(c, &dir.path().join("one")))
+        pretrain::run(&options(&small_overrides(1), &dir.path().join("one")), false)
             .unwrap()
             .final_val_loss
             .unwrap()
     };
-    let summary = pretrain::run(options(config.clone(), &dir.path().join("run"))).unwrap();
+    let summary = pretrain::run(&options(&overrides, &dir.path().join("run")), false).unwrap();
     let last = summary.final_val_loss.unwrap();
     let uniform = (config.model.vocab_size as f64).ln();
     eprintln!("val loss after 1 step {first:.3}, after 80 steps {last:.3}, ln(vocab) {uniform:.3}");
@@ -74,11 +65,11 @@ fn pretraining_lowers_validation_loss() {
         last < first - 1.5,
         "80 steps should lower val loss well below {first}: {last}"
     );
-    let records = kiln::metrics::read(&dir.path().join("run/metrics.jsonl")).unwrap();
+    let records = kiln::train::metrics::read(&dir.path().join("run/metrics.jsonl")).unwrap();
     assert_eq!(
         records
             .iter()
-            .filter(|r| matches!(r, kiln::metrics::Record::Step { .. }))
+            .filter(|r| matches!(r, kiln::train::metrics::Record::Step { .. }))
             .count(),
         80
     );
@@ -98,24 +89,29 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run_bit_for_bit() {
     let mut overrides = small_overrides(12);
     overrides.push("train.grad_accum_steps=2".into());
     overrides.push("train.checkpoint_interval=4".into());
-    let config = Config::load(None, &overrides).unwrap();
 
     let straight = dir.path().join("straight");
-    pretrain::run(options(config.clone(), &straight)).unwrap();
+    pretrain::run(&options(&overrides, &straight), false).unwrap();
 
     let interrupted = dir.path().join("interrupted");
-    let first = pretrain::run(PretrainOptions {
-        stop_after: Some(7),
-        ..options(config.clone(), &interrupted)
-    })
+    let first = pretrain::run(
+        &Launch {
+            stop_after: Some(7),
+            ..options(&overrides, &interrupted)
+        },
+        false,
+    )
     .unwrap();
     assert!(first.interrupted);
     assert_eq!(first.step, 7);
-    let second = pretrain::run(PretrainOptions {
-        resume: true,
-        config_given: false,
-        ..options(Config::default(), &interrupted)
-    })
+    // --resume needs no config: the run's own is used.
+    let second = pretrain::run(
+        &Launch {
+            resume: true,
+            ..options(&[], &interrupted)
+        },
+        false,
+    )
     .unwrap();
     assert_eq!(second.step, 12);
     let (model_a, optim_a) = final_files(&straight);
@@ -123,11 +119,11 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run_bit_for_bit() {
     assert!(model_a == model_b, "model weights differ after resume");
     assert!(optim_a == optim_b, "optimizer state differs after resume");
     // The metrics read as one run: 12 step records, steps 1..=12 in order.
-    let steps: Vec<u64> = kiln::metrics::read(&interrupted.join("metrics.jsonl"))
+    let steps: Vec<u64> = kiln::train::metrics::read(&interrupted.join("metrics.jsonl"))
         .unwrap()
         .iter()
         .filter_map(|r| match r {
-            kiln::metrics::Record::Step { step, .. } => Some(*step),
+            kiln::train::metrics::Record::Step { step, .. } => Some(*step),
             _ => None,
         })
         .collect();
@@ -247,4 +243,73 @@ fn sigint_saves_a_checkpoint_and_exits_cleanly() {
     let (step, dir) = saved.last().expect("a checkpoint was saved");
     assert!(*step >= 3 && *step < 100_000, "step {step}");
     checkpoint::load(dir).expect("the checkpoint verifies");
+}
+
+#[test]
+fn resume_refuses_changed_keys_and_extending_keeps_the_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let overrides = small_overrides(12);
+    let straight = dir.path().join("straight");
+    pretrain::run(&options(&overrides, &straight), false).unwrap();
+    let run = dir.path().join("run");
+    pretrain::run(
+        &Launch {
+            stop_after: Some(7),
+            ..options(&overrides, &run)
+        },
+        false,
+    )
+    .unwrap();
+
+    // Any key outside the resumable list is refused, naming it and both values.
+    for (set, key) in [
+        ("optim.lr=1e-2", "optim.lr"),
+        ("data.seq_len=32", "data.seq_len"),
+        ("train.seed=7", "train.seed"),
+    ] {
+        let e = pretrain::run(
+            &Launch {
+                resume: true,
+                ..options(&[set.to_string()], &run)
+            },
+            false,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains(key) && e.contains("in the run"), "{set}: {e}");
+        if key == "optim.lr" {
+            assert!(e.contains("0.003") && e.contains("0.01"), "both values: {e}");
+        }
+    }
+    // The full original config again is no change at all.
+    let mut extended = overrides.clone();
+    extended.push("train.max_steps=20".into());
+    let summary = pretrain::run(
+        &Launch {
+            resume: true,
+            ..options(&extended, &run)
+        },
+        false,
+    )
+    .unwrap();
+    assert_eq!(summary.step, 20);
+    let lrs = |out: &Path| -> Vec<(u64, f64)> {
+        kiln::train::metrics::read(&out.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .filter_map(|r| match r {
+                kiln::train::metrics::Record::Step { step, lr, .. } => Some((*step, *lr)),
+                _ => None,
+            })
+            .collect()
+    };
+    let (a, b) = (lrs(&straight), lrs(&run));
+    // Steps 1..=12 keep the rate the first schedule gave them, bit for bit...
+    assert_eq!(&b[..12], &a[..], "learning rates of scheduled steps changed");
+    // ...and the steps past it run at the schedule's final rate (min_lr_ratio * lr).
+    let floor = 3e-3 * 0.1;
+    for &(step, lr) in &b[12..] {
+        assert!((lr - floor).abs() < 1e-12, "step {step}: lr {lr}, floor {floor}");
+    }
 }

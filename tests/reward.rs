@@ -3,11 +3,11 @@
 //! equal to scores alone (CPU device).
 
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use kiln::chat::Rating;
-use kiln::reward::{Arrangement, MarginTable, RewardModel, ScoreBatch, ranking_loss};
+use kiln::data::chat::Rating;
+use kiln::stages::reward::{Arrangement, MarginTable, RewardModel, ScoreBatch, ranking_loss};
 
 mod common;
 
@@ -15,11 +15,7 @@ fn cpu() -> Device {
     Device::flex()
 }
 
-fn rng() -> ChaCha8Rng {
-    let seed: u64 = rand::rng().random();
-    eprintln!("seed {seed}");
-    ChaCha8Rng::seed_from_u64(seed)
-}
+use common::rng;
 
 fn tensor(values: &[f64]) -> Tensor<1> {
     let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
@@ -177,7 +173,7 @@ fn head_reads_the_last_token_under_padding_and_packing_and_batches_change_nothin
 
 #[test]
 fn pairs_sharing_their_prompt_score_as_the_full_sequences_do_and_train_the_prompt() {
-    use kiln::reward::{EncodedPair, pair_scores};
+    use kiln::stages::reward::{EncodedPair, pair_scores};
     let mut rng = rng();
     let model = tiny_rm(&mut rng);
     let pairs = common::pairs_sharing_prompts(&mut rng);

@@ -1,19 +1,18 @@
 //! Supervised fine-tuning: the chat template and its loss mask, packing equivalence, and the
 //! `kiln sft` command end to end (CPU device).
 
-use std::path::Path;
 use std::process::Command;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use kiln::chat::{ChatTemplate, Message};
+use kiln::data::chat::{ChatTemplate, Message};
 use kiln::config::ModelConfig;
 use kiln::kernels::SequenceLayout;
 use kiln::model::Llama;
-use kiln::sft::{self, SftRows, TrainOn};
-use kiln::tokenizer::Tokenizer;
+use kiln::stages::sft::{self, SftRows, TrainOn};
+use kiln::data::tokenizer::Tokenizer;
 
 mod common;
 use common::repo;
@@ -22,11 +21,7 @@ fn tokenizer() -> Tokenizer {
     Tokenizer::load(&repo("data/shakespeare/tokenizer.json")).unwrap()
 }
 
-fn rng() -> ChaCha8Rng {
-    let seed: u64 = rand::rng().random();
-    eprintln!("seed {seed}");
-    ChaCha8Rng::seed_from_u64(seed)
-}
+use common::rng;
 
 fn dialogue() -> Vec<Message> {
     vec![
@@ -252,23 +247,6 @@ fn kiln(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn write_sft_data(dir: &Path) -> (String, String) {
-    let mut lines = Vec::new();
-    for i in 0..60 {
-        let (a, b) = (i % 7, i % 5);
-        lines.push(format!(
-            r#"{{"messages": [{{"role": "user", "content": "What is {a} + {b}?"}}, {{"role": "assistant", "content": "{}"}}]}}"#,
-            a + b
-        ));
-        lines.push(format!(r#"{{"prompt": "Echo {a}", "completion": "{a}"}}"#));
-    }
-    let train = dir.join("train.jsonl");
-    std::fs::write(&train, lines.join("\n")).unwrap();
-    let val = dir.join("val.jsonl");
-    std::fs::write(&val, lines[..10].join("\n")).unwrap();
-    (train.display().to_string(), val.display().to_string())
-}
-
 #[test]
 fn sft_command_fine_tunes_resumes_and_rejects_bad_lines() {
     let dir = tempfile::tempdir().unwrap();
@@ -289,7 +267,7 @@ fn sft_command_fine_tunes_resumes_and_rejects_bad_lines() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let (train, val) = write_sft_data(dir.path());
+    let (train, val) = common::write_sft_data(dir.path());
     let sft_dir = dir.path().join("sft");
     let sft_args = |extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = ["sft", "--device", "cpu", "--init"]
@@ -319,8 +297,8 @@ fn sft_command_fine_tunes_resumes_and_rejects_bad_lines() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("120 dialogues"), "{stderr}");
-    let ckpt = kiln::checkpoint::resolve(&sft_dir).unwrap();
-    let manifest = kiln::checkpoint::read_manifest(&ckpt).unwrap();
+    let ckpt = kiln::interop::checkpoint::resolve(&sft_dir).unwrap();
+    let manifest = kiln::interop::checkpoint::read_manifest(&ckpt).unwrap();
     // 0.5 epoch of rows, batch 4: at least one step, and `kiln generate` loads the result.
     assert!(manifest.step >= 1);
     let ckpt_s = ckpt.display().to_string();
@@ -387,4 +365,95 @@ fn sft_command_fine_tunes_resumes_and_rejects_bad_lines() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("skipped 1 malformed line(s)"), "{stderr}");
+}
+
+/// Relative L2 distance of two sets of named tensors of the same names and shapes.
+fn relative_distance(a: &[kiln::interop::checkpoint::NamedTensor], b: &[kiln::interop::checkpoint::NamedTensor]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((&x.name, &x.shape), (&y.name, &y.shape));
+        for (p, q) in x.values.iter().zip(&y.values) {
+            diff += (*p as f64 - *q as f64).powi(2);
+            norm += (*p as f64).powi(2);
+        }
+    }
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn accumulated_micro_batches_weigh_every_answer_token_equally() {
+    use kiln::stages::sft::AnswerLoss;
+    use kiln::train::step::Accumulated;
+    use kiln::train::supervised::Objective;
+    let mut rng = rng();
+    let tok = tokenizer();
+    let config = ModelConfig {
+        dim: 32,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ffn_dim: 48,
+        vocab_size: 2048,
+        max_seq_len: 128,
+        init_std: 0.1,
+        ..ModelConfig::default()
+    };
+    let model = Llama::new(&config, rng.random(), &cpu().autodiff());
+    // 16 samples whose answers grow from 1 to about 40 words: the first micro-batch of four
+    // has short answers, the last long ones.
+    let words = ["a", "b", "c", "d", "e", "f", "g"];
+    let samples: Vec<_> = (0..16)
+        .map(|i| {
+            let answer_words = 1 + i * 5 / 2 + rng.random_range(0..2);
+            let text = |rng: &mut ChaCha8Rng, n: usize| {
+                (0..n)
+                    .map(|_| words[rng.random_range(0..words.len())])
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let messages = vec![
+                Message::user(text(&mut rng, 5)),
+                Message::assistant(text(&mut rng, answer_words)),
+            ];
+            ChatTemplate::Llama2.encode(&tok, &messages).unwrap()
+        })
+        .collect();
+    let rows = SftRows::new(&samples, 128, false, 2);
+    assert_eq!(rows.len(), 16);
+    let objective = AnswerLoss {
+        train: rows.clone(),
+        val: rows,
+        batch_size: 4,
+        eval_batches: 1,
+    };
+    let all: Vec<usize> = (0..16).collect();
+    let mut one_batch = Accumulated::default();
+    one_batch.add(&model, objective.loss(&model, &all));
+    let mut four = Accumulated::default();
+    let mut means_of_micro_batches = Vec::new();
+    for chunk in all.chunks(4) {
+        four.add(&model, objective.loss(&model, chunk));
+        let mut alone = Accumulated::default();
+        alone.add(&model, objective.loss(&model, chunk));
+        means_of_micro_batches.push(alone.mean_gradients(&model));
+    }
+    let whole = one_batch.mean_gradients(&model);
+    let split = four.mean_gradients(&model);
+    assert!(!whole.is_empty());
+    let err = relative_distance(&split, &whole);
+    eprintln!("4 micro-batches of 4 against 1 batch of 16: relative L2 {err:.2e}");
+    // f32 sums in another grouping: relative 1e-5.
+    assert!(err < 1e-5, "gradients differ: {err}");
+    assert!((one_batch.mean_loss() - four.mean_loss()).abs() < 1e-5 * one_batch.mean_loss());
+    // The mean of the micro-batches' mean gradients (the old step) is measurably different.
+    let mut mean_of_means = means_of_micro_batches[0].clone();
+    for (i, t) in mean_of_means.iter_mut().enumerate() {
+        for (j, v) in t.values.iter_mut().enumerate() {
+            *v = means_of_micro_batches.iter().map(|m| m[i].values[j]).sum::<f32>() / 4.0;
+        }
+    }
+    let skew = relative_distance(&mean_of_means, &whole);
+    eprintln!("mean of micro-batch means against the token mean: relative L2 {skew:.2e}");
+    assert!(skew > 1e-2, "uneven answers should skew the mean of means: {skew}");
 }

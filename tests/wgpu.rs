@@ -10,7 +10,7 @@ use kiln::config::ModelConfig;
 use kiln::device::{self, ComputeDevice, DeviceChoice};
 use kiln::kernels::Kernels;
 use kiln::model::Llama;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 mod common;
 
@@ -52,7 +52,7 @@ fn cpu_and_wgpu_agree(kernels: Kernels) {
         max_seq_len: 40,
         ..ModelConfig::default()
     };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::rng().random());
+    let mut rng = common::rng();
     let seed: u64 = rng.random();
     let (b, t) = (3, 37);
     let tokens: Vec<i64> = (0..b * t).map(|_| rng.random_range(0..101)).collect();
@@ -113,8 +113,8 @@ fn auto_never_picks_a_software_adapter() {
 /// does. Reported as the largest weight difference; asserted bit-identical.
 #[test]
 fn resumed_wgpu_run_matches_uninterrupted_run() {
-    use kiln::config::Config;
-    use kiln::pretrain::{self, PretrainOptions};
+    use kiln::stages::pretrain;
+    use kiln::train::stage::Launch;
     let Some(gpu) = common::wgpu_device() else {
         return;
     };
@@ -124,23 +124,19 @@ fn resumed_wgpu_run_matches_uninterrupted_run() {
         "train.max_steps=6".into(),
         "optim.warmup_steps=2".into(),
     ]);
-    let config = Config::load(None, &overrides).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let options = |out: &str, resume: bool, stop_after: Option<u64>| PretrainOptions {
-        config: config.clone(),
-        config_given: true,
-        out_dir: dir.path().join(out),
+    let options = |out: &str, resume: bool, stop_after: Option<u64>| Launch {
         resume,
         device: gpu.clone(),
-        print_sample: false,
         stop_after,
+        ..Launch::new(&dir.path().join(out), &overrides)
     };
-    pretrain::run(options("straight", false, None)).unwrap();
-    pretrain::run(options("resumed", false, Some(3))).unwrap();
-    pretrain::run(options("resumed", true, None)).unwrap();
+    pretrain::run(&options("straight", false, None), false).unwrap();
+    pretrain::run(&options("resumed", false, Some(3)), false).unwrap();
+    pretrain::run(&options("resumed", true, None), false).unwrap();
     let weights = |run: &str| {
-        let dir = kiln::checkpoint::resolve(&dir.path().join(run)).unwrap();
-        kiln::checkpoint::load(&dir).unwrap().model
+        let dir = kiln::interop::checkpoint::resolve(&dir.path().join(run)).unwrap();
+        kiln::interop::checkpoint::load(&dir).unwrap().model
     };
     let (a, b) = (weights("straight"), weights("resumed"));
     let max_diff = a
@@ -172,7 +168,7 @@ fn custom_kernels_generate_through_the_kv_cache_like_the_cpu_reference() {
         kernels: Kernels::Custom,
         ..ModelConfig::default()
     };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::rng().random());
+    let mut rng = common::rng();
     let seed: u64 = rng.random();
     // Row 0: 9 tokens; row 1: 6 tokens, left-padded by 3.
     let rows: [Vec<i64>; 2] = [
@@ -227,14 +223,14 @@ fn custom_kernels_generate_through_the_kv_cache_like_the_cpu_reference() {
 /// through the custom kernels on wgpu: the loss and a gradient match the CPU reference.
 #[test]
 fn packed_sft_batch_with_custom_kernels_matches_the_cpu_reference() {
-    use kiln::chat::{ChatTemplate, Message};
-    use kiln::sft::SftRows;
+    use kiln::data::chat::{ChatTemplate, Message};
+    use kiln::stages::sft::SftRows;
     let Some(gpu) = common::wgpu_device() else {
         return;
     };
     let tok =
-        kiln::tokenizer::Tokenizer::load(&common::repo("data/shakespeare/tokenizer.json")).unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::rng().random());
+        kiln::data::tokenizer::Tokenizer::load(&common::repo("data/shakespeare/tokenizer.json")).unwrap();
+    let mut rng = common::rng();
     let words = ["to", "be", "or", "not", "that", "is", "the", "question"];
     let mut text = |n: usize| -> String {
         (0..n)
@@ -298,11 +294,11 @@ fn packed_sft_batch_with_custom_kernels_matches_the_cpu_reference() {
 /// flash-attention backward runs over cached keys (fewer queries than keys).
 #[test]
 fn reward_model_pairs_on_wgpu_match_the_cpu_reference() {
-    use kiln::reward::{EncodedPair, RewardModel, pair_scores, ranking_loss};
+    use kiln::stages::reward::{EncodedPair, RewardModel, pair_scores, ranking_loss};
     let Some(gpu) = common::wgpu_device() else {
         return;
     };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(rand::rng().random());
+    let mut rng = common::rng();
     let config = ModelConfig {
         kernels: Kernels::Custom,
         ..common::tiny_rm_config()

@@ -17,10 +17,10 @@ use super::{
     EvalDialogue, exact_match, is_refusal, read_eval_dialogues, read_eval_tasks, read_eval_unsafe,
     score,
 };
-use crate::chat::{ChatTemplate, Message};
-use crate::generate::{self, SamplingParams};
+use crate::data::chat::{ChatTemplate, Message};
+use crate::infer::generate::{self, SamplingParams};
 use crate::model::Llama;
-use crate::tokenizer::Tokenizer;
+use crate::data::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GymReport {

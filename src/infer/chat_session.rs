@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, anyhow};
 
-use crate::chat::{ChatTemplate, Message, Role};
-use crate::generate::{self, SamplingParams, TextStream};
+use crate::data::chat::{ChatTemplate, Message, Role};
+use crate::infer::generate::{self, SamplingParams, TextStream};
 use crate::model::{KvCache, Llama};
-use crate::tokenizer::Tokenizer;
+use crate::data::tokenizer::Tokenizer;
 
 /// Set by Ctrl-C while an answer is being generated: the answer stops there.
 static STOP_ANSWER: AtomicBool = AtomicBool::new(false);
@@ -170,6 +170,7 @@ impl ChatSession<'_> {
             },
         );
         ANSWERING.store(false, Ordering::SeqCst);
+        let answer = answer?.tokens;
         if STOP_ANSWER.swap(false, Ordering::SeqCst) {
             write!(output, " [stopped]")?;
         }

@@ -15,7 +15,7 @@ use anyhow::{Result, anyhow, bail};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::tokenizer::Tokenizer;
+use crate::data::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -33,6 +33,19 @@ pub struct Message {
     /// Ghost Attention uses it for earlier turns). Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u8>,
+    /// Assistant messages only, the last of a dialogue: false for an answer cut before its
+    /// end (generation hit a length limit). It is rendered without the end-of-turn marker, so
+    /// the model is not taught to stop where the answer was cut. Default true.
+    #[serde(default = "complete_by_default", skip_serializing_if = "is_complete")]
+    pub complete: bool,
+}
+
+fn complete_by_default() -> bool {
+    true
+}
+
+fn is_complete(complete: &bool) -> bool {
+    *complete
 }
 
 impl Message {
@@ -41,6 +54,7 @@ impl Message {
             role,
             content: content.into(),
             weight: None,
+            complete: true,
         }
     }
 
@@ -116,6 +130,9 @@ pub fn validate_dialogue(messages: &[Message], ends_with_assistant: bool) -> Res
             if m.role != Role::Assistant {
                 bail!("message {i}: only assistant messages take a weight");
             }
+        }
+        if !m.complete && (m.role != Role::Assistant || i + 1 != messages.len()) {
+            bail!("message {i}: only the last message, an assistant's, may be incomplete");
         }
         match m.role {
             Role::System if expect_user => {}
@@ -240,6 +257,8 @@ fn strip_position(e: &serde_json::Error) -> String {
 /// What reading a JSONL file produced.
 pub struct JsonlRecords<T> {
     pub records: Vec<T>,
+    /// The line (1-based) each record was read from.
+    pub lines: Vec<usize>,
     /// Malformed lines skipped (only with `skip_bad_lines`), with their first error.
     pub skipped: usize,
     pub first_error: Option<String>,
@@ -256,6 +275,7 @@ pub fn read_jsonl<T>(
         std::fs::File::open(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
     let mut out = JsonlRecords {
         records: Vec::new(),
+        lines: Vec::new(),
         skipped: 0,
         first_error: None,
     };
@@ -265,7 +285,10 @@ pub fn read_jsonl<T>(
             continue;
         }
         match parse(&line) {
-            Ok(record) => out.records.push(record),
+            Ok(record) => {
+                out.records.push(record);
+                out.lines.push(i + 1);
+            }
             Err(e) => {
                 let message = format!("{}:{}: {e}", path.display(), i + 1);
                 if !skip_bad_lines {
@@ -393,7 +416,7 @@ impl ChatTemplate {
     /// The template a checkpoint was fine-tuned with (`data.template` of its config), or
     /// `llama2` for checkpoints of stages without one.
     pub fn of_checkpoint(dir: &Path) -> Result<Self> {
-        let manifest = crate::checkpoint::read_manifest(dir)?;
+        let manifest = crate::interop::checkpoint::read_manifest(dir)?;
         let config: toml::Table = manifest
             .config
             .parse()
@@ -505,7 +528,9 @@ impl ChatTemplate {
                         Role::Assistant => {
                             let trained = m.trained();
                             out.push(tok.encode(&format!(" {}", m.content.trim()))?, trained);
-                            out.push([tok.eos_id], trained);
+                            if m.complete {
+                                out.push([tok.eos_id], trained);
+                            }
                         }
                     }
                 }
@@ -523,8 +548,10 @@ impl ChatTemplate {
                     out.push(tok.encode(&format!("{role}\n"))?, false);
                     let trained = m.trained();
                     out.push(tok.encode(&m.content)?, trained);
-                    out.push([end], trained);
-                    out.push(tok.encode("\n")?, false);
+                    if m.complete {
+                        out.push([end], trained);
+                        out.push(tok.encode("\n")?, false);
+                    }
                 }
                 if messages.last().is_some_and(|m| m.role == Role::User) {
                     out.push([start], false);

@@ -7,14 +7,14 @@ use std::sync::Once;
 use anyhow::{Result, anyhow, bail};
 use plotters::prelude::*;
 
-use crate::metrics::{self, Record};
+use crate::train::metrics::{self, Record};
 
 const FONT: &str = "sans-serif";
 
 fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let bytes = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
+        let bytes = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
         // Only fails on an invalid font file, which the test below rules out.
         let _ = plotters::style::register_font(FONT, FontStyle::Normal, bytes);
     });

@@ -21,12 +21,16 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{self, Message, Role};
-use crate::checkpoint;
+use burn::module::Module;
+
 use crate::config::{ModelConfig, OptimConfig, StageConfig, TrainConfig};
-use crate::device::ComputeDevice;
-use crate::generate::{self, SamplingParams};
-use crate::sft::{self, SftConfig, SftDataConfig, SftOptions, SftSummary};
+use crate::data::chat::{self, Message, Role};
+use crate::data::tokenizer::Tokenizer;
+use crate::infer::generate::{self, FinishReason, SamplingParams};
+use crate::interop::checkpoint;
+use crate::model::Llama;
+use crate::stages::sft::{self, Sft, SftConfig, SftDataConfig, SftSummary};
+use crate::train::stage::{self, Launch, Stage, TrainingConfig};
 
 pub const SAMPLES_FILE: &str = "gatt_samples.jsonl";
 
@@ -50,6 +54,20 @@ pub struct GattSection {
     /// Dialogues generated together.
     pub batch_size: usize,
     pub seed: u64,
+    /// An answer cut at `max_answer_tokens` (or the context) ends its dialogue; `drop`
+    /// leaves it out, `keep` trains it without the end-of-turn marker. Never trained as if
+    /// complete.
+    #[serde(default)]
+    pub cut_answers: CutAnswers,
+}
+
+/// What GAtt does with a sampled answer that did not end with the stop token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CutAnswers {
+    #[default]
+    Drop,
+    Keep,
 }
 
 /// A GAtt run: the SFT recipe's sections, `[data]` naming SFT files to mix in (may be
@@ -82,6 +100,7 @@ impl Default for GattConfig {
                 max_answer_tokens: 64,
                 batch_size: 32,
                 seed: 0,
+                cut_answers: CutAnswers::Drop,
             },
         }
     }
@@ -213,11 +232,13 @@ pub fn sampling_prompt(instruction: &str, users: &[String], answers: &[String]) 
 }
 
 /// The training samples of one dialogue: for each prefix of `k` turns, the instruction only
-/// before the first user turn and the loss only on the `k`-th answer.
+/// before the first user turn and the loss only on the `k`-th answer. `last_complete` false
+/// marks the last answer as cut (trained without its end marker).
 pub fn training_samples(
     instruction: &str,
     users: &[String],
     answers: &[String],
+    last_complete: bool,
 ) -> Vec<Vec<Message>> {
     (1..=answers.len())
         .map(|k| {
@@ -228,6 +249,7 @@ pub fn training_samples(
                 if i + 1 < k {
                     answer.weight = Some(0);
                 }
+                answer.complete = last_complete || i + 1 < answers.len();
                 messages.push(answer);
             }
             messages
@@ -235,73 +257,133 @@ pub fn training_samples(
         .collect()
 }
 
-pub struct GattOptions {
-    pub config: GattConfig,
-    pub init: Option<PathBuf>,
-    pub out_dir: PathBuf,
-    pub resume: bool,
-    pub device: ComputeDevice,
+/// GAtt as a stage: the `--init` chat model samples the data, then trains on it. The run
+/// stores the GAtt configuration, so `--resume` needs nothing else.
+pub struct Gatt;
+
+crate::training_config!(GattConfig);
+
+impl Stage for Gatt {
+    type Config = GattConfig;
+    type Model = Llama;
+}
+
+/// What GAtt did: the SFT summary of its training, and its sampling counts.
+pub struct GattSummary {
+    pub sft: SftSummary,
+    /// Answers that ended without the stop token (cut at `gatt.max_answer_tokens` or the
+    /// context): never trained as if complete; their dialogue ends before them.
+    pub cut_answers: usize,
+    pub samples: usize,
 }
 
 /// Samples the GAtt data with the `--init` model (unless a resumed run has it already), then
-/// fine-tunes on it.
-pub fn run(options: GattOptions) -> Result<SftSummary> {
-    let GattOptions {
-        config,
-        init,
-        out_dir,
-        resume,
-        device,
-    } = options;
-    let samples_path = out_dir.join(SAMPLES_FILE);
-    // Fail before the (slow) sampling if the directory cannot take this run; the SFT recipe
-    // checks it again, finding it as left.
-    crate::trainer::prepare_out_dir(&out_dir, resume)?;
-    if !resume {
-        let init = init
-            .as_ref()
-            .ok_or_else(|| anyhow!("--init is required: the chat model to train"))?;
-        let samples = sample(&config, init, &device)?;
-        let lines: Vec<String> = samples
+/// fine-tunes on it with the SFT recipe.
+pub fn run(launch: &Launch) -> Result<GattSummary> {
+    let started = stage::launch::<Gatt>(launch)?;
+    let samples_path = started.run.path.join(SAMPLES_FILE);
+    let config = started.config.clone();
+    let (samples, cut_answers) = if started.run.resume_from.is_none() {
+        // Every input is read and checked before sampling, and the samples go to a new file
+        // renamed into place: a failed run leaves an earlier samples file as it was.
+        let inputs = GattInputs::read(&config)?;
+        let model = started.model.valid();
+        let sampled = sample(&config, &inputs, &model, &started.tokenizer)?;
+        let lines: Vec<String> = sampled
+            .samples
             .iter()
             .map(|messages| serde_json::json!({ "messages": messages }).to_string())
             .collect();
         checkpoint::write_atomic(&samples_path, (lines.join("\n") + "\n").as_bytes())?;
         eprintln!(
-            "wrote {} GAtt samples to {}",
-            samples.len(),
-            samples_path.display()
+            "wrote {} GAtt samples to {} ({} answers cut at gatt.max_answer_tokens or the context: {})",
+            sampled.samples.len(),
+            samples_path.display(),
+            sampled.cut_answers,
+            match config.gatt.cut_answers {
+                CutAnswers::Drop => "dropped",
+                CutAnswers::Keep => "kept without their end marker",
+            }
         );
-    } else if !samples_path.is_file() {
-        bail!("--resume: {} is missing", samples_path.display());
-    }
-    sft::run(SftOptions {
+        (sampled.samples.len(), sampled.cut_answers)
+    } else {
+        if !samples_path.is_file() {
+            bail!("--resume: {} is missing", samples_path.display());
+        }
+        (0, 0)
+    };
+    let stage::Started {
+        run,
+        config,
+        model,
+        optimizer,
+        tokenizer,
+        state,
+    } = started;
+    let sft_started = stage::Started::<Sft> {
+        run,
         config: config.sft(&samples_path),
-        config_given: true,
-        init,
-        out_dir,
-        resume,
-        device,
-        stop_after: None,
+        model,
+        optimizer,
+        tokenizer,
+        state,
+    };
+    let sft = sft::train_storing(sft_started, launch, config.to_toml())?;
+    Ok(GattSummary {
+        sft,
+        cut_answers,
+        samples,
     })
 }
 
-/// Steps 1-3: the training samples, sampled from the model at `init`.
+/// The instruction list and the user turns of the dialogues, read and checked.
+pub struct GattInputs {
+    pub instructions: Vec<InstructionText>,
+    pub users: Vec<Vec<String>>,
+}
+
+impl GattInputs {
+    pub fn read(config: &GattConfig) -> Result<Self> {
+        let g = &config.gatt;
+        let instructions = read_instructions(&g.instructions)?;
+        let users = chat::read_all(&g.dialogues, config.data.skip_bad_lines, parse_user_turns)?;
+        // The SFT files to mix in are read again by the SFT recipe; reading them now finds a
+        // bad line before the (slow) sampling.
+        if !config.data.train.is_empty() {
+            sft::read_dialogues(&config.data.train, config.data.skip_bad_lines)?;
+        }
+        if !config.data.val.is_empty() {
+            sft::read_dialogues(&config.data.val, config.data.skip_bad_lines)?;
+        }
+        Ok(Self {
+            instructions,
+            users,
+        })
+    }
+}
+
+/// The training samples, and how many sampled answers were cut.
+pub struct Sampled {
+    pub samples: Vec<Vec<Message>>,
+    pub cut_answers: usize,
+}
+
+/// Steps 1-3: the training samples, sampled from `model`. A dialogue ends at its first
+/// answer that was cut (no stop token): that answer and the turns after it are not trained.
 pub fn sample(
     config: &GattConfig,
-    init: &Path,
-    device: &ComputeDevice,
-) -> Result<Vec<Vec<Message>>> {
+    inputs: &GattInputs,
+    model: &Llama,
+    tokenizer: &Tokenizer,
+) -> Result<Sampled> {
     let g = &config.gatt;
-    let instructions = read_instructions(&g.instructions)?;
-    let users = chat::read_all(&g.dialogues, config.data.skip_bad_lines, parse_user_turns)?;
-    let loaded = checkpoint::load_model(init, &device.device)?;
+    let users = &inputs.users;
     let template = config.data.template;
-    template.check(&loaded.tokenizer)?;
+    template.check(tokenizer)?;
     let mut rng = ChaCha8Rng::seed_from_u64(g.seed);
     let chosen: Vec<String> = users
         .iter()
-        .map(|_| draw_instruction(&instructions, g.max_combined, g.short_fraction, &mut rng))
+        .map(|_| draw_instruction(&inputs.instructions, g.max_combined, g.short_fraction, &mut rng))
         .collect();
     let params = SamplingParams {
         temperature: g.temperature,
@@ -310,22 +392,22 @@ pub fn sample(
     };
     let turns = users.iter().map(Vec::len).max().unwrap_or(0);
     eprintln!(
-        "GAtt: sampling {} dialogues of up to {turns} turns from {}",
-        users.len(),
-        loaded.dir.display()
+        "GAtt: sampling {} dialogues of up to {turns} turns",
+        users.len()
     );
     let mut answers: Vec<Vec<String>> = vec![Vec::new(); users.len()];
+    let mut cut = vec![false; users.len()];
     for turn in 0..turns {
         let active: Vec<usize> = (0..users.len())
-            .filter(|&i| users[i].len() > turn)
+            .filter(|&i| users[i].len() > turn && !cut[i])
             .collect();
         let prompts: Vec<Vec<Message>> = active
             .iter()
             .map(|&i| sampling_prompt(&chosen[i], &users[i], &answers[i]))
             .collect();
-        let outs = generate::complete_chat(
-            &loaded.model,
-            &loaded.tokenizer,
+        let outs = generate::answer_chat(
+            model,
+            tokenizer,
             template,
             &prompts,
             &params,
@@ -333,16 +415,31 @@ pub fn sample(
             &mut rng,
         )?;
         for (&i, out) in active.iter().zip(outs) {
-            answers[i].push(out);
+            if out.finish() != FinishReason::Eos {
+                // The dialogue ends here: its next turns would follow a cut answer.
+                cut[i] = true;
+                if g.cut_answers == CutAnswers::Drop {
+                    continue;
+                }
+            }
+            answers[i].push(out.text);
         }
         eprintln!("GAtt: turn {} of {turns} sampled", turn + 1);
     }
-    Ok(users
+    let samples = users
         .iter()
         .zip(&answers)
         .zip(&chosen)
-        .flat_map(|((u, a), inst)| training_samples(inst, u, a))
-        .collect())
+        .zip(&cut)
+        // With `keep`, a dialogue that was cut ends with its cut answer.
+        .flat_map(|(((u, a), inst), &c)| {
+            training_samples(inst, u, a, !(c && g.cut_answers == CutAnswers::Keep))
+        })
+        .collect();
+    Ok(Sampled {
+        samples,
+        cut_answers: cut.iter().filter(|&&c| c).count(),
+    })
 }
 
 #[cfg(test)]
@@ -360,7 +457,7 @@ mod tests {
         assert_eq!(prompt.last().unwrap(), &Message::user("u3"));
         // Training: one sample per prefix, instruction once at the start, earlier answers
         // weighted 0.
-        let samples = training_samples("Be brief.", &users, &answers);
+        let samples = training_samples("Be brief.", &users, &answers, true);
         assert_eq!(samples.len(), 3);
         for (k, sample) in samples.iter().enumerate() {
             assert_eq!(sample[0], Message::system("Be brief."));
@@ -372,7 +469,27 @@ mod tests {
                 .collect();
             assert_eq!(trained, vec![answers[k].as_str()]);
             assert_eq!(sample.len(), 1 + 2 * (k + 1));
+            assert!(sample.iter().all(|m| m.complete));
         }
+        // A cut last answer is marked so, in the last sample only, and renders without the
+        // end marker; earlier samples keep theirs.
+        let samples = training_samples("Be brief.", &users, &answers, false);
+        assert!(samples[2].last().is_some_and(|m| !m.complete));
+        assert!(samples[..2].iter().flatten().all(|m| m.complete));
+        let tok = crate::data::tokenizer::Tokenizer::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/data/shakespeare/tokenizer.json"
+        )))
+        .unwrap();
+        let cut = crate::data::chat::ChatTemplate::Llama2
+            .encode(&tok, &samples[2])
+            .unwrap();
+        let whole = crate::data::chat::ChatTemplate::Llama2
+            .encode(&tok, &training_samples("Be brief.", &users, &answers, true)[2])
+            .unwrap();
+        assert_eq!(whole.tokens.last(), Some(&tok.eos_id));
+        assert_eq!(&whole.tokens[..whole.tokens.len() - 1], &cut.tokens[..]);
+        assert_ne!(cut.tokens.last(), Some(&tok.eos_id));
     }
 
     #[test]

@@ -18,16 +18,15 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{self, ChatTemplate, Message, PreferencePair, Rating, Role};
-use crate::checkpoint;
+use crate::data::chat::{self, ChatTemplate, Message, PreferencePair, Rating, Role};
 use crate::config::{ModelConfig, OptimConfig, StageConfig, TrainConfig};
-use crate::device::ComputeDevice;
+use crate::data::tokenizer::Tokenizer;
+use crate::interop::{checkpoint, params};
 use crate::kernels::SequenceLayout;
 use crate::model::{KvCache, Linear, Llama};
-use crate::optim::AdamW;
-use crate::params;
-use crate::tokenizer::Tokenizer;
-use crate::trainer::{self, Objective, TrainLoop, TrainState};
+use crate::train::stage::{self, Launch, Stage, StageModel, TrainingConfig};
+use crate::train::step::MicroBatchLoss;
+use crate::train::supervised::{self, Objective};
 
 /// The chat backbone and a scalar head.
 #[derive(Module, Debug)]
@@ -46,6 +45,19 @@ impl RewardModel {
         Self {
             backbone,
             score: Self::fresh_head(config, seed, device),
+        }
+    }
+
+    /// A reward model of shape `config` with zero weights, for a checkpoint to fill (no
+    /// random draws that would be overwritten).
+    pub fn for_import(config: &ModelConfig, device: &Device) -> Self {
+        let mut backbone = Llama::for_import(config, device);
+        backbone.lm_head = None;
+        Self {
+            backbone,
+            score: Linear {
+                weight: Param::from_tensor(Tensor::zeros([1, config.dim], device)),
+            },
         }
     }
 
@@ -325,15 +337,9 @@ impl StageConfig for RmConfig {
         let mut known = toml::Table::try_from(Self::default()).expect("serialises");
         known.insert(
             "model".into(),
-            crate::sft::SftConfig::known_keys()["model"].clone(),
+            crate::stages::sft::SftConfig::known_keys()["model"].clone(),
         );
         known
-    }
-}
-
-impl RmConfig {
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serialises")
     }
 }
 
@@ -524,13 +530,14 @@ impl Objective<RewardModel> for RankingObjective {
         self.train.len()
     }
 
-    fn loss(&self, model: &RewardModel, indices: &[usize]) -> (Tensor<1>, u64) {
+    fn loss(&self, model: &RewardModel, indices: &[usize]) -> MicroBatchLoss {
         let pairs: Vec<&EncodedPair> = indices.iter().map(|&i| &self.train[i]).collect();
         let tokens = pairs
             .iter()
             .map(|p| (p.chosen.len() + p.rejected.len()) as u64)
             .sum();
-        (self.loss_of(model, &pairs), tokens)
+        // The ranking loss counts pairs.
+        MicroBatchLoss::from_mean(self.loss_of(model, &pairs), pairs.len() as f64, tokens)
     }
 
     fn validation_loss(&self, model: &RewardModel) -> f64 {
@@ -545,19 +552,37 @@ impl Objective<RewardModel> for RankingObjective {
     }
 }
 
-pub struct RmOptions {
-    pub config: RmConfig,
-    pub config_given: bool,
-    pub init: Option<PathBuf>,
-    pub out_dir: PathBuf,
-    pub resume: bool,
-    pub device: ComputeDevice,
+/// A reward model as a stage: the `--init` chat model's backbone (its next-token head
+/// dropped) and a fresh scalar head.
+pub struct RewardStage;
+
+crate::training_config!(RmConfig);
+
+impl Stage for RewardStage {
+    type Config = RmConfig;
+    type Model = RewardModel;
+}
+
+impl StageModel for RewardModel {
+    /// The chat model's weights, less its next-token head, and a fresh scalar head.
+    fn from_init(mut backbone: Llama, config: &ModelConfig, seed: u64, device: &Device) -> Self {
+        backbone.lm_head = None;
+        RewardModel {
+            backbone,
+            score: RewardModel::fresh_head(config, seed, device),
+        }
+    }
+
+    fn shell(config: &ModelConfig, device: &Device) -> Self {
+        RewardModel::for_import(config, device)
+    }
 }
 
 pub struct RmSummary {
     pub step: u64,
     pub final_val_loss: Option<f64>,
     pub checkpoint: PathBuf,
+    pub interrupted: bool,
 }
 
 /// Reads preference files into validated pairs.
@@ -565,52 +590,11 @@ pub fn read_pairs(paths: &[PathBuf], skip_bad_lines: bool) -> Result<Vec<Prefere
     chat::read_all(paths, skip_bad_lines, chat::parse_preference)
 }
 
-pub fn train(options: RmOptions) -> Result<RmSummary> {
-    let RmOptions {
-        mut config,
-        config_given,
-        init,
-        out_dir,
-        resume,
-        device,
-    } = options;
-    let resume_from = trainer::prepare_out_dir(&out_dir, resume)?;
-    let autodiff = device.device.clone().autodiff();
-    let (model, optimizer, tokenizer, state) = match &resume_from {
-        Some(dir) => {
-            let saved = checkpoint::load(dir)?;
-            let saved_config: RmConfig = saved.config(dir)?;
-            if config_given {
-                config.model = saved_config.model;
-            } else {
-                config = saved_config;
-            }
-            let model_config = config.model.clone();
-            let r = trainer::resume_with(dir, saved, &config.optim, |seed| {
-                RewardModel::new(&model_config, seed, &autodiff)
-            })?;
-            (r.model, r.optimizer, r.tokenizer, r.state)
-        }
-        None => {
-            let state = TrainState::start(config.train.seed);
-            let start = trainer::initial_model(init.as_deref(), config.model.kernels, &autodiff)?;
-            config.model = start.model_config;
-            // The chat model's weights, less its next-token head, and a fresh scalar head.
-            let mut backbone = start.model;
-            backbone.lm_head = None;
-            let model = RewardModel {
-                backbone,
-                score: RewardModel::fresh_head(&config.model, state.seed, &autodiff),
-            };
-            let tokenizer = start.tokenizer;
-            eprintln!(
-                "reward model from {} (step {})",
-                start.dir.display(),
-                start.step
-            );
-            (model, AdamW::new(config.optim.clone()), tokenizer, state)
-        }
-    };
+/// Trains (or resumes) a reward model.
+pub fn train(launch: &Launch) -> Result<RmSummary> {
+    let mut started = stage::launch::<RewardStage>(launch)?;
+    let fresh = started.run.resume_from.is_none();
+    let (config, tokenizer, seed) = (&mut started.config, &started.tokenizer, started.state.seed);
     let d = &config.data;
     d.template.check(&tokenizer)?;
     let max_len = match d.max_len {
@@ -630,22 +614,25 @@ pub fn train(options: RmOptions) -> Result<RmSummary> {
         max_len,
     )?;
     let r = &config.rm;
-    let train_pairs = mix(train_pairs, r.kind, r.helpfulness_share, state.seed);
-    let val_pairs = mix(val_pairs, r.kind, r.helpfulness_share, state.seed);
+    let train_pairs = mix(train_pairs, r.kind, r.helpfulness_share, seed);
+    let val_pairs = mix(val_pairs, r.kind, r.helpfulness_share, seed);
     if train_pairs.is_empty() || val_pairs.is_empty() {
         bail!(
             "no usable preference pairs for the {:?} reward model",
             r.kind
         );
     }
-    // Warm-up: a share of all steps, at least 5 (paper: 3%).
-    let total = config.train.total_steps(train_pairs.len());
-    config.optim.warmup_steps = ((total as f64 * r.warmup_fraction).ceil() as u64)
-        .max(5)
-        .min(total.saturating_sub(1));
+    if fresh {
+        // Warm-up: a share of all steps, at least 5 (paper: 3%). Fixed when the run starts:
+        // a resumed run keeps its schedule.
+        let total = config.train.total_steps(train_pairs.len());
+        config.optim.warmup_steps = ((total as f64 * r.warmup_fraction).ceil() as u64)
+            .max(5)
+            .min(total.saturating_sub(1));
+    }
     eprintln!(
         "device: {} | {:?} reward model, margin {:?} | {} train / {} val pairs{}",
-        device.describe(),
+        launch.device.describe(),
         r.kind,
         r.margin,
         train_pairs.len(),
@@ -663,25 +650,13 @@ pub fn train(options: RmOptions) -> Result<RmSummary> {
         batch_size: config.train.batch_size,
         eval_batches: config.train.eval_batches,
     };
-    let outcome = trainer::run(
-        TrainLoop {
-            out_dir: &out_dir,
-            config_toml: config.to_toml(),
-            tokenizer: &tokenizer,
-            optim: &config.optim,
-            train: &config.train,
-            resumed_from: resume_from,
-            stop_after: None,
-        },
-        model,
-        optimizer,
-        state,
-        &objective,
-    )?;
+    let config_toml = config.to_toml();
+    let outcome = supervised::run(started, config_toml, &objective, launch.stop_after)?;
     Ok(RmSummary {
         step: outcome.step,
         final_val_loss: outcome.final_val_loss,
         checkpoint: outcome.checkpoint,
+        interrupted: outcome.interrupted,
     })
 }
 
@@ -692,13 +667,29 @@ pub struct LoadedRm {
     pub config: RmConfig,
 }
 
+/// Loads a reward model: a kiln checkpoint (or run directory) written by `kiln rm train`.
+/// Only the weights are read.
 pub fn load(path: &std::path::Path, device: &Device) -> Result<LoadedRm> {
+    use crate::interop::convert::Format;
+    let format = Format::detect(path)?;
+    if format != Format::Kiln {
+        bail!(
+            "{}: a {format:?} model is a language model; a reward model is a kiln checkpoint of `kiln rm train`",
+            path.display()
+        );
+    }
     let dir = checkpoint::resolve(path)?;
-    let saved = checkpoint::load(&dir)?;
+    let saved = checkpoint::load_weights(&dir)?;
+    if !saved.config_toml.contains("[rm]") {
+        bail!(
+            "{}: not a reward model (its config has no [rm] section; train one with `kiln rm train`)",
+            dir.display()
+        );
+    }
     let config: RmConfig = saved.config(&dir)?;
     let tokenizer = saved.tokenizer(&dir)?;
     let model = params::import(
-        RewardModel::new(&config.model, 0, device),
+        RewardModel::for_import(&config.model, device),
         saved.model,
         &dir.join(checkpoint::MODEL_FILE),
     )?;
@@ -709,23 +700,47 @@ pub fn load(path: &std::path::Path, device: &Device) -> Result<LoadedRm> {
     })
 }
 
+/// Token ids of each dialogue as the reward model reads it; a dialogue longer than the
+/// model's context is an error naming `source(i)` (its file and line).
+pub fn encode_for_scoring(
+    rm: &LoadedRm,
+    dialogues: &[Vec<Message>],
+    source: &dyn Fn(usize) -> String,
+) -> Result<Vec<Vec<u32>>> {
+    let template = rm.config.data.template;
+    let context = rm.config.model.max_seq_len;
+    dialogues
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let tokens = template.encode(&rm.tokenizer, d)?.tokens;
+            if tokens.len() > context {
+                bail!(
+                    "{}: the dialogue has {} tokens, more than the reward model's context of {context}",
+                    source(i),
+                    tokens.len()
+                );
+            }
+            Ok(tokens)
+        })
+        .collect()
+}
+
 /// Scores of prompt/answer dialogues (raw scale), in batches, without an autodiff graph.
+/// `source(i)` names where dialogue `i` came from, for the error of one too long.
 pub fn score_dialogues(
     rm: &LoadedRm,
     dialogues: &[Vec<Message>],
     batch_size: usize,
+    source: &dyn Fn(usize) -> String,
 ) -> Result<Vec<f32>> {
-    let template = rm.config.data.template;
+    let sequences = encode_for_scoring(rm, dialogues, source)?;
     let pad = rm.tokenizer.pad_id.unwrap_or(rm.tokenizer.eos_id);
     let mut out = Vec::with_capacity(dialogues.len());
-    for chunk in dialogues.chunks(batch_size.max(1)) {
-        let sequences = chunk
-            .iter()
-            .map(|d| Ok(template.encode(&rm.tokenizer, d)?.tokens))
-            .collect::<Result<Vec<_>>>()?;
+    for chunk in sequences.chunks(batch_size.max(1)) {
         let scores = rm
             .model
-            .scores(&ScoreBatch::new(&sequences, Arrangement::RightPadded, pad));
+            .scores(&ScoreBatch::new(chunk, Arrangement::RightPadded, pad));
         out.extend(
             scores
                 .into_data()
@@ -800,7 +815,13 @@ impl PairSubset {
     }
 }
 
-pub fn evaluate(rm: &LoadedRm, pairs: &[PreferencePair], batch_size: usize) -> Result<RmReport> {
+/// Accuracy and margins of `rm` on `pairs`; `source(i)` names where pair `i` came from.
+pub fn evaluate(
+    rm: &LoadedRm,
+    pairs: &[PreferencePair],
+    batch_size: usize,
+    source: &dyn Fn(usize) -> String,
+) -> Result<RmReport> {
     let chosen: Vec<Vec<Message>> = pairs
         .iter()
         .map(|p| dialogue(&p.prompt, &p.chosen))
@@ -809,8 +830,8 @@ pub fn evaluate(rm: &LoadedRm, pairs: &[PreferencePair], batch_size: usize) -> R
         .iter()
         .map(|p| dialogue(&p.prompt, &p.rejected))
         .collect();
-    let sc = score_dialogues(rm, &chosen, batch_size)?;
-    let sr = score_dialogues(rm, &rejected, batch_size)?;
+    let sc = score_dialogues(rm, &chosen, batch_size, source)?;
+    let sr = score_dialogues(rm, &rejected, batch_size, source)?;
     let name = |r: Rating| {
         serde_json::to_value(r)
             .ok()

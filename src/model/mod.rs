@@ -5,6 +5,8 @@
 //! (`model.layers.0.self_attn.q_proj.weight`) is its name in a HF `model.safetensors`, and
 //! linear weights are stored `[out_features, in_features]` as there.
 
+pub mod ops;
+
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::SeedableRng;
@@ -13,7 +15,7 @@ use rand_distr::{Distribution, Normal};
 
 use crate::config::ModelConfig;
 use crate::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
-use crate::ops::RopeTables;
+use crate::model::ops::RopeTables;
 
 #[derive(Module, Debug)]
 pub struct Linear {

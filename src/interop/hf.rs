@@ -13,9 +13,9 @@ use std::path::Path;
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value, json};
 
-use crate::checkpoint;
+use crate::interop::checkpoint;
 use crate::config::ModelConfig;
-use crate::convert::{ForeignModel, Format};
+use crate::interop::convert::{ForeignModel, Format};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -220,7 +220,7 @@ fn read_chat_template(dir: &Path) -> Result<Option<String>> {
 /// empty). Files go to a temporary directory beside it that is renamed at the end, so a
 /// failure leaves nothing behind.
 pub fn write(model: &ForeignModel, dir: &Path) -> Result<()> {
-    let tokenizer = crate::tokenizer::Tokenizer::from_json(&model.tokenizer_json)?;
+    let tokenizer = crate::data::tokenizer::Tokenizer::from_json(&model.tokenizer_json)?;
     let config = &model.model_config;
     let token = |id: u32| tokenizer.decode_with_special(&[id]).unwrap_or_default();
     let (bos, eos) = (tokenizer.bos_id, model.template.stop_token(&tokenizer)?);

@@ -349,9 +349,22 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 
 /// Reads and verifies a checkpoint: every file's size and checksum must match the manifest.
 pub fn load(dir: &Path) -> Result<CheckpointData> {
+    load_parts(dir, true)
+}
+
+/// [`load`] without the optimizer state (left empty, not read): what inference and `--init`
+/// need.
+pub fn load_weights(dir: &Path) -> Result<CheckpointData> {
+    load_parts(dir, false)
+}
+
+fn load_parts(dir: &Path, with_optimizer: bool) -> Result<CheckpointData> {
     let manifest = read_manifest(dir)?;
     let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for (name, entry) in &manifest.files {
+        if name == OPTIMIZER_FILE && !with_optimizer {
+            continue;
+        }
         let path = dir.join(name);
         let bytes =
             std::fs::read(&path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
@@ -383,7 +396,11 @@ pub fn load(dir: &Path) -> Result<CheckpointData> {
         String::from_utf8(bytes).map_err(|_| anyhow!("{}: not UTF-8", dir.join(name).display()))
     };
     let model = decode_safetensors(&take(MODEL_FILE)?, &dir.join(MODEL_FILE))?;
-    let optimizer = decode_safetensors(&take(OPTIMIZER_FILE)?, &dir.join(OPTIMIZER_FILE))?;
+    let optimizer = if with_optimizer {
+        decode_safetensors(&take(OPTIMIZER_FILE)?, &dir.join(OPTIMIZER_FILE))?
+    } else {
+        Vec::new()
+    };
     Ok(CheckpointData {
         step: manifest.step,
         config_toml: manifest.config.clone(),
@@ -488,38 +505,10 @@ impl CheckpointData {
         Ok(parsed.model)
     }
 
-    pub fn tokenizer(&self, dir: &Path) -> Result<crate::tokenizer::Tokenizer> {
-        crate::tokenizer::Tokenizer::from_json(&self.tokenizer_json)
+    pub fn tokenizer(&self, dir: &Path) -> Result<crate::data::tokenizer::Tokenizer> {
+        crate::data::tokenizer::Tokenizer::from_json(&self.tokenizer_json)
             .with_context(|| dir.join(TOKENIZER_FILE).display().to_string())
     }
-}
-
-/// A model ready for inference, with the configuration and tokenizer it was trained with.
-pub struct LoadedModel {
-    pub dir: PathBuf,
-    pub model: crate::model::Llama,
-    pub model_config: crate::config::ModelConfig,
-    pub tokenizer: crate::tokenizer::Tokenizer,
-}
-
-/// Loads the checkpoint at `path` (a checkpoint, or a run directory: its newest checkpoint)
-/// onto `device`, verifying checksums and shapes.
-pub fn load_model(path: &Path, device: &burn::tensor::Device) -> Result<LoadedModel> {
-    let dir = resolve(path)?;
-    let saved = load(&dir)?;
-    let model_config = saved.model_config(&dir)?;
-    let tokenizer = saved.tokenizer(&dir)?;
-    let model = crate::params::import(
-        crate::model::Llama::for_import(&model_config, device),
-        saved.model,
-        &dir.join(MODEL_FILE),
-    )?;
-    Ok(LoadedModel {
-        dir,
-        model,
-        model_config,
-        tokenizer,
-    })
 }
 
 #[cfg(test)]

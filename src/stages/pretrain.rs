@@ -6,33 +6,39 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use burn::module::Module;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::checkpoint;
 use crate::config::Config;
-use crate::data::{self, PackedSequences};
-use crate::device::ComputeDevice;
-use crate::generate::{self, SamplingParams};
+use crate::data::corpus::{self, PackedSequences};
+use crate::data::tokenizer::Tokenizer;
+use crate::infer::generate::{self, SamplingParams};
 use crate::model::Llama;
-use crate::optim::AdamW;
-use crate::tokenizer::Tokenizer;
-use crate::trainer::{self, Objective, TrainLoop, TrainState};
+use crate::train::stage::{self, Initial, Launch, Stage, TrainingConfig};
+use crate::train::step::MicroBatchLoss;
+use crate::train::supervised::{self, Objective};
 
-pub use crate::trainer::{INTERRUPTED, checkpoints_dir};
+/// Pretraining as a stage: a model drawn from the seed, no `--init`.
+pub struct Pretrain;
 
-pub struct PretrainOptions {
-    pub config: Config,
-    /// True when the user gave a config (file or `--set`) rather than relying on the
-    /// checkpoint's, on resume.
-    pub config_given: bool,
-    pub out_dir: PathBuf,
-    pub resume: bool,
-    pub device: ComputeDevice,
-    /// Print the closing sample.
-    pub print_sample: bool,
-    /// Stop (as if interrupted, with a checkpoint) after this many steps of this process; for
-    /// tests of resume.
-    pub stop_after: Option<u64>,
+crate::training_config!(Config);
+
+impl Stage for Pretrain {
+    type Config = Config;
+    type Model = Llama;
+
+    fn start(
+        config: &mut Config,
+        _init: Option<Initial>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(Llama, Tokenizer)> {
+        let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
+        Ok((Llama::new(&config.model, seed, device), tokenizer))
+    }
+
+    fn needs_init() -> bool {
+        false
+    }
 }
 
 pub struct PretrainSummary {
@@ -43,44 +49,11 @@ pub struct PretrainSummary {
     pub interrupted: bool,
 }
 
-pub fn run(options: PretrainOptions) -> Result<PretrainSummary> {
-    let PretrainOptions {
-        mut config,
-        config_given,
-        out_dir,
-        resume,
-        device,
-        print_sample,
-        stop_after,
-    } = options;
-    let resume_from = trainer::prepare_out_dir(&out_dir, resume)?;
-    let autodiff = device.device.clone().autodiff();
-
-    // Model, optimizer, tokenizer and position: from the newest checkpoint, or fresh.
-    let (model, optimizer, tokenizer, state) = match &resume_from {
-        Some(dir) => {
-            let saved = checkpoint::load(dir)?;
-            let saved_config: Config = saved.config(dir)?;
-            if config_given {
-                if config.model != saved_config.model {
-                    bail!(
-                        "{}: checkpoint has another model shape than the given config ([model] differs)",
-                        dir.display()
-                    );
-                }
-            } else {
-                config = saved_config;
-            }
-            let r = trainer::resume(dir, saved, &config.model, &config.optim, &autodiff)?;
-            (r.model, r.optimizer, r.tokenizer, r.state)
-        }
-        None => {
-            let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
-            let state = TrainState::start(config.train.seed);
-            let model = Llama::new(&config.model, state.seed, &autodiff);
-            (model, AdamW::new(config.optim.clone()), tokenizer, state)
-        }
-    };
+/// Runs (or resumes) pretraining; with `print_sample`, continues the config's prompt at the
+/// end.
+pub fn run(launch: &Launch, print_sample: bool) -> Result<PretrainSummary> {
+    let started = stage::launch::<Pretrain>(launch)?;
+    let (config, tokenizer) = (started.config.clone(), started.tokenizer.clone());
     if tokenizer.vocab_size() != config.model.vocab_size {
         bail!(
             "model.vocab_size is {} but the tokenizer {} has {} tokens",
@@ -90,8 +63,8 @@ pub fn run(options: PretrainOptions) -> Result<PretrainSummary> {
         );
     }
 
-    let documents = data::read_corpus(&config.data.corpus)?;
-    let splits = data::tokenize_corpus(&documents, &tokenizer, config.data.val_fraction)?;
+    let documents = corpus::read_corpus(&config.data.corpus)?;
+    let splits = corpus::tokenize_corpus(&documents, &tokenizer, config.data.val_fraction)?;
     let seq_len = config.data.seq_len;
     let objective = NextToken {
         train: PackedSequences::new(splits.train, seq_len),
@@ -107,27 +80,13 @@ pub fn run(options: PretrainOptions) -> Result<PretrainSummary> {
     }
     eprintln!(
         "device: {} | model: {:.2}M parameters | data: {} train / {} val sequences of {} tokens",
-        device.describe(),
+        launch.device.describe(),
         config.model.num_params() as f64 / 1e6,
         objective.train.len(),
         objective.val.len(),
         seq_len
     );
-    let outcome = trainer::run(
-        TrainLoop {
-            out_dir: &out_dir,
-            config_toml: config.to_toml(),
-            tokenizer: &tokenizer,
-            optim: &config.optim,
-            train: &config.train,
-            resumed_from: resume_from,
-            stop_after,
-        },
-        model,
-        optimizer,
-        state,
-        &objective,
-    )?;
+    let outcome = supervised::run(started, config.to_toml(), &objective, launch.stop_after)?;
 
     let sample = if print_sample && !outcome.interrupted {
         let s = &config.sample;
@@ -170,11 +129,12 @@ impl Objective for NextToken {
         self.train.len()
     }
 
-    fn loss(&self, model: &Llama, indices: &[usize]) -> (Tensor<1>, u64) {
+    fn loss(&self, model: &Llama, indices: &[usize]) -> MicroBatchLoss {
         let batch = self.train.batch(indices);
+        // Every target token counts.
         let tokens = batch.inputs.len() as u64;
         let (inputs, targets) = batch_tensors(&batch, &model.device());
-        (model.loss(inputs, targets), tokens)
+        MicroBatchLoss::from_mean(model.loss(inputs, targets), tokens as f64, tokens)
     }
 
     fn validation_loss(&self, model: &Llama) -> f64 {
@@ -183,8 +143,8 @@ impl Objective for NextToken {
 }
 
 pub fn batch_tensors(
-    batch: &data::Batch,
-    device: &burn::tensor::Device,
+    batch: &corpus::Batch,
+    device: &Device,
 ) -> (Tensor<2, Int>, Tensor<2, Int>) {
     let shape = [batch.batch_size, batch.seq_len];
     (

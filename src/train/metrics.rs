@@ -54,7 +54,7 @@ impl MetricsLog {
                     text.push_str(&serde_json::to_string(r)?);
                     text.push('\n');
                 }
-                crate::checkpoint::write_atomic(&path, text.as_bytes())?;
+                crate::interop::checkpoint::write_atomic(&path, text.as_bytes())?;
             }
         }
         let file = OpenOptions::new()

@@ -12,15 +12,14 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{self, ChatTemplate, EncodedDialogue, Message, Role};
-use crate::checkpoint;
+use crate::data::chat::{self, ChatTemplate, EncodedDialogue, Message, Role};
+use crate::train::stage::{self, Launch, Stage, TrainingConfig};
+use crate::train::step::MicroBatchLoss;
+use crate::train::supervised::{self, Objective};
 use crate::config::{ModelConfig, OptimConfig, StageConfig, TrainConfig};
-use crate::device::ComputeDevice;
+use crate::data::tokenizer::Tokenizer;
 use crate::kernels::SequenceLayout;
 use crate::model::Llama;
-use crate::optim::AdamW;
-use crate::tokenizer::Tokenizer;
-use crate::trainer::{self, Objective, TrainLoop, TrainState};
 
 /// Which assistant turns of a multi-turn dialogue the loss covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,10 +120,6 @@ impl StageConfig for SftConfig {
 }
 
 impl SftConfig {
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serialises")
-    }
-
     /// Rows are this long: `data.seq_len`, or the model's context.
     pub fn seq_len(&self) -> usize {
         match self.data.seq_len {
@@ -302,13 +297,11 @@ impl Objective for AnswerLoss {
         self.train.len()
     }
 
-    fn loss(&self, model: &Llama, indices: &[usize]) -> (Tensor<1>, u64) {
-        // Every row is `seq_len` tokens, padding included.
+    fn loss(&self, model: &Llama, indices: &[usize]) -> MicroBatchLoss {
+        // Every row is `seq_len` tokens, padding included; the loss counts answer tokens.
         let tokens = (indices.len() * self.train.seq_len) as u64;
-        (
-            self.train.batch(indices, &model.device()).loss(model),
-            tokens,
-        )
+        let mean = self.train.batch(indices, &model.device()).loss(model);
+        MicroBatchLoss::from_mean(mean, self.train.trained_tokens(indices), tokens)
     }
 
     fn validation_loss(&self, model: &Llama) -> f64 {
@@ -341,17 +334,14 @@ pub fn encode_all(
     Ok(encoded)
 }
 
-pub struct SftOptions {
-    pub config: SftConfig,
-    /// True when the user gave a config (file or `--set`); on resume the checkpoint's is used
-    /// otherwise.
-    pub config_given: bool,
-    /// The checkpoint to start from (a pretraining or earlier fine-tuning run).
-    pub init: Option<PathBuf>,
-    pub out_dir: PathBuf,
-    pub resume: bool,
-    pub device: ComputeDevice,
-    pub stop_after: Option<u64>,
+/// Fine-tuning as a stage: starts from the `--init` model, whose shape it takes.
+pub struct Sft;
+
+crate::training_config!(SftConfig);
+
+impl Stage for Sft {
+    type Config = SftConfig;
+    type Model = Llama;
 }
 
 pub struct SftSummary {
@@ -359,41 +349,33 @@ pub struct SftSummary {
     pub final_val_loss: Option<f64>,
     pub checkpoint: PathBuf,
     pub interrupted: bool,
+    /// Samples cut at the row length (their tail untrained), and dropped (nothing trained
+    /// left after the cut).
+    pub truncated: usize,
+    pub dropped: usize,
 }
 
-pub fn run(options: SftOptions) -> Result<SftSummary> {
-    let SftOptions {
-        mut config,
-        config_given,
-        init,
-        out_dir,
-        resume,
-        device,
-        stop_after,
-    } = options;
-    let resume_from = trainer::prepare_out_dir(&out_dir, resume)?;
-    let autodiff = device.device.clone().autodiff();
-    let (model, optimizer, tokenizer, state) = match &resume_from {
-        Some(dir) => {
-            let saved = checkpoint::load(dir)?;
-            let saved_config: SftConfig = saved.config(dir)?;
-            if config_given {
-                config.model = saved_config.model;
-            } else {
-                config = saved_config;
-            }
-            let r = trainer::resume(dir, saved, &config.model, &config.optim, &autodiff)?;
-            (r.model, r.optimizer, r.tokenizer, r.state)
-        }
-        None => {
-            let state = TrainState::start(config.train.seed);
-            let start = trainer::initial_model(init.as_deref(), config.model.kernels, &autodiff)?;
-            config.model = start.model_config;
-            eprintln!("fine-tuning {} (step {})", start.dir.display(), start.step);
-            let (model, tokenizer) = (start.model, start.tokenizer);
-            (model, AdamW::new(config.optim.clone()), tokenizer, state)
-        }
-    };
+/// Runs (or resumes) fine-tuning.
+pub fn run(launch: &Launch) -> Result<SftSummary> {
+    let started = stage::launch::<Sft>(launch)?;
+    train(started, launch)
+}
+
+/// Fine-tunes a launched SFT stage.
+pub fn train(started: stage::Started<Sft>, launch: &Launch) -> Result<SftSummary> {
+    let config_toml = started.config.to_toml();
+    train_storing(started, launch, config_toml)
+}
+
+/// [`train`], storing `config_toml` as the run's configuration: GAtt trains with the SFT
+/// recipe but keeps its own configuration, so its `--resume` reads that back.
+pub fn train_storing(
+    started: stage::Started<Sft>,
+    launch: &Launch,
+    config_toml: String,
+) -> Result<SftSummary> {
+    let (config, tokenizer) = (&started.config, &started.tokenizer);
+    let seed = started.state.seed;
     let seq_len = config.seq_len();
     if seq_len > config.model.max_seq_len {
         bail!(
@@ -402,7 +384,7 @@ pub fn run(options: SftOptions) -> Result<SftSummary> {
         );
     }
     let d = &config.data;
-    d.template.check(&tokenizer)?;
+    d.template.check(tokenizer)?;
     let mut train_dialogues = read_dialogues(&d.train, d.skip_bad_lines)?;
     let val_dialogues = if d.val.is_empty() {
         // Hold out a seeded sample of the training dialogues.
@@ -418,25 +400,23 @@ pub fn run(options: SftOptions) -> Result<SftSummary> {
     };
     let pad_id = tokenizer.pad_id.unwrap_or(tokenizer.eos_id);
     let n_train = train_dialogues.len();
-    let encode = |dialogues| encode_all(dialogues, d.template, &tokenizer, d.train_on, state.seed);
+    let encode = |dialogues| encode_all(dialogues, d.template, tokenizer, d.train_on, seed);
     let train_rows = SftRows::new(&encode(train_dialogues)?, seq_len, d.pack, pad_id);
     let val_rows = SftRows::new(&encode(val_dialogues)?, seq_len, d.pack, pad_id);
     if train_rows.is_empty() || val_rows.is_empty() {
         bail!("no trainable samples: every dialogue was empty after the cut at {seq_len} tokens");
     }
     let trained = train_rows.trained_tokens(&(0..train_rows.len()).collect::<Vec<_>>());
+    let (truncated, dropped) = (train_rows.truncated, train_rows.dropped);
     eprintln!(
         "device: {} | model: {:.2}M parameters | data: {n_train} dialogues in {} rows of {seq_len} tokens ({trained} trained tokens), {} val rows{}",
-        device.describe(),
+        launch.device.describe(),
         config.model.num_params() as f64 / 1e6,
         train_rows.len(),
         val_rows.len(),
-        match train_rows.truncated + train_rows.dropped {
+        match truncated + dropped {
             0 => String::new(),
-            _ => format!(
-                " | {} cut at {seq_len} tokens, {} dropped",
-                train_rows.truncated, train_rows.dropped
-            ),
+            _ => format!(" | {truncated} cut at {seq_len} tokens, {dropped} dropped"),
         }
     );
     let objective = AnswerLoss {
@@ -445,26 +425,14 @@ pub fn run(options: SftOptions) -> Result<SftSummary> {
         batch_size: config.train.batch_size,
         eval_batches: config.train.eval_batches,
     };
-    let outcome = trainer::run(
-        TrainLoop {
-            out_dir: &out_dir,
-            config_toml: config.to_toml(),
-            tokenizer: &tokenizer,
-            optim: &config.optim,
-            train: &config.train,
-            resumed_from: resume_from,
-            stop_after,
-        },
-        model,
-        optimizer,
-        state,
-        &objective,
-    )?;
+    let outcome = supervised::run(started, config_toml, &objective, launch.stop_after)?;
     Ok(SftSummary {
         step: outcome.step,
         final_val_loss: outcome.final_val_loss,
         checkpoint: outcome.checkpoint,
         interrupted: outcome.interrupted,
+        truncated,
+        dropped,
     })
 }
 

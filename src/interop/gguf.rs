@@ -13,9 +13,9 @@ use std::path::Path;
 use anyhow::{Result, anyhow, bail};
 use half::f16;
 
-use crate::checkpoint::NamedTensor;
+use crate::interop::checkpoint::NamedTensor;
 use crate::config::ModelConfig;
-use crate::convert::{ForeignModel, Format};
+use crate::interop::convert::{ForeignModel, Format};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -41,7 +41,8 @@ pub enum Value {
 }
 
 impl Value {
-    fn type_id(&self) -> u32 {
+    /// The type's id in a GGUF file.
+    pub fn type_id(&self) -> u32 {
         match self {
             Value::U8(_) => 0,
             Value::I8(_) => 1,
@@ -158,7 +159,8 @@ impl GgmlType {
         }
     }
 
-    fn is_blocked(self) -> bool {
+    /// Whether values come in blocks of 32 (the quantised types).
+    pub fn is_blocked(self) -> bool {
         matches!(self, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
     }
 }
@@ -499,126 +501,6 @@ fn dequantize(ty: GgmlType, bytes: &[u8], elements: usize) -> Vec<f32> {
     out
 }
 
-/// Quantises `values` (a multiple of 32 long for the block types) as ggml's reference
-/// quantisers do.
-pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
-    if ty.is_blocked() && values.len() % QK != 0 {
-        bail!("{} needs a multiple of {QK} values", ty.name());
-    }
-    let mut out = Vec::new();
-    let f16_bytes = |v: f32| f16::from_f32(v).to_le_bytes();
-    match ty {
-        GgmlType::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        GgmlType::F16 => values.iter().for_each(|&v| out.extend(f16_bytes(v))),
-        GgmlType::BF16 => values
-            .iter()
-            .for_each(|v| out.extend(((v.to_bits() >> 16) as u16).to_le_bytes())),
-        GgmlType::Q8_0 => {
-            for block in values.chunks_exact(QK) {
-                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-                out.extend(f16_bytes(d));
-                out.extend(block.iter().map(|v| (v * inv).round() as i8 as u8));
-            }
-        }
-        GgmlType::Q4_0 => {
-            for block in values.chunks_exact(QK) {
-                // The value of largest magnitude maps to -8, keeping its sign.
-                let max = block
-                    .iter()
-                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                let d = max / -8.0;
-                let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-                let q = |v: f32| ((v * inv + 8.5) as i32).clamp(0, 15) as u8;
-                out.extend(f16_bytes(d));
-                out.extend((0..QK / 2).map(|j| q(block[j]) | (q(block[j + QK / 2]) << 4)));
-            }
-        }
-        GgmlType::Q4_1 => {
-            for block in values.chunks_exact(QK) {
-                let min = block.iter().cloned().fold(f32::INFINITY, f32::min);
-                let max = block.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let d = (max - min) / 15.0;
-                let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-                let q = |v: f32| (((v - min) * inv + 0.5) as i32).clamp(0, 15) as u8;
-                out.extend(f16_bytes(d));
-                out.extend(f16_bytes(min));
-                out.extend((0..QK / 2).map(|j| q(block[j]) | (q(block[j + QK / 2]) << 4)));
-            }
-        }
-        other => bail!("kiln cannot write {} tensors", other.name()),
-    }
-    Ok(out)
-}
-
-/// A tensor to write: its row-major shape and already-encoded bytes.
-pub struct TensorToWrite {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub ggml_type: GgmlType,
-    pub bytes: Vec<u8>,
-}
-
-/// Serialises a GGUF v3 file with the default alignment.
-pub fn write(metadata: &[(String, Value)], tensors: &[TensorToWrite]) -> Vec<u8> {
-    fn string(out: &mut Vec<u8>, s: &str) {
-        out.extend((s.len() as u64).to_le_bytes());
-        out.extend(s.as_bytes());
-    }
-    fn value(out: &mut Vec<u8>, v: &Value) {
-        match v {
-            Value::U8(x) => out.push(*x),
-            Value::I8(x) => out.push(*x as u8),
-            Value::U16(x) => out.extend(x.to_le_bytes()),
-            Value::I16(x) => out.extend(x.to_le_bytes()),
-            Value::U32(x) => out.extend(x.to_le_bytes()),
-            Value::I32(x) => out.extend(x.to_le_bytes()),
-            Value::F32(x) => out.extend(x.to_le_bytes()),
-            Value::Bool(x) => out.push(*x as u8),
-            Value::String(s) => string(out, s),
-            Value::Array(items) => {
-                let item_type = items.first().map_or(4, Value::type_id);
-                out.extend(item_type.to_le_bytes());
-                out.extend((items.len() as u64).to_le_bytes());
-                items.iter().for_each(|i| value(out, i));
-            }
-            Value::U64(x) => out.extend(x.to_le_bytes()),
-            Value::I64(x) => out.extend(x.to_le_bytes()),
-            Value::F64(x) => out.extend(x.to_le_bytes()),
-        }
-    }
-    let align = DEFAULT_ALIGNMENT as usize;
-    let mut out = Vec::new();
-    out.extend(MAGIC);
-    out.extend(3u32.to_le_bytes());
-    out.extend((tensors.len() as u64).to_le_bytes());
-    out.extend((metadata.len() as u64).to_le_bytes());
-    for (key, v) in metadata {
-        string(&mut out, key);
-        out.extend(v.type_id().to_le_bytes());
-        value(&mut out, v);
-    }
-    let mut offset = 0usize;
-    for t in tensors {
-        string(&mut out, &t.name);
-        out.extend((t.shape.len() as u32).to_le_bytes());
-        t.shape
-            .iter()
-            .rev()
-            .for_each(|&d| out.extend((d as u64).to_le_bytes()));
-        out.extend(t.ggml_type.0.to_le_bytes());
-        out.extend((offset as u64).to_le_bytes());
-        offset = (offset + t.bytes.len()).next_multiple_of(align);
-    }
-    out.resize(out.len().next_multiple_of(align), 0);
-    for t in tensors {
-        out.extend(&t.bytes);
-        out.resize(out.len().next_multiple_of(align), 0);
-    }
-    out
-}
-
 /// kiln's name for a llama GGUF tensor name (`blk.3.attn_q.weight`).
 fn kiln_name(gguf_name: &str) -> Option<String> {
     let fixed = match gguf_name {
@@ -816,7 +698,7 @@ impl GgufFile {
             .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
             .map(|(i, t)| (i as u32, *t))
             .collect();
-        crate::tokenizer::byte_level_bpe_json(&tokens, &merges, &specials, split_digits)
+        crate::data::tokenizer::byte_level_bpe_json(&tokens, &merges, &specials, split_digits)
             .map_err(|e| anyhow!("{}: cannot rebuild the tokenizer: {e}", self.path))
     }
 }

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use anyhow::Result;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::checkpoint::{NamedTensor, match_shapes};
+use crate::interop::checkpoint::{NamedTensor, match_shapes};
 
 /// Tracks the dotted path while a visitor or mapper walks a module.
 #[derive(Default)]
@@ -70,12 +71,14 @@ pub fn list<M: Module>(module: &M) -> Vec<ParamInfo> {
     lister.found
 }
 
-struct Exporter {
+struct Exporter<'a> {
     path: PathTracker,
     tensors: Vec<NamedTensor>,
+    /// Export these gradients (times `scale`) instead of the parameters.
+    grads: Option<(&'a GradientsParams, f32)>,
 }
 
-impl ModuleVisitor for Exporter {
+impl ModuleVisitor for Exporter<'_> {
     fn enter_module(&mut self, name: &str, _: &str) {
         self.path.enter(name);
     }
@@ -85,7 +88,13 @@ impl ModuleVisitor for Exporter {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let tensor = param.val();
+        let tensor = match self.grads {
+            None => param.val(),
+            Some((grads, scale)) => match grads.get::<D>(param.id) {
+                Some(g) => g.mul_scalar(scale),
+                None => return,
+            },
+        };
         let shape = tensor.dims().to_vec();
         let values = tensor
             .into_data()
@@ -104,6 +113,19 @@ pub fn export<M: Module>(module: &M) -> Vec<NamedTensor> {
     let mut exporter = Exporter {
         path: PathTracker::default(),
         tensors: Vec::new(),
+        grads: None,
+    };
+    module.visit(&mut exporter);
+    exporter.tensors
+}
+
+/// Copies the gradients of `module`'s parameters to the host, times `scale`, by parameter
+/// name (parameters without a gradient are left out).
+pub fn export_grads<M: Module>(module: &M, grads: &GradientsParams, scale: f32) -> Vec<NamedTensor> {
+    let mut exporter = Exporter {
+        path: PathTracker::default(),
+        tensors: Vec::new(),
+        grads: Some((grads, scale)),
     };
     module.visit(&mut exporter);
     exporter.tensors

@@ -4,12 +4,13 @@
 use std::ops::ControlFlow;
 
 use burn::tensor::{Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::chat::{ChatTemplate, Message};
+use crate::data::chat::{ChatTemplate, Message};
 use crate::model::{KvCache, Llama};
-use crate::tokenizer::Tokenizer;
+use crate::data::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -18,6 +19,46 @@ pub struct SamplingParams {
     /// Sample from the smallest set of tokens whose probability reaches `top_p`.
     pub top_p: f64,
     pub max_tokens: usize,
+}
+
+/// How a generated sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// The model drew the stop token: the answer is complete.
+    Eos,
+    /// `max_tokens` new tokens were drawn without the stop token.
+    Length,
+    /// The context (`model.max_seq_len`) filled up before the stop token.
+    Context,
+    /// The caller stopped generation (`on_token` returned `Break`).
+    Stopped,
+}
+
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// The new tokens; the stop token is not among them.
+    pub tokens: Vec<u32>,
+    /// Log-probability of each token of `tokens`, then of the stop token when `finish` is
+    /// `Eos`, under the model's own distribution (temperature 1, no top-p): what RS and PPO
+    /// compare policies with.
+    pub logprobs: Vec<f32>,
+    /// The same tokens' log-probabilities under the distribution they were drawn from
+    /// (temperature and top-p applied; 0 for greedy decoding).
+    pub sample_logprobs: Vec<f32>,
+    pub finish: FinishReason,
+}
+
+/// Room left for new tokens after a prompt of `longest` tokens, or an error naming the
+/// prompt's length and the context when there is none.
+fn room(longest: usize, max_seq_len: usize) -> anyhow::Result<usize> {
+    if longest >= max_seq_len {
+        anyhow::bail!(
+            "a prompt of {longest} tokens leaves no room to generate in the model's context of {max_seq_len} tokens"
+        );
+    }
+    Ok(max_seq_len - longest)
 }
 
 /// Continues every prompt in `prompts` (token ids, each non-empty) by up to
@@ -30,15 +71,22 @@ pub fn generate(
     stop_id: u32,
     pad_id: u32,
     rng: &mut ChaCha8Rng,
-) -> Vec<Vec<u32>> {
-    generate_with(model, prompts, params, stop_id, pad_id, rng, &mut |_, _| {
-        ControlFlow::Continue(())
-    })
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    Ok(
+        generate_with(model, prompts, params, stop_id, pad_id, rng, &mut |_, _| {
+            ControlFlow::Continue(())
+        })?
+        .into_iter()
+        .map(|g| g.tokens)
+        .collect(),
+    )
 }
 
-/// [`generate`], calling `on_token(row, token)` for each new token as soon as it is drawn
-/// (the stop token excluded): for streaming output. `on_token` returning `Break` ends the
-/// generation of every row after this step (a user who stops an answer).
+/// [`generate`] with each row's log-probabilities and finish reason, calling
+/// `on_token(row, token)` for each new token as soon as it is drawn (the stop token
+/// excluded): for streaming output. `on_token` returning `Break` ends the generation of every
+/// row after this step (a user who stops an answer). A prompt that leaves no room in the
+/// context is an error.
 pub fn generate_with(
     model: &Llama,
     prompts: &[Vec<u32>],
@@ -47,17 +95,14 @@ pub fn generate_with(
     pad_id: u32,
     rng: &mut ChaCha8Rng,
     on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
-) -> Vec<Vec<u32>> {
-    assert!(
-        prompts.iter().all(|p| !p.is_empty()),
-        "prompts must not be empty"
-    );
+) -> anyhow::Result<Vec<Generated>> {
+    if prompts.iter().any(|p| p.is_empty()) {
+        anyhow::bail!("cannot generate from an empty prompt");
+    }
     let device = model.device();
     let batch = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let max_new = params
-        .max_tokens
-        .min(model.config.max_seq_len.saturating_sub(longest));
+    let context_room = room(longest, model.config.max_seq_len)?;
     let left_pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
     let mut padded = Vec::with_capacity(batch * longest);
     for (prompt, &pad) in prompts.iter().zip(&left_pad) {
@@ -66,9 +111,16 @@ pub fn generate_with(
     }
     let mut cache = KvCache::new(model.config.n_layers, left_pad);
     let input = Tensor::<2, Int>::from_data(TensorData::new(padded, [batch, longest]), &device);
-    decode(
-        model, &mut cache, input, max_new, params, stop_id, rng, on_token,
-    )
+    Ok(decode(
+        model,
+        &mut cache,
+        input,
+        context_room,
+        params,
+        stop_id,
+        rng,
+        on_token,
+    ))
 }
 
 /// Continues one sequence whose first `cache.len()` tokens are in `cache`: feeds `new_tokens`
@@ -82,37 +134,59 @@ pub fn continue_cached(
     stop_id: u32,
     rng: &mut ChaCha8Rng,
     on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
-) -> Vec<u32> {
-    assert!(!new_tokens.is_empty(), "nothing to feed");
-    let fed = cache.len() + new_tokens.len();
-    let max_new = params
-        .max_tokens
-        .min(model.config.max_seq_len.saturating_sub(fed));
+) -> anyhow::Result<Generated> {
+    if new_tokens.is_empty() {
+        anyhow::bail!("nothing to feed");
+    }
+    let context_room = room(cache.len() + new_tokens.len(), model.config.max_seq_len)?;
     let ids: Vec<i64> = new_tokens.iter().map(|&t| t as i64).collect();
     let input =
         Tensor::<2, Int>::from_data(TensorData::new(ids, [1, new_tokens.len()]), &model.device());
-    decode(model, cache, input, max_new, params, stop_id, rng, on_token)
-        .pop()
-        .expect("one row")
+    Ok(decode(
+        model,
+        cache,
+        input,
+        context_room,
+        params,
+        stop_id,
+        rng,
+        on_token,
+    )
+    .pop()
+    .expect("one row"))
 }
 
 /// The sampling loop: forwards `input` (`[batch, t]`) through the cache, draws each row's next
-/// token from the last position, and feeds the drawn tokens back, up to `max_new` times or
-/// until every row has drawn `stop_id`.
+/// token from the last position, and feeds the drawn tokens back, up to `params.max_tokens`
+/// times (at most `context_room`) or until every row has drawn `stop_id`.
 #[allow(clippy::too_many_arguments)]
 fn decode(
     model: &Llama,
     cache: &mut KvCache,
     mut input: Tensor<2, Int>,
-    max_new: usize,
+    context_room: usize,
     params: &SamplingParams,
     stop_id: u32,
     rng: &mut ChaCha8Rng,
     on_token: &mut dyn FnMut(usize, u32) -> ControlFlow<()>,
-) -> Vec<Vec<u32>> {
+) -> Vec<Generated> {
     let device = model.device();
     let batch = input.dims()[0];
-    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); batch];
+    let max_new = params.max_tokens.min(context_room);
+    let mut outputs: Vec<Generated> = vec![
+        Generated {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            sample_logprobs: Vec::new(),
+            // What a row that never draws the stop token ends with.
+            finish: if params.max_tokens <= context_room {
+                FinishReason::Length
+            } else {
+                FinishReason::Context
+            },
+        };
+        batch
+    ];
     let mut done = vec![false; batch];
     let mut stopped = false;
     for _ in 0..max_new {
@@ -127,23 +201,33 @@ fn decode(
             .expect("f32 logits");
         let mut next = Vec::with_capacity(batch);
         for (row, out) in outputs.iter_mut().enumerate() {
-            let token = if done[row] {
-                stop_id
-            } else {
-                sample(&values[row * vocab..(row + 1) * vocab], params, rng)
-            };
-            if token == stop_id {
-                done[row] = true;
-            } else {
-                out.push(token);
-                stopped |= on_token(row, token).is_break();
+            if done[row] {
+                next.push(stop_id as i64);
+                continue;
             }
-            next.push(token as i64);
+            let drawn = draw(&values[row * vocab..(row + 1) * vocab], params, rng);
+            out.logprobs.push(drawn.logprob);
+            out.sample_logprobs.push(drawn.sample_logprob);
+            if drawn.token == stop_id {
+                done[row] = true;
+                out.finish = FinishReason::Eos;
+            } else {
+                out.tokens.push(drawn.token);
+                stopped |= on_token(row, drawn.token).is_break();
+            }
+            next.push(drawn.token as i64);
         }
         if stopped || done.iter().all(|&d| d) {
             break;
         }
         input = Tensor::from_data(TensorData::new(next, [batch, 1]), &device);
+    }
+    if stopped {
+        for (out, &d) in outputs.iter_mut().zip(&done) {
+            if !d {
+                out.finish = FinishReason::Stopped;
+            }
+        }
     }
     outputs
 }
@@ -166,7 +250,7 @@ pub fn complete(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let pad = tokenizer.pad_id.unwrap_or(tokenizer.eos_id);
-    generate(model, &ids, params, tokenizer.eos_id, pad, rng)
+    generate(model, &ids, params, tokenizer.eos_id, pad, rng)?
         .iter()
         .map(|out| tokenizer.decode(out))
         .collect()
@@ -183,6 +267,36 @@ pub fn complete_chat(
     batch_size: usize,
     rng: &mut ChaCha8Rng,
 ) -> anyhow::Result<Vec<String>> {
+    Ok(answer_chat(model, tokenizer, template, dialogues, params, batch_size, rng)?
+        .into_iter()
+        .map(|a| a.text)
+        .collect())
+}
+
+/// A chat answer: its text (decoded, trimmed) and how generating it ended, with the tokens
+/// and log-probabilities behind it.
+#[derive(Debug, Clone)]
+pub struct ChatAnswer {
+    pub text: String,
+    pub generated: Generated,
+}
+
+impl ChatAnswer {
+    pub fn finish(&self) -> FinishReason {
+        self.generated.finish
+    }
+}
+
+/// [`complete_chat`] with each answer's finish reason, tokens and log-probabilities.
+pub fn answer_chat(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    template: ChatTemplate,
+    dialogues: &[Vec<Message>],
+    params: &SamplingParams,
+    batch_size: usize,
+    rng: &mut ChaCha8Rng,
+) -> anyhow::Result<Vec<ChatAnswer>> {
     let stop = template.stop_token(tokenizer)?;
     let pad = tokenizer.pad_id.unwrap_or(tokenizer.eos_id);
     let mut answers = Vec::with_capacity(dialogues.len());
@@ -191,8 +305,12 @@ pub fn complete_chat(
             .iter()
             .map(|d| template.encode_prompt(tokenizer, d))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        for out in generate(model, &prompts, params, stop, pad, rng) {
-            answers.push(tokenizer.decode(&out)?.trim().to_string());
+        let outs = generate_with(model, &prompts, params, stop, pad, rng, &mut |_, _| {
+            ControlFlow::Continue(())
+        })?;
+        for generated in outs {
+            let text = tokenizer.decode(&generated.tokens)?.trim().to_string();
+            answers.push(ChatAnswer { text, generated });
         }
     }
     Ok(answers)
@@ -235,12 +353,55 @@ impl<'a> TextStream<'a> {
     }
 }
 
+/// A drawn token and its log-probabilities.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    pub token: u32,
+    /// Under the model's distribution: log-softmax of the raw logits.
+    pub logprob: f32,
+    /// Under the distribution it was drawn from (temperature, then the top-p nucleus
+    /// renormalised); 0 for greedy decoding.
+    pub sample_logprob: f32,
+}
+
 /// Draws one token id from `logits` with temperature and nucleus sampling.
 pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> u32 {
-    if params.temperature <= 0.0 {
-        return argmax(logits) as u32;
-    }
+    draw(logits, params, rng).token
+}
+
+/// [`sample`] with the drawn token's log-probabilities.
+pub fn draw(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> Draw {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_z = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let raw = |token: usize| (logits[token] as f64 - log_z) as f32;
+    if params.temperature <= 0.0 {
+        let token = argmax(logits);
+        return Draw {
+            token: token as u32,
+            logprob: raw(token),
+            sample_logprob: 0.0,
+        };
+    }
+    let (token, sample_logprob) = nucleus_draw(logits, max, params, rng);
+    Draw {
+        token: token as u32,
+        logprob: raw(token),
+        sample_logprob,
+    }
+}
+
+/// Temperature and top-p: the drawn index and its log-probability in the nucleus.
+fn nucleus_draw(
+    logits: &[f32],
+    max: f64,
+    params: &SamplingParams,
+    rng: &mut impl Rng,
+) -> (usize, f32) {
     let mut probs: Vec<(usize, f64)> = logits
         .iter()
         .enumerate()
@@ -260,13 +421,15 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> u3
     let nucleus = &probs[..cut];
     let mass: f64 = nucleus.iter().map(|p| p.1).sum();
     let mut u = rng.random::<f64>() * mass;
+    let logprob = |p: f64| (p / mass).ln() as f32;
     for &(i, p) in nucleus {
         if u < p {
-            return i as u32;
+            return (i, logprob(p));
         }
         u -= p;
     }
-    nucleus[nucleus.len() - 1].0 as u32
+    let (i, p) = nucleus[nucleus.len() - 1];
+    (i, logprob(p))
 }
 
 fn argmax(values: &[f32]) -> usize {

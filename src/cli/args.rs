@@ -1,0 +1,313 @@
+//! The command line's clap types: one struct per command's flags, `StageArgs` shared by
+//! every training stage.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use kiln::config::Preset;
+use kiln::device::DeviceChoice;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Train Llama 2 models on any GPU or on the CPU"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The flags every training stage takes.
+#[derive(Args, Debug, Clone)]
+pub struct StageArgs {
+    /// TOML config; fields left out take the stage's defaults (the paper's). On --resume
+    /// optional: the run's own config is used, and only the keys `docs/architecture.md` lists
+    /// (train.max_steps, intervals, ...) may change.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one config field, e.g. `--set optim.lr=1e-3` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// The model to start from (stages after pretraining): a kiln checkpoint or run
+    /// directory, a Hugging Face Llama directory, or a GGUF file.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Output directory: checkpoints, metrics.jsonl, config.toml.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out from its newest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Pretrain a model on text files (next-token prediction).
+    Pretrain(#[command(flatten)] StageArgs),
+    /// Supervised fine-tuning on chat data, the loss on answers only (Llama 2 sec. 3.1).
+    Sft {
+        #[command(flatten)]
+        stage: StageArgs,
+        /// Skip malformed JSONL lines (their count is printed) instead of stopping.
+        #[arg(long)]
+        skip_bad_lines: bool,
+    },
+    /// Ghost Attention (Llama 2 sec. 3.3): sample multi-turn answers with the instruction at
+    /// every turn, then fine-tune with it only in the first turn.
+    Gatt(#[command(flatten)] StageArgs),
+    /// Reward models (Llama 2 sec. 3.2.2): train, score, evaluate.
+    Rm {
+        #[command(subcommand)]
+        command: RmCommand,
+    },
+    /// The verifiable chat task suite.
+    Gym {
+        #[command(subcommand)]
+        command: GymCommand,
+    },
+    /// Evaluations.
+    Eval {
+        #[command(subcommand)]
+        command: EvalCommand,
+    },
+    /// Sample text from a model.
+    Generate(GenerateArgs),
+    /// Talk to a chat model in the terminal; answers stream as they are generated.
+    Chat(ChatArgs),
+    /// Convert a model between a kiln checkpoint, a Hugging Face Llama directory and GGUF
+    /// (read only).
+    Convert {
+        /// A kiln checkpoint (or run directory), a Hugging Face Llama directory, or a GGUF file.
+        input: PathBuf,
+        /// The new directory to write; it must not exist yet (or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Output format; default: `hf` for a kiln checkpoint, `kiln` for anything else.
+        #[arg(long, value_enum)]
+        to: Option<kiln::interop::convert::Format>,
+    },
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
+    /// Parameter count and memory estimate of a preset or config.
+    Info {
+        #[arg(long, value_enum, conflicts_with = "config")]
+        preset: Option<Preset>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Write loss and learning-rate curves of a run as PNG files.
+    Plot {
+        /// The run's output directory (holding metrics.jsonl).
+        out: PathBuf,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A kiln checkpoint (or run directory: its newest checkpoint), a Hugging Face Llama
+    /// directory, or a GGUF file.
+    #[arg(long, visible_alias = "checkpoint")]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// A kiln checkpoint (or run directory), a Hugging Face Llama directory, or a GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// System prompt; default: the one the model's chat template inserts, if any.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Chat template; default: the model's own.
+    #[arg(long, value_enum)]
+    pub template: Option<kiln::data::chat::ChatTemplate>,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    /// Longest answer, in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+#[derive(Subcommand)]
+pub enum GymCommand {
+    /// Write the train and held-out files (SFT, preferences, prompts, evaluation sets).
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Directory of the unsafe prompts (JSONL).
+        #[arg(long, default_value = "data/gym/donotanswer")]
+        unsafe_prompts: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RmCommand {
+    /// Train a helpfulness or safety reward model from a chat model.
+    Train {
+        /// Which reward model (required for a new run; a resumed run keeps its own).
+        #[arg(long, value_enum, required_unless_present = "resume")]
+        kind: Option<kiln::stages::reward::RmKind>,
+        #[command(flatten)]
+        stage: StageArgs,
+        #[arg(long)]
+        skip_bad_lines: bool,
+    },
+    /// Add `score` and `score_sigmoid` to each `{"prompt", "response"}` line of a JSONL file.
+    Score {
+        /// A reward model: a kiln checkpoint or run directory of `kiln rm train`.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Accuracy per rating level, mean margin and (safety) unsafe-response flagging on a
+    /// preference file.
+    Eval {
+        /// A reward model: a kiln checkpoint or run directory of `kiln rm train`.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        /// Which pairs of the file: `all`, `helpfulness` (safety false) or `safety`.
+        #[arg(long, value_enum, default_value = "all")]
+        pairs: kiln::stages::reward::PairSubset,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Task accuracy, refusal rates and instruction compliance per turn on the gym's held-out
+    /// sets (greedy decoding).
+    Gym {
+        /// A kiln checkpoint or run directory, a Hugging Face Llama directory, or a GGUF file.
+        #[arg(long, visible_alias = "model")]
+        checkpoint: PathBuf,
+        /// The directory `kiln gym generate` wrote.
+        #[arg(long, default_value = "runs/gym/data")]
+        data: PathBuf,
+        /// Chat template; default: the model's own (a kiln checkpoint's fine-tuning template).
+        #[arg(long, value_enum)]
+        template: Option<kiln::data::chat::ChatTemplate>,
+        /// Use at most this many items of each held-out set (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a byte-level BPE (digits split, Llama 2 chat tokens registered).
+    Train {
+        /// Text files or directories of `*.txt` files.
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        vocab_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Training steps per second of a preset on random tokens; prints one JSON line.
+    Train {
+        #[arg(long, value_enum)]
+        preset: Preset,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceChoice,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// `custom` (WGSL kernels, wgpu only) or `reference` (plain Burn ops).
+        #[arg(long, value_enum, default_value = "custom")]
+        kernels: kiln::kernels::Kernels,
+    },
+    /// Generation tokens/s of a model with the KV cache, per batch size; one JSON line each.
+    Generate {
+        /// A kiln checkpoint, a Hugging Face Llama directory or a GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceChoice,
+        /// Batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        #[arg(long, default_value_t = 64)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        #[arg(long, value_enum, default_value = "custom")]
+        kernels: kiln::kernels::Kernels,
+    },
+    /// The custom WGSL kernels against the reference ops, forward + backward, side by side.
+    Kernels {
+        #[arg(long, value_enum, default_value = "wgpu")]
+        device: DeviceChoice,
+        /// Timed runs per kernel and variant; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Small shapes (a smoke test), not the benchmark shapes.
+        #[arg(long)]
+        quick: bool,
+        /// One JSON object per kernel and shape instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only these kernels (e.g. `--kernel rms_norm --kernel swiglu`); default: all.
+        #[arg(long = "kernel", value_parser = clap::builder::PossibleValuesParser::new(kiln::bench::KERNEL_NAMES))]
+        kernels: Vec<String>,
+    },
+}

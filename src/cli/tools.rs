@@ -1,0 +1,176 @@
+//! The other commands: `gym generate`, `tokenizer train`, `info`, `plot`, `bench`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+use kiln::config::{self, Config, ModelConfig};
+use kiln::data::{corpus, tokenizer};
+use kiln::device;
+use kiln::interop::checkpoint;
+
+use super::args::BenchCommand;
+
+pub fn gym_generate(out: &Path, seed: u64, unsafe_prompts: PathBuf) -> Result<()> {
+    let sizes = kiln::gym::GymSizes {
+        unsafe_dir: unsafe_prompts,
+        ..Default::default()
+    };
+    let summary = kiln::gym::generate(out, seed, &sizes)?;
+    for (file, lines) in &summary.files {
+        eprintln!("{:>7} {}", lines, out.join(file).display());
+    }
+    Ok(())
+}
+
+pub fn tokenizer_train(input: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()> {
+    let documents = corpus::read_corpus(input)?;
+    let tok = tokenizer::train_bpe(documents.iter().map(|d| d.text.as_str()), vocab_size)?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
+    }
+    checkpoint::write_atomic(out, tok.to_json()?.as_bytes())?;
+    eprintln!(
+        "trained a {}-token BPE on {} files; wrote {}",
+        tok.vocab_size(),
+        documents.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+pub fn plot(out: &Path) -> Result<()> {
+    for path in kiln::train::plot::plot_run(out)? {
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+pub fn info(preset: Option<config::Preset>, config: Option<PathBuf>) -> Result<()> {
+    let model = match (preset, config) {
+        (Some(p), _) => p.model(),
+        (None, Some(path)) => config::load::<Config>(Some(&path), &[])?.model,
+        (None, None) => bail!("give --preset or --config"),
+    };
+    print_info(&model);
+    Ok(())
+}
+
+fn print_info(model: &ModelConfig) {
+    let p = model.num_params() as f64;
+    let size = |bytes: f64| {
+        let units = [("GiB", 30), ("MiB", 20), ("KiB", 10)];
+        let (unit, shift) = units
+            .into_iter()
+            .find(|&(_, shift)| bytes >= (1u64 << shift) as f64)
+            .unwrap_or(("KiB", 10));
+        format!("{:.2} {unit}", bytes / (1u64 << shift) as f64)
+    };
+    println!(
+        "shape: dim {}, {} layers, {} heads ({} KV heads), FFN {}, vocab {}, context {}",
+        model.dim,
+        model.n_layers,
+        model.n_heads,
+        model.n_kv_heads,
+        model.ffn_dim,
+        model.vocab_size,
+        model.max_seq_len
+    );
+    println!("parameters: {:.0} ({:.2}M)", p, p / 1e6);
+    println!(
+        "weights: {} in f32, {} in bf16",
+        size(4.0 * p),
+        size(2.0 * p)
+    );
+    // f32 weights + f32 gradients + two f32 AdamW moments; activations come on top.
+    println!(
+        "training state (f32 weights, gradients, AdamW moments): {}, plus activations",
+        size(16.0 * p)
+    );
+    let kv_per_token = 2 * model.n_layers * model.n_kv_heads * model.head_dim() * 4;
+    println!(
+        "KV cache: {} per token in f32 ({} for one full {}-token context)",
+        size(kv_per_token as f64),
+        size((kv_per_token * model.max_seq_len) as f64),
+        model.max_seq_len
+    );
+}
+
+pub fn bench(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Train {
+            preset,
+            device,
+            steps,
+            warmup,
+            kernels,
+        } => {
+            if steps == 0 {
+                bail!("--steps must be at least 1");
+            }
+            let device = device::select(device)?;
+            eprintln!("device: {}", device.describe());
+            let result = kiln::bench::train(preset, &device, steps, warmup, kernels)?;
+            println!("{}", serde_json::to_string(&result)?);
+        }
+        BenchCommand::Generate {
+            model,
+            device,
+            batch,
+            prompt_tokens,
+            new_tokens,
+            kernels,
+        } => {
+            if batch.is_empty() || batch.contains(&0) {
+                bail!("--batch must list batch sizes of at least 1");
+            }
+            let device = device::select(device)?;
+            eprintln!("device: {}", device.describe());
+            let rows =
+                kiln::bench::generate(&model, &device, kernels, &batch, prompt_tokens, new_tokens)?;
+            for row in rows {
+                println!("{}", serde_json::to_string(&row)?);
+            }
+        }
+        BenchCommand::Kernels {
+            device,
+            repeats,
+            quick,
+            json,
+            kernels,
+        } => {
+            if repeats == 0 {
+                bail!("--repeats must be at least 1");
+            }
+            let device = device::select(device)?;
+            eprintln!("device: {}", device.describe());
+            let rows = kiln::bench::kernels(&device, repeats, quick, &kernels)?;
+            if json {
+                for row in &rows {
+                    println!("{}", serde_json::to_string(row)?);
+                }
+                return Ok(());
+            }
+            println!(
+                "| kernel | shape | custom ms | reference ms | speedup | burn attention ms | max rel err |"
+            );
+            println!("|---|---|---|---|---|---|---|");
+            for r in &rows {
+                println!(
+                    "| {} | {} | {:.2} | {:.2} | {:.2}x | {} | {:.1e} |",
+                    r.kernel,
+                    r.shape,
+                    r.custom_ms,
+                    r.reference_ms,
+                    r.speedup,
+                    r.burn_attention_ms
+                        .map(|b| format!("{b:.2}"))
+                        .unwrap_or_else(|| "-".into()),
+                    r.max_rel_err
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! The training commands: `pretrain`, `sft`, `gatt`, `rm train`. Each turns its flags into a
+//! [`Launch`] and hands it to its stage.
+
+use anyhow::Result;
+
+use kiln::device;
+use kiln::stages::{gatt, pretrain, reward, sft};
+use kiln::train::run_dir;
+use kiln::train::stage::Launch;
+
+use super::args::StageArgs;
+
+/// The launch of a stage from its flags; `extra` overrides come after the user's.
+fn launch(args: StageArgs, extra: &[String]) -> Result<Launch> {
+    let device = device::select(args.device)?;
+    run_dir::install_interrupt_handler()?;
+    let mut overrides = args.overrides;
+    overrides.extend_from_slice(extra);
+    Ok(Launch {
+        config: args.config,
+        overrides,
+        init: args.init,
+        out_dir: args.out,
+        resume: args.resume,
+        device,
+        stop_after: None,
+    })
+}
+
+fn skip_bad_lines(on: bool) -> Vec<String> {
+    if on {
+        vec!["data.skip_bad_lines=true".into()]
+    } else {
+        Vec::new()
+    }
+}
+
+pub fn pretrain(args: StageArgs) -> Result<()> {
+    let summary = pretrain::run(&launch(args, &[])?, true)?;
+    if let Some(loss) = summary.final_val_loss {
+        eprintln!(
+            "final validation loss {loss:.4} (perplexity {:.1})",
+            loss.exp()
+        );
+    }
+    eprintln!("checkpoint: {}", summary.checkpoint.display());
+    if let Some(sample) = summary.sample {
+        println!("{sample}");
+    }
+    Ok(())
+}
+
+pub fn sft(args: StageArgs, skip_bad: bool) -> Result<()> {
+    let summary = sft::run(&launch(args, &skip_bad_lines(skip_bad))?)?;
+    report_fine_tuning(&summary);
+    Ok(())
+}
+
+pub fn gatt(args: StageArgs) -> Result<()> {
+    let summary = gatt::run(&launch(args, &[])?)?;
+    if summary.samples > 0 {
+        eprintln!(
+            "GAtt: {} samples; {} sampled answers were cut at gatt.max_answer_tokens or the context (gatt.cut_answers says whether they were dropped or kept without their end marker)",
+            summary.samples, summary.cut_answers
+        );
+    }
+    report_fine_tuning(&summary.sft);
+    Ok(())
+}
+
+pub fn rm_train(kind: Option<reward::RmKind>, args: StageArgs, skip_bad: bool) -> Result<()> {
+    let mut extra = skip_bad_lines(skip_bad);
+    if let Some(kind) = kind {
+        extra.push(format!("rm.kind={}", serde_json::to_string(&kind)?));
+    }
+    let summary = reward::train(&launch(args, &extra)?)?;
+    if let Some(loss) = summary.final_val_loss {
+        eprintln!(
+            "final validation ranking loss {loss:.4} (step {})",
+            summary.step
+        );
+    }
+    eprintln!("checkpoint: {}", summary.checkpoint.display());
+    Ok(())
+}
+
+fn report_fine_tuning(summary: &sft::SftSummary) {
+    if let Some(loss) = summary.final_val_loss {
+        eprintln!("final validation loss (answer tokens) {loss:.4}");
+    }
+    eprintln!("checkpoint: {}", summary.checkpoint.display());
+}

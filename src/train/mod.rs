@@ -1,0 +1,11 @@
+//! The pieces every training stage shares: the optimizer, the supervised loop, metrics,
+//! progress and plots.
+
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod progress;
+pub mod supervised;
+pub mod run_dir;
+pub mod stage;
+pub mod step;

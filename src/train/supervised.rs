@@ -1,0 +1,166 @@
+//! The supervised training loop (pretraining, SFT, GAtt, reward models): shuffled
+//! micro-batches of an [`Objective`], one optimizer step ([`crate::train::step`]) each, the
+//! cosine schedule, metrics, periodic evaluation, checkpoints into the [`RunDir`], Ctrl-C and
+//! exact resume. PPO has its own loop made of the same pieces.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{Result, anyhow, bail};
+use burn::module::Module;
+
+use crate::data::corpus::ShuffledIndices;
+use crate::interop::checkpoint::CheckpointData;
+use crate::interop::params;
+use crate::model::Llama;
+use crate::train::metrics::{MetricsLog, Record};
+use crate::train::optim::{self, AdamW};
+use crate::train::progress::Progress;
+use crate::train::run_dir::{INTERRUPTED, TrainState};
+use crate::train::stage::{Stage, Started, TrainingConfig};
+use crate::train::step::{self, Accumulated, MicroBatchLoss, SingleWorker};
+
+/// What a stage trains on: examples drawn in shuffled micro-batches, and a validation loss.
+/// `M` is the model the stage trains (the language model, or a reward model).
+pub trait Objective<M = Llama> {
+    /// Number of training examples (rows) the shuffle draws from.
+    fn len(&self) -> usize;
+    /// Loss of the training examples `indices`, summed over the items it counts (trained
+    /// tokens, or pairs), with their count: the step divides by the count of all its
+    /// micro-batches together.
+    fn loss(&self, model: &M, indices: &[usize]) -> MicroBatchLoss;
+    /// Validation loss of `model` (a model without autodiff).
+    fn validation_loss(&self, model: &M) -> f64;
+}
+
+pub struct TrainOutcome<M = Llama> {
+    pub model: M,
+    pub step: u64,
+    pub final_val_loss: Option<f64>,
+    pub checkpoint: PathBuf,
+    pub interrupted: bool,
+}
+
+/// Trains a launched stage on `objective` until `train.max_steps` (or `train.epochs` over
+/// the objective's examples), saving checkpoints into the run directory. `config_toml` is the
+/// configuration the run stores (what `--resume` reads back); `stop_after` stops (as if
+/// interrupted, with a checkpoint) after this many steps of this process, for tests.
+pub fn run<S: Stage>(
+    started: Started<S>,
+    config_toml: String,
+    objective: &dyn Objective<S::Model>,
+    stop_after: Option<u64>,
+) -> Result<TrainOutcome<S::Model>> {
+    let Started {
+        run,
+        config,
+        mut model,
+        mut optimizer,
+        tokenizer,
+        mut state,
+    } = started;
+    let (optim_config, train) = (config.optim(), config.train());
+    let max_steps = train.total_steps(objective.len());
+    if state.schedule_steps == 0 {
+        state.schedule_steps = max_steps;
+    }
+    let resumed_from = run.resume_from.clone();
+    run.write_config(&config_toml)?;
+    let mut batches = ShuffledIndices::new(objective.len(), state.seed, state.data);
+    let mut metrics = MetricsLog::open(&run.path, resumed_from.as_ref().map(|_| state.step))?;
+    let tokenizer_json = tokenizer.to_json()?;
+    let mut progress = Progress::new(state.step, max_steps, train.log_interval);
+    let started = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    let mut final_val_loss = None;
+    let mut last_checkpoint = resumed_from;
+    let mut interrupted = false;
+    let mut steps_this_run = 0u64;
+
+    let save = |model: &S::Model, optimizer: &AdamW, state: &TrainState| -> Result<PathBuf> {
+        let data = CheckpointData {
+            step: state.step,
+            config_toml: config_toml.clone(),
+            model: params::export(model),
+            optimizer: optimizer.export(model),
+            state_json: serde_json::to_string_pretty(state)?,
+            tokenizer_json: tokenizer_json.clone(),
+        };
+        run.save(&data, train.keep_checkpoints)
+    };
+
+    while state.step < max_steps {
+        let step_start = Instant::now();
+        let mut accumulated = Accumulated::default();
+        for _ in 0..train.grad_accum_steps {
+            let indices = batches.next_batch(train.batch_size);
+            accumulated.add(&model, objective.loss(&model, &indices));
+        }
+        let lr = optim::learning_rate(optim_config, state.step, state.schedule_steps);
+        let (updated, result) =
+            step::apply(model, &mut optimizer, accumulated, lr, &SingleWorker)
+                .map_err(|e| anyhow!("training diverged at step {}: {e}", state.step + 1))?;
+        model = updated;
+        state.step += 1;
+        steps_this_run += 1;
+        state.tokens_seen += result.tokens;
+        state.data = batches.cursor();
+        state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
+        let (loss, step_tokens) = (result.loss, result.tokens);
+        let tokens_per_s = step_tokens as f64 / step_start.elapsed().as_secs_f64();
+        metrics.write(&Record::Step {
+            step: state.step,
+            loss,
+            lr,
+            grad_norm: result.grad_norm,
+            tokens_per_s,
+            elapsed_s: state.elapsed_s,
+        })?;
+        progress.step(state.step, loss, lr, tokens_per_s);
+
+        let last = state.step == max_steps;
+        let due = |interval: u64| interval > 0 && state.step % interval == 0;
+        if last || due(train.eval_interval) {
+            let val_loss = objective.validation_loss(&model.valid());
+            if !val_loss.is_finite() {
+                bail!("training diverged at step {}: validation loss is {val_loss}", state.step);
+            }
+            metrics.write(&Record::Eval {
+                step: state.step,
+                val_loss,
+                val_perplexity: val_loss.exp(),
+            })?;
+            progress.message(&format!(
+                "step {:>6} | val loss {val_loss:.4} | perplexity {:.1}",
+                state.step,
+                val_loss.exp()
+            ));
+            final_val_loss = Some(val_loss);
+        }
+        interrupted = INTERRUPTED.load(Ordering::SeqCst) || stop_after == Some(steps_this_run);
+        if last || interrupted || due(train.checkpoint_interval) {
+            last_checkpoint = Some(save(&model, &optimizer, &state)?);
+        }
+        if interrupted {
+            progress.message(&format!(
+                "interrupted: saved checkpoint at step {}; continue with --resume",
+                state.step
+            ));
+            break;
+        }
+    }
+    progress.finish();
+    let checkpoint = match last_checkpoint {
+        Some(dir) => dir,
+        // A resumed run that had nothing left to do still has a checkpoint to point at.
+        None => save(&model, &optimizer, &state)?,
+    };
+    Ok(TrainOutcome {
+        model,
+        step: state.step,
+        final_val_loss,
+        checkpoint,
+        interrupted,
+    })
+}
