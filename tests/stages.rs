@@ -86,7 +86,8 @@ fn assert_exact_resume(dir: &Path, base: Launch, stage: &dyn Fn(&Launch) -> Resu
     straight.out_dir
 }
 
-/// The mean of the first and of the last three step losses.
+/// The mean of the first and of the last three step losses (in nats: a drop of 0.5 is
+/// well beyond step-to-step noise on these data).
 fn first_and_last(losses: &[f64]) -> (f64, f64) {
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
     (mean(&losses[..3]), mean(&losses[losses.len() - 3..]))
@@ -107,7 +108,7 @@ fn sft_learns_and_resumes_exactly() {
                 "data.seq_len=64".into(),
                 "train.batch_size=4".into(),
                 "train.grad_accum_steps=2".into(),
-                "train.max_steps=10".into(),
+                "train.max_steps=16".into(),
                 "optim.lr=3e-3".into(),
             ],
         )
@@ -115,7 +116,7 @@ fn sft_learns_and_resumes_exactly() {
     let run = assert_exact_resume(dir.path(), base, &|l| sft::run(l).map(|_| ()));
     let (first, last) = first_and_last(&step_losses(&run));
     eprintln!("SFT loss: first steps {first:.3}, last steps {last:.3}");
-    assert!(last < 0.8 * first, "SFT should lower the loss: {first} -> {last}");
+    assert!(last < first - 0.5, "SFT should lower the loss: {first} -> {last}");
 }
 
 #[test]
@@ -193,7 +194,7 @@ fn gatt_learns_and_resumes_exactly_from_its_own_config() {
                 "data.seq_len=64".into(),
                 "data.val_fraction=0.2".into(),
                 "train.batch_size=2".into(),
-                "train.max_steps=10".into(),
+                "train.max_steps=16".into(),
                 "optim.lr=3e-3".into(),
             ],
         )
@@ -205,7 +206,7 @@ fn gatt_learns_and_resumes_exactly_from_its_own_config() {
     assert!(samples.contains("\"complete\":false"), "{samples}");
     let (first, last) = first_and_last(&step_losses(&run));
     eprintln!("GAtt loss: first steps {first:.3}, last steps {last:.3}");
-    assert!(last < 0.8 * first, "GAtt should lower the loss: {first} -> {last}");
+    assert!(last < first - 0.5, "GAtt should lower the loss: {first} -> {last}");
 }
 
 #[test]
