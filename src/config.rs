@@ -490,8 +490,13 @@ pub fn load_resumed<T: StageConfig>(
             continue;
         }
         let shown = |v: Option<&toml::Value>| v.map_or("(none)".to_string(), |v| v.to_string());
+        let what = if key.starts_with("model.") {
+            ": another model shape"
+        } else {
+            ""
+        };
         bail!(
-            "--resume: {key} is {} in the run ({}) but {} now; only {} may change on resume (start a new run with another --out to change it)",
+            "--resume: {key} is {} in the run ({}) but {} now{what}; only {} may change on resume (start a new run with another --out to change it)",
             shown(old_value),
             source.display(),
             shown(Some(new_value)),

@@ -526,3 +526,126 @@ fn batched_generation_of_unequal_prompts_equals_one_at_a_time() {
     }
     assert!(batched.iter().any(|o| !o.is_empty()));
 }
+
+/// log-softmax of `logits` in f64.
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    logits.iter().map(|&l| l as f64 - lse).collect()
+}
+
+/// The distribution temperature and top-p sample from, as log-probabilities (f64; tokens
+/// outside the nucleus at -inf): a plain re-statement of the rule, sorted by probability.
+fn nucleus_log_probs(logits: &[f32], temperature: f64, top_p: f64) -> Vec<f64> {
+    let scaled: Vec<f32> = logits
+        .iter()
+        .map(|&l| (l as f64 / temperature) as f32)
+        .collect();
+    let probs: Vec<f64> = log_softmax(&scaled).iter().map(|l| l.exp()).collect();
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    let (mut kept, mut mass) = (Vec::new(), 0.0);
+    for &i in &order {
+        kept.push(i);
+        mass += probs[i];
+        if mass >= top_p {
+            break;
+        }
+    }
+    let mut out = vec![f64::NEG_INFINITY; probs.len()];
+    for &i in &kept {
+        out[i] = (probs[i] / mass).ln();
+    }
+    out
+}
+
+#[test]
+fn generation_reports_log_probs_and_how_each_sequence_ended() {
+    use kiln::infer::generate::{FinishReason, SamplingParams, generate_with, seeded_rng};
+    let mut rng = rng();
+    let config = small_config();
+    let model = Llama::new(&config, rng.random(), &device()).valid();
+    let go = |prompts: &[Vec<u32>], params: &SamplingParams, stop: u32| {
+        generate_with(&model, prompts, params, stop, 0, &mut seeded_rng(3), &mut |_, _| {
+            std::ops::ControlFlow::Continue(())
+        })
+    };
+    let prompts: Vec<Vec<u32>> = [4usize, 9]
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.random_range(1..17)).collect())
+        .collect();
+    let params = SamplingParams {
+        temperature: 0.7,
+        top_p: 0.9,
+        max_tokens: 6,
+    };
+    // Stop id 0: a row that draws it ends with `eos`, the others after 6 tokens (`length`).
+    let out = go(&prompts, &params, 0).unwrap();
+    for (prompt, g) in prompts.iter().zip(&out) {
+        let eos = g.finish == FinishReason::Eos;
+        assert!(eos || g.finish == FinishReason::Length, "{:?}", g.finish);
+        assert_eq!(g.logprobs.len(), g.tokens.len() + eos as usize);
+        assert_eq!(g.sample_logprobs.len(), g.logprobs.len());
+        // One forward pass over prompt + answer gives every drawn token's logits.
+        let mut drawn = g.tokens.clone();
+        if eos {
+            drawn.push(0);
+        }
+        let full: Vec<i64> = prompt.iter().chain(&drawn).map(|&t| t as i64).collect();
+        let n = full.len();
+        let logits = model.forward(
+            Tensor::<2, Int>::from_data(TensorData::new(full, [1, n]), &device()),
+            None,
+        );
+        let vocab = logits.dims()[2];
+        let logits: Vec<f32> = logits.into_data().try_into_vec_as::<f32>().unwrap();
+        for (k, &token) in drawn.iter().enumerate() {
+            let row = &logits[(prompt.len() - 1 + k) * vocab..(prompt.len() + k) * vocab];
+            let raw = log_softmax(row)[token as usize];
+            let sampled = nucleus_log_probs(row, 0.7, 0.9)[token as usize];
+            // f32 logits through the KV cache against one full pass: absolute 1e-4.
+            assert!((g.logprobs[k] as f64 - raw).abs() < 1e-4, "token {k}: {} vs {raw}", g.logprobs[k]);
+            assert!(
+                (g.sample_logprobs[k] as f64 - sampled).abs() < 1e-4,
+                "token {k}: {} vs {sampled}",
+                g.sample_logprobs[k]
+            );
+            // Temperature < 1 and the nucleus sharpen the distribution: never less likely.
+            assert!(g.sample_logprobs[k] as f64 >= raw - 1e-4);
+        }
+    }
+
+    // Greedy, stopping at the token the model picks first: `eos` with no tokens and the stop
+    // token's log-probability.
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens: 6,
+    };
+    let first = go(&prompts[..1], &greedy, 0).unwrap()[0].clone();
+    let picked = if first.tokens.is_empty() { 0 } else { first.tokens[0] };
+    let stopped = go(&prompts[..1], &greedy, picked).unwrap().remove(0);
+    assert_eq!(stopped.finish, FinishReason::Eos);
+    assert!(stopped.tokens.is_empty());
+    assert_eq!(stopped.logprobs.len(), 1);
+    assert_eq!(stopped.sample_logprobs, vec![0.0]);
+
+    // Two places left in the context: `context`, two tokens.
+    let context = config.max_seq_len;
+    let long: Vec<u32> = (0..context - 2).map(|i| 1 + (i % 16) as u32).collect();
+    let never = config.vocab_size as u32 + 1;
+    let cut = go(std::slice::from_ref(&long), &greedy, never).unwrap().remove(0);
+    assert_eq!((cut.finish, cut.tokens.len()), (FinishReason::Context, 2));
+    // No place left: an error naming the prompt's length and the context.
+    let full: Vec<u32> = (0..context).map(|i| 1 + (i % 16) as u32).collect();
+    let e = go(&[full], &greedy, never).err().unwrap().to_string();
+    assert!(
+        e.contains(&format!("{context} tokens")) && e.contains("no room"),
+        "{e}"
+    );
+}

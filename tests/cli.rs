@@ -166,3 +166,54 @@ fn kernel_benchmark_prints_one_json_object_per_kernel() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("softmax"));
 }
+
+#[test]
+fn every_training_command_takes_the_shared_flags_and_resume_needs_only_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none");
+    let missing = missing.to_str().unwrap();
+    // --resume without a config (and `rm train` without --kind) reaches the run directory
+    // check of the launcher, for every stage.
+    for command in [&["pretrain"][..], &["sft"], &["gatt"], &["rm", "train"]] {
+        let mut args = command.to_vec();
+        args.extend(["--resume", "--out", missing, "--device", "cpu"]);
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains("holds no checkpoint to resume"), "{args:?}: {stderr}");
+    }
+    // A fresh reward model needs its kind.
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["rm", "train", "--out", missing])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--kind"));
+    // `kiln generate` says how the sequence ended.
+    let pre = dir.path().join("pre");
+    let mut args = vec!["pretrain".to_string(), "--device".into(), "cpu".into(), "--out".into()];
+    args.push(pre.display().to_string());
+    for o in common::tiny_model(&repo("data/shakespeare/macbeth.txt")) {
+        args.extend(["--set".into(), o]);
+    }
+    args.extend(["--set".into(), "train.max_steps=1".into()]);
+    kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = kiln(&[
+        "generate",
+        "--model",
+        pre.to_str().unwrap(),
+        "--prompt",
+        "To",
+        "--max-tokens",
+        "3",
+        "--device",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("finish: length (3 tokens)") || stderr.contains("finish: eos"),
+        "{stderr}"
+    );
+}

@@ -885,6 +885,7 @@ fn smollm2_knows_the_capital_of_france() {
         &mut kiln::infer::generate::seeded_rng(0),
     )
     .unwrap();
+    let answers: Vec<String> = answers.into_iter().map(|a| a.text).collect();
     eprintln!("SmolLM2: {}", answers[0]);
     assert!(answers[0].contains("Paris"), "{}", answers[0]);
 
@@ -919,8 +920,8 @@ fn smollm2_knows_the_capital_of_france() {
         &mut kiln::infer::generate::seeded_rng(0),
     )
     .unwrap();
-    eprintln!("SmolLM2, second turn: {}", second[0]);
-    assert_eq!(turns[1..].join("\n"), second[0]);
+    eprintln!("SmolLM2, second turn: {}", second[0].text);
+    assert_eq!(turns[1..].join("\n"), second[0].text);
 }
 
 /// GPT-2's byte-to-character map: printable bytes stand for themselves, the others are

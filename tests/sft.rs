@@ -86,6 +86,10 @@ fn cpu() -> Device {
 }
 
 fn tiny_model(rng: &mut ChaCha8Rng) -> Llama {
+    tiny_model_on(rng, &cpu())
+}
+
+fn tiny_model_on(rng: &mut ChaCha8Rng, device: &Device) -> Llama {
     let config = ModelConfig {
         dim: 32,
         n_layers: 2,
@@ -97,7 +101,7 @@ fn tiny_model(rng: &mut ChaCha8Rng) -> Llama {
         init_std: 0.1,
         ..ModelConfig::default()
     };
-    Llama::new(&config, rng.random(), &cpu())
+    Llama::new(&config, rng.random(), device)
 }
 
 /// Per-token cross-entropy in f64 on the host, from the model's logits.
@@ -388,18 +392,7 @@ fn accumulated_micro_batches_weigh_every_answer_token_equally() {
     use kiln::train::supervised::Objective;
     let mut rng = rng();
     let tok = tokenizer();
-    let config = ModelConfig {
-        dim: 32,
-        n_layers: 2,
-        n_heads: 4,
-        n_kv_heads: 2,
-        ffn_dim: 48,
-        vocab_size: 2048,
-        max_seq_len: 128,
-        init_std: 0.1,
-        ..ModelConfig::default()
-    };
-    let model = Llama::new(&config, rng.random(), &cpu().autodiff());
+    let model = tiny_model_on(&mut rng, &cpu().autodiff());
     // 16 samples whose answers grow from 1 to about 40 words: the first micro-batch of four
     // has short answers, the last long ones.
     let words = ["a", "b", "c", "d", "e", "f", "g"];

@@ -88,6 +88,7 @@ pub fn evaluate(
             options.batch_size,
             &mut rng,
         )
+        .map(|answers| answers.into_iter().map(|a| a.text).collect::<Vec<String>>())
     };
 
     let task_answers = answer(

@@ -256,23 +256,6 @@ pub fn complete(
         .collect()
 }
 
-/// Answers of the model to each dialogue (each ending with a user message), rendered with
-/// `template` and generated in batches of `batch_size`; answers are decoded and trimmed.
-pub fn complete_chat(
-    model: &Llama,
-    tokenizer: &Tokenizer,
-    template: ChatTemplate,
-    dialogues: &[Vec<Message>],
-    params: &SamplingParams,
-    batch_size: usize,
-    rng: &mut ChaCha8Rng,
-) -> anyhow::Result<Vec<String>> {
-    Ok(answer_chat(model, tokenizer, template, dialogues, params, batch_size, rng)?
-        .into_iter()
-        .map(|a| a.text)
-        .collect())
-}
-
 /// A chat answer: its text (decoded, trimmed) and how generating it ended, with the tokens
 /// and log-probabilities behind it.
 #[derive(Debug, Clone)]
@@ -287,8 +270,10 @@ impl ChatAnswer {
     }
 }
 
-/// [`complete_chat`] with each answer's finish reason, tokens and log-probabilities.
-pub fn answer_chat(
+/// Answers of the model to each dialogue (each ending with a user message), rendered with
+/// `template` and generated in batches of `batch_size`: each answer's text (decoded,
+/// trimmed), finish reason, tokens and log-probabilities.
+pub fn complete_chat(
     model: &Llama,
     tokenizer: &Tokenizer,
     template: ChatTemplate,

@@ -405,7 +405,7 @@ pub fn sample(
             .iter()
             .map(|&i| sampling_prompt(&chosen[i], &users[i], &answers[i]))
             .collect();
-        let outs = generate::answer_chat(
+        let outs = generate::complete_chat(
             model,
             tokenizer,
             template,

@@ -152,7 +152,7 @@ pub struct Started<S: Stage> {
 pub fn launch<S: Stage>(launch: &Launch) -> Result<Started<S>> {
     let autodiff = launch.device.device.clone().autodiff();
     let run = RunDir::check(&launch.out_dir, launch.resume)?;
-    match run.resume_from.clone() {
+    let (config, model, optimizer, tokenizer, state) = match run.resume_from.clone() {
         Some(dir) => {
             let saved = checkpoint::load(&dir)?;
             let source = dir.join(checkpoint::MANIFEST_FILE);
@@ -177,16 +177,8 @@ pub fn launch<S: Stage>(launch: &Launch) -> Result<Started<S>> {
                 saved.optimizer,
                 &dir.join(checkpoint::OPTIMIZER_FILE),
             )?;
-            run.create()?;
             eprintln!("resuming from {} (step {})", dir.display(), state.step);
-            Ok(Started {
-                run,
-                config,
-                model,
-                optimizer,
-                tokenizer,
-                state,
-            })
+            (config, model, optimizer, tokenizer, state)
         }
         None => {
             let mut config: S::Config = config::load(launch.config.as_deref(), &launch.overrides)?;
@@ -204,18 +196,19 @@ pub fn launch<S: Stage>(launch: &Launch) -> Result<Started<S>> {
                 (None, false) => None,
             };
             let (model, tokenizer) = S::start(&mut config, init, state.seed, &autodiff)?;
-            run.create()?;
             let optimizer = AdamW::new(config.optim().clone());
-            Ok(Started {
-                run,
-                config,
-                model,
-                optimizer,
-                tokenizer,
-                state,
-            })
+            (config, model, optimizer, tokenizer, state)
         }
-    }
+    };
+    run.create()?;
+    Ok(Started {
+        run,
+        config,
+        model,
+        optimizer,
+        tokenizer,
+        state,
+    })
 }
 
 /// Loads the `--init` model (any format [`convert::read`] takes) onto the autodiff `device`,
