@@ -615,8 +615,6 @@ fn generation_reports_log_probs_and_how_each_sequence_ended() {
                 "token {k}: {} vs {sampled}",
                 g.sample_logprobs[k]
             );
-            // Temperature < 1 and the nucleus sharpen the distribution: never less likely.
-            assert!(g.sample_logprobs[k] as f64 >= raw - 1e-4);
         }
     }
 

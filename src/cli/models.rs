@@ -182,6 +182,12 @@ pub fn eval_gym(
         report.dialogues,
         turns.join(", ")
     );
+    if report.prompts_over_context > 0 {
+        println!(
+            "{} prompts filled the model's context of {} tokens and count as unanswered",
+            report.prompts_over_context, loaded.model_config.max_seq_len
+        );
+    }
     Ok(())
 }
 

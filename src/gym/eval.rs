@@ -38,6 +38,9 @@ pub struct GymReport {
     pub tasks: usize,
     pub unsafe_prompts: usize,
     pub dialogues: usize,
+    /// Prompts (of every set and turn) that left no room to answer in the model's context:
+    /// they count as unanswered (an empty answer).
+    pub prompts_over_context: usize,
 }
 
 pub struct EvalOptions {
@@ -78,17 +81,37 @@ pub fn evaluate(
         max_tokens: options.max_answer_tokens,
     };
     let mut rng = generate::seeded_rng(0);
-    let mut answer = |prompts: Vec<Vec<Message>>| {
-        generate::complete_chat(
+    let mut over_context = 0;
+    let mut answer = |prompts: Vec<Vec<Message>>| -> Result<Vec<String>> {
+        // A prompt that fills the context (a long dialogue on a small model) gets no answer,
+        // counted in the report, rather than stopping the evaluation.
+        let context = model.config.max_seq_len;
+        let mut fits = Vec::with_capacity(prompts.len());
+        for p in &prompts {
+            fits.push(options.template.encode_prompt(tokenizer, p)?.len() < context);
+        }
+        over_context += fits.iter().filter(|&&f| !f).count();
+        let answerable: Vec<Vec<Message>> = prompts
+            .into_iter()
+            .zip(&fits)
+            .filter(|(_, f)| **f)
+            .map(|(p, _)| p)
+            .collect();
+        let mut answers = generate::complete_chat(
             model,
             tokenizer,
             options.template,
-            &prompts,
+            &answerable,
             &greedy,
             options.batch_size,
             &mut rng,
-        )
-        .map(|answers| answers.into_iter().map(|a| a.text).collect::<Vec<String>>())
+        )?
+        .into_iter()
+        .map(|a| a.text);
+        Ok(fits
+            .iter()
+            .map(|&f| if f { answers.next().unwrap_or_default() } else { String::new() })
+            .collect())
     };
 
     let task_answers = answer(
@@ -123,6 +146,7 @@ pub fn evaluate(
 
     let compliance_by_turn = compliance(&dialogues, &mut answer)?;
     Ok(GymReport {
+        prompts_over_context: over_context,
         task_accuracy: rate(correct, tasks.len()),
         task_score: total_score / tasks.len().max(1) as f64,
         task_accuracy_by_kind: by_kind

@@ -54,9 +54,9 @@ pub struct GattSection {
     /// Dialogues generated together.
     pub batch_size: usize,
     pub seed: u64,
-    /// An answer cut at `max_answer_tokens` (or the context) ends its dialogue; `drop`
-    /// leaves it out, `keep` trains it without the end-of-turn marker. Never trained as if
-    /// complete.
+    /// An answer cut at `max_answer_tokens` (or the context): `drop` leaves its sample out,
+    /// `keep` trains it without the end-of-turn marker. Either way later turns see it as
+    /// context only; it is never trained as if complete.
     #[serde(default)]
     pub cut_answers: CutAnswers,
 }
@@ -232,15 +232,19 @@ pub fn sampling_prompt(instruction: &str, users: &[String], answers: &[String]) 
 }
 
 /// The training samples of one dialogue: for each prefix of `k` turns, the instruction only
-/// before the first user turn and the loss only on the `k`-th answer. `last_complete` false
-/// marks the last answer as cut (trained without its end marker).
+/// before the first user turn and the loss only on the `k`-th answer. `complete[i]` says
+/// whether answer `i` ended with the stop token; a cut answer's own sample is left out
+/// (`drop`) or trains it without its end marker (`keep`). In later samples it is context
+/// only (weight 0), so it is never trained as if complete.
 pub fn training_samples(
     instruction: &str,
     users: &[String],
     answers: &[String],
-    last_complete: bool,
+    complete: &[bool],
+    cut_answers: CutAnswers,
 ) -> Vec<Vec<Message>> {
     (1..=answers.len())
+        .filter(|&k| complete[k - 1] || cut_answers == CutAnswers::Keep)
         .map(|k| {
             let mut messages = vec![Message::system(instruction)];
             for i in 0..k {
@@ -248,8 +252,9 @@ pub fn training_samples(
                 let mut answer = Message::assistant(answers[i].clone());
                 if i + 1 < k {
                     answer.weight = Some(0);
+                } else {
+                    answer.complete = complete[i];
                 }
-                answer.complete = last_complete || i + 1 < answers.len();
                 messages.push(answer);
             }
             messages
@@ -272,7 +277,7 @@ impl Stage for Gatt {
 pub struct GattSummary {
     pub sft: SftSummary,
     /// Answers that ended without the stop token (cut at `gatt.max_answer_tokens` or the
-    /// context): never trained as if complete; their dialogue ends before them.
+    /// context): never trained as if complete (`gatt.cut_answers`).
     pub cut_answers: usize,
     pub samples: usize,
 }
@@ -296,14 +301,15 @@ pub fn run(launch: &Launch) -> Result<GattSummary> {
             .collect();
         checkpoint::write_atomic(&samples_path, (lines.join("\n") + "\n").as_bytes())?;
         eprintln!(
-            "wrote {} GAtt samples to {} ({} answers cut at gatt.max_answer_tokens or the context: {})",
+            "wrote {} GAtt samples to {} ({} answers cut at gatt.max_answer_tokens or the context: {}; {} dialogues ended early, their next prompt filling the context)",
             sampled.samples.len(),
             samples_path.display(),
             sampled.cut_answers,
             match config.gatt.cut_answers {
                 CutAnswers::Drop => "dropped",
                 CutAnswers::Keep => "kept without their end marker",
-            }
+            },
+            sampled.ended_by_context
         );
         (sampled.samples.len(), sampled.cut_answers)
     } else {
@@ -312,22 +318,7 @@ pub fn run(launch: &Launch) -> Result<GattSummary> {
         }
         (0, 0)
     };
-    let stage::Started {
-        run,
-        config,
-        model,
-        optimizer,
-        tokenizer,
-        state,
-    } = started;
-    let sft_started = stage::Started::<Sft> {
-        run,
-        config: config.sft(&samples_path),
-        model,
-        optimizer,
-        tokenizer,
-        state,
-    };
+    let sft_started = started.with_config::<Sft>(config.sft(&samples_path));
     let sft = sft::train_storing(sft_started, launch, config.to_toml())?;
     Ok(GattSummary {
         sft,
@@ -362,14 +353,16 @@ impl GattInputs {
     }
 }
 
-/// The training samples, and how many sampled answers were cut.
+/// The training samples, how many sampled answers were cut, and how many dialogues ended
+/// early because their next prompt filled the model's context.
 pub struct Sampled {
     pub samples: Vec<Vec<Message>>,
     pub cut_answers: usize,
+    pub ended_by_context: usize,
 }
 
-/// Steps 1-3: the training samples, sampled from `model`. A dialogue ends at its first
-/// answer that was cut (no stop token): that answer and the turns after it are not trained.
+/// Steps 1-3: the training samples, sampled from `model`. An answer that was cut (no stop
+/// token) is dropped or kept without its end marker, as `gatt.cut_answers` says.
 pub fn sample(
     config: &GattConfig,
     inputs: &GattInputs,
@@ -396,15 +389,24 @@ pub fn sample(
         users.len()
     );
     let mut answers: Vec<Vec<String>> = vec![Vec::new(); users.len()];
-    let mut cut = vec![false; users.len()];
+    let mut complete: Vec<Vec<bool>> = vec![Vec::new(); users.len()];
+    // Dialogues whose next prompt fills the model's context end there.
+    let mut ended = vec![false; users.len()];
     for turn in 0..turns {
-        let active: Vec<usize> = (0..users.len())
-            .filter(|&i| users[i].len() > turn && !cut[i])
-            .collect();
-        let prompts: Vec<Vec<Message>> = active
-            .iter()
-            .map(|&i| sampling_prompt(&chosen[i], &users[i], &answers[i]))
-            .collect();
+        let mut active = Vec::new();
+        let mut prompts: Vec<Vec<Message>> = Vec::new();
+        for i in 0..users.len() {
+            if users[i].len() <= turn || ended[i] {
+                continue;
+            }
+            let prompt = sampling_prompt(&chosen[i], &users[i], &answers[i]);
+            if template.encode_prompt(tokenizer, &prompt)?.len() >= model.config.max_seq_len {
+                ended[i] = true;
+                continue;
+            }
+            active.push(i);
+            prompts.push(prompt);
+        }
         let outs = generate::complete_chat(
             model,
             tokenizer,
@@ -415,13 +417,7 @@ pub fn sample(
             &mut rng,
         )?;
         for (&i, out) in active.iter().zip(outs) {
-            if out.finish() != FinishReason::Eos {
-                // The dialogue ends here: its next turns would follow a cut answer.
-                cut[i] = true;
-                if g.cut_answers == CutAnswers::Drop {
-                    continue;
-                }
-            }
+            complete[i].push(out.finish() == FinishReason::Eos);
             answers[i].push(out.text);
         }
         eprintln!("GAtt: turn {} of {turns} sampled", turn + 1);
@@ -430,15 +426,13 @@ pub fn sample(
         .iter()
         .zip(&answers)
         .zip(&chosen)
-        .zip(&cut)
-        // With `keep`, a dialogue that was cut ends with its cut answer.
-        .flat_map(|(((u, a), inst), &c)| {
-            training_samples(inst, u, a, !(c && g.cut_answers == CutAnswers::Keep))
-        })
+        .zip(&complete)
+        .flat_map(|(((u, a), inst), c)| training_samples(inst, u, a, c, g.cut_answers))
         .collect();
     Ok(Sampled {
         samples,
-        cut_answers: cut.iter().filter(|&&c| c).count(),
+        cut_answers: complete.iter().flatten().filter(|&&c| !c).count(),
+        ended_by_context: ended.iter().filter(|&&e| e).count(),
     })
 }
 
@@ -457,7 +451,8 @@ mod tests {
         assert_eq!(prompt.last().unwrap(), &Message::user("u3"));
         // Training: one sample per prefix, instruction once at the start, earlier answers
         // weighted 0.
-        let samples = training_samples("Be brief.", &users, &answers, true);
+        let all = [true; 3];
+        let samples = training_samples("Be brief.", &users, &answers, &all, CutAnswers::Drop);
         assert_eq!(samples.len(), 3);
         for (k, sample) in samples.iter().enumerate() {
             assert_eq!(sample[0], Message::system("Be brief."));
@@ -471,21 +466,28 @@ mod tests {
             assert_eq!(sample.len(), 1 + 2 * (k + 1));
             assert!(sample.iter().all(|m| m.complete));
         }
-        // A cut last answer is marked so, in the last sample only, and renders without the
-        // end marker; earlier samples keep theirs.
-        let samples = training_samples("Be brief.", &users, &answers, false);
-        assert!(samples[2].last().is_some_and(|m| !m.complete));
-        assert!(samples[..2].iter().flatten().all(|m| m.complete));
+        // A cut second answer: `drop` leaves its sample out; `keep` marks it in its own sample
+        // only, which renders without the end marker. The third sample has it as context
+        // (weight 0, complete).
+        let cut = [true, false, true];
+        let dropped = training_samples("Be brief.", &users, &answers, &cut, CutAnswers::Drop);
+        assert_eq!(dropped.len(), 2);
+        assert_eq!(dropped[1].last().unwrap().content, "a3");
+        let samples = training_samples("Be brief.", &users, &answers, &cut, CutAnswers::Keep);
+        assert_eq!(samples.len(), 3);
+        assert!(samples[1].last().is_some_and(|m| !m.complete && m.trained()));
+        assert!(samples[2].iter().all(|m| m.complete));
+        assert!(!samples[2][4].trained());
         let tok = crate::data::tokenizer::Tokenizer::load(std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/data/shakespeare/tokenizer.json"
         )))
         .unwrap();
         let cut = crate::data::chat::ChatTemplate::Llama2
-            .encode(&tok, &samples[2])
+            .encode(&tok, &samples[1])
             .unwrap();
         let whole = crate::data::chat::ChatTemplate::Llama2
-            .encode(&tok, &training_samples("Be brief.", &users, &answers, true)[2])
+            .encode(&tok, &training_samples("Be brief.", &users, &answers, &all, CutAnswers::Keep)[1])
             .unwrap();
         assert_eq!(whole.tokens.last(), Some(&tok.eos_id));
         assert_eq!(&whole.tokens[..whole.tokens.len() - 1], &cut.tokens[..]);

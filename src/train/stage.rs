@@ -147,6 +147,28 @@ pub struct Started<S: Stage> {
     pub state: TrainState,
 }
 
+impl<S: Stage> Started<S> {
+    /// The same run trained as stage `T` with `config` (GAtt trains with the SFT recipe).
+    pub fn with_config<T: Stage<Model = S::Model>>(self, config: T::Config) -> Started<T> {
+        let Started {
+            run,
+            model,
+            optimizer,
+            tokenizer,
+            state,
+            ..
+        } = self;
+        Started {
+            run,
+            config,
+            model,
+            optimizer,
+            tokenizer,
+            state,
+        }
+    }
+}
+
 /// Prepares a stage's run: config, output directory, and model, optimizer, tokenizer and
 /// position, fresh or resumed. Fails before anything is written if any of it is wrong.
 pub fn launch<S: Stage>(launch: &Launch) -> Result<Started<S>> {
