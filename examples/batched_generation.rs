@@ -4,9 +4,9 @@
 //!     cargo run --release --example batched_generation -- runs/shakespeare
 
 use anyhow::{Context, Result};
-use kiln::interop::convert;
 use kiln::device::{self, DeviceChoice};
 use kiln::infer::generate::{self, SamplingParams};
+use kiln::interop::convert;
 
 fn main() -> Result<()> {
     let run = std::env::args()

@@ -31,8 +31,11 @@ fn main() -> Result<()> {
         .map(|t| t.trim().parse().with_context(|| format!("--tokens: {t:?}")))
         .collect::<Result<_>>()?;
     let device = kiln::device::select(kiln::device::DeviceChoice::Cpu)?.device;
-    let loaded =
-        kiln::interop::convert::load_model(&args.model, &device, kiln::kernels::Kernels::Reference)?;
+    let loaded = kiln::interop::convert::load_model(
+        &args.model,
+        &device,
+        kiln::kernels::Kernels::Reference,
+    )?;
     let t = tokens.len();
     let input = Tensor::<2, Int>::from_data(TensorData::new(tokens.clone(), [1, t]), &device);
     let logits = loaded.loaded.model.forward(input, None);

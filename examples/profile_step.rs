@@ -14,8 +14,8 @@ use kiln::config::{OptimConfig, Preset};
 use kiln::data::corpus::Batch;
 use kiln::device::ComputeDevice;
 use kiln::model::Llama;
-use kiln::train::optim::AdamW;
 use kiln::stages::pretrain::batch_tensors;
+use kiln::train::optim::AdamW;
 
 fn main() {
     let name = std::env::args().nth(1).unwrap_or_else(|| "bench-5m".into());

@@ -16,9 +16,9 @@ use crate::device::ComputeDevice;
 use crate::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
 use crate::model::Llama;
 use crate::model::ops::RopeTables;
+use crate::stages::pretrain::batch_tensors;
 use crate::train::optim::AdamW;
 use crate::train::step::{self, Accumulated, MicroBatchLoss, SingleWorker};
-use crate::stages::pretrain::batch_tensors;
 
 #[derive(Debug, Serialize)]
 pub struct TrainBench {

@@ -6,8 +6,8 @@
 use burn::module::Module;
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use kiln::config::ModelConfig;
-use kiln::model::{KvCache, Llama};
 use kiln::model::ops::{self, AttentionBias, RopeTables};
+use kiln::model::{KvCache, Llama};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -378,8 +378,12 @@ fn whole_model_gradient_matches_finite_differences() {
                 let mut tensors = exported.clone();
                 let k = tensors.iter().position(|t| t.name == info.name).unwrap();
                 tensors[k].values[i] += delta;
-                let m = kiln::interop::params::import(model.clone(), tensors, std::path::Path::new("test"))
-                    .unwrap();
+                let m = kiln::interop::params::import(
+                    model.clone(),
+                    tensors,
+                    std::path::Path::new("test"),
+                )
+                .unwrap();
                 m.loss(ids(&tokens), ids(&targets)).into_scalar()
             };
             // Parameters travel as f32 through export/import: use the perturbation actually
@@ -571,9 +575,15 @@ fn generation_reports_log_probs_and_how_each_sequence_ended() {
     let config = small_config();
     let model = Llama::new(&config, rng.random(), &device()).valid();
     let go = |prompts: &[Vec<u32>], params: &SamplingParams, stop: u32| {
-        generate_with(&model, prompts, params, stop, 0, &mut seeded_rng(3), &mut |_, _| {
-            std::ops::ControlFlow::Continue(())
-        })
+        generate_with(
+            &model,
+            prompts,
+            params,
+            stop,
+            0,
+            &mut seeded_rng(3),
+            &mut |_, _| std::ops::ControlFlow::Continue(()),
+        )
     };
     let prompts: Vec<Vec<u32>> = [4usize, 9]
         .iter()
@@ -609,7 +619,11 @@ fn generation_reports_log_probs_and_how_each_sequence_ended() {
             let raw = log_softmax(row)[token as usize];
             let sampled = nucleus_log_probs(row, 0.7, 0.9)[token as usize];
             // f32 logits through the KV cache against one full pass: absolute 1e-4.
-            assert!((g.logprobs[k] as f64 - raw).abs() < 1e-4, "token {k}: {} vs {raw}", g.logprobs[k]);
+            assert!(
+                (g.logprobs[k] as f64 - raw).abs() < 1e-4,
+                "token {k}: {} vs {raw}",
+                g.logprobs[k]
+            );
             assert!(
                 (g.sample_logprobs[k] as f64 - sampled).abs() < 1e-4,
                 "token {k}: {} vs {sampled}",
@@ -626,7 +640,11 @@ fn generation_reports_log_probs_and_how_each_sequence_ended() {
         max_tokens: 6,
     };
     let first = go(&prompts[..1], &greedy, 0).unwrap()[0].clone();
-    let picked = if first.tokens.is_empty() { 0 } else { first.tokens[0] };
+    let picked = if first.tokens.is_empty() {
+        0
+    } else {
+        first.tokens[0]
+    };
     let stopped = go(&prompts[..1], &greedy, picked).unwrap().remove(0);
     assert_eq!(stopped.finish, FinishReason::Eos);
     assert!(stopped.tokens.is_empty());
@@ -637,7 +655,9 @@ fn generation_reports_log_probs_and_how_each_sequence_ended() {
     let context = config.max_seq_len;
     let long: Vec<u32> = (0..context - 2).map(|i| 1 + (i % 16) as u32).collect();
     let never = config.vocab_size as u32 + 1;
-    let cut = go(std::slice::from_ref(&long), &greedy, never).unwrap().remove(0);
+    let cut = go(std::slice::from_ref(&long), &greedy, never)
+        .unwrap()
+        .remove(0);
     assert_eq!((cut.finish, cut.tokens.len()), (FinishReason::Context, 2));
     // No place left: an error naming the prompt's length and the context.
     let full: Vec<u32> = (0..context).map(|i| 1 + (i % 16) as u32).collect();

@@ -183,7 +183,10 @@ fn every_training_command_takes_the_shared_flags_and_resume_needs_only_out() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}");
-        assert!(stderr.contains("holds no checkpoint to resume"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("holds no checkpoint to resume"),
+            "{args:?}: {stderr}"
+        );
     }
     // A fresh reward model needs its kind.
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -193,7 +196,12 @@ fn every_training_command_takes_the_shared_flags_and_resume_needs_only_out() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--kind"));
     // `kiln generate` says how the sequence ended.
     let pre = dir.path().join("pre");
-    let mut args = vec!["pretrain".to_string(), "--device".into(), "cpu".into(), "--out".into()];
+    let mut args = vec![
+        "pretrain".to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "--out".into(),
+    ];
     args.push(pre.display().to_string());
     for o in common::tiny_model(&repo("data/shakespeare/macbeth.txt")) {
         args.extend(["--set".into(), o]);

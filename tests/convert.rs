@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use burn::tensor::{Int, Tensor, TensorData};
+use common::gguf_writer::{self, TensorToWrite};
 use half::{bf16, f16};
+use kiln::config::ModelConfig;
 use kiln::data::chat::{ChatTemplate, Message};
 use kiln::interop::checkpoint::NamedTensor;
-use kiln::config::ModelConfig;
 use kiln::interop::convert::{self, ForeignModel, Format};
-use common::gguf_writer::{self, TensorToWrite};
 use kiln::interop::gguf::{GgmlType, GgufFile, Value};
 use kiln::model::Llama;
-use rand_chacha::ChaCha8Rng;
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
 mod common;
 use common::repo;
@@ -847,7 +847,9 @@ fn chat_streams_answers_and_keeps_the_dialogue() {
 
 #[test]
 fn smollm2_knows_the_capital_of_france() {
-    let Some(path) = common::smollm2() else { return };
+    let Some(path) = common::smollm2() else {
+        return;
+    };
     let loaded = convert::load_model(&path, &cpu(), Default::default()).unwrap();
     let c = &loaded.loaded.model_config;
     assert_eq!(
@@ -1011,9 +1013,12 @@ fn reference_bpe(file: &GgufFile, text: &str) -> Vec<u32> {
 
 #[test]
 fn smollm2_tokenizer_from_gguf_matches_its_vocabulary() {
-    let Some(path) = common::smollm2() else { return };
+    let Some(path) = common::smollm2() else {
+        return;
+    };
     let file = GgufFile::read(&path).unwrap();
-    let tokenizer = kiln::data::tokenizer::Tokenizer::from_json(&file.tokenizer_json().unwrap()).unwrap();
+    let tokenizer =
+        kiln::data::tokenizer::Tokenizer::from_json(&file.tokenizer_json().unwrap()).unwrap();
     assert_eq!(tokenizer.vocab_size(), 49152);
     for (i, name) in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         .iter()

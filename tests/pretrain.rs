@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln::interop::checkpoint;
 use kiln::config::Config;
+use kiln::interop::checkpoint;
 use kiln::stages::pretrain;
 use kiln::train::stage::Launch;
 
@@ -48,10 +48,13 @@ fn pretraining_lowers_validation_loss() {
     let config = Config::load(None, &overrides).unwrap();
     // Validation loss of the untrained model is about ln(vocab).
     let first = {
-        pretrain::run(&options(&small_overrides(1), &dir.path().join("one")), false)
-            .unwrap()
-            .final_val_loss
-            .unwrap()
+        pretrain::run(
+            &options(&small_overrides(1), &dir.path().join("one")),
+            false,
+        )
+        .unwrap()
+        .final_val_loss
+        .unwrap()
     };
     let summary = pretrain::run(&options(&overrides, &dir.path().join("run")), false).unwrap();
     let last = summary.final_val_loss.unwrap();
@@ -279,7 +282,10 @@ fn resume_refuses_changed_keys_and_extending_keeps_the_schedule() {
         .to_string();
         assert!(e.contains(key) && e.contains("in the run"), "{set}: {e}");
         if key == "optim.lr" {
-            assert!(e.contains("0.003") && e.contains("0.01"), "both values: {e}");
+            assert!(
+                e.contains("0.003") && e.contains("0.01"),
+                "both values: {e}"
+            );
         }
     }
     // The full original config again is no change at all.
@@ -306,10 +312,17 @@ fn resume_refuses_changed_keys_and_extending_keeps_the_schedule() {
     };
     let (a, b) = (lrs(&straight), lrs(&run));
     // Steps 1..=12 keep the rate the first schedule gave them, bit for bit...
-    assert_eq!(&b[..12], &a[..], "learning rates of scheduled steps changed");
+    assert_eq!(
+        &b[..12],
+        &a[..],
+        "learning rates of scheduled steps changed"
+    );
     // ...and the steps past it run at the schedule's final rate (min_lr_ratio * lr).
     let floor = 3e-3 * 0.1;
     for &(step, lr) in &b[12..] {
-        assert!((lr - floor).abs() < 1e-12, "step {step}: lr {lr}, floor {floor}");
+        assert!(
+            (lr - floor).abs() < 1e-12,
+            "step {step}: lr {lr}, floor {floor}"
+        );
     }
 }

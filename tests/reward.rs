@@ -7,7 +7,8 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use kiln::data::chat::Rating;
-use kiln::stages::reward::{Arrangement, MarginTable, RewardModel, ScoreBatch, ranking_loss};
+use kiln::model::reward::{Arrangement, RewardModel, ScoreBatch};
+use kiln::stages::reward::{MarginTable, ranking_loss};
 
 mod common;
 
@@ -173,7 +174,7 @@ fn head_reads_the_last_token_under_padding_and_packing_and_batches_change_nothin
 
 #[test]
 fn pairs_sharing_their_prompt_score_as_the_full_sequences_do_and_train_the_prompt() {
-    use kiln::stages::reward::{EncodedPair, pair_scores};
+    use kiln::model::reward::{EncodedPair, pair_scores};
     let mut rng = rng();
     let model = tiny_rm(&mut rng);
     let pairs = common::pairs_sharing_prompts(&mut rng);

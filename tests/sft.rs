@@ -7,12 +7,12 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use kiln::data::chat::{ChatTemplate, Message};
 use kiln::config::ModelConfig;
+use kiln::data::chat::{ChatTemplate, Message};
+use kiln::data::tokenizer::Tokenizer;
 use kiln::kernels::SequenceLayout;
 use kiln::model::Llama;
 use kiln::stages::sft::{self, SftRows, TrainOn};
-use kiln::data::tokenizer::Tokenizer;
 
 mod common;
 use common::repo;
@@ -372,7 +372,10 @@ fn sft_command_fine_tunes_resumes_and_rejects_bad_lines() {
 }
 
 /// Relative L2 distance of two sets of named tensors of the same names and shapes.
-fn relative_distance(a: &[kiln::interop::checkpoint::NamedTensor], b: &[kiln::interop::checkpoint::NamedTensor]) -> f64 {
+fn relative_distance(
+    a: &[kiln::interop::checkpoint::NamedTensor],
+    b: &[kiln::interop::checkpoint::NamedTensor],
+) -> f64 {
     assert_eq!(a.len(), b.len());
     let (mut diff, mut norm) = (0.0f64, 0.0f64);
     for (x, y) in a.iter().zip(b) {
@@ -443,10 +446,17 @@ fn accumulated_micro_batches_weigh_every_answer_token_equally() {
     let mut mean_of_means = means_of_micro_batches[0].clone();
     for (i, t) in mean_of_means.iter_mut().enumerate() {
         for (j, v) in t.values.iter_mut().enumerate() {
-            *v = means_of_micro_batches.iter().map(|m| m[i].values[j]).sum::<f32>() / 4.0;
+            *v = means_of_micro_batches
+                .iter()
+                .map(|m| m[i].values[j])
+                .sum::<f32>()
+                / 4.0;
         }
     }
     let skew = relative_distance(&mean_of_means, &whole);
     eprintln!("mean of micro-batch means against the token mean: relative L2 {skew:.2e}");
-    assert!(skew > 1e-2, "uneven answers should skew the mean of means: {skew}");
+    assert!(
+        skew > 1e-2,
+        "uneven answers should skew the mean of means: {skew}"
+    );
 }

@@ -116,7 +116,10 @@ fn sft_learns_and_resumes_exactly() {
     let run = assert_exact_resume(dir.path(), base, &|l| sft::run(l).map(|_| ()));
     let (first, last) = first_and_last(&step_losses(&run));
     eprintln!("SFT loss: first steps {first:.3}, last steps {last:.3}");
-    assert!(last < first - 0.5, "SFT should lower the loss: {first} -> {last}");
+    assert!(
+        last < first - 0.5,
+        "SFT should lower the loss: {first} -> {last}"
+    );
 }
 
 #[test]
@@ -156,7 +159,10 @@ fn reward_model_learns_and_resumes_exactly() {
     let run = assert_exact_resume(dir.path(), base, &|l| reward::train(l).map(|_| ()));
     let (first, last) = first_and_last(&step_losses(&run));
     eprintln!("ranking loss: first steps {first:.3}, last steps {last:.3}");
-    assert!(last < 0.8 * first, "the reward model should learn: {first} -> {last}");
+    assert!(
+        last < 0.8 * first,
+        "the reward model should learn: {first} -> {last}"
+    );
 }
 
 #[test]
@@ -206,7 +212,10 @@ fn gatt_learns_and_resumes_exactly_from_its_own_config() {
     assert!(samples.contains("\"complete\":false"), "{samples}");
     let (first, last) = first_and_last(&step_losses(&run));
     eprintln!("GAtt loss: first steps {first:.3}, last steps {last:.3}");
-    assert!(last < first - 0.5, "GAtt should lower the loss: {first} -> {last}");
+    assert!(
+        last < first - 0.5,
+        "GAtt should lower the loss: {first} -> {last}"
+    );
 }
 
 #[test]
@@ -274,7 +283,12 @@ fn sft_starts_from_a_gguf_file_and_eval_takes_a_hugging_face_directory() {
     let hf = dir.path().join("hf");
     let data = dir.path().join("gym");
     for args in [
-        vec!["convert", out.to_str().unwrap(), "--out", hf.to_str().unwrap()],
+        vec![
+            "convert",
+            out.to_str().unwrap(),
+            "--out",
+            hf.to_str().unwrap(),
+        ],
         vec!["gym", "generate", "--out", data.to_str().unwrap()],
     ] {
         let o = kiln(&args);

@@ -229,7 +229,8 @@ fn packed_sft_batch_with_custom_kernels_matches_the_cpu_reference() {
         return;
     };
     let tok =
-        kiln::data::tokenizer::Tokenizer::load(&common::repo("data/shakespeare/tokenizer.json")).unwrap();
+        kiln::data::tokenizer::Tokenizer::load(&common::repo("data/shakespeare/tokenizer.json"))
+            .unwrap();
     let mut rng = common::rng();
     let words = ["to", "be", "or", "not", "that", "is", "the", "question"];
     let mut text = |n: usize| -> String {
@@ -294,7 +295,8 @@ fn packed_sft_batch_with_custom_kernels_matches_the_cpu_reference() {
 /// flash-attention backward runs over cached keys (fewer queries than keys).
 #[test]
 fn reward_model_pairs_on_wgpu_match_the_cpu_reference() {
-    use kiln::stages::reward::{EncodedPair, RewardModel, pair_scores, ranking_loss};
+    use kiln::model::reward::{EncodedPair, RewardModel, pair_scores};
+    use kiln::stages::reward::ranking_loss;
     let Some(gpu) = common::wgpu_device() else {
         return;
     };

@@ -209,7 +209,7 @@ pub enum RmCommand {
         input: PathBuf,
         /// Which pairs of the file: `all`, `helpfulness` (safety false) or `safety`.
         #[arg(long, value_enum, default_value = "all")]
-        pairs: kiln::stages::reward::PairSubset,
+        pairs: kiln::infer::score::PairSubset,
         #[arg(long)]
         json: bool,
         #[arg(long, default_value_t = 64)]

@@ -10,9 +10,9 @@ use anyhow::{Result, bail};
 use kiln::data::chat::{self, ChatTemplate};
 use kiln::device::{self, DeviceChoice};
 use kiln::infer::generate::{self, SamplingParams};
+use kiln::infer::score::{self, PairSubset};
 use kiln::interop::checkpoint;
 use kiln::interop::convert::{self, Format};
-use kiln::stages::reward::{self, PairSubset};
 
 use super::args::{ChatArgs, GenerateArgs};
 
@@ -199,17 +199,17 @@ pub fn rm_score(
     device: DeviceChoice,
 ) -> Result<()> {
     let device = device::select(device)?;
-    let rm = reward::load(model, &device.device)?;
-    let read = chat::read_jsonl(input, false, reward::parse_scoring_line)?;
+    let rm = score::load(model, &device.device)?;
+    let read = chat::read_jsonl(input, false, score::parse_scoring_line)?;
     let dialogues: Vec<_> = read.records.iter().map(|(_, d)| d.clone()).collect();
     let source = |i: usize| format!("{}:{}", input.display(), read.lines[i]);
-    let scores = reward::score_dialogues(&rm, &dialogues, batch_size, &source)?;
+    let scores = score::score_dialogues(&rm, &dialogues, batch_size, &source)?;
     let mut text = String::new();
     for ((mut record, _), score) in read.records.into_iter().zip(scores) {
         record.insert("score".into(), serde_json::json!(score));
         record.insert(
             "score_sigmoid".into(),
-            serde_json::json!(reward::sigmoid(score)),
+            serde_json::json!(score::sigmoid(score)),
         );
         text.push_str(&serde_json::Value::Object(record).to_string());
         text.push('\n');
@@ -228,7 +228,7 @@ pub fn rm_eval(
     device: DeviceChoice,
 ) -> Result<()> {
     let device = device::select(device)?;
-    let rm = reward::load(model, &device.device)?;
+    let rm = score::load(model, &device.device)?;
     let read = chat::read_jsonl(input, false, chat::parse_preference)?;
     let (pairs, lines): (Vec<_>, Vec<_>) = read
         .records
@@ -240,7 +240,7 @@ pub fn rm_eval(
         bail!("{}: no {subset:?} pairs", input.display());
     }
     let source = |i: usize| format!("{}:{}", input.display(), lines[i]);
-    let report = reward::evaluate(&rm, &pairs, batch_size, &source)?;
+    let report = score::evaluate(&rm, &pairs, batch_size, &source)?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());

@@ -156,6 +156,13 @@ pub fn validate_dialogue(messages: &[Message], ends_with_assistant: bool) -> Res
     }
 }
 
+/// A prompt (user turns) followed by an answer (assistant turns), as one dialogue.
+pub fn prompt_and_answer(prompt: &Turns, answer: &Turns) -> Vec<Message> {
+    let mut messages = prompt.clone().into_messages(Role::User);
+    messages.extend(answer.clone().into_messages(Role::Assistant));
+    messages
+}
+
 /// Parses one SFT line into a validated dialogue.
 pub fn parse_sft(line: &str) -> Result<Vec<Message>> {
     let record: SftRecord = parse_json(

@@ -18,9 +18,9 @@ use super::{
     score,
 };
 use crate::data::chat::{ChatTemplate, Message};
+use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{self, SamplingParams};
 use crate::model::Llama;
-use crate::data::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GymReport {
@@ -110,7 +110,13 @@ pub fn evaluate(
         .map(|a| a.text);
         Ok(fits
             .iter()
-            .map(|&f| if f { answers.next().unwrap_or_default() } else { String::new() })
+            .map(|&f| {
+                if f {
+                    answers.next().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
             .collect())
     };
 

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Result, anyhow};
 
 use crate::data::chat::{ChatTemplate, Message, Role};
+use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{self, SamplingParams, TextStream};
 use crate::model::{KvCache, Llama};
-use crate::data::tokenizer::Tokenizer;
 
 /// Set by Ctrl-C while an answer is being generated: the answer stops there.
 static STOP_ANSWER: AtomicBool = AtomicBool::new(false);

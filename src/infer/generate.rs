@@ -4,13 +4,13 @@
 use std::ops::ControlFlow;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use serde::{Deserialize, Serialize};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::data::chat::{ChatTemplate, Message};
-use crate::model::{KvCache, Llama};
 use crate::data::tokenizer::Tokenizer;
+use crate::model::{KvCache, Llama};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {

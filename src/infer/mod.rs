@@ -1,4 +1,6 @@
-//! Running a trained model: batched sampling with the KV cache, and the interactive chat.
+//! Running a trained model: batched sampling with the KV cache, the interactive chat, and
+//! scoring with a reward model.
 
 pub mod chat_session;
 pub mod generate;
+pub mod score;

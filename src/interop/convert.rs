@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, anyhow, bail};
 use serde::Serialize;
 
-use crate::data::chat::{self, ChatTemplate};
-use crate::interop::checkpoint::{self, CheckpointData, NamedTensor};
 use crate::config::ModelConfig;
+use crate::data::chat::{self, ChatTemplate};
+use crate::data::tokenizer::Tokenizer;
+use crate::interop::checkpoint::{self, CheckpointData, NamedTensor};
 use crate::kernels::Kernels;
 use crate::model::Llama;
-use crate::data::tokenizer::Tokenizer;
 
 /// The formats kiln reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

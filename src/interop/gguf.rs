@@ -13,8 +13,8 @@ use std::path::Path;
 use anyhow::{Result, anyhow, bail};
 use half::f16;
 
-use crate::interop::checkpoint::NamedTensor;
 use crate::config::ModelConfig;
+use crate::interop::checkpoint::NamedTensor;
 use crate::interop::convert::{ForeignModel, Format};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";

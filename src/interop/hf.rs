@@ -13,8 +13,8 @@ use std::path::Path;
 use anyhow::{Result, anyhow, bail};
 use serde_json::{Value, json};
 
-use crate::interop::checkpoint;
 use crate::config::ModelConfig;
+use crate::interop::checkpoint;
 use crate::interop::convert::{ForeignModel, Format};
 
 pub const CONFIG_FILE: &str = "config.json";

@@ -121,7 +121,11 @@ pub fn export<M: Module>(module: &M) -> Vec<NamedTensor> {
 
 /// Copies the gradients of `module`'s parameters to the host, times `scale`, by parameter
 /// name (parameters without a gradient are left out).
-pub fn export_grads<M: Module>(module: &M, grads: &GradientsParams, scale: f32) -> Vec<NamedTensor> {
+pub fn export_grads<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    scale: f32,
+) -> Vec<NamedTensor> {
     let mut exporter = Exporter {
         path: PathTracker::default(),
         tensors: Vec::new(),

@@ -6,6 +6,7 @@
 //! linear weights are stored `[out_features, in_features]` as there.
 
 pub mod ops;
+pub mod reward;
 
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};

@@ -376,7 +376,14 @@ pub fn sample(
     let mut rng = ChaCha8Rng::seed_from_u64(g.seed);
     let chosen: Vec<String> = users
         .iter()
-        .map(|_| draw_instruction(&inputs.instructions, g.max_combined, g.short_fraction, &mut rng))
+        .map(|_| {
+            draw_instruction(
+                &inputs.instructions,
+                g.max_combined,
+                g.short_fraction,
+                &mut rng,
+            )
+        })
         .collect();
     let params = SamplingParams {
         temperature: g.temperature,
@@ -475,7 +482,11 @@ mod tests {
         assert_eq!(dropped[1].last().unwrap().content, "a3");
         let samples = training_samples("Be brief.", &users, &answers, &cut, CutAnswers::Keep);
         assert_eq!(samples.len(), 3);
-        assert!(samples[1].last().is_some_and(|m| !m.complete && m.trained()));
+        assert!(
+            samples[1]
+                .last()
+                .is_some_and(|m| !m.complete && m.trained())
+        );
         assert!(samples[2].iter().all(|m| m.complete));
         assert!(!samples[2][4].trained());
         let tok = crate::data::tokenizer::Tokenizer::load(std::path::Path::new(concat!(
@@ -487,7 +498,10 @@ mod tests {
             .encode(&tok, &samples[1])
             .unwrap();
         let whole = crate::data::chat::ChatTemplate::Llama2
-            .encode(&tok, &training_samples("Be brief.", &users, &answers, &all, CutAnswers::Keep)[1])
+            .encode(
+                &tok,
+                &training_samples("Be brief.", &users, &answers, &all, CutAnswers::Keep)[1],
+            )
             .unwrap();
         assert_eq!(whole.tokens.last(), Some(&tok.eos_id));
         assert_eq!(&whole.tokens[..whole.tokens.len() - 1], &cut.tokens[..]);

@@ -142,10 +142,7 @@ impl Objective for NextToken {
     }
 }
 
-pub fn batch_tensors(
-    batch: &corpus::Batch,
-    device: &Device,
-) -> (Tensor<2, Int>, Tensor<2, Int>) {
+pub fn batch_tensors(batch: &corpus::Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
     let shape = [batch.batch_size, batch.seq_len];
     (
         Tensor::from_data(TensorData::new(batch.inputs.clone(), shape), device),

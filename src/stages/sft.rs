@@ -12,14 +12,14 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::chat::{self, ChatTemplate, EncodedDialogue, Message, Role};
-use crate::train::stage::{self, Launch, Stage, TrainingConfig};
-use crate::train::step::MicroBatchLoss;
-use crate::train::supervised::{self, Objective};
 use crate::config::{ModelConfig, OptimConfig, StageConfig, TrainConfig};
+use crate::data::chat::{self, ChatTemplate, EncodedDialogue, Message, Role};
 use crate::data::tokenizer::Tokenizer;
 use crate::kernels::SequenceLayout;
 use crate::model::Llama;
+use crate::train::stage::{self, Launch, Stage, TrainingConfig};
+use crate::train::step::MicroBatchLoss;
+use crate::train::supervised::{self, Objective};
 
 /// Which assistant turns of a multi-turn dialogue the loss covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,7 +5,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod progress;
-pub mod supervised;
 pub mod run_dir;
 pub mod stage;
 pub mod step;
+pub mod supervised;

@@ -13,8 +13,8 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::interop::checkpoint::NamedTensor;
 use crate::config::OptimConfig;
+use crate::interop::checkpoint::NamedTensor;
 use crate::interop::params::{self, PathTracker};
 
 /// Learning rate of optimizer step `step` (0-based) of `max_steps`: linear warm-up to the peak

@@ -235,9 +235,17 @@ pub fn launch<S: Stage>(launch: &Launch) -> Result<Started<S>> {
 
 /// Loads the `--init` model (any format [`convert::read`] takes) onto the autodiff `device`,
 /// with `kernels` as the new stage asks.
-pub fn initial_model(path: &Path, kernels: crate::kernels::Kernels, device: &Device) -> Result<Initial> {
+pub fn initial_model(
+    path: &Path,
+    kernels: crate::kernels::Kernels,
+    device: &Device,
+) -> Result<Initial> {
     let loaded = convert::load_model(path, device, kernels)?.loaded;
-    eprintln!("starting from {} ({:?})", loaded.dir.display(), loaded.format);
+    eprintln!(
+        "starting from {} ({:?})",
+        loaded.dir.display(),
+        loaded.format
+    );
     Ok(Initial {
         dir: loaded.dir,
         model_config: loaded.model_config,

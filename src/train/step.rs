@@ -83,9 +83,14 @@ impl Accumulated {
 
     /// The gradients of the mean loss by parameter name, on the host (what the update uses,
     /// before clipping): for tests and checks.
-    pub fn mean_gradients<M: Module>(&self, model: &M) -> Vec<crate::interop::checkpoint::NamedTensor> {
+    pub fn mean_gradients<M: Module>(
+        &self,
+        model: &M,
+    ) -> Vec<crate::interop::checkpoint::NamedTensor> {
         match &self.grads {
-            Some(grads) => crate::interop::params::export_grads(model, grads, (1.0 / self.counted) as f32),
+            Some(grads) => {
+                crate::interop::params::export_grads(model, grads, (1.0 / self.counted) as f32)
+            }
             None => Vec::new(),
         }
     }

@@ -98,9 +98,8 @@ pub fn run<S: Stage>(
             accumulated.add(&model, objective.loss(&model, &indices));
         }
         let lr = optim::learning_rate(optim_config, state.step, state.schedule_steps);
-        let (updated, result) =
-            step::apply(model, &mut optimizer, accumulated, lr, &SingleWorker)
-                .map_err(|e| anyhow!("training diverged at step {}: {e}", state.step + 1))?;
+        let (updated, result) = step::apply(model, &mut optimizer, accumulated, lr, &SingleWorker)
+            .map_err(|e| anyhow!("training diverged at step {}: {e}", state.step + 1))?;
         model = updated;
         state.step += 1;
         steps_this_run += 1;
@@ -124,7 +123,10 @@ pub fn run<S: Stage>(
         if last || due(train.eval_interval) {
             let val_loss = objective.validation_loss(&model.valid());
             if !val_loss.is_finite() {
-                bail!("training diverged at step {}: validation loss is {val_loss}", state.step);
+                bail!(
+                    "training diverged at step {}: validation loss is {val_loss}",
+                    state.step
+                );
             }
             metrics.write(&Record::Eval {
                 step: state.step,

@@ -128,4 +128,3 @@ pub fn write(metadata: &[(String, Value)], tensors: &[TensorToWrite]) -> Vec<u8>
     }
     out
 }
-

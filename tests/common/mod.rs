@@ -98,7 +98,10 @@ pub fn smollm2() -> Option<PathBuf> {
         "{} is not there and scripts/fetch-smollm2.sh could not fetch it; set KILN_SKIP_SMOLLM2_TESTS=1 to skip the SmolLM2 tests",
         path.display()
     );
-    eprintln!("SKIPPED (KILN_SKIP_SMOLLM2_TESTS=1): {} is not there", path.display());
+    eprintln!(
+        "SKIPPED (KILN_SKIP_SMOLLM2_TESTS=1): {} is not there",
+        path.display()
+    );
     None
 }
 
@@ -119,7 +122,7 @@ pub fn tiny_rm_config() -> kiln::config::ModelConfig {
 
 /// Four preference pairs whose chosen and rejected answers share a prompt (3 to 18 tokens)
 /// and differ after it (1 to 3 tokens each), over token ids 1..97.
-pub fn pairs_sharing_prompts(rng: &mut impl rand::Rng) -> Vec<kiln::stages::reward::EncodedPair> {
+pub fn pairs_sharing_prompts(rng: &mut impl rand::Rng) -> Vec<kiln::model::reward::EncodedPair> {
     let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..97)).collect() };
     (0..4)
         .map(|i| {
@@ -128,7 +131,7 @@ pub fn pairs_sharing_prompts(rng: &mut impl rand::Rng) -> Vec<kiln::stages::rewa
             chosen.extend(draw(1 + i % 3));
             let mut rejected = prompt;
             rejected.extend(draw(2 + i % 2));
-            kiln::stages::reward::EncodedPair {
+            kiln::model::reward::EncodedPair {
                 chosen,
                 rejected,
                 rating: kiln::data::chat::Rating::Better,
@@ -156,4 +159,3 @@ pub fn write_sft_data(dir: &Path) -> (String, String) {
     std::fs::write(&val, lines[..10].join("\n")).unwrap();
     (train.display().to_string(), val.display().to_string())
 }
-
