@@ -468,15 +468,22 @@ pub const RESUMABLE_KEYS: &[&str] = &[
 /// The configuration of a resumed run: the run's saved configuration (`saved`, the TOML it
 /// stored) with the given file and `--set` overrides over it. Only [`RESUMABLE_KEYS`] (and
 /// the `[sample]` of pretraining) may differ from the saved values; any other difference is
-/// an error naming the key and both values. `source` names the saved file in messages.
+/// an error naming the key and both values. `source` names the saved file in messages;
+/// `stage` the command, for a run that another stage wrote.
 pub fn load_resumed<T: StageConfig>(
     saved: &str,
     source: &Path,
+    stage: &str,
     path: Option<&Path>,
     overrides: &[String],
 ) -> Result<T> {
-    let saved_config: T = toml::from_str(saved)
-        .map_err(|e| anyhow!("{}: {}", source.display(), one_line(&e.to_string())))?;
+    let saved_config: T = toml::from_str(saved).map_err(|e| {
+        anyhow!(
+            "--resume: {} is not a run of `kiln {stage}` ({})",
+            source.display(),
+            one_line(&e.to_string())
+        )
+    })?;
     let saved_table = toml::Table::try_from(&saved_config).expect("config serialises");
     let config: T = load_over(saved_table.clone(), path, overrides)?;
     let new_table = toml::Table::try_from(&config).expect("config serialises");

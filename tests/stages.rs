@@ -219,7 +219,7 @@ fn gatt_learns_and_resumes_exactly_from_its_own_config() {
 }
 
 #[test]
-fn pretraining_takes_no_init_and_a_stage_needs_one() {
+fn stages_check_init_and_resume_only_their_own_runs() {
     let dir = tempfile::tempdir().unwrap();
     let overrides = common::tiny_model(&repo("data/shakespeare/macbeth.txt"));
     let e = pretrain::run(
@@ -241,6 +241,15 @@ fn pretraining_takes_no_init_and_a_stage_needs_one() {
     .unwrap();
     assert!(e.to_string().contains("--init is required"), "{e}");
     assert!(!dir.path().join("a").exists() && !dir.path().join("b").exists());
+    // A run of another stage is not resumed as this one.
+    let pre = pretrained(dir.path());
+    let e = sft::run(&Launch {
+        resume: true,
+        ..Launch::new(&pre, &[])
+    })
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("is not a run of `kiln sft`"), "{e}");
 }
 
 /// `kiln sft --init model.gguf` fine-tunes SmolLM2 straight from its GGUF file, and

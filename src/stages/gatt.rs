@@ -271,6 +271,7 @@ crate::training_config!(GattConfig);
 impl Stage for Gatt {
     type Config = GattConfig;
     type Model = Llama;
+    const COMMAND: &'static str = "gatt";
 }
 
 /// What GAtt did: the SFT summary of its training, and its sampling counts.

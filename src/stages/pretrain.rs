@@ -25,6 +25,7 @@ crate::training_config!(Config);
 impl Stage for Pretrain {
     type Config = Config;
     type Model = Llama;
+    const COMMAND: &'static str = "pretrain";
 
     fn start(
         config: &mut Config,

@@ -290,6 +290,7 @@ crate::training_config!(RmConfig);
 impl Stage for RewardStage {
     type Config = RmConfig;
     type Model = RewardModel;
+    const COMMAND: &'static str = "rm train";
 }
 
 impl StageModel for RewardModel {

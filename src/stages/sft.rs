@@ -342,6 +342,7 @@ crate::training_config!(SftConfig);
 impl Stage for Sft {
     type Config = SftConfig;
     type Model = Llama;
+    const COMMAND: &'static str = "sft";
 }
 
 pub struct SftSummary {

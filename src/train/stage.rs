@@ -75,6 +75,8 @@ pub trait Stage {
     type Config: TrainingConfig;
     /// The model the stage trains.
     type Model: StageModel;
+    /// The command that runs it (`sft`, `rm train`, ...), for messages.
+    const COMMAND: &'static str;
 
     /// The model of a fresh run, and its tokenizer. By default it is made from the `--init`
     /// model, whose shape the config takes; pretraining draws one from `seed` instead.
@@ -181,6 +183,7 @@ pub fn launch<S: Stage>(launch: &Launch) -> Result<Started<S>> {
             let config: S::Config = config::load_resumed(
                 &saved.config_toml,
                 &source,
+                S::COMMAND,
                 launch.config.as_deref(),
                 &launch.overrides,
             )?;
