@@ -566,6 +566,15 @@ fn load_over<T: StageConfig>(
             }
         }
     }
+    // A float key given as inf or nan passes range checks written as comparisons the wrong
+    // way round, and diverges a run at its first step: refuse it by name.
+    for (key, value) in flatten(&merged) {
+        if let toml::Value::Float(x) = value
+            && !x.is_finite()
+        {
+            bail!("{source}: {key} must be a finite number, not {x}");
+        }
+    }
     let config: T = toml::Value::Table(merged)
         .try_into()
         .map_err(|e: toml::de::Error| anyhow!("{source}: {}", one_line(&e.to_string())))?;
@@ -658,6 +667,18 @@ mod tests {
         assert!(e.to_string().contains("train.batch_size"), "{e}");
         let e = Config::load(None, &["train.batch_size=\"x\"".into()]).unwrap_err();
         assert!(e.to_string().contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn non_finite_floats_are_refused_by_key() {
+        for (set, key) in [
+            ("optim.lr=inf", "optim.lr"),
+            ("optim.min_lr_ratio=nan", "optim.min_lr_ratio"),
+            ("model.init_std=-inf", "model.init_std"),
+        ] {
+            let e = Config::load(None, &[set.into()]).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("finite"), "{set}: {e}");
+        }
     }
 
     #[test]

@@ -163,6 +163,35 @@ fn reward_model_learns_and_resumes_exactly() {
         last < 0.8 * first,
         "the reward model should learn: {first} -> {last}"
     );
+
+    // Scoring a dialogue longer than the reward model's context (64) names file and line,
+    // and writes nothing.
+    let input = dir.path().join("score.jsonl");
+    let long = "word ".repeat(200);
+    std::fs::write(
+        &input,
+        format!(
+            "{{\"prompt\": \"What is 1 + 1?\", \"response\": \"It is 2.\"}}\n{{\"prompt\": \"Hi\", \"response\": \"{long}\"}}\n"
+        ),
+    )
+    .unwrap();
+    let scored = dir.path().join("scored.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["rm", "score", "--device", "cpu", "--model"])
+        .arg(&run)
+        .arg("--input")
+        .arg(&input)
+        .arg("--out")
+        .arg(&scored)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("score.jsonl:2") && stderr.contains("context of 64"),
+        "{stderr}"
+    );
+    assert!(!scored.exists());
 }
 
 #[test]

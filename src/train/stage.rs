@@ -203,6 +203,12 @@ pub fn launch<S: Stage>(launch: &Launch) -> Result<Started<S>> {
                 &dir.join(checkpoint::OPTIMIZER_FILE),
             )?;
             eprintln!("resuming from {} (step {})", dir.display(), state.step);
+            if let Some(init) = &launch.init {
+                eprintln!(
+                    "note: --init {} is not used: a resumed run continues from its checkpoint",
+                    init.display()
+                );
+            }
             (config, model, optimizer, tokenizer, state)
         }
         None => {
