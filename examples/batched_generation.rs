@@ -30,7 +30,7 @@ fn main() -> Result<()> {
         &mut generate::seeded_rng(7),
     )?;
     for (prompt, out) in prompts.iter().zip(outputs) {
-        println!("--- {prompt:?}\n{prompt}{out}\n");
+        println!("--- {prompt:?}\n{prompt}{}\n", out.text);
     }
     Ok(())
 }

@@ -53,11 +53,12 @@ fn pretraining_lowers_validation_loss() {
             false,
         )
         .unwrap()
+        .run
         .final_val_loss
         .unwrap()
     };
     let summary = pretrain::run(&options(&overrides, &dir.path().join("run")), false).unwrap();
-    let last = summary.final_val_loss.unwrap();
+    let last = summary.run.final_val_loss.unwrap();
     let uniform = (config.model.vocab_size as f64).ln();
     eprintln!("val loss after 1 step {first:.3}, after 80 steps {last:.3}, ln(vocab) {uniform:.3}");
     assert!(
@@ -105,8 +106,8 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run_bit_for_bit() {
         false,
     )
     .unwrap();
-    assert!(first.interrupted);
-    assert_eq!(first.step, 7);
+    assert!(first.run.interrupted);
+    assert_eq!(first.run.step, 7);
     // --resume needs no config: the run's own is used.
     let second = pretrain::run(
         &Launch {
@@ -116,7 +117,7 @@ fn interrupted_and_resumed_run_equals_uninterrupted_run_bit_for_bit() {
         false,
     )
     .unwrap();
-    assert_eq!(second.step, 12);
+    assert_eq!(second.run.step, 12);
     let (model_a, optim_a) = final_files(&straight);
     let (model_b, optim_b) = final_files(&interrupted);
     assert!(model_a == model_b, "model weights differ after resume");
@@ -299,7 +300,7 @@ fn resume_refuses_changed_keys_and_extending_keeps_the_schedule() {
         false,
     )
     .unwrap();
-    assert_eq!(summary.step, 20);
+    assert_eq!(summary.run.step, 20);
     let lrs = |out: &Path| -> Vec<(u64, f64)> {
         kiln::train::metrics::read(&out.join("metrics.jsonl"))
             .unwrap()

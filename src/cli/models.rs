@@ -39,28 +39,19 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         device.describe(),
         loaded.dir.display()
     );
-    let tokenizer = &loaded.tokenizer;
-    let mut prompt = vec![tokenizer.bos_id];
-    prompt.extend(tokenizer.encode(&a.prompt)?);
-    let pad = tokenizer.pad_id.unwrap_or(tokenizer.eos_id);
     let mut rng = generate::seeded_rng(a.seed);
-    let out = generate::generate_with(
+    let out = generate::complete(
         &loaded.model,
-        &[prompt],
+        &loaded.tokenizer,
+        &[a.prompt.as_str()],
         &params,
-        tokenizer.eos_id,
-        pad,
         &mut rng,
-        &mut |_, _| std::ops::ControlFlow::Continue(()),
     )?
     .remove(0);
-    println!("{}{}", a.prompt, tokenizer.decode(&out.tokens)?);
-    let finish = serde_json::to_value(out.finish)?;
-    eprintln!(
-        "finish: {} ({} tokens)",
-        finish.as_str().unwrap_or_default(),
-        out.tokens.len()
-    );
+    println!("{}{}", a.prompt, out.text);
+    // The finish reason by its serde name (`eos`, `length`, ...).
+    let finish = format!("{:?}", out.generated.finish).to_lowercase();
+    eprintln!("finish: {finish} ({} tokens)", out.generated.tokens.len());
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use kiln::device;
 use kiln::stages::{gatt, pretrain, reward, sft};
 use kiln::train::run_dir;
 use kiln::train::stage::Launch;
+use kiln::train::supervised::RunSummary;
 
 use super::args::StageArgs;
 
@@ -37,13 +38,13 @@ fn skip_bad_lines(on: bool) -> Vec<String> {
 
 pub fn pretrain(args: StageArgs) -> Result<()> {
     let summary = pretrain::run(&launch(args, &[])?, true)?;
-    if let Some(loss) = summary.final_val_loss {
+    if let Some(loss) = summary.run.final_val_loss {
         eprintln!(
             "final validation loss {loss:.4} (perplexity {:.1})",
             loss.exp()
         );
     }
-    eprintln!("checkpoint: {}", summary.checkpoint.display());
+    eprintln!("checkpoint: {}", summary.run.checkpoint.display());
     if let Some(sample) = summary.sample {
         println!("{sample}");
     }
@@ -58,13 +59,7 @@ pub fn sft(args: StageArgs, skip_bad: bool) -> Result<()> {
 
 pub fn gatt(args: StageArgs) -> Result<()> {
     let summary = gatt::run(&launch(args, &[])?)?;
-    if summary.samples > 0 {
-        eprintln!(
-            "GAtt: {} samples; {} sampled answers were cut at gatt.max_answer_tokens or the context (gatt.cut_answers says whether they were dropped or kept without their end marker)",
-            summary.samples, summary.cut_answers
-        );
-    }
-    report_fine_tuning(&summary.sft);
+    report_fine_tuning(&summary);
     Ok(())
 }
 
@@ -84,7 +79,7 @@ pub fn rm_train(kind: Option<reward::RmKind>, args: StageArgs, skip_bad: bool) -
     Ok(())
 }
 
-fn report_fine_tuning(summary: &sft::SftSummary) {
+fn report_fine_tuning(summary: &RunSummary) {
     if let Some(loss) = summary.final_val_loss {
         eprintln!("final validation loss (answer tokens) {loss:.4}");
     }

@@ -232,15 +232,16 @@ fn decode(
     outputs
 }
 
-/// Text in, text out: each prompt is framed with BOS, continued by [`generate`] (stopping at
-/// EOS, padding with the tokenizer's pad token), and the continuations are decoded.
+/// Text in, text out: each prompt is framed with BOS, continued by [`generate_with`]
+/// (stopping at EOS, padding with the tokenizer's pad token), and the continuations are
+/// decoded, each with how it ended.
 pub fn complete(
     model: &Llama,
     tokenizer: &Tokenizer,
     prompts: &[&str],
     params: &SamplingParams,
     rng: &mut ChaCha8Rng,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Vec<Completion>> {
     let ids = prompts
         .iter()
         .map(|p| {
@@ -250,24 +251,29 @@ pub fn complete(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let pad = tokenizer.pad_id.unwrap_or(tokenizer.eos_id);
-    generate(model, &ids, params, tokenizer.eos_id, pad, rng)?
-        .iter()
-        .map(|out| tokenizer.decode(out))
-        .collect()
+    generate_with(
+        model,
+        &ids,
+        params,
+        tokenizer.eos_id,
+        pad,
+        rng,
+        &mut |_, _| ControlFlow::Continue(()),
+    )?
+    .into_iter()
+    .map(|generated| {
+        let text = tokenizer.decode(&generated.tokens)?;
+        Ok(Completion { text, generated })
+    })
+    .collect()
 }
 
-/// A chat answer: its text (decoded, trimmed) and how generating it ended, with the tokens
-/// and log-probabilities behind it.
+/// Generated text and how generating it ended, with the tokens and log-probabilities behind
+/// it.
 #[derive(Debug, Clone)]
-pub struct ChatAnswer {
+pub struct Completion {
     pub text: String,
     pub generated: Generated,
-}
-
-impl ChatAnswer {
-    pub fn finish(&self) -> FinishReason {
-        self.generated.finish
-    }
 }
 
 /// Answers of the model to each dialogue (each ending with a user message), rendered with
@@ -281,7 +287,7 @@ pub fn complete_chat(
     params: &SamplingParams,
     batch_size: usize,
     rng: &mut ChaCha8Rng,
-) -> anyhow::Result<Vec<ChatAnswer>> {
+) -> anyhow::Result<Vec<Completion>> {
     let stop = template.stop_token(tokenizer)?;
     let pad = tokenizer.pad_id.unwrap_or(tokenizer.eos_id);
     let mut answers = Vec::with_capacity(dialogues.len());
@@ -295,7 +301,7 @@ pub fn complete_chat(
         })?;
         for generated in outs {
             let text = tokenizer.decode(&generated.tokens)?.trim().to_string();
-            answers.push(ChatAnswer { text, generated });
+            answers.push(Completion { text, generated });
         }
     }
     Ok(answers)

@@ -29,8 +29,9 @@ use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{self, FinishReason, SamplingParams};
 use crate::interop::checkpoint;
 use crate::model::Llama;
-use crate::stages::sft::{self, Sft, SftConfig, SftDataConfig, SftSummary};
+use crate::stages::sft::{self, Sft, SftConfig, SftDataConfig};
 use crate::train::stage::{self, Launch, Stage, TrainingConfig};
+use crate::train::supervised::RunSummary;
 
 pub const SAMPLES_FILE: &str = "gatt_samples.jsonl";
 
@@ -274,22 +275,13 @@ impl Stage for Gatt {
     const COMMAND: &'static str = "gatt";
 }
 
-/// What GAtt did: the SFT summary of its training, and its sampling counts.
-pub struct GattSummary {
-    pub sft: SftSummary,
-    /// Answers that ended without the stop token (cut at `gatt.max_answer_tokens` or the
-    /// context): never trained as if complete (`gatt.cut_answers`).
-    pub cut_answers: usize,
-    pub samples: usize,
-}
-
 /// Samples the GAtt data with the `--init` model (unless a resumed run has it already), then
 /// fine-tunes on it with the SFT recipe.
-pub fn run(launch: &Launch) -> Result<GattSummary> {
+pub fn run(launch: &Launch) -> Result<RunSummary> {
     let started = stage::launch::<Gatt>(launch)?;
     let samples_path = started.run.path.join(SAMPLES_FILE);
     let config = started.config.clone();
-    let (samples, cut_answers) = if started.run.resume_from.is_none() {
+    if started.run.resume_from.is_none() {
         // Every input is read and checked before sampling, and the samples go to a new file
         // renamed into place: a failed run leaves an earlier samples file as it was.
         let inputs = GattInputs::read(&config)?;
@@ -312,20 +304,11 @@ pub fn run(launch: &Launch) -> Result<GattSummary> {
             },
             sampled.ended_by_context
         );
-        (sampled.samples.len(), sampled.cut_answers)
-    } else {
-        if !samples_path.is_file() {
-            bail!("--resume: {} is missing", samples_path.display());
-        }
-        (0, 0)
-    };
+    } else if !samples_path.is_file() {
+        bail!("--resume: {} is missing", samples_path.display());
+    }
     let sft_started = started.with_config::<Sft>(config.sft(&samples_path));
-    let sft = sft::train_storing(sft_started, launch, config.to_toml())?;
-    Ok(GattSummary {
-        sft,
-        cut_answers,
-        samples,
-    })
+    sft::train(sft_started, launch, config.to_toml())
 }
 
 /// The instruction list and the user turns of the dialogues, read and checked.
@@ -425,7 +408,7 @@ pub fn sample(
             &mut rng,
         )?;
         for (&i, out) in active.iter().zip(outs) {
-            complete[i].push(out.finish() == FinishReason::Eos);
+            complete[i].push(out.generated.finish == FinishReason::Eos);
             answers[i].push(out.text);
         }
         eprintln!("GAtt: turn {} of {turns} sampled", turn + 1);

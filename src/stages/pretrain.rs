@@ -2,8 +2,6 @@
 //! cosine schedule with warm-up, global-norm clipping, gradient accumulation, periodic
 //! evaluation and checkpoints, and exact resume.
 
-use std::path::PathBuf;
-
 use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -12,10 +10,11 @@ use crate::config::Config;
 use crate::data::corpus::{self, PackedSequences};
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{self, SamplingParams};
+use crate::interop::convert::LoadedModel;
 use crate::model::Llama;
-use crate::train::stage::{self, Initial, Launch, Stage, TrainingConfig};
+use crate::train::stage::{self, Launch, Stage, TrainingConfig};
 use crate::train::step::MicroBatchLoss;
-use crate::train::supervised::{self, Objective};
+use crate::train::supervised::{self, Objective, RunSummary};
 
 /// Pretraining as a stage: a model drawn from the seed, no `--init`.
 pub struct Pretrain;
@@ -29,11 +28,19 @@ impl Stage for Pretrain {
 
     fn start(
         config: &mut Config,
-        _init: Option<Initial>,
+        _init: Option<LoadedModel>,
         seed: u64,
         device: &Device,
     ) -> Result<(Llama, Tokenizer)> {
         let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
+        if tokenizer.vocab_size() != config.model.vocab_size {
+            bail!(
+                "model.vocab_size is {} but the tokenizer {} has {} tokens",
+                config.model.vocab_size,
+                config.data.tokenizer.display(),
+                tokenizer.vocab_size()
+            );
+        }
         Ok((Llama::new(&config.model, seed, device), tokenizer))
     }
 
@@ -43,11 +50,9 @@ impl Stage for Pretrain {
 }
 
 pub struct PretrainSummary {
-    pub step: u64,
-    pub final_val_loss: Option<f64>,
-    pub checkpoint: PathBuf,
+    pub run: RunSummary,
+    /// The config's prompt continued by the trained model (with `print_sample`).
     pub sample: Option<String>,
-    pub interrupted: bool,
 }
 
 /// Runs (or resumes) pretraining; with `print_sample`, continues the config's prompt at the
@@ -55,14 +60,6 @@ pub struct PretrainSummary {
 pub fn run(launch: &Launch, print_sample: bool) -> Result<PretrainSummary> {
     let started = stage::launch::<Pretrain>(launch)?;
     let (config, tokenizer) = (started.config.clone(), started.tokenizer.clone());
-    if tokenizer.vocab_size() != config.model.vocab_size {
-        bail!(
-            "model.vocab_size is {} but the tokenizer {} has {} tokens",
-            config.model.vocab_size,
-            config.data.tokenizer.display(),
-            tokenizer.vocab_size()
-        );
-    }
 
     let documents = corpus::read_corpus(&config.data.corpus)?;
     let splits = corpus::tokenize_corpus(&documents, &tokenizer, config.data.val_fraction)?;
@@ -89,7 +86,7 @@ pub fn run(launch: &Launch, print_sample: bool) -> Result<PretrainSummary> {
     );
     let outcome = supervised::run(started, config.to_toml(), &objective, launch.stop_after)?;
 
-    let sample = if print_sample && !outcome.interrupted {
+    let sample = if print_sample && !outcome.summary.interrupted {
         let s = &config.sample;
         let params = SamplingParams {
             temperature: s.temperature,
@@ -104,16 +101,13 @@ pub fn run(launch: &Launch, print_sample: bool) -> Result<PretrainSummary> {
             &params,
             &mut rng,
         )?;
-        Some(format!("{}{}", s.prompt, continuation[0]))
+        Some(format!("{}{}", s.prompt, continuation[0].text))
     } else {
         None
     };
     Ok(PretrainSummary {
-        step: outcome.step,
-        final_val_loss: outcome.final_val_loss,
-        checkpoint: outcome.checkpoint,
+        run: outcome.summary,
         sample,
-        interrupted: outcome.interrupted,
     })
 }
 

@@ -23,7 +23,7 @@ use crate::model::Llama;
 use crate::model::reward::{EncodedPair, RewardModel, pair_scores};
 use crate::train::stage::{self, Launch, Stage, StageModel, TrainingConfig};
 use crate::train::step::MicroBatchLoss;
-use crate::train::supervised::{self, Objective};
+use crate::train::supervised::{self, Objective, RunSummary};
 
 /// The margin `m(rating)` of the ranking loss (paper, Table 27).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -308,25 +308,18 @@ impl StageModel for RewardModel {
     }
 }
 
-pub struct RmSummary {
-    pub step: u64,
-    pub final_val_loss: Option<f64>,
-    pub checkpoint: PathBuf,
-    pub interrupted: bool,
-}
-
 /// Reads preference files into validated pairs.
 pub fn read_pairs(paths: &[PathBuf], skip_bad_lines: bool) -> Result<Vec<PreferencePair>> {
     chat::read_all(paths, skip_bad_lines, chat::parse_preference)
 }
 
 /// Trains (or resumes) a reward model.
-pub fn train(launch: &Launch) -> Result<RmSummary> {
+pub fn train(launch: &Launch) -> Result<RunSummary> {
     let mut started = stage::launch::<RewardStage>(launch)?;
     let fresh = started.run.resume_from.is_none();
     let (config, tokenizer, seed) = (&mut started.config, &started.tokenizer, started.state.seed);
     let d = &config.data;
-    d.template.check(&tokenizer)?;
+    d.template.check(tokenizer)?;
     let max_len = match d.max_len {
         0 => config.model.max_seq_len,
         n => n.min(config.model.max_seq_len),
@@ -334,13 +327,13 @@ pub fn train(launch: &Launch) -> Result<RmSummary> {
     let (train_pairs, long_train) = encode_pairs(
         &read_pairs(&d.train, d.skip_bad_lines)?,
         d.template,
-        &tokenizer,
+        tokenizer,
         max_len,
     )?;
     let (val_pairs, long_val) = encode_pairs(
         &read_pairs(&d.val, d.skip_bad_lines)?,
         d.template,
-        &tokenizer,
+        tokenizer,
         max_len,
     )?;
     let r = &config.rm;
@@ -381,13 +374,7 @@ pub fn train(launch: &Launch) -> Result<RmSummary> {
         eval_batches: config.train.eval_batches,
     };
     let config_toml = config.to_toml();
-    let outcome = supervised::run(started, config_toml, &objective, launch.stop_after)?;
-    Ok(RmSummary {
-        step: outcome.step,
-        final_val_loss: outcome.final_val_loss,
-        checkpoint: outcome.checkpoint,
-        interrupted: outcome.interrupted,
-    })
+    Ok(supervised::run(started, config_toml, &objective, launch.stop_after)?.summary)
 }
 
 #[cfg(test)]

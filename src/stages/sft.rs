@@ -19,7 +19,7 @@ use crate::kernels::SequenceLayout;
 use crate::model::Llama;
 use crate::train::stage::{self, Launch, Stage, TrainingConfig};
 use crate::train::step::MicroBatchLoss;
-use crate::train::supervised::{self, Objective};
+use crate::train::supervised::{self, Objective, RunSummary};
 
 /// Which assistant turns of a multi-turn dialogue the loss covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,36 +345,20 @@ impl Stage for Sft {
     const COMMAND: &'static str = "sft";
 }
 
-pub struct SftSummary {
-    pub step: u64,
-    pub final_val_loss: Option<f64>,
-    pub checkpoint: PathBuf,
-    pub interrupted: bool,
-    /// Samples cut at the row length (their tail untrained), and dropped (nothing trained
-    /// left after the cut).
-    pub truncated: usize,
-    pub dropped: usize,
-}
-
 /// Runs (or resumes) fine-tuning.
-pub fn run(launch: &Launch) -> Result<SftSummary> {
+pub fn run(launch: &Launch) -> Result<RunSummary> {
     let started = stage::launch::<Sft>(launch)?;
-    train(started, launch)
-}
-
-/// Fine-tunes a launched SFT stage.
-pub fn train(started: stage::Started<Sft>, launch: &Launch) -> Result<SftSummary> {
     let config_toml = started.config.to_toml();
-    train_storing(started, launch, config_toml)
+    train(started, launch, config_toml)
 }
 
-/// [`train`], storing `config_toml` as the run's configuration: GAtt trains with the SFT
-/// recipe but keeps its own configuration, so its `--resume` reads that back.
-pub fn train_storing(
+/// Fine-tunes a launched SFT stage, storing `config_toml` as the run's configuration (GAtt
+/// trains with the SFT recipe but stores its own, so its `--resume` reads that back).
+pub fn train(
     started: stage::Started<Sft>,
     launch: &Launch,
     config_toml: String,
-) -> Result<SftSummary> {
+) -> Result<RunSummary> {
     let (config, tokenizer) = (&started.config, &started.tokenizer);
     let seed = started.state.seed;
     let seq_len = config.seq_len();
@@ -426,15 +410,7 @@ pub fn train_storing(
         batch_size: config.train.batch_size,
         eval_batches: config.train.eval_batches,
     };
-    let outcome = supervised::run(started, config_toml, &objective, launch.stop_after)?;
-    Ok(SftSummary {
-        step: outcome.step,
-        final_val_loss: outcome.final_val_loss,
-        checkpoint: outcome.checkpoint,
-        interrupted: outcome.interrupted,
-        truncated,
-        dropped,
-    })
+    Ok(supervised::run(started, config_toml, &objective, launch.stop_after)?.summary)
 }
 
 #[cfg(test)]

@@ -111,33 +111,17 @@ impl RunDir {
             .map_err(|e| anyhow!("output directory {} is not writable: {e}", path.display()))
     }
 
-    /// [`RunDir::check`], then [`RunDir::create`].
-    pub fn prepare(path: &Path, resume: bool) -> Result<Self> {
-        let run = Self::check(path, resume)?;
-        run.create()?;
-        Ok(run)
-    }
-
-    pub fn checkpoints(&self) -> PathBuf {
-        checkpoints_dir(&self.path)
-    }
-
-    /// Where the run's resolved configuration is kept.
-    pub fn config_file(&self) -> PathBuf {
-        self.path.join("config.toml")
-    }
-
-    /// Stores the run's resolved configuration (atomically).
+    /// Stores the run's resolved configuration in `OUT/config.toml` (atomically).
     pub fn write_config(&self, config_toml: &str) -> Result<()> {
-        checkpoint::write_atomic(&self.config_file(), config_toml.as_bytes())
+        checkpoint::write_atomic(&self.path.join("config.toml"), config_toml.as_bytes())
     }
 
     /// Writes a checkpoint atomically, keeping the newest `keep`.
     pub fn save(&self, data: &CheckpointData, keep: usize) -> Result<PathBuf> {
-        checkpoint::save(&self.checkpoints(), data, keep)
+        checkpoint::save(&checkpoints_dir(&self.path), data, keep)
     }
 }
 
-pub fn checkpoints_dir(out_dir: &Path) -> PathBuf {
+fn checkpoints_dir(out_dir: &Path) -> PathBuf {
     out_dir.join("checkpoints")
 }

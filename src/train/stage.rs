@@ -15,7 +15,8 @@ use burn::tensor::Device;
 use crate::config::{self, ModelConfig, OptimConfig, StageConfig, TrainConfig};
 use crate::data::tokenizer::Tokenizer;
 use crate::device::ComputeDevice;
-use crate::interop::{checkpoint, convert, params};
+use crate::interop::convert::{self, LoadedModel};
+use crate::interop::{checkpoint, params};
 use crate::model::Llama;
 use crate::train::optim::AdamW;
 use crate::train::run_dir::{RunDir, TrainState};
@@ -82,7 +83,7 @@ pub trait Stage {
     /// model, whose shape the config takes; pretraining draws one from `seed` instead.
     fn start(
         config: &mut Self::Config,
-        init: Option<Initial>,
+        init: Option<LoadedModel>,
         seed: u64,
         device: &Device,
     ) -> Result<(Self::Model, Tokenizer)> {
@@ -129,14 +130,6 @@ impl Launch {
             stop_after: None,
         }
     }
-}
-
-/// A language model from `--init`, to start a stage from.
-pub struct Initial {
-    pub dir: PathBuf,
-    pub model_config: ModelConfig,
-    pub model: Llama,
-    pub tokenizer: Tokenizer,
 }
 
 /// A stage ready to train.
@@ -248,17 +241,12 @@ pub fn initial_model(
     path: &Path,
     kernels: crate::kernels::Kernels,
     device: &Device,
-) -> Result<Initial> {
+) -> Result<LoadedModel> {
     let loaded = convert::load_model(path, device, kernels)?.loaded;
     eprintln!(
         "starting from {} ({:?})",
         loaded.dir.display(),
         loaded.format
     );
-    Ok(Initial {
-        dir: loaded.dir,
-        model_config: loaded.model_config,
-        model: loaded.model,
-        tokenizer: loaded.tokenizer,
-    })
+    Ok(loaded)
 }

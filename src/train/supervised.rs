@@ -34,12 +34,18 @@ pub trait Objective<M = Llama> {
     fn validation_loss(&self, model: &M) -> f64;
 }
 
-pub struct TrainOutcome<M = Llama> {
-    pub model: M,
+/// Where a run ended.
+pub struct RunSummary {
     pub step: u64,
     pub final_val_loss: Option<f64>,
     pub checkpoint: PathBuf,
+    /// Stopped by Ctrl-C (or `stop_after`) with a checkpoint, before its last step.
     pub interrupted: bool,
+}
+
+pub struct TrainOutcome<M = Llama> {
+    pub model: M,
+    pub summary: RunSummary,
 }
 
 /// Trains a launched stage on `objective` until `train.max_steps` (or `train.epochs` over
@@ -160,9 +166,11 @@ pub fn run<S: Stage>(
     };
     Ok(TrainOutcome {
         model,
-        step: state.step,
-        final_val_loss,
-        checkpoint,
-        interrupted,
+        summary: RunSummary {
+            step: state.step,
+            final_val_loss,
+            checkpoint,
+            interrupted,
+        },
     })
 }
