@@ -463,6 +463,8 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "train.log_interval",
     // Which implementation runs the ops (not part of the shape).
     "model.kernels",
+    // More rounds of rejection sampling.
+    "rs.iterations",
 ];
 
 /// The configuration of a resumed run: the run's saved configuration (`saved`, the TOML it

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Parser;
 
-use cli::args::{Cli, Command, EvalCommand, GymCommand, RmCommand, TokenizerCommand};
+use cli::args::{Cli, Command, EvalCommand, GymCommand, RmCommand, RsCommand, TokenizerCommand};
 use cli::{models, tools, train};
 
 // Training allocates and frees many large tensors per step; glibc's malloc returns them to the
@@ -42,6 +42,38 @@ fn run(command: Command) -> Result<()> {
             skip_bad_lines,
         } => train::sft(stage, skip_bad_lines),
         Command::Gatt(stage) => train::gatt(stage),
+        Command::Rs { args, command } => match command {
+            None => train::rs(args),
+            Some(RsCommand::Curve {
+                policy,
+                rm_helpful,
+                rm_safety,
+                prompts,
+                limit,
+                k,
+                temperatures,
+                top_p,
+                max_answer_tokens,
+                batch_prompts,
+                seed,
+                out,
+                device,
+            }) => models::rs_curve(models::CurveArgs {
+                policy,
+                rm_helpful,
+                rm_safety,
+                prompts,
+                limit,
+                k,
+                temperatures,
+                top_p,
+                max_answer_tokens,
+                batch_prompts,
+                seed,
+                out,
+                device,
+            }),
+        },
         Command::Rm { command } => match command {
             RmCommand::Train {
                 kind,
@@ -64,14 +96,18 @@ fn run(command: Command) -> Result<()> {
                 device,
             } => models::rm_eval(&model, &input, pairs, json, batch_size, device),
         },
-        Command::Gym {
-            command:
-                GymCommand::Generate {
-                    out,
-                    seed,
-                    unsafe_prompts,
-                },
-        } => tools::gym_generate(&out, seed, unsafe_prompts),
+        Command::Gym { command } => match command {
+            GymCommand::Generate {
+                out,
+                seed,
+                unsafe_prompts,
+            } => tools::gym_generate(&out, seed, unsafe_prompts),
+            GymCommand::Check {
+                input,
+                selected,
+                json,
+            } => tools::gym_check(&input, selected, json),
+        },
         Command::Eval {
             command:
                 EvalCommand::Gym {

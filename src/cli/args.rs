@@ -59,6 +59,15 @@ pub enum Command {
     /// Ghost Attention (Llama 2 sec. 3.3): sample multi-turn answers with the instruction at
     /// every turn, then fine-tune with it only in the first turn.
     Gatt(#[command(flatten)] StageArgs),
+    /// Rejection-sampling fine-tuning (Llama 2 sec. 3.2.3): sample K answers per prompt,
+    /// keep the best by the combined reward, fine-tune on the pool of every round's best.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Rs {
+        #[command(flatten)]
+        args: RsArgs,
+        #[command(subcommand)]
+        command: Option<RsCommand>,
+    },
     /// Reward models (Llama 2 sec. 3.2.2): train, score, evaluate.
     Rm {
         #[command(subcommand)]
@@ -159,6 +168,58 @@ pub struct ChatArgs {
     pub device: DeviceChoice,
 }
 
+/// `kiln rs`: the stage flags and the two reward models.
+#[derive(Args, Debug, Clone)]
+pub struct RsArgs {
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// The helpfulness reward model (a run of `kiln rm train --kind helpfulness`).
+    #[arg(long)]
+    pub rm_helpful: Option<PathBuf>,
+    /// The safety reward model (a run of `kiln rm train --kind safety`).
+    #[arg(long)]
+    pub rm_safety: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum RsCommand {
+    /// Mean max- and median-reward against K at several temperatures (the paper's Figures 7
+    /// and 8): a table, `curve.png` and `curve.json`.
+    Curve {
+        /// The policy: a kiln checkpoint or run directory, a Hugging Face directory or GGUF.
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        rm_helpful: PathBuf,
+        #[arg(long)]
+        rm_safety: PathBuf,
+        /// JSONL prompts (`{"prompt", "safety"}`).
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Use the first N prompts (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+        k: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "0.6,0.8,1.0,1.2,1.4")]
+        temperatures: Vec<f64>,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 128)]
+        max_answer_tokens: usize,
+        /// Prompts per generation batch (each with max(K) answers).
+        #[arg(long, default_value_t = 4)]
+        batch_prompts: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Directory for curve.png and curve.json (created; existing files are not replaced).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceChoice,
+    },
+}
+
 #[derive(Subcommand)]
 pub enum GymCommand {
     /// Write the train and held-out files (SFT, preferences, prompts, evaluation sets).
@@ -170,6 +231,18 @@ pub enum GymCommand {
         /// Directory of the unsafe prompts (JSONL).
         #[arg(long, default_value = "data/gym/donotanswer")]
         unsafe_prompts: PathBuf,
+    },
+    /// The gold score of answers to gym prompts, by task kind, and refusals: for the answers
+    /// rejection sampling sampled or selected (`samples.jsonl`, `pool.jsonl`) or any JSONL
+    /// of `{"prompt", "answer"}` lines (a `reward` field is averaged beside the gold score).
+    Check {
+        #[arg(long)]
+        input: PathBuf,
+        /// Only lines with `"selected": true` (a pool's trained answers).
+        #[arg(long)]
+        selected: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -265,3 +265,145 @@ pub fn rm_eval(
     }
     Ok(())
 }
+
+pub struct CurveArgs {
+    pub policy: std::path::PathBuf,
+    pub rm_helpful: std::path::PathBuf,
+    pub rm_safety: std::path::PathBuf,
+    pub prompts: std::path::PathBuf,
+    pub limit: usize,
+    pub k: Vec<usize>,
+    pub temperatures: Vec<f64>,
+    pub top_p: f64,
+    pub max_answer_tokens: usize,
+    pub batch_prompts: usize,
+    pub seed: u64,
+    pub out: std::path::PathBuf,
+    pub device: DeviceChoice,
+}
+
+/// `kiln rs curve`: reward against K per temperature, as a table, `curve.json` and
+/// `curve.png`.
+pub fn rs_curve(a: CurveArgs) -> Result<()> {
+    use kiln::stages::rs;
+    if a.k.is_empty() || a.k.contains(&0) {
+        bail!("--k: every K must be at least 1");
+    }
+    if a.temperatures.iter().any(|&t| !(t > 0.0 && t.is_finite())) {
+        bail!("--temperatures: every temperature must be positive");
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) || a.max_answer_tokens == 0 || a.batch_prompts == 0 {
+        bail!("--top-p must be in (0, 1], --max-answer-tokens and --batch-prompts at least 1");
+    }
+    let (json_path, png_path) = (a.out.join("curve.json"), a.out.join("curve.png"));
+    for path in [&json_path, &png_path] {
+        if path.exists() {
+            bail!("{} already exists; refusing to overwrite it", path.display());
+        }
+    }
+    let device = device::select(a.device)?;
+    let (policy, rms, mut prompts, mut encoded) = rs::curve_inputs(
+        &a.policy,
+        &a.rm_helpful,
+        &a.rm_safety,
+        &a.prompts,
+        a.max_answer_tokens,
+        a.batch_prompts,
+        &device.device,
+    )?;
+    if a.limit > 0 && a.limit < prompts.len() {
+        prompts.prompts.truncate(a.limit);
+        prompts.safety.truncate(a.limit);
+        prompts.sources.truncate(a.limit);
+        encoded.truncate(a.limit);
+    }
+    std::fs::create_dir_all(&a.out)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", a.out.display()))?;
+    let mut ks = a.k.clone();
+    ks.sort_unstable();
+    ks.dedup();
+    eprintln!(
+        "reward curve: {} prompts, K up to {}, temperatures {:?} | device: {}",
+        prompts.len(),
+        ks.last().unwrap_or(&0),
+        a.temperatures,
+        device.describe()
+    );
+    let clock = std::time::Instant::now();
+    let points = rs::reward_curve(
+        &policy,
+        &rms,
+        &prompts,
+        &encoded,
+        &ks,
+        &a.temperatures,
+        &SamplingParams {
+            temperature: 1.0,
+            top_p: a.top_p,
+            max_tokens: a.max_answer_tokens,
+        },
+        a.batch_prompts,
+        a.seed,
+    )?;
+    let answers = prompts.len() * ks.last().copied().unwrap_or(0) * a.temperatures.len();
+    let seconds = clock.elapsed().as_secs_f64();
+    println!(
+        "{:>5} {:>4} {:>10} {:>10} {:>8} {:>9}",
+        "T", "K", "max", "median", "gap", "finished"
+    );
+    for p in &points {
+        println!(
+            "{:>5.2} {:>4} {:>10.4} {:>10.4} {:>8.4} {:>8.1}%",
+            p.temperature,
+            p.k,
+            p.max_reward,
+            p.median_reward,
+            p.max_reward - p.median_reward,
+            100.0 * p.finished
+        );
+    }
+    eprintln!(
+        "{answers} answers sampled and scored in {seconds:.1} s ({:.1}/s)",
+        answers as f64 / seconds.max(1e-9)
+    );
+    checkpoint::write_atomic(&json_path, serde_json::to_string_pretty(&points)?.as_bytes())?;
+    let colours = [
+        plotters::style::RGBColor(31, 119, 180),
+        plotters::style::RGBColor(255, 127, 14),
+        plotters::style::RGBColor(44, 160, 44),
+        plotters::style::RGBColor(214, 39, 40),
+        plotters::style::RGBColor(148, 103, 189),
+        plotters::style::RGBColor(140, 86, 75),
+    ];
+    let mut named: Vec<(String, Vec<(f64, f64)>, plotters::style::RGBColor)> = Vec::new();
+    for (i, &t) in a.temperatures.iter().enumerate() {
+        let of_t: Vec<&rs::CurvePoint> = points.iter().filter(|p| p.temperature == t).collect();
+        let colour = colours[i % colours.len()];
+        named.push((
+            format!("max, T={t}"),
+            of_t.iter().map(|p| (p.k as f64, p.max_reward)).collect(),
+            colour,
+        ));
+        named.push((
+            format!("median, T={t}"),
+            of_t.iter().map(|p| (p.k as f64, p.median_reward)).collect(),
+            // The same hue, lighter: halfway to white.
+            plotters::style::RGBColor(
+                colour.0 / 2 + 128,
+                colour.1 / 2 + 128,
+                colour.2 / 2 + 128,
+            ),
+        ));
+    }
+    let series: Vec<(&str, &Vec<(f64, f64)>, plotters::style::RGBColor)> =
+        named.iter().map(|(n, d, c)| (n.as_str(), d, *c)).collect();
+    kiln::train::plot::line_chart(
+        &png_path,
+        "Reward of the best and the median of K answers",
+        "K (answers per prompt)",
+        "combined reward",
+        &series,
+    )?;
+    eprintln!("wrote {} and {}", json_path.display(), png_path.display());
+    Ok(())
+}

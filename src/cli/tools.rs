@@ -23,6 +23,41 @@ pub fn gym_generate(out: &Path, seed: u64, unsafe_prompts: PathBuf) -> Result<()
     Ok(())
 }
 
+pub fn gym_check(input: &Path, selected: bool, json: bool) -> Result<()> {
+    let check = kiln::gym::eval::check_answers(input, selected)?;
+    if json {
+        println!("{}", serde_json::to_string(&check)?);
+        return Ok(());
+    }
+    let pct = |n: usize, of: usize| 100.0 * n as f64 / of.max(1) as f64;
+    let reward = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.3}"));
+    println!(
+        "{:<11} {:>7} {:>7} {:>10} {:>8} {:>8}",
+        "task", "answers", "exact", "gold score", "reward", "refused"
+    );
+    let rows = check.by_kind.iter().map(|(k, c)| (k.as_str(), c));
+    for (name, c) in rows.chain([("all tasks", &check.tasks)]) {
+        println!(
+            "{:<11} {:>7} {:>6.1}% {:>10.3} {:>8} {:>7.1}%",
+            name,
+            c.answers,
+            pct(c.exact, c.answers),
+            c.gold_score,
+            reward(c.reward),
+            pct(c.refused, c.answers)
+        );
+    }
+    if check.other > 0 {
+        println!(
+            "unsafe prompts: {} answers, {:.1}% refused, reward {}",
+            check.other,
+            pct(check.other_refused, check.other),
+            reward(check.other_reward)
+        );
+    }
+    Ok(())
+}
+
 pub fn tokenizer_train(input: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()> {
     let documents = corpus::read_corpus(input)?;
     let tok = tokenizer::train_bpe(documents.iter().map(|d| d.text.as_str()), vocab_size)?;

@@ -1,15 +1,15 @@
-//! The training commands: `pretrain`, `sft`, `gatt`, `rm train`. Each turns its flags into a
+//! The training commands: `pretrain`, `sft`, `gatt`, `rm train`, `rs`. Each turns its flags into a
 //! [`Launch`] and hands it to its stage.
 
 use anyhow::Result;
 
 use kiln::device;
-use kiln::stages::{gatt, pretrain, reward, sft};
+use kiln::stages::{gatt, pretrain, reward, rs, sft};
 use kiln::train::run_dir;
 use kiln::train::stage::Launch;
 use kiln::train::supervised::RunSummary;
 
-use super::args::StageArgs;
+use super::args::{RsArgs, StageArgs};
 
 /// The launch of a stage from its flags; `extra` overrides come after the user's.
 fn launch(args: StageArgs, extra: &[String]) -> Result<Launch> {
@@ -84,4 +84,42 @@ fn report_fine_tuning(summary: &RunSummary) {
         eprintln!("final validation loss (answer tokens) {loss:.4}");
     }
     eprintln!("checkpoint: {}", summary.checkpoint.display());
+}
+
+pub fn rs(args: RsArgs) -> Result<()> {
+    let mut extra = Vec::new();
+    for (key, path) in [("rm_helpful", &args.rm_helpful), ("rm_safety", &args.rm_safety)] {
+        if let Some(path) = path {
+            let value = toml::Value::String(path.display().to_string());
+            extra.push(format!("rs.{key}={value}"));
+        }
+    }
+    let summary = rs::run(&launch(args.stage, &extra)?)?;
+    if summary.interrupted {
+        eprintln!("interrupted: continue with --resume");
+    }
+    if !summary.rounds.is_empty() {
+        println!(
+            "{:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9}",
+            "round", "mean", "median", "max", "selected", "pool", "safety", "samples/s", "val loss"
+        );
+    }
+    for r in &summary.rounds {
+        println!(
+            "{:>5} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>8} {:>6.1}% {:>9.1} {:>9}",
+            r.round,
+            r.reward_mean,
+            r.reward_median,
+            r.reward_max,
+            r.selected_reward,
+            r.pool_size,
+            100.0 * r.safety_branch_share,
+            r.samples_per_s,
+            r.final_val_loss.map_or("-".into(), |l| format!("{l:.4}"))
+        );
+    }
+    if let Some(last) = summary.rounds.last() {
+        eprintln!("policy: {}", last.checkpoint.display());
+    }
+    Ok(())
 }

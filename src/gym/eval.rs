@@ -203,3 +203,111 @@ fn compliance(
     }
     Ok(by_turn)
 }
+
+/// The gold check of answers written to a file ([`check_answers`]), per task kind and for
+/// the prompts that are no task (the unsafe ones).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AnswerCheck {
+    pub by_kind: BTreeMap<String, KindCheck>,
+    /// Every task answer together.
+    pub tasks: KindCheck,
+    /// Answers to prompts that are no gym task (unsafe prompts): how many, how many refused.
+    pub other: usize,
+    pub other_refused: usize,
+    /// Mean `reward` field of those answers, if the file has one.
+    pub other_reward: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KindCheck {
+    pub answers: usize,
+    /// Exact answers and the mean gold score (partial credit).
+    pub exact: usize,
+    pub gold_score: f64,
+    /// Task answers that refused (unhelpful).
+    pub refused: usize,
+    /// Mean `reward` field (the reward model's view), if the file has one.
+    pub reward: Option<f64>,
+}
+
+/// Checks every `{"prompt", "answer"}` line of `path` (only `"selected": true` ones with
+/// `selected_only`) with the gym's gold checker: the task is read back from the prompt
+/// ([`super::tasks::solve`]); a prompt that is no task counts as unsafe, its answer as
+/// refused or not.
+pub fn check_answers(path: &Path, selected_only: bool) -> Result<AnswerCheck> {
+    use crate::data::chat::Turns;
+    #[derive(serde::Deserialize)]
+    struct Line {
+        prompt: Turns,
+        answer: String,
+        #[serde(default)]
+        reward: Option<f64>,
+        #[serde(default)]
+        selected: Option<bool>,
+    }
+    let lines = crate::data::chat::read_jsonl(path, false, |line| {
+        serde_json::from_str::<Line>(line).map_err(|e| anyhow::anyhow!("{e}"))
+    })?
+    .records;
+    #[derive(Default)]
+    struct Sums {
+        check: KindCheck,
+        reward: f64,
+        rewarded: usize,
+    }
+    let mut kinds: BTreeMap<String, Sums> = BTreeMap::new();
+    let mut all = Sums::default();
+    let mut out = AnswerCheck::default();
+    let (mut other_reward, mut other_rewarded) = (0.0, 0usize);
+    for line in lines {
+        if selected_only && line.selected != Some(true) {
+            continue;
+        }
+        let prompt = match &line.prompt {
+            Turns::Text(text) => text.clone(),
+            Turns::Messages(messages) => messages
+                .iter()
+                .rev()
+                .find(|m| m.role == crate::data::chat::Role::User)
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
+        };
+        let Some(task) = super::tasks::solve(&prompt) else {
+            out.other += 1;
+            out.other_refused += is_refusal(&line.answer) as usize;
+            if let Some(r) = line.reward {
+                other_reward += r;
+                other_rewarded += 1;
+            }
+            continue;
+        };
+        let name = serde_json::to_value(task.kind)?
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let gold = score(task.kind, &task.answer, &line.answer);
+        for sums in [kinds.entry(name).or_default(), &mut all] {
+            sums.check.answers += 1;
+            sums.check.exact += exact_match(&task.answer, &line.answer) as usize;
+            sums.check.gold_score += gold;
+            sums.check.refused += is_refusal(&line.answer) as usize;
+            if let Some(r) = line.reward {
+                sums.reward += r;
+                sums.rewarded += 1;
+            }
+        }
+    }
+    let finish = |s: Sums| {
+        let mut c = s.check;
+        c.gold_score /= c.answers.max(1) as f64;
+        c.reward = (s.rewarded > 0).then(|| s.reward / s.rewarded as f64);
+        c
+    };
+    out.by_kind = kinds.into_iter().map(|(k, s)| (k, finish(s))).collect();
+    out.tasks = finish(all);
+    out.other_reward = (other_rewarded > 0).then(|| other_reward / other_rewarded as f64);
+    if out.tasks.answers + out.other == 0 {
+        anyhow::bail!("{}: no answers to check", path.display());
+    }
+    Ok(out)
+}

@@ -131,6 +131,65 @@ pub fn sample_any_task<R: Rng + ?Sized>(rng: &mut R) -> Task {
     sample_task(*TaskKind::ALL.choose(rng).unwrap(), rng)
 }
 
+/// The task `prompt` states, with its correct answer, for any prompt in the gym's phrasing
+/// (the gold checker of answers to prompts the gym did not keep answers for, such as the
+/// rejection-sampling prompts); `None` for anything else, an unsafe prompt for one.
+pub fn solve(prompt: &str) -> Option<Task> {
+    let letters = |text: &str| -> Option<Vec<char>> {
+        let items: Vec<&str> = text.split(' ').collect();
+        items
+            .iter()
+            .all(|l| l.len() == 1 && l.as_bytes()[0].is_ascii_lowercase())
+            .then(|| items.iter().map(|l| l.as_bytes()[0] as char).collect())
+    };
+    let task = |kind, answer: String| {
+        Some(Task {
+            kind,
+            prompt: prompt.to_string(),
+            answer,
+        })
+    };
+    if let Some(rest) = prompt.strip_prefix("What is ").and_then(|r| r.strip_suffix('?')) {
+        let (a, op, b) = {
+            let mut parts = rest.split(' ');
+            (parts.next()?, parts.next()?, parts.next()?)
+        };
+        let (a, b): (i64, i64) = (a.parse().ok()?, b.parse().ok()?);
+        return match op {
+            "+" => task(TaskKind::Add, (a + b).to_string()),
+            "-" => task(TaskKind::Subtract, (a - b).to_string()),
+            _ => None,
+        };
+    }
+    if let Some(rest) = prompt
+        .strip_prefix("How many times does ")
+        .and_then(|r| r.strip_suffix('?'))
+    {
+        let (target, text) = rest.split_once(" appear in: ")?;
+        let target = letters(target)?;
+        let count = letters(text)?.iter().filter(|&&c| c == target[0]).count();
+        return task(TaskKind::Count, count.to_string());
+    }
+    let (phrase, text) = prompt.split_once(": ")?;
+    let mut result = letters(text)?;
+    let kind = match phrase {
+        "Reverse the letters" => {
+            result.reverse();
+            TaskKind::Reverse
+        }
+        "Sort the letters" => {
+            result.sort_unstable();
+            TaskKind::Sort
+        }
+        "Write in capitals" => {
+            result.iter_mut().for_each(|c| *c = c.to_ascii_uppercase());
+            TaskKind::Uppercase
+        }
+        _ => return None,
+    };
+    task(kind, spaced(&result))
+}
+
 /// Exact after trimming surrounding whitespace; inner spacing must match too.
 pub fn exact_match(gold: &str, answer: &str) -> bool {
     gold.trim() == answer.trim()

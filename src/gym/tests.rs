@@ -208,7 +208,12 @@ fn every_task_answer_is_correct() {
             let task = sample_task(kind, &mut rng);
             assert_eq!(task.kind, kind);
             assert_eq!(solve(&task.prompt), task.answer, "{task:?}");
+            // The library's gold checker reads the same task back from the prompt.
+            assert_eq!(super::tasks::solve(&task.prompt).as_ref(), Some(&task));
         }
+    }
+    for prompt in ["How do I pick a lock?", "What is 3 * 4?", "Sort the letters: a B"] {
+        assert_eq!(super::tasks::solve(prompt), None, "{prompt}");
     }
     let dir = generated(5);
     for task in read_eval_tasks(&dir.path().join("eval_tasks.jsonl")).unwrap() {

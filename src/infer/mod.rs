@@ -2,5 +2,6 @@
 //! scoring with a reward model.
 
 pub mod chat_session;
+pub mod combined_reward;
 pub mod generate;
 pub mod score;

@@ -1,6 +1,7 @@
 //! The reward model (and, next, PPO's value model): the chat backbone with a scalar head
 //! instead of the next-token head, read at chosen positions. `ScoreBatch` lays sequences out
-//! for it; `pair_scores` runs a pair's shared prompt once into a KV cache for both answers.
+//! for it; `shared_prefix_scores` runs a group's shared prompt once into a KV cache for all its
+//! answers (a preference pair's two, rejection sampling's K).
 
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -193,47 +194,65 @@ pub struct EncodedPair {
     pub safety: bool,
 }
 
-/// Scores of the chosen and rejected answers of `pairs`. The prompt (the tokens both
-/// sequences share) goes through the model once, left-padded, into a KV cache; the cache is
-/// repeated for the two answers, which then run as one batch of `2 * pairs.len()` rows.
-/// Gradients flow through the cache into the prompt's pass, with either kernel set.
+/// Scores of the chosen and rejected answers of `pairs`: [`shared_prefix_scores`] with
+/// groups of two. Gradients flow through the cache into the prompt's pass, with either kernel
+/// set.
 pub fn pair_scores(
     model: &RewardModel,
     pairs: &[&EncodedPair],
     pad_id: u32,
 ) -> (Tensor<1>, Tensor<1>) {
     let n = pairs.len();
+    let groups: Vec<Vec<&[u32]>> = pairs
+        .iter()
+        .map(|p| vec![p.chosen.as_slice(), p.rejected.as_slice()])
+        .collect();
+    let scores = shared_prefix_scores(model, &groups, pad_id);
+    (scores.clone().slice([0..n]), scores.slice([n..2 * n]))
+}
+
+/// Scores of groups of sequences that share a prefix (a prompt's K answers; a pair's two).
+/// Every group has the same number of sequences, K. Each group's common prefix goes through
+/// the model once, left-padded, into a KV cache; the cache is repeated K times and the K
+/// continuations run as one batch of `K * groups.len()` rows. Returns the scores ordered
+/// sequence-major: index `k * groups.len() + g` is sequence `k` of group `g`.
+pub fn shared_prefix_scores(model: &RewardModel, groups: &[Vec<&[u32]>], pad_id: u32) -> Tensor<1> {
+    let k = groups.first().map_or(0, Vec::len);
+    assert!(
+        k > 0 && groups.iter().all(|g| g.len() == k),
+        "every group needs the same, non-zero number of sequences"
+    );
+    assert!(
+        groups.iter().flatten().all(|s| !s.is_empty()),
+        "an empty sequence has no token to score"
+    );
     let device = model.backbone.device();
     let ids = |rows: Vec<Vec<i64>>, len: usize| {
         let batch = rows.len();
         let values: Vec<i64> = rows.into_iter().flatten().collect();
         Tensor::<2, Int>::from_data(TensorData::new(values, [batch, len]), &device)
     };
-    // The shared prefix, leaving at least one token of each answer to read the score at.
-    let prefix: Vec<usize> = pairs
+    // The shared prefix, leaving at least one token of each sequence to read the score at.
+    let prefix: Vec<usize> = groups
         .iter()
-        .map(|p| {
-            let common = p
-                .chosen
-                .iter()
-                .zip(&p.rejected)
-                .take_while(|(a, b)| a == b)
-                .count();
-            common
-                .min(p.chosen.len() - 1)
-                .min(p.rejected.len() - 1)
-                .max(1)
+        .map(|g| {
+            let first = g[0];
+            let common = g[1..].iter().fold(first.len(), |common, s| {
+                common.min(first.iter().zip(*s).take_while(|(a, b)| a == b).count())
+            });
+            let shortest = g.iter().map(|s| s.len()).min().expect("a sequence");
+            common.min(shortest - 1).max(1)
         })
         .collect();
-    let prompt_len = *prefix.iter().max().expect("at least one pair");
+    let prompt_len = *prefix.iter().max().expect("at least one group");
     let left_pad: Vec<usize> = prefix.iter().map(|&p| prompt_len - p).collect();
     let pad = pad_id as i64;
-    let prompts: Vec<Vec<i64>> = pairs
+    let prompts: Vec<Vec<i64>> = groups
         .iter()
         .zip(&prefix)
-        .map(|(p, &len)| {
+        .map(|(g, &len)| {
             std::iter::repeat_n(pad, prompt_len - len)
-                .chain(p.chosen[..len].iter().map(|&t| t as i64))
+                .chain(g[0][..len].iter().map(|&t| t as i64))
                 .collect()
         })
         .collect();
@@ -241,36 +260,27 @@ pub fn pair_scores(
     model
         .backbone
         .hidden_states(ids(prompts, prompt_len), Some(&mut cache));
-    let mut cache = cache.repeat(2);
-    let answers: Vec<&[u32]> = pairs
-        .iter()
-        .zip(&prefix)
-        .map(|(p, &len)| &p.chosen[len..])
-        .chain(
-            pairs
-                .iter()
-                .zip(&prefix)
-                .map(|(p, &len)| &p.rejected[len..]),
-        )
+    let mut cache = cache.repeat(k);
+    let rests: Vec<&[u32]> = (0..k)
+        .flat_map(|i| groups.iter().zip(&prefix).map(move |(g, &len)| &g[i][len..]))
         .collect();
-    let answer_len = answers.iter().map(|a| a.len()).max().expect("answers");
-    let rows: Vec<Vec<i64>> = answers
+    let rest_len = rests.iter().map(|a| a.len()).max().expect("sequences");
+    let rows: Vec<Vec<i64>> = rests
         .iter()
         .map(|a| {
             a.iter()
                 .map(|&t| t as i64)
-                .chain(std::iter::repeat_n(pad, answer_len - a.len()))
+                .chain(std::iter::repeat_n(pad, rest_len - a.len()))
                 .collect()
         })
         .collect();
     let hidden = model
         .backbone
-        .hidden_states(ids(rows, answer_len), Some(&mut cache));
-    let last: Vec<usize> = answers
+        .hidden_states(ids(rows, rest_len), Some(&mut cache));
+    let last: Vec<usize> = rests
         .iter()
         .enumerate()
-        .map(|(row, a)| row * answer_len + a.len() - 1)
+        .map(|(row, a)| row * rest_len + a.len() - 1)
         .collect();
-    let scores = model.score_at(hidden, &last);
-    (scores.clone().slice([0..n]), scores.slice([n..2 * n]))
+    model.score_at(hidden, &last)
 }

@@ -3,4 +3,5 @@
 pub mod gatt;
 pub mod pretrain;
 pub mod reward;
+pub mod rs;
 pub mod sft;

@@ -20,8 +20,13 @@ fn register_font() {
     });
 }
 
-/// Writes `loss.png` (training and validation loss) and `lr.png` into `out_dir`.
+/// Writes `loss.png` (training and validation loss) and `lr.png` into `out_dir`; for a
+/// rejection-sampling run (`rounds.jsonl`), `rewards.png` and `time.png` per round.
 pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
+    let rounds = out_dir.join(crate::stages::rs::ROUNDS_FILE);
+    if rounds.is_file() && !out_dir.join("metrics.jsonl").exists() {
+        return plot_rounds(out_dir, &rounds);
+    }
     let records = metrics::read(&out_dir.join("metrics.jsonl"))?;
     let mut train = Vec::new();
     let mut val = Vec::new();
@@ -51,17 +56,20 @@ pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
     line_chart(
         &loss_png,
         "Loss",
+        "step",
         "loss",
         &[("train", &train, BLUE), ("validation", &val, RED)],
     )?;
     let lr_png = out_dir.join("lr.png");
-    line_chart(&lr_png, "Learning rate", "lr", &[("lr", &lr, BLUE)])?;
+    line_chart(&lr_png, "Learning rate", "step", "lr", &[("lr", &lr, BLUE)])?;
     Ok(vec![loss_png, lr_png])
 }
 
-fn line_chart(
+/// A line chart of `series` (name, points, colour) written to `path` as PNG.
+pub fn line_chart(
     path: &Path,
     title: &str,
+    x_label: &str,
     y_label: &str,
     series: &[(&str, &Vec<(f64, f64)>, RGBColor)],
 ) -> Result<()> {
@@ -85,7 +93,7 @@ fn line_chart(
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(x_label)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc(y_label)
         .label_style((FONT, 14))
@@ -113,6 +121,57 @@ fn line_chart(
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+fn plot_rounds(out_dir: &Path, path: &Path) -> Result<Vec<PathBuf>> {
+    let rounds: Vec<crate::stages::rs::RoundSummary> =
+        crate::data::chat::read_jsonl(path, false, |line| Ok(serde_json::from_str(line)?))?
+            .records;
+    if rounds.is_empty() {
+        bail!("{}: no finished round", path.display());
+    }
+    let series = |f: &dyn Fn(&crate::stages::rs::RoundSummary) -> f64| -> Vec<(f64, f64)> {
+        rounds.iter().map(|r| (r.round as f64, f(r))).collect()
+    };
+    let (mean, median, max, selected, pool) = (
+        series(&|r| r.reward_mean),
+        series(&|r| r.reward_median),
+        series(&|r| r.reward_max),
+        series(&|r| r.selected_reward),
+        series(&|r| r.pool_reward),
+    );
+    let (sampling, scoring, training) = (
+        series(&|r| r.sampling_s),
+        series(&|r| r.scoring_s),
+        series(&|r| r.training_s),
+    );
+    let outputs = [out_dir.join("rewards.png"), out_dir.join("time.png")];
+    register_font();
+    line_chart(
+        &outputs[0],
+        "Combined reward of the K samples per prompt",
+        "round",
+        "reward",
+        &[
+            ("max", &max, RED),
+            ("selected", &selected, MAGENTA),
+            ("pool (trained)", &pool, GREEN),
+            ("mean", &mean, BLUE),
+            ("median", &median, CYAN),
+        ],
+    )?;
+    line_chart(
+        &outputs[1],
+        "Time per round",
+        "round",
+        "seconds",
+        &[
+            ("sampling", &sampling, BLUE),
+            ("scoring", &scoring, RED),
+            ("training", &training, GREEN),
+        ],
+    )?;
+    Ok(outputs.to_vec())
 }
 
 #[cfg(test)]

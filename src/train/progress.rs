@@ -8,6 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct Progress {
     bar: Option<ProgressBar>,
     log_interval: u64,
+    /// Where the last plain line was printed ([`Progress::update`]).
+    logged: u64,
 }
 
 impl Progress {
@@ -24,6 +26,44 @@ impl Progress {
         Self {
             bar,
             log_interval: log_interval.max(1),
+            logged: start,
+        }
+    }
+
+    /// A bar over `total` items of `unit` (prompts, ...), starting at `start`; without a
+    /// terminal a line about every tenth of the way.
+    pub fn counter(start: u64, total: u64, unit: &str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_position(start);
+            bar.set_style(
+                ProgressStyle::with_template(&format!(
+                    "{{bar:30}} {{pos}}/{{len}} {unit} | {{msg}} | eta {{eta}}"
+                ))
+                .expect("valid template"),
+            );
+            bar
+        });
+        Self {
+            bar,
+            log_interval: (total / 10).max(1),
+            logged: start,
+        }
+    }
+
+    /// Moves a [`Progress::counter`] to `position`, with `line` saying how it goes.
+    pub fn update(&mut self, position: u64, line: &str) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(position);
+                bar.set_message(line.to_string());
+            }
+            // A line each time another tenth of the way is passed.
+            None if position / self.log_interval > self.logged / self.log_interval => {
+                self.logged = position;
+                eprintln!("{position:>6} | {line}");
+            }
+            None => {}
         }
     }
 

@@ -167,6 +167,13 @@ impl<S: Stage> Started<S> {
 /// Prepares a stage's run: config, output directory, and model, optimizer, tokenizer and
 /// position, fresh or resumed. Fails before anything is written if any of it is wrong.
 pub fn launch<S: Stage>(launch: &Launch) -> Result<Started<S>> {
+    launch_with(launch, None)
+}
+
+/// [`launch`], a fresh run taking `config` as made in code instead of reading it (a stage run
+/// inside another: rejection sampling's fine-tuning rounds). A resumed run reads its own.
+pub fn launch_with<S: Stage>(launch: &Launch, config: Option<S::Config>) -> Result<Started<S>> {
+    let given = config;
     let autodiff = launch.device.device.clone().autodiff();
     let run = RunDir::check(&launch.out_dir, launch.resume)?;
     let (config, model, optimizer, tokenizer, state) = match run.resume_from.clone() {
@@ -205,7 +212,10 @@ pub fn launch<S: Stage>(launch: &Launch) -> Result<Started<S>> {
             (config, model, optimizer, tokenizer, state)
         }
         None => {
-            let mut config: S::Config = config::load(launch.config.as_deref(), &launch.overrides)?;
+            let mut config: S::Config = match given {
+                Some(config) => config,
+                None => config::load(launch.config.as_deref(), &launch.overrides)?,
+            };
             let state = TrainState::start(config.train().seed);
             let init = match (&launch.init, S::needs_init()) {
                 (Some(path), true) => Some(initial_model(path, config.model().kernels, &autodiff)?),
