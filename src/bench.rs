@@ -524,3 +524,111 @@ pub fn generate(
     }
     Ok(results)
 }
+
+/// Scoring K answers per prompt with a reward model: the prompt run once into a KV cache
+/// shared by its K answers ([`crate::model::reward::shared_prefix_scores`]) against every
+/// prompt-plus-answer as its own right-padded row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScoreBench {
+    pub device: String,
+    pub prompts: usize,
+    pub k: usize,
+    pub prompt_tokens: usize,
+    pub answer_tokens: usize,
+    /// Answers scored per second each way (median of `repeats` timed runs), and the largest
+    /// difference between the two ways' scores.
+    pub shared_prefix_per_s: f64,
+    pub right_padded_per_s: f64,
+    pub max_abs_difference: f32,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn score(
+    config: &crate::config::ModelConfig,
+    device: &ComputeDevice,
+    prompts: usize,
+    k: usize,
+    prompt_tokens: usize,
+    answer_tokens: usize,
+    repeats: usize,
+) -> Result<ScoreBench> {
+    use crate::model::reward::{Arrangement, RewardModel, ScoreBatch, shared_prefix_scores};
+    anyhow::ensure!(
+        prompts > 0 && k > 0 && prompt_tokens > 0 && answer_tokens > 0 && repeats > 0,
+        "every count must be at least 1"
+    );
+    anyhow::ensure!(
+        prompt_tokens + answer_tokens <= config.max_seq_len,
+        "prompt and answer exceed the model's context of {}",
+        config.max_seq_len
+    );
+    let model = RewardModel::new(config, 0, &device.device);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut draw = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.random_range(1..config.vocab_size as u32))
+            .collect()
+    };
+    // Answers of 1 to `answer_tokens` tokens, as sampled answers are.
+    let groups: Vec<Vec<Vec<u32>>> = (0..prompts)
+        .map(|_| {
+            let prompt = draw(prompt_tokens);
+            (0..k)
+                .map(|j| {
+                    let mut s = prompt.clone();
+                    s.extend(draw(1 + (j * 7) % answer_tokens));
+                    s
+                })
+                .collect()
+        })
+        .collect();
+    let refs: Vec<Vec<&[u32]>> = groups
+        .iter()
+        .map(|g| g.iter().map(Vec::as_slice).collect())
+        .collect();
+    // Sequence-major, as shared_prefix_scores orders its scores.
+    let rows: Vec<Vec<u32>> = (0..k)
+        .flat_map(|j| groups.iter().map(move |g| g[j].clone()))
+        .collect();
+    let shared = || -> Result<Vec<f32>> {
+        shared_prefix_scores(&model, &refs, 0)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    let padded = || -> Result<Vec<f32>> {
+        model
+            .scores(&ScoreBatch::new(&rows, Arrangement::RightPadded, 0))
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    let time = |f: &dyn Fn() -> Result<Vec<f32>>| -> Result<(f64, Vec<f32>)> {
+        let mut out = f()?; // warm-up
+        let mut times = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            let start = Instant::now();
+            out = f()?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        Ok((times[times.len() / 2], out))
+    };
+    let (shared_s, a) = time(&shared)?;
+    let (padded_s, b) = time(&padded)?;
+    let n = (prompts * k) as f64;
+    Ok(ScoreBench {
+        device: device.describe(),
+        prompts,
+        k,
+        prompt_tokens,
+        answer_tokens,
+        shared_prefix_per_s: n / shared_s,
+        right_padded_per_s: n / padded_s,
+        max_abs_difference: a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max),
+    })
+}

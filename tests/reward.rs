@@ -232,3 +232,50 @@ fn pairs_sharing_their_prompt_score_as_the_full_sequences_do_and_train_the_promp
         / scale;
     assert!(diff < 1e-4, "first-layer gradient differs by {diff}");
 }
+
+#[test]
+fn k_answers_sharing_their_prompt_score_as_each_alone() {
+    use kiln::model::reward::shared_prefix_scores;
+    let mut rng = rng();
+    let model = tiny_rm(&mut rng);
+    // Groups of K answers (K odd, answers of different lengths, one answer a prefix of
+    // another's, one group whose answers share a first token), several prompts of different
+    // lengths.
+    let k = rng.random_range(2..6);
+    let groups: Vec<Vec<Vec<u32>>> = (0..3)
+        .map(|g| {
+            let prompt: Vec<u32> = (0..3 + 7 * g).map(|_| rng.random_range(1..97)).collect();
+            let first: u32 = rng.random_range(1..97);
+            (0..k)
+                .map(|j| {
+                    let mut s = prompt.clone();
+                    if g == 2 {
+                        s.push(first);
+                    }
+                    s.extend((0..1 + (j * 3 + g) % 5).map(|_| rng.random_range(1..97)));
+                    s
+                })
+                .collect()
+        })
+        .collect();
+    let refs: Vec<Vec<&[u32]>> = groups
+        .iter()
+        .map(|g| g.iter().map(Vec::as_slice).collect())
+        .collect();
+    let shared: Vec<f32> = shared_prefix_scores(&model, &refs, 0)
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap();
+    assert_eq!(shared.len(), k * groups.len());
+    for (g, group) in groups.iter().enumerate() {
+        for (j, sequence) in group.iter().enumerate() {
+            // The reference: the sequence alone, no cache, no padding.
+            let alone = scores(&model, std::slice::from_ref(sequence), Arrangement::RightPadded)[0];
+            let got = shared[j * groups.len() + g];
+            assert!(
+                (got - alone).abs() <= 1e-5 * alone.abs().max(1.0),
+                "group {g}, answer {j} of {k}: {got} vs {alone} (tolerance 1e-5 relative)"
+            );
+        }
+    }
+}

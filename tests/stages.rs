@@ -11,16 +11,7 @@ use kiln::train::metrics::{self, Record};
 use kiln::train::stage::Launch;
 
 mod common;
-use common::repo;
-
-/// A 2-step pretraining run of the tiny model (context 64), to start the other stages from.
-fn pretrained(dir: &Path) -> PathBuf {
-    let out = dir.join("pre");
-    let mut overrides = common::tiny_model(&repo("data/shakespeare/macbeth.txt"));
-    overrides.extend(["train.max_steps=2".into(), "model.max_seq_len=64".into()]);
-    pretrain::run(&Launch::new(&out, &overrides), false).unwrap();
-    out
-}
+use common::{pretrained, repo};
 
 /// Training-step losses of a run, in order.
 fn step_losses(out: &Path) -> Vec<f64> {

@@ -64,7 +64,7 @@ pub enum Command {
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Rs {
         #[command(flatten)]
-        args: RsArgs,
+        args: Option<RsArgs>,
         #[command(subcommand)]
         command: Option<RsCommand>,
     },
@@ -365,6 +365,25 @@ pub enum BenchCommand {
         new_tokens: usize,
         #[arg(long, value_enum, default_value = "custom")]
         kernels: kiln::kernels::Kernels,
+    },
+    /// Reward-model scoring of K answers per prompt: the prompt run once into a shared KV
+    /// cache against full right-padded rows (answers/s, one JSON line).
+    Score {
+        #[arg(long, value_enum)]
+        preset: Preset,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceChoice,
+        #[arg(long, default_value_t = 8)]
+        prompts: usize,
+        #[arg(long, default_value_t = 8)]
+        k: usize,
+        #[arg(long, default_value_t = 64)]
+        prompt_tokens: usize,
+        /// Answers have 1 to this many tokens.
+        #[arg(long, default_value_t = 32)]
+        answer_tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
     },
     /// The custom WGSL kernels against the reference ops, forward + backward, side by side.
     Kernels {

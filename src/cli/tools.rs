@@ -168,6 +168,27 @@ pub fn bench(command: BenchCommand) -> Result<()> {
                 println!("{}", serde_json::to_string(&row)?);
             }
         }
+        BenchCommand::Score {
+            preset,
+            device,
+            prompts,
+            k,
+            prompt_tokens,
+            answer_tokens,
+            repeats,
+        } => {
+            let device = device::select(device)?;
+            let row = kiln::bench::score(
+                &preset.model(),
+                &device,
+                prompts,
+                k,
+                prompt_tokens,
+                answer_tokens,
+                repeats,
+            )?;
+            println!("{}", serde_json::to_string(&row)?);
+        }
         BenchCommand::Kernels {
             device,
             repeats,

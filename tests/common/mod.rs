@@ -159,3 +159,13 @@ pub fn write_sft_data(dir: &Path) -> (String, String) {
     std::fs::write(&val, lines[..10].join("\n")).unwrap();
     (train.display().to_string(), val.display().to_string())
 }
+
+/// A 2-step pretraining run of the tiny model (context 64) in `dir/pre`, to start the other
+/// stages from.
+pub fn pretrained(dir: &Path) -> PathBuf {
+    let out = dir.join("pre");
+    let mut overrides = tiny_model(&repo("data/shakespeare/macbeth.txt"));
+    overrides.extend(["train.max_steps=2".into(), "model.max_seq_len=64".into()]);
+    kiln::stages::pretrain::run(&kiln::train::stage::Launch::new(&out, &overrides), false).unwrap();
+    out
+}
