@@ -43,10 +43,7 @@ fn run(command: Command) -> Result<()> {
         } => train::sft(stage, skip_bad_lines),
         Command::Gatt(stage) => train::gatt(stage),
         Command::Rs { args, command } => match command {
-            None => match args {
-                Some(args) => train::rs(args),
-                None => anyhow::bail!("kiln rs needs --out (and, for a new run, --init, --rm-helpful, --rm-safety): see kiln rs --help"),
-            },
+            None => train::rs(args),
             Some(RsCommand::Curve {
                 policy,
                 rm_helpful,

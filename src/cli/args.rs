@@ -34,9 +34,10 @@ pub struct StageArgs {
     /// directory, a Hugging Face Llama directory, or a GGUF file.
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// Output directory: checkpoints, metrics.jsonl, config.toml.
-    #[arg(long)]
-    pub out: PathBuf,
+    /// Output directory: checkpoints, metrics.jsonl, config.toml. (An `Option` only so that
+    /// `kiln rs curve` parses without it; clap requires it of every stage.)
+    #[arg(long, required = true)]
+    pub out: Option<PathBuf>,
     /// Continue the run in --out from its newest checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -64,7 +65,7 @@ pub enum Command {
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Rs {
         #[command(flatten)]
-        args: Option<RsArgs>,
+        args: RsArgs,
         #[command(subcommand)]
         command: Option<RsCommand>,
     },

@@ -21,7 +21,9 @@ fn launch(args: StageArgs, extra: &[String]) -> Result<Launch> {
         config: args.config,
         overrides,
         init: args.init,
-        out_dir: args.out,
+        out_dir: args
+            .out
+            .ok_or_else(|| anyhow::anyhow!("--out is required: the run's output directory"))?,
         resume: args.resume,
         device,
         stop_after: None,

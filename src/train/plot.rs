@@ -51,7 +51,6 @@ pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
             out_dir.join("metrics.jsonl").display()
         );
     }
-    register_font();
     let loss_png = out_dir.join("loss.png");
     line_chart(
         &loss_png,
@@ -73,6 +72,7 @@ pub fn line_chart(
     y_label: &str,
     series: &[(&str, &Vec<(f64, f64)>, RGBColor)],
 ) -> Result<()> {
+    register_font();
     let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
     let points = series.iter().flat_map(|s| s.1.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
@@ -146,7 +146,6 @@ fn plot_rounds(out_dir: &Path, path: &Path) -> Result<Vec<PathBuf>> {
         series(&|r| r.training_s),
     );
     let outputs = [out_dir.join("rewards.png"), out_dir.join("time.png")];
-    register_font();
     line_chart(
         &outputs[0],
         "Combined reward of the K samples per prompt",
