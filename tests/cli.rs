@@ -188,6 +188,17 @@ fn every_training_command_takes_the_shared_flags_and_resume_needs_only_out() {
             "{args:?}: {stderr}"
         );
     }
+    // So does rejection sampling, whose run is a directory of rounds.
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["rs", "--resume", "--out", missing, "--device", "cpu"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("holds no rejection-sampling run"),
+        "{stderr}"
+    );
     // A fresh reward model needs its kind.
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["rm", "train", "--out", missing])

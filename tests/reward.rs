@@ -270,7 +270,11 @@ fn k_answers_sharing_their_prompt_score_as_each_alone() {
     for (g, group) in groups.iter().enumerate() {
         for (j, sequence) in group.iter().enumerate() {
             // The reference: the sequence alone, no cache, no padding.
-            let alone = scores(&model, std::slice::from_ref(sequence), Arrangement::RightPadded)[0];
+            let alone = scores(
+                &model,
+                std::slice::from_ref(sequence),
+                Arrangement::RightPadded,
+            )[0];
             let got = shared[j * groups.len() + g];
             assert!(
                 (got - alone).abs() <= 1e-5 * alone.abs().max(1.0),

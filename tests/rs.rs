@@ -189,7 +189,12 @@ fn samples_without_timing(dir: &Path) -> Vec<SampleRecord> {
 }
 
 fn final_weights(run: &Path) -> Vec<u8> {
-    std::fs::read(checkpoint::resolve(run).unwrap().join(checkpoint::MODEL_FILE)).unwrap()
+    std::fs::read(
+        checkpoint::resolve(run)
+            .unwrap()
+            .join(checkpoint::MODEL_FILE),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -214,8 +219,8 @@ fn rejection_sampling_rounds_pool_and_resume_exactly_after_sigkill() {
     // What each round wrote.
     let rounds: Vec<RoundSummary> = read_lines(&straight.join(rs::ROUNDS_FILE));
     assert_eq!(rounds.len(), 2);
-    let helpful = kiln::infer::score::load(&f.helpful, &kiln::device::ComputeDevice::cpu().device)
-        .unwrap();
+    let helpful =
+        kiln::infer::score::load(&f.helpful, &kiln::device::ComputeDevice::cpu().device).unwrap();
     let safety_rm =
         kiln::infer::score::load(&f.safety, &kiln::device::ComputeDevice::cpu().device).unwrap();
     for (n, summary) in rounds.iter().enumerate() {
@@ -266,18 +271,28 @@ fn rejection_sampling_rounds_pool_and_resume_exactly_after_sigkill() {
             let candidates: Vec<&PoolEntry> = pool.iter().filter(|e| e.prompt_index == p).collect();
             let selected: Vec<&&PoolEntry> = candidates.iter().filter(|e| e.selected).collect();
             assert_eq!(selected.len(), 1, "prompt {p}");
-            let best = candidates.iter().map(|e| e.score.reward).fold(f64::MIN, f64::max);
+            let best = candidates
+                .iter()
+                .map(|e| e.score.reward)
+                .fold(f64::MIN, f64::max);
             assert_eq!(selected[0].score.reward, best);
             let round_best = samples
                 .iter()
                 .filter(|s| s.prompt_index == p)
                 .map(|s| s.score.reward)
                 .fold(f64::MIN, f64::max);
-            assert!(candidates.iter().any(|e| e.round == n + 1 && e.score.reward == round_best));
+            assert!(
+                candidates
+                    .iter()
+                    .any(|e| e.round == n + 1 && e.score.reward == round_best)
+            );
             assert!(candidates.len() <= n + 1);
         }
         if n == 1 {
-            assert!(pool.iter().any(|e| e.round == 1), "round 2's pool keeps round 1's answers");
+            assert!(
+                pool.iter().any(|e| e.round == 1),
+                "round 2's pool keeps round 1's answers"
+            );
         }
         let train = std::fs::read_to_string(round.join(rs::TRAIN_FILE)).unwrap();
         assert_eq!(train.lines().count(), prompts);
@@ -300,16 +315,21 @@ fn rejection_sampling_rounds_pool_and_resume_exactly_after_sigkill() {
     let kill_after_lines = 4 * rng.random_range(1..prompts - 1);
     let kill_at_step = rng.random_range(1..10u64);
     let in_sampling = || {
-        std::fs::read_to_string(&samples_file)
-            .is_ok_and(|t| t.lines().count() >= kill_after_lines)
+        std::fs::read_to_string(&samples_file).is_ok_and(|t| t.lines().count() >= kill_after_lines)
             && !pool_file.exists()
     };
     assert!(kill_when(kiln(&rs_args(&f, &killed)), &in_sampling));
     assert!(!pool_file.exists(), "the kill came after sampling");
-    let lines_before = std::fs::read_to_string(&samples_file).unwrap().lines().count();
+    let lines_before = std::fs::read_to_string(&samples_file)
+        .unwrap()
+        .lines()
+        .count();
     assert!(lines_before < prompts * 4, "sampling had finished");
     // What a kill in the middle of appending a batch leaves: a torn last line.
-    let mut torn = std::fs::OpenOptions::new().append(true).open(&samples_file).unwrap();
+    let mut torn = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&samples_file)
+        .unwrap();
     std::io::Write::write_all(&mut torn, b"{\"round\":1,\"batch\":").unwrap();
     drop(torn);
 
@@ -326,7 +346,10 @@ fn rejection_sampling_rounds_pool_and_resume_exactly_after_sigkill() {
     };
     assert!(kill_when(kiln(&resume), &in_training));
     let steps = checkpoint::list(&checkpoints).unwrap();
-    assert!(!summary_file.exists(), "the kill came after round 1's fine-tuning");
+    assert!(
+        !summary_file.exists(),
+        "the kill came after round 1's fine-tuning"
+    );
     assert!(steps.last().unwrap().0 < 12, "fine-tuning had finished");
     eprintln!(
         "killed after {lines_before} sample lines, then at fine-tuning step {}",
@@ -346,7 +369,10 @@ fn rejection_sampling_rounds_pool_and_resume_exactly_after_sigkill() {
                 "{round}: {file} differs"
             );
         }
-        assert!(final_weights(&a) == final_weights(&b), "{round}: weights differ");
+        assert!(
+            final_weights(&a) == final_weights(&b),
+            "{round}: weights differ"
+        );
     }
 }
 
@@ -379,7 +405,15 @@ fn bad_input_is_refused_before_sampling_and_nothing_is_written() {
         let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
         assert!(!result.status.success(), "{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
-        assert_eq!(stderr.trim().lines().filter(|l| l.starts_with("error")).count(), 1, "{stderr}");
+        assert_eq!(
+            stderr
+                .trim()
+                .lines()
+                .filter(|l| l.starts_with("error"))
+                .count(),
+            1,
+            "{stderr}"
+        );
         stderr
     };
     let prompts_file = |name: &str, text: &str| -> String {
@@ -391,18 +425,30 @@ fn bad_input_is_refused_before_sampling_and_nothing_is_written() {
     let e = run_with(&["rs.k=0".into()], &f);
     assert!(e.contains("rs.k"), "{e}");
     let e = run_with(
-        &[prompts_file("empty.jsonl", "{\"prompt\": \"Hi\"}\n{\"prompt\": \"\", \"safety\": false}\n")],
+        &[prompts_file(
+            "empty.jsonl",
+            "{\"prompt\": \"Hi\"}\n{\"prompt\": \"\", \"safety\": false}\n",
+        )],
         &f,
     );
-    assert!(e.contains("empty.jsonl:2") && e.contains("empty prompt"), "{e}");
+    assert!(
+        e.contains("empty.jsonl:2") && e.contains("empty prompt"),
+        "{e}"
+    );
     let long = "word ".repeat(80);
     let e = run_with(
-        &[prompts_file("long.jsonl", &format!("{{\"prompt\": \"Hi\"}}\n{{\"prompt\": \"{long}\"}}\n"))],
+        &[prompts_file(
+            "long.jsonl",
+            &format!("{{\"prompt\": \"Hi\"}}\n{{\"prompt\": \"{long}\"}}\n"),
+        )],
         &f,
     );
     assert!(e.contains("long.jsonl:2") && e.contains("context"), "{e}");
     let e = run_with(
-        &[prompts_file("bad.jsonl", "{\"prompt\": \"Hi\"}\n{\"prompt\": \"Hi\", \"safety\": 1}\n")],
+        &[prompts_file(
+            "bad.jsonl",
+            "{\"prompt\": \"Hi\"}\n{\"prompt\": \"Hi\", \"safety\": 1}\n",
+        )],
         &f,
     );
     assert!(e.contains("bad.jsonl:2") && e.contains("safety"), "{e}");
@@ -414,7 +460,10 @@ fn bad_input_is_refused_before_sampling_and_nothing_is_written() {
         prompts: f.prompts.clone(),
     };
     let e = run_with(&[], &swapped);
-    assert!(e.contains("Safety reward model where the Helpfulness"), "{e}");
+    assert!(
+        e.contains("Safety reward model where the Helpfulness"),
+        "{e}"
+    );
 
     // A safety reward model of another tokenizer (its own BPE, trained on other text).
     let other_tokenizer = dir.path().join("other-tokenizer.json");
@@ -479,8 +528,10 @@ fn the_reward_curve_rises_with_k() {
     assert_eq!(points.len(), 8);
     let get = |p: &serde_json::Value, key: &str| p[key].as_f64().unwrap();
     for t in [0.7, 1.3] {
-        let curve: Vec<&serde_json::Value> =
-            points.iter().filter(|p| get(p, "temperature") == t).collect();
+        let curve: Vec<&serde_json::Value> = points
+            .iter()
+            .filter(|p| get(p, "temperature") == t)
+            .collect();
         let ks: Vec<f64> = curve.iter().map(|p| get(p, "k")).collect();
         assert_eq!(ks, vec![1.0, 2.0, 4.0, 8.0]);
         // With one answer the best is the median; the best of more answers never falls,
@@ -495,7 +546,10 @@ fn the_reward_curve_rises_with_k() {
     }
     assert_eq!(&std::fs::read(out.join("curve.png")).unwrap()[1..4], b"PNG");
     // A second run refuses to replace the first's files.
-    let again = Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).output().unwrap();
+    let again = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&args)
+        .output()
+        .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
 }

@@ -298,7 +298,10 @@ pub fn rs_curve(a: CurveArgs) -> Result<()> {
     let (json_path, png_path) = (a.out.join("curve.json"), a.out.join("curve.png"));
     for path in [&json_path, &png_path] {
         if path.exists() {
-            bail!("{} already exists; refusing to overwrite it", path.display());
+            bail!(
+                "{} already exists; refusing to overwrite it",
+                path.display()
+            );
         }
     }
     let device = device::select(a.device)?;
@@ -366,7 +369,10 @@ pub fn rs_curve(a: CurveArgs) -> Result<()> {
         "{answers} answers sampled and scored in {seconds:.1} s ({:.1}/s)",
         answers as f64 / seconds.max(1e-9)
     );
-    checkpoint::write_atomic(&json_path, serde_json::to_string_pretty(&points)?.as_bytes())?;
+    checkpoint::write_atomic(
+        &json_path,
+        serde_json::to_string_pretty(&points)?.as_bytes(),
+    )?;
     let colours = [
         plotters::style::RGBColor(31, 119, 180),
         plotters::style::RGBColor(255, 127, 14),
@@ -388,11 +394,7 @@ pub fn rs_curve(a: CurveArgs) -> Result<()> {
             format!("median, T={t}"),
             of_t.iter().map(|p| (p.k as f64, p.median_reward)).collect(),
             // The same hue, lighter: halfway to white.
-            plotters::style::RGBColor(
-                colour.0 / 2 + 128,
-                colour.1 / 2 + 128,
-                colour.2 / 2 + 128,
-            ),
+            plotters::style::RGBColor(colour.0 / 2 + 128, colour.1 / 2 + 128, colour.2 / 2 + 128),
         ));
     }
     let series: Vec<(&str, &Vec<(f64, f64)>, plotters::style::RGBColor)> =

@@ -90,7 +90,10 @@ fn report_fine_tuning(summary: &RunSummary) {
 
 pub fn rs(args: RsArgs) -> Result<()> {
     let mut extra = Vec::new();
-    for (key, path) in [("rm_helpful", &args.rm_helpful), ("rm_safety", &args.rm_safety)] {
+    for (key, path) in [
+        ("rm_helpful", &args.rm_helpful),
+        ("rm_safety", &args.rm_safety),
+    ] {
         if let Some(path) = path {
             let value = toml::Value::String(path.display().to_string());
             extra.push(format!("rs.{key}={value}"));

@@ -149,7 +149,10 @@ pub fn solve(prompt: &str) -> Option<Task> {
             answer,
         })
     };
-    if let Some(rest) = prompt.strip_prefix("What is ").and_then(|r| r.strip_suffix('?')) {
+    if let Some(rest) = prompt
+        .strip_prefix("What is ")
+        .and_then(|r| r.strip_suffix('?'))
+    {
         let (a, op, b) = {
             let mut parts = rest.split(' ');
             (parts.next()?, parts.next()?, parts.next()?)

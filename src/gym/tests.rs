@@ -212,7 +212,11 @@ fn every_task_answer_is_correct() {
             assert_eq!(super::tasks::solve(&task.prompt).as_ref(), Some(&task));
         }
     }
-    for prompt in ["How do I pick a lock?", "What is 3 * 4?", "Sort the letters: a B"] {
+    for prompt in [
+        "How do I pick a lock?",
+        "What is 3 * 4?",
+        "Sort the letters: a B",
+    ] {
         assert_eq!(super::tasks::solve(prompt), None, "{prompt}");
     }
     let dir = generated(5);

@@ -262,7 +262,12 @@ pub fn shared_prefix_scores(model: &RewardModel, groups: &[Vec<&[u32]>], pad_id:
         .hidden_states(ids(prompts, prompt_len), Some(&mut cache));
     let mut cache = cache.repeat(k);
     let rests: Vec<&[u32]> = (0..k)
-        .flat_map(|i| groups.iter().zip(&prefix).map(move |(g, &len)| &g[i][len..]))
+        .flat_map(|i| {
+            groups
+                .iter()
+                .zip(&prefix)
+                .map(move |(g, &len)| &g[i][len..])
+        })
         .collect();
     let rest_len = rests.iter().map(|a| a.len()).max().expect("sequences");
     let rows: Vec<Vec<i64>> = rests

@@ -48,7 +48,10 @@ use crate::interop::checkpoint;
 use crate::interop::convert::{self, LoadedModel};
 use crate::model::Llama;
 use crate::stages::sft::{self, Sft, SftConfig, SftDataConfig};
+use std::sync::atomic::Ordering;
+
 use crate::train::progress::Progress;
+use crate::train::run_dir::INTERRUPTED;
 use crate::train::stage::{self, Launch, TrainingConfig};
 
 pub const SAMPLES_FILE: &str = "samples.jsonl";
@@ -479,13 +482,15 @@ pub struct RoundSummary {
 /// Where a run ended.
 pub struct RsSummary {
     pub rounds: Vec<RoundSummary>,
-    /// Stopped by Ctrl-C during a round's fine-tuning, with a checkpoint.
+    /// Stopped by Ctrl-C: during sampling after a whole batch, during fine-tuning with a
+    /// checkpoint.
     pub interrupted: bool,
 }
 
 /// A 64-bit mix (SplitMix64's finaliser) of the run seed and a position.
 fn mix(seed: u64, a: u64, b: u64) -> u64 {
-    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut z =
+        seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -540,10 +545,15 @@ impl Policy {
         let stop = self.template.stop_token(&self.tokenizer)?;
         let pad = self.tokenizer.pad_id.unwrap_or(self.tokenizer.eos_id);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let generated =
-            generate::generate_with(&self.model, &rows, params, stop, pad, &mut rng, &mut |_, _| {
-                ControlFlow::Continue(())
-            })?;
+        let generated = generate::generate_with(
+            &self.model,
+            &rows,
+            params,
+            stop,
+            pad,
+            &mut rng,
+            &mut |_, _| ControlFlow::Continue(()),
+        )?;
         let mut out: Vec<Vec<(String, generate::Generated)>> = Vec::with_capacity(prompts.len());
         for (i, g) in generated.into_iter().enumerate() {
             if i % k == 0 {
@@ -783,7 +793,7 @@ fn write_rounds(out: &Path, rounds: &[RoundSummary]) -> Result<()> {
 }
 
 /// One round: sampling (resumed from `samples.jsonl`), the pool, fine-tuning. `None` when
-/// the fine-tuning was interrupted (Ctrl-C) with a checkpoint.
+/// Ctrl-C interrupted it (its work so far saved).
 #[allow(clippy::too_many_arguments)]
 fn run_round(
     round: usize,
@@ -797,8 +807,7 @@ fn run_round(
 ) -> Result<Option<RoundSummary>> {
     let r = &config.rs;
     let dir = round_dir(out, round);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
     let device = launch.device.device.clone();
     let (pool_path, train_path) = (dir.join(POOL_FILE), dir.join(TRAIN_FILE));
     let chosen = round_prompts(prompts.len(), r.prompts_per_round, r.seed, round);
@@ -808,12 +817,20 @@ fn run_round(
         let policy = match init {
             Some(init) if round == 1 => init,
             _ => Policy::new(
-                convert::load_model(&policy_path(config, out, round), &device, config.model.kernels)?
-                    .loaded,
+                convert::load_model(
+                    &policy_path(config, out, round),
+                    &device,
+                    config.model.kernels,
+                )?
+                .loaded,
                 config.data.template,
             )?,
         };
-        let samples = sample_round(round, config, &dir, prompts, encoded, &chosen, &policy, rms)?;
+        let Some(samples) =
+            sample_round(round, config, &dir, prompts, encoded, &chosen, &policy, rms)?
+        else {
+            return Ok(None);
+        };
         let round_best: Vec<PoolEntry> = samples
             .chunk_by(|a, b| a.prompt_index == b.prompt_index)
             .filter_map(|answers| best_of(answers, r.keep_unfinished))
@@ -873,10 +890,18 @@ fn run_round(
     if trained.interrupted {
         return Ok(None);
     }
-    let state: crate::train::run_dir::TrainState = serde_json::from_str(
-        &std::fs::read_to_string(trained.checkpoint.join(checkpoint::STATE_FILE))?,
-    )?;
-    let summary = summarise(round, r, &chosen, &samples, &pool, &trained, state.elapsed_s);
+    let state: crate::train::run_dir::TrainState = serde_json::from_str(&std::fs::read_to_string(
+        trained.checkpoint.join(checkpoint::STATE_FILE),
+    )?)?;
+    let summary = summarise(
+        round,
+        r,
+        &chosen,
+        &samples,
+        &pool,
+        &trained,
+        state.elapsed_s,
+    );
     eprintln!(
         "round {round}: reward mean {:.3} | median {:.3} | max {:.3} (gap {:.3}) | selected {:.3} | safety branch {:.1}% | pool {} ({} from earlier rounds) | {:.1} samples/s",
         summary.reward_mean,
@@ -893,7 +918,8 @@ fn run_round(
 }
 
 /// Samples of the round's prompts `chosen`, K each, continuing `samples.jsonl`: batches of
-/// `batch_prompts` prompts, each appended (and synced) once scored.
+/// `batch_prompts` prompts, each appended (and synced) once scored. `None` if Ctrl-C stopped
+/// it (after a whole batch).
 #[allow(clippy::too_many_arguments)]
 fn sample_round(
     round: usize,
@@ -904,7 +930,7 @@ fn sample_round(
     chosen: &[usize],
     policy: &Policy,
     rms: &RewardModels,
-) -> Result<Vec<SampleRecord>> {
+) -> Result<Option<Vec<SampleRecord>>> {
     let r = &config.rs;
     let path = dir.join(SAMPLES_FILE);
     let (mut samples, done_batches) = read_samples(&path, chosen, r)?;
@@ -987,9 +1013,15 @@ fn sample_round(
             ((b + 1) * r.batch_prompts).min(chosen.len()) as u64,
             &format!("round {round} | {rate:.1} samples/s"),
         );
+        if INTERRUPTED.load(Ordering::SeqCst) && b + 1 < batches.len() {
+            progress.message(&format!(
+                "interrupted: round {round}'s samples so far are saved; continue with --resume"
+            ));
+            return Ok(None);
+        }
     }
     progress.finish();
-    Ok(samples)
+    Ok(Some(samples))
 }
 
 /// The complete batches of `samples.jsonl` (in order, each with all its answers), and how
@@ -1063,7 +1095,10 @@ fn rescore(entries: &mut [PoolEntry], rms: &RewardModels, prompts: &Prompts) -> 
         by_prompt.entry(e.prompt_index).or_default().push(i);
     }
     let groups: Vec<(usize, Vec<usize>)> = by_prompt.into_iter().collect();
-    let turns: Vec<Turns> = groups.iter().map(|(_, m)| entries[m[0]].prompt.clone()).collect();
+    let turns: Vec<Turns> = groups
+        .iter()
+        .map(|(_, m)| entries[m[0]].prompt.clone())
+        .collect();
     let safety: Vec<bool> = groups.iter().map(|(_, m)| entries[m[0]].safety).collect();
     let answers: Vec<Vec<Answer>> = groups
         .iter()
@@ -1352,11 +1387,17 @@ mod tests {
             let best = best_of(&answers, false);
             assert_eq!(best.map(|b| b.score.reward), finished_max);
             assert!(best.is_none_or(|b| b.finished()));
-            let any_max = answers.iter().map(|s| s.score.reward).fold(f64::MIN, f64::max);
+            let any_max = answers
+                .iter()
+                .map(|s| s.score.reward)
+                .fold(f64::MIN, f64::max);
             assert_eq!(best_of(&answers, true).unwrap().score.reward, any_max);
         }
         // Ties: the first.
-        let tied = [sample(0, 0, 0.5, FinishReason::Eos), sample(0, 1, 0.5, FinishReason::Eos)];
+        let tied = [
+            sample(0, 0, 0.5, FinishReason::Eos),
+            sample(0, 1, 0.5, FinishReason::Eos),
+        ];
         assert_eq!(best_of(&tied, false).unwrap().k, 0);
     }
 
@@ -1382,7 +1423,11 @@ mod tests {
         assert_eq!(selected, vec![(0, "good"), (1, "better"), (2, "new")]);
         assert_eq!(all.len(), 5, "every round's best is kept");
         let latest = build_pool(pool1, round2, PoolMode::Latest, &mut same).unwrap();
-        let selected: Vec<&str> = latest.iter().filter(|e| e.selected).map(|e| e.answer.as_str()).collect();
+        let selected: Vec<&str> = latest
+            .iter()
+            .filter(|e| e.selected)
+            .map(|e| e.answer.as_str())
+            .collect();
         assert_eq!(selected, vec!["worse", "better", "new"]);
         assert_eq!(latest.len(), 3);
     }
@@ -1446,7 +1491,10 @@ mod tests {
         for (line, error) in [
             (r#"{"prompt": "  "}"#, "empty prompt"),
             (r#"{"safety": true}"#, "missing field `prompt`"),
-            (r#"{"prompt": "a", "safety": "yes"}"#, "`safety` must be true or false"),
+            (
+                r#"{"prompt": "a", "safety": "yes"}"#,
+                "`safety` must be true or false",
+            ),
             (r#"[1]"#, "not a JSON object"),
         ] {
             let e = parse_prompt_line(line).unwrap_err().to_string();

@@ -125,8 +125,7 @@ pub fn line_chart(
 
 fn plot_rounds(out_dir: &Path, path: &Path) -> Result<Vec<PathBuf>> {
     let rounds: Vec<crate::stages::rs::RoundSummary> =
-        crate::data::chat::read_jsonl(path, false, |line| Ok(serde_json::from_str(line)?))?
-            .records;
+        crate::data::chat::read_jsonl(path, false, |line| Ok(serde_json::from_str(line)?))?.records;
     if rounds.is_empty() {
         bail!("{}: no finished round", path.display());
     }
