@@ -200,11 +200,9 @@ fn final_weights(run: &Path) -> Vec<u8> {
 #[test]
 fn rejection_sampling_rounds_pool_and_resume_exactly_after_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let dir = dir.keep();
-    let dir = &dir;
     let prompts = 30;
-    let f = fixture(dir.as_path(), prompts);
-    let straight = dir.as_path().join("straight");
+    let f = fixture(dir.path(), prompts);
+    let straight = dir.path().join("straight");
     let stderr = finish(kiln(&rs_args(&f, &straight)));
     // The prompt line without `safety` is counted and reported.
     assert!(stderr.contains("1 without a `safety` field"), "{stderr}");
@@ -304,7 +302,7 @@ fn rejection_sampling_rounds_pool_and_resume_exactly_after_sigkill() {
     assert_eq!(summary, rounds[1]);
 
     // Killed during sampling, then during fine-tuning, then resumed with --resume alone.
-    let killed = dir.as_path().join("killed");
+    let killed = dir.path().join("killed");
     let round1 = killed.join("round-1");
     let samples_file = round1.join(rs::SAMPLES_FILE);
     let pool_file = round1.join(rs::POOL_FILE);
