@@ -310,8 +310,9 @@ fn rejection_sampling_rounds_pool_and_resume_exactly_after_sigkill() {
     // sampling, at some step of round 1's fine-tuning.
     use rand::Rng;
     let mut rng = common::rng();
-    let kill_after_lines = 4 * rng.random_range(1..prompts - 1);
-    let kill_at_step = rng.random_range(1..10u64);
+    // Several batches and steps before the end, so a slow poll still lands inside.
+    let kill_after_lines = 4 * rng.random_range(1..prompts - 6);
+    let kill_at_step = rng.random_range(1..8u64);
     let in_sampling = || {
         std::fs::read_to_string(&samples_file).is_ok_and(|t| t.lines().count() >= kill_after_lines)
             && !pool_file.exists()
