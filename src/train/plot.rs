@@ -94,7 +94,15 @@ pub fn line_chart(
     chart
         .configure_mesh()
         .x_desc(x_label)
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        // Whole numbers only (steps, rounds, K): a fractional tick stays unlabelled rather
+        // than rounding to its neighbour's label.
+        .x_label_formatter(&|x| {
+            if (x - x.round()).abs() < 1e-9 {
+                format!("{x:.0}")
+            } else {
+                String::new()
+            }
+        })
         .y_desc(y_label)
         .label_style((FONT, 14))
         .draw()
