@@ -186,39 +186,42 @@ pub struct RsArgs {
 pub enum RsCommand {
     /// Mean max- and median-reward against K at several temperatures (the paper's Figures 7
     /// and 8): a table, `curve.png` and `curve.json`.
-    Curve {
-        /// The policy: a kiln checkpoint or run directory, a Hugging Face directory or GGUF.
-        #[arg(long)]
-        policy: PathBuf,
-        #[arg(long)]
-        rm_helpful: PathBuf,
-        #[arg(long)]
-        rm_safety: PathBuf,
-        /// JSONL prompts (`{"prompt", "safety"}`).
-        #[arg(long)]
-        prompts: PathBuf,
-        /// Use the first N prompts (0: all).
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
-        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
-        k: Vec<usize>,
-        #[arg(long, value_delimiter = ',', default_value = "0.6,0.8,1.0,1.2,1.4")]
-        temperatures: Vec<f64>,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f64,
-        #[arg(long, default_value_t = 128)]
-        max_answer_tokens: usize,
-        /// Prompts per generation batch (each with max(K) answers).
-        #[arg(long, default_value_t = 4)]
-        batch_prompts: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Directory for curve.png and curve.json (created; existing files are not replaced).
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, value_enum, default_value = "auto")]
-        device: DeviceChoice,
-    },
+    Curve(CurveArgs),
+}
+
+#[derive(Args)]
+pub struct CurveArgs {
+    /// The policy: a kiln checkpoint or run directory, a Hugging Face directory or GGUF.
+    #[arg(long)]
+    pub policy: PathBuf,
+    #[arg(long)]
+    pub rm_helpful: PathBuf,
+    #[arg(long)]
+    pub rm_safety: PathBuf,
+    /// JSONL prompts (`{"prompt", "safety"}`).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Use the first N prompts (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+    pub k: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "0.6,0.8,1.0,1.2,1.4")]
+    pub temperatures: Vec<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 128)]
+    pub max_answer_tokens: usize,
+    /// Prompts per generation batch (each with max(K) answers).
+    #[arg(long, default_value_t = 4)]
+    pub batch_prompts: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Directory for curve.png and curve.json (created; existing files are not replaced).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 #[derive(Subcommand)]

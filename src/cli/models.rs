@@ -14,7 +14,7 @@ use kiln::infer::score::{self, PairSubset};
 use kiln::interop::checkpoint;
 use kiln::interop::convert::{self, Format};
 
-use super::args::{ChatArgs, GenerateArgs};
+use super::args::{ChatArgs, CurveArgs, GenerateArgs};
 
 fn sampling_params(temperature: f64, top_p: f64, max_tokens: usize) -> Result<SamplingParams> {
     if !(temperature >= 0.0) {
@@ -266,22 +266,6 @@ pub fn rm_eval(
     Ok(())
 }
 
-pub struct CurveArgs {
-    pub policy: std::path::PathBuf,
-    pub rm_helpful: std::path::PathBuf,
-    pub rm_safety: std::path::PathBuf,
-    pub prompts: std::path::PathBuf,
-    pub limit: usize,
-    pub k: Vec<usize>,
-    pub temperatures: Vec<f64>,
-    pub top_p: f64,
-    pub max_answer_tokens: usize,
-    pub batch_prompts: usize,
-    pub seed: u64,
-    pub out: std::path::PathBuf,
-    pub device: DeviceChoice,
-}
-
 /// `kiln rs curve`: reward against K per temperature, as a table, `curve.json` and
 /// `curve.png`.
 pub fn rs_curve(a: CurveArgs) -> Result<()> {
@@ -305,13 +289,24 @@ pub fn rs_curve(a: CurveArgs) -> Result<()> {
         }
     }
     let device = device::select(a.device)?;
-    let (policy, rms, mut prompts, mut encoded) = rs::curve_inputs(
-        &a.policy,
-        &a.rm_helpful,
-        &a.rm_safety,
-        &a.prompts,
-        a.max_answer_tokens,
-        a.batch_prompts,
+    let rs::Sampling {
+        policy,
+        rms,
+        mut prompts,
+        mut encoded,
+        ..
+    } = rs::Sampling::load(
+        &rs::SamplingSources {
+            prompts: std::slice::from_ref(&a.prompts),
+            policy: &a.policy,
+            template: None,
+            kernels: kiln::kernels::Kernels::default(),
+            rm_helpful: &a.rm_helpful,
+            rm_safety: &a.rm_safety,
+            safety_threshold: kiln::infer::combined_reward::DEFAULT_SAFETY_THRESHOLD,
+            batch_prompts: a.batch_prompts,
+            max_answer_tokens: a.max_answer_tokens,
+        },
         &device.device,
     )?;
     if a.limit > 0 && a.limit < prompts.len() {

@@ -142,14 +142,7 @@ impl StageConfig for GattConfig {
 impl GattConfig {
     /// The SFT run that trains on `samples` plus the configured SFT files.
     pub fn sft(&self, samples: &Path) -> SftConfig {
-        let mut data = self.data.clone();
-        data.train.insert(0, samples.to_path_buf());
-        SftConfig {
-            model: self.model.clone(),
-            data,
-            optim: self.optim.clone(),
-            train: self.train.clone(),
-        }
+        SftConfig::on_samples(self, &self.data, samples)
     }
 }
 

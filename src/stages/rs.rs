@@ -41,7 +41,7 @@ use crate::config::{self, ModelConfig, OptimConfig, StageConfig, TrainConfig};
 use crate::data::chat::{self, ChatTemplate, Message, Role, Turns};
 use crate::data::tokenizer::Tokenizer;
 use crate::infer::combined_reward::{
-    Answer, Branch, CombinedReward, DEFAULT_SAFETY_THRESHOLD, RewardModels,
+    self, Answer, Branch, CombinedReward, DEFAULT_SAFETY_THRESHOLD, RewardModels,
 };
 use crate::infer::generate::{self, FinishReason, SamplingParams};
 use crate::interop::checkpoint;
@@ -189,13 +189,7 @@ impl StageConfig for RsConfig {
         if !(r.safety_threshold > 0.0 && r.safety_threshold < 1.0) {
             bail!("rs.safety_threshold must be in (0, 1)");
         }
-        let d = &self.data;
-        if d.val.is_empty() && !(d.val_fraction > 0.0 && d.val_fraction < 0.5) {
-            bail!("data.val_fraction must be in (0, 0.5) when data.val is empty");
-        }
-        if d.seq_len == 1 {
-            bail!("data.seq_len must be at least 2 (or 0: the model's context)");
-        }
+        self.data.validate()?;
         self.optim.validate()?;
         self.train.validate()
     }
@@ -211,14 +205,7 @@ impl RsConfig {
     /// The SFT run of a round: the pool's selected answers (`train`), then the configured
     /// SFT files.
     pub fn sft(&self, train: &Path) -> SftConfig {
-        let mut data = self.data.clone();
-        data.train.insert(0, train.to_path_buf());
-        SftConfig {
-            model: self.model.clone(),
-            data,
-            optim: self.optim.clone(),
-            train: self.train.clone(),
-        }
+        SftConfig::on_samples(self, &self.data, train)
     }
 
     fn sampling(&self) -> SamplingParams {
@@ -375,11 +362,14 @@ impl PoolEntry {
 
     /// The SFT dialogue of this answer (an unfinished one trains without its end marker).
     pub fn dialogue(&self) -> Vec<Message> {
-        let mut messages = self.prompt.clone().into_messages(Role::User);
-        let mut answer = Message::assistant(self.answer.clone());
-        answer.complete = self.complete;
-        messages.push(answer);
-        messages
+        combined_reward::dialogue(&self.prompt, &self.as_answer())
+    }
+
+    fn as_answer(&self) -> Answer {
+        Answer {
+            text: self.answer.clone(),
+            complete: self.complete,
+        }
     }
 }
 
@@ -566,6 +556,22 @@ impl Policy {
     }
 }
 
+/// What the reward models read of sampled answers: the text, and whether it finished.
+fn as_answers(drawn: &[Vec<(String, generate::Generated)>]) -> Vec<Vec<Answer>> {
+    drawn
+        .iter()
+        .map(|group| {
+            group
+                .iter()
+                .map(|(text, g)| Answer {
+                    text: text.clone(),
+                    complete: g.finish == FinishReason::Eos,
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Token ids of every prompt as the policy reads it. A prompt that leaves the policy no room
 /// to answer, or that with `max_answer` tokens of answer would not fit a reward model's
 /// context, is an error naming its file and line.
@@ -604,47 +610,82 @@ pub fn encode_prompts(
         .collect()
 }
 
-/// Everything a run reads, checked before anything is written.
-struct Inputs {
-    prompts: Prompts,
-    encoded: Vec<Vec<u32>>,
-    rms: RewardModels,
-    /// The `--init` policy, and its shape.
-    init: Policy,
-    init_config: ModelConfig,
+/// What sampling reads (prompts, policy, both reward models), loaded and checked against
+/// each other: one tokenizer, every prompt fitting both contexts with an answer.
+pub struct Sampling {
+    pub prompts: Prompts,
+    /// The prompts as the policy reads them.
+    pub encoded: Vec<Vec<u32>>,
+    pub policy: Policy,
+    /// The policy's shape.
+    pub policy_config: ModelConfig,
+    pub rms: RewardModels,
 }
 
-impl Inputs {
-    fn read(config: &RsConfig, device: &Device) -> Result<Self> {
-        let r = &config.rs;
-        let prompts = Prompts::read(&r.prompts)?;
-        let init = convert::load_model(&r.init, device, config.model.kernels)?.loaded;
-        let init_config = init.model_config.clone();
+/// Where [`Sampling::load`] reads from.
+pub struct SamplingSources<'a> {
+    pub prompts: &'a [PathBuf],
+    pub policy: &'a Path,
+    /// The policy's chat template; `None`: the model's own.
+    pub template: Option<ChatTemplate>,
+    pub kernels: crate::kernels::Kernels,
+    pub rm_helpful: &'a Path,
+    pub rm_safety: &'a Path,
+    pub safety_threshold: f64,
+    pub batch_prompts: usize,
+    pub max_answer_tokens: usize,
+}
+
+impl Sampling {
+    pub fn load(from: &SamplingSources, device: &Device) -> Result<Self> {
+        let prompts = Prompts::read(from.prompts)?;
+        let chat_model = convert::load_model(from.policy, device, from.kernels)?;
+        let policy_config = chat_model.loaded.model_config.clone();
         let rms = RewardModels::load(
-            &r.rm_helpful,
-            &r.rm_safety,
-            r.safety_threshold,
-            r.batch_prompts,
+            from.rm_helpful,
+            from.rm_safety,
+            from.safety_threshold,
+            from.batch_prompts,
             device,
         )?;
-        rms.check_tokenizer(&init.tokenizer, &r.init)?;
-        let init = Policy::new(init, config.data.template)?;
-        let encoded = encode_prompts(&prompts, &init, &rms, r.max_answer_tokens)?;
-        // The SFT files mixed into every round are read now, so a bad line stops the run
-        // before the (slow) sampling.
-        for paths in [&config.data.train, &config.data.val] {
-            if !paths.is_empty() {
-                sft::read_dialogues(paths, config.data.skip_bad_lines)?;
-            }
-        }
+        rms.check_tokenizer(&chat_model.loaded.tokenizer, from.policy)?;
+        let template = from.template.unwrap_or(chat_model.template);
+        let policy = Policy::new(chat_model.loaded, template)?;
+        let encoded = encode_prompts(&prompts, &policy, &rms, from.max_answer_tokens)?;
         Ok(Self {
             prompts,
             encoded,
+            policy,
+            policy_config,
             rms,
-            init,
-            init_config,
         })
     }
+}
+
+/// Everything a run reads, checked before anything is written: what sampling reads, and
+/// the SFT files mixed into every round (a bad line stops the run before the slow sampling).
+fn read_inputs(config: &RsConfig, device: &Device) -> Result<Sampling> {
+    let r = &config.rs;
+    let sampling = Sampling::load(
+        &SamplingSources {
+            prompts: &r.prompts,
+            policy: &r.init,
+            template: Some(config.data.template),
+            kernels: config.model.kernels,
+            rm_helpful: &r.rm_helpful,
+            rm_safety: &r.rm_safety,
+            safety_threshold: r.safety_threshold,
+            batch_prompts: r.batch_prompts,
+            max_answer_tokens: r.max_answer_tokens,
+        },
+        device,
+    )?;
+    for paths in [&config.data.train, &config.data.val] {
+        if !paths.is_empty() {
+            sft::read_dialogues(paths, config.data.skip_bad_lines)?;
+        }
+    }
+    Ok(sampling)
 }
 
 fn round_dir(out: &Path, round: usize) -> PathBuf {
@@ -666,6 +707,11 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
     let out = &launch.out_dir;
     let config_path = out.join(CONFIG_FILE);
     let device = launch.device.device.clone();
+    // `--init` is the config's `rs.init`, so a resumed run needs nothing but `--out`.
+    let mut overrides = launch.overrides.clone();
+    if let Some(init) = &launch.init {
+        overrides.push(format!("rs.init={}", toml_string(init)));
+    }
     let config = if launch.resume {
         if !config_path.is_file() {
             bail!(
@@ -676,10 +722,6 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
         }
         let saved = std::fs::read_to_string(&config_path)
             .map_err(|e| anyhow!("cannot read {}: {e}", config_path.display()))?;
-        let mut overrides = launch.overrides.clone();
-        if let Some(init) = &launch.init {
-            overrides.push(format!("rs.init={}", toml_string(init)));
-        }
         config::load_resumed::<RsConfig>(
             &saved,
             &config_path,
@@ -702,16 +744,12 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
                 out.display()
             );
         }
-        let mut overrides = launch.overrides.clone();
-        if let Some(init) = &launch.init {
-            overrides.push(format!("rs.init={}", toml_string(init)));
-        }
         config::load::<RsConfig>(launch.config.as_deref(), &overrides)?
     };
-    let inputs = Inputs::read(&config, &device)?;
+    let inputs = read_inputs(&config, &device)?;
     let mut config = config;
     let kernels = config.model.kernels;
-    config.model = inputs.init_config.clone();
+    config.model = inputs.policy_config.clone();
     config.model.kernels = kernels;
     std::fs::create_dir_all(out)
         .map_err(|e| anyhow!("cannot create output directory {}: {e}", out.display()))?;
@@ -733,7 +771,7 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
     );
 
     let mut rounds = Vec::new();
-    let mut init = Some(inputs.init);
+    let mut init = Some(inputs.policy);
     for round in 1..=config.rs.iterations {
         let dir = round_dir(out, round);
         let summary_path = dir.join(SUMMARY_FILE);
@@ -811,8 +849,11 @@ fn run_round(
     let device = launch.device.device.clone();
     let (pool_path, train_path) = (dir.join(POOL_FILE), dir.join(TRAIN_FILE));
     let chosen = round_prompts(prompts.len(), r.prompts_per_round, r.seed, round);
-    let samples = if pool_path.is_file() {
-        read_samples(&dir.join(SAMPLES_FILE), &chosen, r)?.0
+    let (samples, pool) = if pool_path.is_file() {
+        (
+            read_samples(&dir.join(SAMPLES_FILE), &chosen, r)?.0,
+            read_pool(&pool_path)?,
+        )
     } else {
         let policy = match init {
             Some(init) if round == 1 => init,
@@ -860,9 +901,8 @@ fn run_round(
             .collect::<std::result::Result<_, _>>()?;
         // Written last: its presence says sampling and pooling are done.
         checkpoint::write_atomic(&pool_path, (lines.join("\n") + "\n").as_bytes())?;
-        samples
+        (samples, pool)
     };
-    let pool = read_pool(&pool_path)?;
 
     // Fine-tuning: the round's directory is its SFT run.
     let resume = !checkpoint::list(&dir.join("checkpoints"))?.is_empty();
@@ -962,18 +1002,7 @@ fn sample_round(
         let clock = Instant::now();
         let batch_prompts: Vec<Turns> = batch.iter().map(|&i| prompts.prompts[i].clone()).collect();
         let batch_safety: Vec<bool> = batch.iter().map(|&i| prompts.safety[i]).collect();
-        let answers: Vec<Vec<Answer>> = drawn
-            .iter()
-            .map(|group| {
-                group
-                    .iter()
-                    .map(|(text, g)| Answer {
-                        text: text.clone(),
-                        complete: g.finish == FinishReason::Eos,
-                    })
-                    .collect()
-            })
-            .collect();
+        let answers = as_answers(&drawn);
         let scores = rms.score(&batch_prompts, &batch_safety, &answers, &|j| {
             prompts.sources[batch[j]].clone()
         })?;
@@ -1102,15 +1131,7 @@ fn rescore(entries: &mut [PoolEntry], rms: &RewardModels, prompts: &Prompts) -> 
     let safety: Vec<bool> = groups.iter().map(|(_, m)| entries[m[0]].safety).collect();
     let answers: Vec<Vec<Answer>> = groups
         .iter()
-        .map(|(_, members)| {
-            members
-                .iter()
-                .map(|&i| Answer {
-                    text: entries[i].answer.clone(),
-                    complete: entries[i].complete,
-                })
-                .collect()
-        })
+        .map(|(_, members)| members.iter().map(|&i| entries[i].as_answer()).collect())
         .collect();
     let scores = rms.score(&turns, &safety, &answers, &|g| {
         let index = groups[g].0;
@@ -1256,17 +1277,7 @@ pub fn reward_curve(
         for (b, batch) in indices.chunks(batch_prompts.max(1)).enumerate() {
             let ids: Vec<Vec<u32>> = batch.iter().map(|&i| encoded[i].clone()).collect();
             let drawn = policy.sample(&ids, k_max, &params, batch_seed(seed, t_index, b))?;
-            let answers: Vec<Vec<Answer>> = drawn
-                .iter()
-                .map(|g| {
-                    g.iter()
-                        .map(|(text, gen_)| Answer {
-                            text: text.clone(),
-                            complete: gen_.finish == FinishReason::Eos,
-                        })
-                        .collect()
-                })
-                .collect();
+            let answers = as_answers(&drawn);
             finished += answers.iter().flatten().filter(|a| a.complete).count();
             total += batch.len() * k_max;
             let turns: Vec<Turns> = batch.iter().map(|&i| prompts.prompts[i].clone()).collect();
@@ -1298,31 +1309,6 @@ pub fn reward_curve(
     }
     progress.finish();
     Ok(points)
-}
-
-/// What `kiln rs curve` loads: the policy, the reward models and the prompts, checked.
-pub fn curve_inputs(
-    policy: &Path,
-    rm_helpful: &Path,
-    rm_safety: &Path,
-    prompts: &Path,
-    max_answer_tokens: usize,
-    batch_prompts: usize,
-    device: &Device,
-) -> Result<(Policy, RewardModels, Prompts, Vec<Vec<u32>>)> {
-    let prompts_read = Prompts::read(&[prompts.to_path_buf()])?;
-    let chat_model = convert::load_model(policy, device, crate::kernels::Kernels::default())?;
-    let rms = RewardModels::load(
-        rm_helpful,
-        rm_safety,
-        DEFAULT_SAFETY_THRESHOLD,
-        batch_prompts,
-        device,
-    )?;
-    rms.check_tokenizer(&chat_model.loaded.tokenizer, policy)?;
-    let policy = Policy::new(chat_model.loaded, chat_model.template)?;
-    let encoded = encode_prompts(&prompts_read, &policy, &rms, max_answer_tokens)?;
-    Ok((policy, rms, prompts_read, encoded))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! only within itself, cosine schedule from 2e-5, weight decay 0.1, 2 epochs. Starts from a
 //! pretrained checkpoint (`--init`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -50,6 +50,19 @@ pub struct SftDataConfig {
     pub train_on: TrainOn,
     /// Skip malformed lines (reporting how many) instead of stopping.
     pub skip_bad_lines: bool,
+}
+
+impl SftDataConfig {
+    /// The checks of `[data]` that do not depend on how the training files are chosen.
+    pub fn validate(&self) -> Result<()> {
+        if self.val.is_empty() && !(self.val_fraction > 0.0 && self.val_fraction < 0.5) {
+            bail!("data.val_fraction must be in (0, 0.5) when data.val is empty");
+        }
+        if self.seq_len == 1 {
+            bail!("data.seq_len must be at least 2 (or 0: the model's context)");
+        }
+        Ok(())
+    }
 }
 
 /// A fine-tuning run.
@@ -100,12 +113,7 @@ impl StageConfig for SftConfig {
         if d.train.is_empty() {
             bail!("data.train must name at least one JSONL file");
         }
-        if d.val.is_empty() && !(d.val_fraction > 0.0 && d.val_fraction < 0.5) {
-            bail!("data.val_fraction must be in (0, 0.5) when data.val is empty");
-        }
-        if d.seq_len == 1 {
-            bail!("data.seq_len must be at least 2 (or 0: the model's context)");
-        }
+        d.validate()?;
         self.optim.validate()?;
         self.train.validate()
     }
@@ -120,6 +128,19 @@ impl StageConfig for SftConfig {
 }
 
 impl SftConfig {
+    /// The SFT run of a stage that trains with this recipe (GAtt, rejection sampling): its
+    /// own samples `first`, then the files of its `[data]`.
+    pub fn on_samples<C: TrainingConfig>(config: &C, data: &SftDataConfig, first: &Path) -> Self {
+        let mut data = data.clone();
+        data.train.insert(0, first.to_path_buf());
+        SftConfig {
+            model: config.model().clone(),
+            data,
+            optim: config.optim().clone(),
+            train: config.train().clone(),
+        }
+    }
+
     /// Rows are this long: `data.seq_len`, or the model's context.
     pub fn seq_len(&self) -> usize {
         match self.data.seq_len {
