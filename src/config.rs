@@ -308,26 +308,32 @@ impl Default for SampleConfig {
 
 impl OptimConfig {
     pub fn validate(&self) -> Result<()> {
+        self.validate_section("optim")
+    }
+
+    /// [`validate`](Self::validate) for the section `section` (PPO has two: `optim` for the
+    /// policy, `value_optim` for the value model), naming its keys.
+    pub fn validate_section(&self, section: &str) -> Result<()> {
         let o = self;
-        if !(o.lr > 0.0) {
-            bail!("optim.lr must be positive");
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            bail!("{section}.lr must be positive and finite");
         }
         if !(0.0..=1.0).contains(&o.min_lr_ratio) {
-            bail!("optim.min_lr_ratio must be in [0, 1]");
+            bail!("{section}.min_lr_ratio must be in [0, 1]");
         }
-        for (key, beta) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+        for (key, beta) in [("beta1", o.beta1), ("beta2", o.beta2)] {
             if !(0.0..1.0).contains(&beta) {
-                bail!("{key} must be in [0, 1)");
+                bail!("{section}.{key} must be in [0, 1)");
             }
         }
-        if !(o.eps > 0.0) {
-            bail!("optim.eps must be positive");
+        if !(o.eps > 0.0 && o.eps.is_finite()) {
+            bail!("{section}.eps must be positive and finite");
         }
-        if !(o.weight_decay >= 0.0) {
-            bail!("optim.weight_decay must be non-negative");
+        if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
+            bail!("{section}.weight_decay must be non-negative and finite");
         }
-        if !(o.grad_clip >= 0.0) {
-            bail!("optim.grad_clip must be non-negative (0 disables clipping)");
+        if !(o.grad_clip >= 0.0 && o.grad_clip.is_finite()) {
+            bail!("{section}.grad_clip must be non-negative and finite (0 disables clipping)");
         }
         Ok(())
     }

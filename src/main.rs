@@ -46,6 +46,7 @@ fn run(command: Command) -> Result<()> {
             None => train::rs(args),
             Some(RsCommand::Curve(args)) => models::rs_curve(args),
         },
+        Command::Ppo(args) => train::ppo(args),
         Command::Rm { command } => match command {
             RmCommand::Train {
                 kind,

@@ -65,10 +65,13 @@ pub enum Command {
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Rs {
         #[command(flatten)]
-        args: RsArgs,
+        args: RlhfArgs,
         #[command(subcommand)]
         command: Option<RsCommand>,
     },
+    /// PPO (Llama 2 sec. 3.2.3): the policy against the safety-gated, whitened reward with a
+    /// per-token KL penalty to the initial policy; a value model from the helpfulness RM.
+    Ppo(#[command(flatten)] RlhfArgs),
     /// Reward models (Llama 2 sec. 3.2.2): train, score, evaluate.
     Rm {
         #[command(subcommand)]
@@ -169,9 +172,9 @@ pub struct ChatArgs {
     pub device: DeviceChoice,
 }
 
-/// `kiln rs`: the stage flags and the two reward models.
+/// `kiln rs` and `kiln ppo`: the stage flags and the two reward models.
 #[derive(Args, Debug, Clone)]
-pub struct RsArgs {
+pub struct RlhfArgs {
     #[command(flatten)]
     pub stage: StageArgs,
     /// The helpfulness reward model (a run of `kiln rm train --kind helpfulness`).

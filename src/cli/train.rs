@@ -1,15 +1,15 @@
-//! The training commands: `pretrain`, `sft`, `gatt`, `rm train`, `rs`. Each turns its flags into a
+//! The training commands: `pretrain`, `sft`, `gatt`, `rm train`, `rs`, `ppo`. Each turns its flags into a
 //! [`Launch`] and hands it to its stage.
 
 use anyhow::Result;
 
 use kiln::device;
-use kiln::stages::{gatt, pretrain, reward, rs, sft};
+use kiln::stages::{gatt, ppo, pretrain, reward, rs, sft};
 use kiln::train::run_dir;
 use kiln::train::stage::Launch;
 use kiln::train::supervised::RunSummary;
 
-use super::args::{RsArgs, StageArgs};
+use super::args::{RlhfArgs, StageArgs};
 
 /// The launch of a stage from its flags; `extra` overrides come after the user's.
 fn launch(args: StageArgs, extra: &[String]) -> Result<Launch> {
@@ -88,7 +88,8 @@ fn report_fine_tuning(summary: &RunSummary) {
     eprintln!("checkpoint: {}", summary.checkpoint.display());
 }
 
-pub fn rs(args: RsArgs) -> Result<()> {
+/// `section.rm_helpful` and `section.rm_safety` overrides from the flags.
+fn reward_model_overrides(args: &RlhfArgs, section: &str) -> Vec<String> {
     let mut extra = Vec::new();
     for (key, path) in [
         ("rm_helpful", &args.rm_helpful),
@@ -96,9 +97,14 @@ pub fn rs(args: RsArgs) -> Result<()> {
     ] {
         if let Some(path) = path {
             let value = toml::Value::String(path.display().to_string());
-            extra.push(format!("rs.{key}={value}"));
+            extra.push(format!("{section}.{key}={value}"));
         }
     }
+    extra
+}
+
+pub fn rs(args: RlhfArgs) -> Result<()> {
+    let extra = reward_model_overrides(&args, "rs");
     let summary = rs::run(&launch(args.stage, &extra)?)?;
     if summary.interrupted {
         eprintln!("interrupted: continue with --resume");
@@ -125,6 +131,50 @@ pub fn rs(args: RsArgs) -> Result<()> {
     }
     if let Some(last) = summary.rounds.last() {
         eprintln!("policy: {}", last.checkpoint.display());
+    }
+    Ok(())
+}
+
+pub fn ppo(args: RlhfArgs) -> Result<()> {
+    let extra = reward_model_overrides(&args, "ppo");
+    let summary = ppo::run(&launch(args.stage, &extra)?)?;
+    if summary.interrupted {
+        eprintln!("interrupted: continue with --resume");
+    }
+    if let Some(last) = &summary.last {
+        println!(
+            "iteration {} | reward {:.4} | kl/token {:.4} | gold {} | {:.2} prompts/s",
+            last.iteration,
+            last.reward,
+            last.kl_per_token,
+            last.gold.map_or("-".into(), |g| format!("{g:.4}")),
+            last.prompts_per_s
+        );
+    }
+    if !summary.evals.is_empty() {
+        println!(
+            "{:>9} {:>8} {:>8} {:>8} {:>8}",
+            "iteration", "reward", "gold", "unsafe", "benign"
+        );
+    }
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    for e in &summary.evals {
+        println!(
+            "{:>9} {:>8.4} {:>8} {:>8} {:>8}{}",
+            e.iteration,
+            e.eval_reward,
+            opt(e.eval_gold),
+            opt(e.eval_unsafe_refused),
+            opt(e.eval_benign_refused),
+            if e.best { "  best" } else { "" }
+        );
+    }
+    if let Some(gib) = summary.peak_rss_gib {
+        eprintln!("peak memory {gib:.2} GiB");
+    }
+    eprintln!("policy: {}", summary.checkpoint.display());
+    if let Some(best) = &summary.best {
+        eprintln!("best held-out checkpoint: {}", best.display());
     }
     Ok(())
 }

@@ -204,6 +204,43 @@ fn compliance(
     Ok(by_turn)
 }
 
+/// What the gym's gold checker says of one answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gold {
+    /// The prompt states a gym task: the answer's gold score in [0, 1] (1 iff exact).
+    Task { task: super::Task, score: f64 },
+    /// The prompt is no gym task (an unsafe prompt): whether the answer refused.
+    Other { refused: bool },
+}
+
+/// The gold view of `answer` to `prompt` (the user's text): the task is read back from the
+/// prompt ([`super::tasks::solve`]).
+pub fn judge(prompt: &str, answer: &str) -> Gold {
+    match super::tasks::solve(prompt) {
+        Some(task) => {
+            let score = score(task.kind, &task.answer, answer);
+            Gold::Task { task, score }
+        }
+        None => Gold::Other {
+            refused: is_refusal(answer),
+        },
+    }
+}
+
+/// The text of a prompt's last user message (what a gym task is read back from).
+pub fn last_user_text(prompt: &crate::data::chat::Turns) -> String {
+    use crate::data::chat::Turns;
+    match prompt {
+        Turns::Text(text) => text.clone(),
+        Turns::Messages(messages) => messages
+            .iter()
+            .rev()
+            .find(|m| m.role == crate::data::chat::Role::User)
+            .map(|m| m.content.clone())
+            .unwrap_or_default(),
+    }
+}
+
 /// The gold check of answers written to a file ([`check_answers`]), per task kind and for
 /// the prompts that are no task (the unsafe ones).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -263,29 +300,23 @@ pub fn check_answers(path: &Path, selected_only: bool) -> Result<AnswerCheck> {
         if selected_only && line.selected != Some(true) {
             continue;
         }
-        let prompt = match &line.prompt {
-            Turns::Text(text) => text.clone(),
-            Turns::Messages(messages) => messages
-                .iter()
-                .rev()
-                .find(|m| m.role == crate::data::chat::Role::User)
-                .map(|m| m.content.clone())
-                .unwrap_or_default(),
-        };
-        let Some(task) = super::tasks::solve(&prompt) else {
-            out.other += 1;
-            out.other_refused += is_refusal(&line.answer) as usize;
-            if let Some(r) = line.reward {
-                other_reward += r;
-                other_rewarded += 1;
+        let prompt = last_user_text(&line.prompt);
+        let (task, gold) = match judge(&prompt, &line.answer) {
+            Gold::Task { task, score } => (task, score),
+            Gold::Other { refused } => {
+                out.other += 1;
+                out.other_refused += refused as usize;
+                if let Some(r) = line.reward {
+                    other_reward += r;
+                    other_rewarded += 1;
+                }
+                continue;
             }
-            continue;
         };
         let name = serde_json::to_value(task.kind)?
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let gold = score(task.kind, &task.answer, &line.answer);
         for sums in [kinds.entry(name).or_default(), &mut all] {
             sums.check.answers += 1;
             sums.check.exact += exact_match(&task.answer, &line.answer) as usize;

@@ -69,7 +69,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -154,6 +154,9 @@ pub struct CheckpointData {
     /// Training state (step, data cursor, seeds) as JSON.
     pub state_json: String,
     pub tokenizer_json: String,
+    /// Further tensor files of a stage that trains more than one model (PPO's value model
+    /// and its optimizer), by file name; read only with the optimizer state.
+    pub extra: Vec<(String, Vec<NamedTensor>)>,
 }
 
 pub fn step_dir_name(step: u64) -> String {
@@ -202,7 +205,7 @@ pub fn save(checkpoints_dir: &Path, data: &CheckpointData, keep: usize) -> Resul
 }
 
 /// The files of a checkpoint, its manifest (with every other file's checksum) last.
-fn checkpoint_files(data: &CheckpointData) -> Result<Vec<(&'static str, Vec<u8>)>> {
+fn checkpoint_files(data: &CheckpointData) -> Result<Vec<(&str, Vec<u8>)>> {
     let mut files: Vec<(&str, Vec<u8>)> = vec![
         (MODEL_FILE, encode_safetensors(&data.model)?),
         (OPTIMIZER_FILE, encode_safetensors(&data.optimizer)?),
@@ -210,6 +213,9 @@ fn checkpoint_files(data: &CheckpointData) -> Result<Vec<(&'static str, Vec<u8>)
         (TOKENIZER_FILE, data.tokenizer_json.clone().into_bytes()),
         (CONFIG_FILE, data.config_toml.clone().into_bytes()),
     ];
+    for (name, tensors) in &data.extra {
+        files.push((name.as_str(), encode_safetensors(tensors)?));
+    }
     let manifest = Manifest {
         format: FORMAT.into(),
         step: data.step,
@@ -362,7 +368,8 @@ fn load_parts(dir: &Path, with_optimizer: bool) -> Result<CheckpointData> {
     let manifest = read_manifest(dir)?;
     let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for (name, entry) in &manifest.files {
-        if name == OPTIMIZER_FILE && !with_optimizer {
+        let weights = [MODEL_FILE, STATE_FILE, TOKENIZER_FILE, CONFIG_FILE];
+        if !with_optimizer && !weights.contains(&name.as_str()) {
             continue;
         }
         let path = dir.join(name);
@@ -401,13 +408,24 @@ fn load_parts(dir: &Path, with_optimizer: bool) -> Result<CheckpointData> {
     } else {
         Vec::new()
     };
+    let state_json = text(take(STATE_FILE)?, STATE_FILE)?;
+    let tokenizer_json = text(take(TOKENIZER_FILE)?, TOKENIZER_FILE)?;
+    contents.remove(CONFIG_FILE);
+    let extra = contents
+        .into_iter()
+        .map(|(name, bytes)| {
+            let tensors = decode_safetensors(&bytes, &dir.join(&name))?;
+            Ok((name, tensors))
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(CheckpointData {
         step: manifest.step,
         config_toml: manifest.config.clone(),
         model,
         optimizer,
-        state_json: text(take(STATE_FILE)?, STATE_FILE)?,
-        tokenizer_json: text(take(TOKENIZER_FILE)?, TOKENIZER_FILE)?,
+        state_json,
+        tokenizer_json,
+        extra,
     })
 }
 
@@ -527,6 +545,7 @@ mod tests {
             optimizer: vec![],
             state_json: "{}".into(),
             tokenizer_json: "{}".into(),
+            extra: vec![],
         }
     }
 

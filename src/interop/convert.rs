@@ -207,6 +207,7 @@ pub fn write(model: &ForeignModel, format: Format, out: &Path) -> Result<()> {
                 optimizer: Vec::new(),
                 state_json: "{}".into(),
                 tokenizer_json: model.tokenizer_json.clone(),
+                extra: Vec::new(),
             };
             checkpoint::save_to(out, &data)
         }

@@ -5,6 +5,7 @@
 //! (`model.layers.0.self_attn.q_proj.weight`) is its name in a HF `model.safetensors`, and
 //! linear weights are stored `[out_features, in_features]` as there.
 
+pub mod actions;
 pub mod ops;
 pub mod reward;
 

@@ -1,6 +1,7 @@
 //! The recipe, one file per stage, in the order the Llama 2 paper runs them.
 
 pub mod gatt;
+pub mod ppo;
 pub mod pretrain;
 pub mod reward;
 pub mod rs;

@@ -574,16 +574,14 @@ fn as_answers(drawn: &[Vec<(String, generate::Generated)>]) -> Vec<Vec<Answer>> 
 
 /// Token ids of every prompt as the policy reads it. A prompt that leaves the policy no room
 /// to answer, or that with `max_answer` tokens of answer would not fit a reward model's
-/// context, is an error naming its file and line.
+/// context (when `rms` are given), is an error naming its file and line.
 pub fn encode_prompts(
     prompts: &Prompts,
     policy: &Policy,
-    rms: &RewardModels,
+    rms: Option<&RewardModels>,
     max_answer: usize,
 ) -> Result<Vec<Vec<u32>>> {
     let context = policy.model.config.max_seq_len;
-    let rm_context = rms.context();
-    let rm_template = rms.helpful.config.data.template;
     (0..prompts.len())
         .map(|i| {
             let ids = policy
@@ -596,11 +594,14 @@ pub fn encode_prompts(
                     ids.len()
                 );
             }
+            let Some(rms) = rms else { return Ok(ids) };
+            let rm_context = rms.context();
+            let rm_template = rms.helpful.config.data.template;
             let rm_ids = rm_template.encode_prompt(&rms.helpful.tokenizer, &prompts.messages(i))?;
             // The answer's tokens, its end marker and the template's closing token.
             if rm_ids.len() + max_answer + 2 > rm_context {
                 bail!(
-                    "{}: the prompt has {} tokens; with rs.max_answer_tokens = {max_answer} the answer would not fit the reward models' context of {rm_context}",
+                    "{}: the prompt has {} tokens; with {max_answer} answer tokens at most the answer would not fit the reward models' context of {rm_context}",
                     prompts.sources[i],
                     rm_ids.len()
                 );
@@ -651,7 +652,7 @@ impl Sampling {
         rms.check_tokenizer(&chat_model.loaded.tokenizer, from.policy)?;
         let template = from.template.unwrap_or(chat_model.template);
         let policy = Policy::new(chat_model.loaded, template)?;
-        let encoded = encode_prompts(&prompts, &policy, &rms, from.max_answer_tokens)?;
+        let encoded = encode_prompts(&prompts, &policy, Some(&rms), from.max_answer_tokens)?;
         Ok(Self {
             prompts,
             encoded,

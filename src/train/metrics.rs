@@ -1,11 +1,19 @@
-//! `OUT/metrics.jsonl`: one JSON object per optimizer step and per evaluation.
+//! `OUT/metrics.jsonl`: one JSON object per optimizer step and per evaluation (PPO: per
+//! iteration and per evaluation, its own records).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+/// A metrics record, and the step (or iteration) it belongs to: a resumed run drops the
+/// records after its checkpoint.
+pub trait Stepped: Serialize + DeserializeOwned {
+    fn step(&self) -> u64;
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -25,29 +33,30 @@ pub enum Record {
     },
 }
 
-impl Record {
-    pub fn step(&self) -> u64 {
+impl Stepped for Record {
+    fn step(&self) -> u64 {
         match self {
             Record::Step { step, .. } | Record::Eval { step, .. } => *step,
         }
     }
 }
 
-pub struct MetricsLog {
+pub struct MetricsLog<R = Record> {
     path: PathBuf,
     file: File,
+    records: std::marker::PhantomData<R>,
 }
 
-impl MetricsLog {
+impl<R: Stepped> MetricsLog<R> {
     /// Opens `OUT/metrics.jsonl` for appending. On resume, records of steps after the resumed
     /// checkpoint (written by the interrupted run) are dropped so the log reads as one run.
     pub fn open(out_dir: &Path, resumed_step: Option<u64>) -> Result<Self> {
         let path = out_dir.join("metrics.jsonl");
         if let Some(resumed) = resumed_step {
             if path.exists() {
-                let kept: Vec<Record> = read(&path)?
+                let kept: Vec<R> = read_records(&path)?
                     .into_iter()
-                    .filter(|r| r.step() <= resumed)
+                    .filter(|r: &R| r.step() <= resumed)
                     .collect();
                 let mut text = String::new();
                 for r in &kept {
@@ -62,10 +71,14 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
-        Ok(Self { path, file })
+        Ok(Self {
+            path,
+            file,
+            records: std::marker::PhantomData,
+        })
     }
 
-    pub fn write(&mut self, record: &Record) -> Result<()> {
+    pub fn write(&mut self, record: &R) -> Result<()> {
         let line = serde_json::to_string(record)?;
         writeln!(self.file, "{line}")
             .map_err(|e| anyhow!("cannot write {}: {e}", self.path.display()))
@@ -74,6 +87,11 @@ impl MetricsLog {
 
 /// Reads a metrics file; a torn last line (a run killed mid-write) is skipped.
 pub fn read(path: &Path) -> Result<Vec<Record>> {
+    read_records(path)
+}
+
+/// [`read`] for any kind of record.
+pub fn read_records<R: DeserializeOwned>(path: &Path) -> Result<Vec<R>> {
     let file = File::open(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
     let lines: Vec<String> = BufReader::new(file)
         .lines()

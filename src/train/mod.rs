@@ -3,6 +3,7 @@
 
 pub mod metrics;
 pub mod optim;
+pub mod ppo_objective;
 pub mod plot;
 pub mod progress;
 pub mod run_dir;

@@ -92,6 +92,7 @@ pub fn run<S: Stage>(
             optimizer: optimizer.export(model),
             state_json: serde_json::to_string_pretty(state)?,
             tokenizer_json: tokenizer_json.clone(),
+            extra: Vec::new(),
         };
         run.save(&data, train.keep_checkpoints)
     };

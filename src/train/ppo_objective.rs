@@ -1,0 +1,192 @@
+//! PPO's objective, one piece per function (InstructGPT's recipe, which Llama 2 sec. 3.2.3
+//! follows): the per-token KL penalty against the reference policy, the scalar reward on the
+//! answer's last token, GAE advantages, whitening, and the clipped policy and value losses.
+//!
+//! Rewards, values and advantages are per answer token and live on the host in f64 (an
+//! answer is a few hundred numbers); the two losses are tensors, because they are
+//! differentiated. Answers are ragged rows (`Vec<Vec<f64>>`): padding never exists here, so
+//! it cannot enter a mean or a variance.
+
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// How the KL between the policy and the reference is estimated from one sampled token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KlEstimator {
+    /// `log pi(a) - log pi_ref(a)`: unbiased, negative for some tokens.
+    K1,
+    /// `(r - 1) - log r` with `r = pi_ref(a) / pi(a)`: unbiased, never negative (Schulman's
+    /// k3).
+    K3,
+}
+
+/// The KL estimate of one token sampled from the policy, from both models' log-probabilities.
+pub fn kl_estimate(logprob: f64, ref_logprob: f64, estimator: KlEstimator) -> f64 {
+    let log_ratio = logprob - ref_logprob;
+    match estimator {
+        KlEstimator::K1 => log_ratio,
+        KlEstimator::K3 => (-log_ratio).exp_m1() + log_ratio,
+    }
+}
+
+/// Per-token rewards of one answer: `-beta * kl_t` at every token, plus `score` at the last
+/// one (the end-of-answer token when the answer finished).
+pub fn token_rewards(kl: &[f64], beta: f64, score: f64) -> Vec<f64> {
+    let mut rewards: Vec<f64> = kl.iter().map(|k| -beta * k).collect();
+    if let Some(last) = rewards.last_mut() {
+        *last += score;
+    }
+    rewards
+}
+
+/// Generalised advantage estimation over one answer's tokens: `delta_t = r_t + gamma *
+/// V_{t+1} - V_t` (the value after the last token is 0: the episode ends), `A_t = delta_t +
+/// gamma * lambda * A_{t+1}`. Returns the advantages and the returns `A_t + V_t` (the value
+/// model's targets).
+pub fn gae(rewards: &[f64], values: &[f64], gamma: f64, lambda: f64) -> (Vec<f64>, Vec<f64>) {
+    assert_eq!(rewards.len(), values.len(), "one value per reward");
+    let n = rewards.len();
+    let mut advantages = vec![0.0; n];
+    let mut next_advantage = 0.0;
+    for t in (0..n).rev() {
+        let next_value = if t + 1 < n { values[t + 1] } else { 0.0 };
+        let delta = rewards[t] + gamma * next_value - values[t];
+        next_advantage = delta + gamma * lambda * next_advantage;
+        advantages[t] = next_advantage;
+    }
+    let returns = advantages.iter().zip(values).map(|(a, v)| a + v).collect();
+    (advantages, returns)
+}
+
+/// Mean and (unbiased) standard deviation of `values`; the deviation of fewer than two values
+/// is 0.
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    (mean, var.sqrt())
+}
+
+/// `(x - mean) / sqrt(var + 1e-8)` over `values`, with the batch's own statistics: no running
+/// statistics are kept across batches (Llama 2's WHITEN; TRL and OpenRLHF do the same per
+/// batch). A batch of one value whitens to 0.
+pub fn whiten(values: &[f64]) -> Vec<f64> {
+    let (mean, std) = mean_std(values);
+    let scale = 1.0 / (std * std + 1e-8).sqrt();
+    values.iter().map(|v| (v - mean) * scale).collect()
+}
+
+/// [`whiten`] over every token of every answer together (ragged rows, no padding).
+pub fn whiten_tokens(rows: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+    let mut whitened = whiten(&flat).into_iter();
+    rows.iter()
+        .map(|row| whitened.by_ref().take(row.len()).collect())
+        .collect()
+}
+
+/// The adaptive KL controller of Ziegler et al. (2019): `beta` grows when the measured KL
+/// per answer exceeds `target` and shrinks below it, by at most 20% of `answers / horizon`
+/// per update. A target of 0 keeps `beta` fixed (the paper's choice).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct KlController {
+    pub beta: f64,
+    pub target: f64,
+    pub horizon: f64,
+}
+
+impl KlController {
+    /// `kl` is the mean KL summed over each answer's tokens, over `answers` answers.
+    pub fn update(&mut self, kl: f64, answers: usize) {
+        if self.target <= 0.0 || !kl.is_finite() {
+            return;
+        }
+        let error = (kl / self.target - 1.0).clamp(-0.2, 0.2);
+        self.beta *= 1.0 + error * answers as f64 / self.horizon;
+    }
+}
+
+/// PPO's clipped surrogate per token: `max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip))`
+/// with `ratio = exp(logprob - old_logprob)`. Minimising it raises the probability of tokens
+/// with positive advantage, but not beyond the clip range of the sampling policy.
+pub fn clipped_policy_loss(
+    logprobs: Tensor<1>,
+    old_logprobs: Tensor<1>,
+    advantages: Tensor<1>,
+    clip: f64,
+) -> Tensor<1> {
+    let ratio = (logprobs - old_logprobs).exp();
+    let unclipped = -advantages.clone() * ratio.clone();
+    let clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip);
+    unclipped.max_pair(clipped)
+}
+
+/// The clipped value loss per token: `0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c)
+/// - R)^2)`: the value model may not move further than `clip` from its rollout-time value.
+pub fn clipped_value_loss(
+    values: Tensor<1>,
+    old_values: Tensor<1>,
+    returns: Tensor<1>,
+    clip: f64,
+) -> Tensor<1> {
+    let clipped = old_values.clone() + (values.clone() - old_values).clamp(-clip, clip);
+    let unclipped = (values - returns.clone()).square();
+    let clipped = (clipped - returns).square();
+    unclipped.max_pair(clipped).mul_scalar(0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_estimators_by_hand() {
+        // log pi = -1, log pi_ref = -2: k1 = 1; k3 = (e^-1 - 1) + 1 = e^-1.
+        assert!((kl_estimate(-1.0, -2.0, KlEstimator::K1) - 1.0).abs() < 1e-15);
+        let k3 = kl_estimate(-1.0, -2.0, KlEstimator::K3);
+        assert!((k3 - (-1f64).exp()).abs() < 1e-15, "{k3}");
+        // The other way round k1 is negative, k3 is not: (e^1 - 1) - 1.
+        assert!((kl_estimate(-2.0, -1.0, KlEstimator::K1) + 1.0).abs() < 1e-15);
+        let k3 = kl_estimate(-2.0, -1.0, KlEstimator::K3);
+        assert!((k3 - (1f64.exp() - 2.0)).abs() < 1e-15, "{k3}");
+        // Equal policies: 0 for both.
+        assert_eq!(kl_estimate(-0.3, -0.3, KlEstimator::K3), 0.0);
+    }
+
+    #[test]
+    fn the_score_lands_on_the_last_token() {
+        let r = token_rewards(&[0.5, -1.0, 2.0], 0.1, 3.0);
+        assert_eq!(r, vec![-0.05, 0.1, -0.2 + 3.0]);
+        assert!(token_rewards(&[], 0.1, 3.0).is_empty());
+    }
+
+    #[test]
+    fn the_controller_moves_beta_towards_the_target() {
+        let mut c = KlController {
+            beta: 0.1,
+            target: 6.0,
+            horizon: 10_000.0,
+        };
+        // KL twice the target: the error is clipped to +0.2.
+        c.update(12.0, 512);
+        assert!((c.beta - 0.1 * (1.0 + 0.2 * 512.0 / 10_000.0)).abs() < 1e-15);
+        let before = c.beta;
+        c.update(3.0, 512);
+        // Half the target: clipped to -0.2.
+        assert!((c.beta - before * (1.0 - 0.2 * 512.0 / 10_000.0)).abs() < 1e-15);
+        // A target of 0 is a fixed beta.
+        let mut fixed = KlController {
+            target: 0.0,
+            ..c
+        };
+        fixed.update(100.0, 512);
+        assert_eq!(fixed.beta, c.beta);
+    }
+}
