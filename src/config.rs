@@ -471,6 +471,11 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "model.kernels",
     // More rounds of rejection sampling.
     "rs.iterations",
+    // More PPO iterations (the learning-rate schedule keeps its first length), and how often
+    // and on how much it evaluates.
+    "ppo.iterations",
+    "ppo.eval_interval",
+    "ppo.eval_limit",
 ];
 
 /// The configuration of a resumed run: the run's saved configuration (`saved`, the TOML it

@@ -3,100 +3,14 @@
 //! SIGKILL during sampling and during fine-tuning, and bad input refused before sampling.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use kiln::infer::combined_reward::{Branch, gate};
 use kiln::interop::checkpoint;
-use kiln::stages::reward;
 use kiln::stages::rs::{self, PoolEntry, RoundSummary, SampleRecord};
-use kiln::train::stage::Launch;
 
 mod common;
-use common::{pretrained, repo};
-
-const UNSAFE: [&str; 3] = [
-    "How do I pick a lock?",
-    "Write a threatening letter.",
-    "How can I cheat on a test?",
-];
-const REFUSAL: &str = "I cannot help with that.";
-
-/// A helpfulness and a safety reward model, a few steps each from the tiny model `init`.
-fn reward_models(dir: &Path, init: &Path) -> (PathBuf, PathBuf) {
-    let mut lines = Vec::new();
-    for i in 0..24 {
-        lines.push(format!(
-            r#"{{"prompt": "What is {} + {}?", "chosen": "It is {}.", "rejected": "No.", "rating": "better", "safety": false}}"#,
-            i % 7,
-            i % 5,
-            i % 7 + i % 5
-        ));
-        lines.push(format!(
-            r#"{{"prompt": "{}", "chosen": "{REFUSAL}", "rejected": "Sure, here is how.", "rating": "significantly_better", "safety": true}}"#,
-            UNSAFE[i % 3]
-        ));
-    }
-    let pairs = dir.join("pairs.jsonl");
-    std::fs::write(&pairs, lines.join("\n")).unwrap();
-    let train = |kind: &str| {
-        let out = dir.join(format!("rm-{kind}"));
-        let p = pairs.display();
-        reward::train(&Launch {
-            init: Some(init.to_path_buf()),
-            ..Launch::new(
-                &out,
-                &[
-                    format!("data.train=[\"{p}\"]"),
-                    format!("data.val=[\"{p}\"]"),
-                    format!("rm.kind=\"{kind}\""),
-                    "train.batch_size=8".into(),
-                    "train.max_steps=4".into(),
-                    "optim.lr=3e-3".into(),
-                ],
-            )
-        })
-        .unwrap();
-        out
-    };
-    (train("helpfulness"), train("safety"))
-}
-
-/// `count` prompts: sums, and every fifth an unsafe one; one line without `safety`.
-fn write_prompts(dir: &Path, count: usize) -> PathBuf {
-    let lines: Vec<String> = (0..count)
-        .map(|i| match i {
-            0 => r#"{"prompt": "What is 2 + 2?"}"#.to_string(),
-            _ if i % 5 == 4 => format!(r#"{{"prompt": "{}", "safety": true}}"#, UNSAFE[i % 3]),
-            _ => format!(
-                r#"{{"prompt": "What is {} + {}?", "safety": false}}"#,
-                i % 9,
-                i % 4
-            ),
-        })
-        .collect();
-    let path = dir.join("prompts.jsonl");
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
-}
-
-struct Fixture {
-    init: PathBuf,
-    helpful: PathBuf,
-    safety: PathBuf,
-    prompts: PathBuf,
-}
-
-fn fixture(dir: &Path, prompts: usize) -> Fixture {
-    let init = pretrained(dir);
-    let (helpful, safety) = reward_models(dir, &init);
-    Fixture {
-        init,
-        helpful,
-        safety,
-        prompts: write_prompts(dir, prompts),
-    }
-}
+use common::rlhf::{Fixture, finish, fixture, kill_when, kiln, read_lines, reward_models};
 
 /// The `kiln rs` command line of a fresh run into `out`.
 fn rs_args(f: &Fixture, out: &Path) -> Vec<String> {
@@ -131,49 +45,6 @@ fn rs_args(f: &Fixture, out: &Path) -> Vec<String> {
         args.push(set);
     }
     args
-}
-
-fn kiln(args: &[String]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// Waits for `child` to succeed; its stderr.
-fn finish(child: Child) -> String {
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "kiln failed: {stderr}");
-    stderr
-}
-
-/// Kills `child` with SIGKILL as soon as `ready()` holds; returns whether it did before the
-/// process ended.
-fn kill_when(mut child: Child, ready: &dyn Fn() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(600) {
-        if ready() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            return true;
-        }
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    panic!("the run neither ended nor reached the kill point in 10 minutes");
-}
-
-fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// The samples of a round without their timings (which differ run to run).
@@ -465,19 +336,7 @@ fn bad_input_is_refused_before_sampling_and_nothing_is_written() {
     );
 
     // A safety reward model of another tokenizer (its own BPE, trained on other text).
-    let other_tokenizer = dir.path().join("other-tokenizer.json");
-    let text = std::fs::read_to_string(repo("data/shakespeare/macbeth.txt")).unwrap();
-    let tok = kiln::data::tokenizer::train_bpe([text.as_str()].into_iter(), 300).unwrap();
-    std::fs::write(&other_tokenizer, tok.to_json().unwrap()).unwrap();
-    let other_pre = dir.path().join("other-pre");
-    let mut overrides = common::tiny_model(&repo("data/shakespeare/macbeth.txt"));
-    overrides.extend([
-        format!("data.tokenizer=\"{}\"", other_tokenizer.display()),
-        "train.max_steps=1".into(),
-        "model.max_seq_len=64".into(),
-        format!("model.vocab_size={}", tok.vocab_size()),
-    ]);
-    kiln::stages::pretrain::run(&Launch::new(&other_pre, &overrides), false).unwrap();
+    let other_pre = common::rlhf::other_tokenizer_model(dir.path());
     let other_dir = dir.path().join("other");
     std::fs::create_dir_all(&other_dir).unwrap();
     let (_, other_safety) = reward_models(&other_dir, &other_pre);

@@ -370,6 +370,9 @@ pub struct PpoState {
     pub elapsed_s: f64,
     /// The best held-out evaluation so far: (iteration, value of `ppo.best_metric`).
     pub best: Option<(u64, f64)>,
+    /// Optimizer steps of each model's learning-rate schedule, fixed when the run started
+    /// (a resumed run with more iterations keeps the rates of the steps scheduled before).
+    pub schedule_steps: u64,
     /// SHA-256 of the reference policy's weights: a resumed run checks that `ppo.init` is
     /// still the model it started from.
     pub reference_sha256: String,
@@ -466,6 +469,11 @@ impl Stepped for PpoRecord {
             PpoRecord::Eval(r) => r.iteration,
         }
     }
+}
+
+/// Whether `dir` holds a PPO run (its `config.toml` has a `[ppo]` section).
+pub fn is_ppo_run(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.toml")).is_ok_and(|t| t.contains("\n[ppo]"))
 }
 
 /// Rates an answer to a prompt: the combined reward of the two reward models, or anything
@@ -817,6 +825,7 @@ fn train(
                 value_steps: 0,
                 elapsed_s: 0.0,
                 best: None,
+                schedule_steps: total_steps(&config),
                 reference_sha256: inputs.reference_sha256.clone(),
             };
             let trained = Trained {
@@ -1253,7 +1262,7 @@ fn iteration(
                     },
                 );
             }
-            let lr = optim::learning_rate(&config.optim, state.policy_steps, total_steps(config));
+            let lr = optim::learning_rate(&config.optim, state.policy_steps, state.schedule_steps);
             // The step owns the model it updates; a cheap placeholder stands in meanwhile
             // (a clone of the model itself would keep its old weights alive during the step).
             let policy = std::mem::replace(&mut trained.policy, inputs.reference.clone());
@@ -1266,11 +1275,8 @@ fn iteration(
             state.policy_steps += 1;
             stats.policy_loss.push(result.loss);
             stats.policy_grad_norm.push(result.grad_norm);
-            let lr = optim::learning_rate(
-                &config.value_optim,
-                state.value_steps,
-                total_steps(config),
-            );
+            let lr =
+                optim::learning_rate(&config.value_optim, state.value_steps, state.schedule_steps);
             let value = std::mem::replace(&mut trained.value, value_model.clone());
             let (value, result) =
                 step::apply(value, &mut trained.value_optim, value_acc, lr, &SingleWorker)

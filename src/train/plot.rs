@@ -23,6 +23,9 @@ fn register_font() {
 /// Writes `loss.png` (training and validation loss) and `lr.png` into `out_dir`; for a
 /// rejection-sampling run (`rounds.jsonl`), `rewards.png` and `time.png` per round.
 pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
+    if crate::stages::ppo::is_ppo_run(out_dir) {
+        return plot_ppo(out_dir);
+    }
     let rounds = out_dir.join(crate::stages::rs::ROUNDS_FILE);
     if rounds.is_file() && !out_dir.join("metrics.jsonl").exists() {
         return plot_rounds(out_dir, &rounds);
@@ -51,7 +54,8 @@ pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
             out_dir.join("metrics.jsonl").display()
         );
     }
-    let loss_png = out_dir.join("loss.png");
+    let (loss_png, lr_png) = (out_dir.join("loss.png"), out_dir.join("lr.png"));
+    check_outputs(&[loss_png.clone(), lr_png.clone()])?;
     line_chart(
         &loss_png,
         "Loss",
@@ -59,7 +63,6 @@ pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
         "loss",
         &[("train", &train, BLUE), ("validation", &val, RED)],
     )?;
-    let lr_png = out_dir.join("lr.png");
     line_chart(&lr_png, "Learning rate", "step", "lr", &[("lr", &lr, BLUE)])?;
     Ok(vec![loss_png, lr_png])
 }
@@ -72,28 +75,64 @@ pub fn line_chart(
     y_label: &str,
     series: &[(&str, &Vec<(f64, f64)>, RGBColor)],
 ) -> Result<()> {
+    stacked_charts(
+        path,
+        &[Panel {
+            title,
+            x_label,
+            y_label,
+            series,
+        }],
+    )
+}
+
+/// One chart of a figure.
+pub struct Panel<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub series: &'a [(&'a str, &'a Vec<(f64, f64)>, RGBColor)],
+}
+
+/// Charts stacked top to bottom in one PNG (quantities of different scales over one x axis).
+pub fn stacked_charts(path: &Path, panels: &[Panel]) -> Result<()> {
     register_font();
     let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
-    let points = series.iter().flat_map(|s| s.1.iter());
+    let root =
+        BitMapBackend::new(path, (900, 540 * panels.len().max(1) as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let areas = root.split_evenly((panels.len().max(1), 1));
+    for (panel, area) in panels.iter().zip(&areas) {
+        draw_panel(area, panel).map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+fn draw_panel(
+    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    panel: &Panel,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let points = panel.series.iter().flat_map(|s| s.1.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
-    for &(x, y) in points {
+    for &(x, y) in points.filter(|p| p.1.is_finite()) {
         x_max = x_max.max(x);
         y_min = y_min.min(y);
         y_max = y_max.max(y);
     }
+    if !y_min.is_finite() {
+        (y_min, y_max) = (0.0, 1.0);
+    }
     let pad = ((y_max - y_min) * 0.05).max(1e-9);
-    let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT, 24))
+    let mut chart = ChartBuilder::on(area)
+        .caption(panel.title, (FONT, 24))
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))
-        .map_err(|e| err(&e))?;
+        .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))?;
     chart
         .configure_mesh()
-        .x_desc(x_label)
+        .x_desc(panel.x_label)
         // Whole numbers only (steps, rounds, K): a fractional tick stays unlabelled rather
         // than rounding to its neighbour's label.
         .x_label_formatter(&|x| {
@@ -103,18 +142,16 @@ pub fn line_chart(
                 String::new()
             }
         })
-        .y_desc(y_label)
+        .y_desc(panel.y_label)
         .label_style((FONT, 14))
-        .draw()
-        .map_err(|e| err(&e))?;
-    for (name, data, color) in series {
+        .draw()?;
+    for (name, data, color) in panel.series {
         if data.is_empty() {
             continue;
         }
         let color = *color;
         chart
-            .draw_series(LineSeries::new(data.iter().cloned(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?
+            .draw_series(LineSeries::new(data.iter().cloned(), color.stroke_width(2)))?
             .label(*name)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
@@ -125,9 +162,18 @@ pub fn line_chart(
         .label_font((FONT, 14))
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
+        .draw()?;
+    Ok(())
+}
+
+/// Fails, naming the path, if any of `outputs` cannot be written as a file (a directory is
+/// in its place): checked before the first is written, so a failed plot replaces nothing.
+fn check_outputs(outputs: &[PathBuf]) -> Result<()> {
+    for path in outputs {
+        if path.is_dir() {
+            bail!("{} is a directory: cannot write the plot there", path.display());
+        }
+    }
     Ok(())
 }
 
@@ -153,6 +199,7 @@ fn plot_rounds(out_dir: &Path, path: &Path) -> Result<Vec<PathBuf>> {
         series(&|r| r.training_s),
     );
     let outputs = [out_dir.join("rewards.png"), out_dir.join("time.png")];
+    check_outputs(&outputs)?;
     line_chart(
         &outputs[0],
         "Combined reward of the K samples per prompt",
@@ -175,6 +222,150 @@ fn plot_rounds(out_dir: &Path, path: &Path) -> Result<Vec<PathBuf>> {
             ("sampling", &sampling, BLUE),
             ("scoring", &scoring, RED),
             ("training", &training, GREEN),
+        ],
+    )?;
+    Ok(outputs.to_vec())
+}
+
+/// PPO's charts: `ppo_monitor.png` (reward-model reward and gold score over KL: the
+/// reward-hacking monitor), `ppo_losses.png` and `ppo_time.png`.
+fn plot_ppo(out_dir: &Path) -> Result<Vec<PathBuf>> {
+    use crate::stages::ppo::{EvalRecord, IterationRecord, PpoRecord};
+    let path = out_dir.join("metrics.jsonl");
+    let records: Vec<PpoRecord> = metrics::read_records(&path)?;
+    let its: Vec<&IterationRecord> = records
+        .iter()
+        .filter_map(|r| match r {
+            PpoRecord::Iteration(r) => Some(&**r),
+            PpoRecord::Eval(_) => None,
+        })
+        .collect();
+    let evals: Vec<&EvalRecord> = records
+        .iter()
+        .filter_map(|r| match r {
+            PpoRecord::Eval(e) => Some(e),
+            PpoRecord::Iteration(_) => None,
+        })
+        .collect();
+    if its.is_empty() {
+        bail!("{}: no PPO iteration recorded", path.display());
+    }
+    let series = |f: &dyn Fn(&IterationRecord) -> f64| -> Vec<(f64, f64)> {
+        its.iter().map(|r| (r.iteration as f64, f(r))).collect()
+    };
+    let optional = |f: &dyn Fn(&IterationRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+        its.iter()
+            .filter_map(|r| f(r).map(|v| (r.iteration as f64, v)))
+            .collect()
+    };
+    let eval_series = |f: &dyn Fn(&EvalRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+        evals
+            .iter()
+            .filter_map(|e| f(e).map(|v| (e.iteration as f64, v)))
+            .collect()
+    };
+    let outputs = [
+        out_dir.join("ppo_monitor.png"),
+        out_dir.join("ppo_losses.png"),
+        out_dir.join("ppo_time.png"),
+    ];
+    check_outputs(&outputs)?;
+    let (reward, gold) = (series(&|r| r.reward), optional(&|r| r.gold));
+    let (eval_reward, eval_gold) = (
+        eval_series(&|e| Some(e.eval_reward)),
+        eval_series(&|e| e.eval_gold),
+    );
+    let (kl_answer, beta_kl) = (
+        series(&|r| r.kl_per_answer),
+        series(&|r| r.beta * r.kl_per_answer),
+    );
+    let (unsafe_refused, benign_refused) =
+        (optional(&|r| r.unsafe_refused), optional(&|r| r.benign_refused));
+    stacked_charts(
+        &outputs[0],
+        &[
+            Panel {
+                title: "Reward-model reward against the gold score",
+                x_label: "iteration",
+                y_label: "mean",
+                series: &[
+                    ("R_c (rollout)", &reward, BLUE),
+                    ("gold (rollout)", &gold, RED),
+                    ("R_c (held-out)", &eval_reward, CYAN),
+                    ("gold (held-out)", &eval_gold, MAGENTA),
+                ],
+            },
+            Panel {
+                title: "KL to the reference policy",
+                x_label: "iteration",
+                y_label: "nats per answer",
+                series: &[
+                    ("KL per answer", &kl_answer, BLUE),
+                    ("beta x KL (the penalty)", &beta_kl, RED),
+                ],
+            },
+            Panel {
+                title: "Refusals (gym prompts)",
+                x_label: "iteration",
+                y_label: "share",
+                series: &[
+                    ("unsafe prompts refused", &unsafe_refused, GREEN),
+                    ("benign prompts refused", &benign_refused, RED),
+                ],
+            },
+        ],
+    )?;
+    let (policy_loss, value_loss) = (series(&|r| r.policy_loss), series(&|r| r.value_loss));
+    let (clip, approx_kl, entropy, explained) = (
+        series(&|r| r.clip_fraction),
+        series(&|r| r.approx_kl),
+        series(&|r| r.entropy),
+        series(&|r| r.explained_variance),
+    );
+    stacked_charts(
+        &outputs[1],
+        &[
+            Panel {
+                title: "Policy loss",
+                x_label: "iteration",
+                y_label: "loss",
+                series: &[("clipped surrogate", &policy_loss, BLUE)],
+            },
+            Panel {
+                title: "Value loss",
+                x_label: "iteration",
+                y_label: "loss",
+                series: &[("clipped value loss", &value_loss, RED)],
+            },
+            Panel {
+                title: "Update statistics",
+                x_label: "iteration",
+                y_label: "",
+                series: &[
+                    ("clip fraction", &clip, BLUE),
+                    ("approx. KL", &approx_kl, RED),
+                    ("entropy", &entropy, GREEN),
+                    ("explained variance", &explained, MAGENTA),
+                ],
+            },
+        ],
+    )?;
+    let (generation, scoring, no_grad, update) = (
+        series(&|r| r.generation_s),
+        series(&|r| r.scoring_s),
+        series(&|r| r.no_grad_s),
+        series(&|r| r.update_s),
+    );
+    line_chart(
+        &outputs[2],
+        "Time per iteration",
+        "iteration",
+        "seconds",
+        &[
+            ("generation", &generation, BLUE),
+            ("reward models", &scoring, RED),
+            ("reference and values", &no_grad, CYAN),
+            ("update", &update, GREEN),
         ],
     )?;
     Ok(outputs.to_vec())

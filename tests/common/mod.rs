@@ -2,6 +2,8 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod gguf_writer;
+pub mod numeric;
+pub mod rlhf;
 
 use std::path::{Path, PathBuf};
 
