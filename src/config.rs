@@ -128,6 +128,10 @@ pub enum Preset {
     /// dim 512, 8 layers, 8 heads, 4 KV heads, FFN 1408, vocab 8192, sequence 512.
     #[value(name = "bench-32m")]
     Bench32m,
+    /// SmolLM2-135M's shape: dim 576, 30 layers, 9 heads, 3 KV heads, FFN 1536, vocab
+    /// 49152, tied embeddings.
+    #[value(name = "smollm2-135m")]
+    Smollm2_135m,
     #[value(name = "llama2-7b")]
     Llama2_7b,
     #[value(name = "llama2-13b")]
@@ -167,6 +171,10 @@ impl Preset {
             Preset::Tiny => base,
             Preset::Bench5m => shape(256, 4, 8, 4, 704, 4096, 256),
             Preset::Bench32m => shape(512, 8, 8, 4, 1408, 8192, 512),
+            Preset::Smollm2_135m => ModelConfig {
+                tie_embeddings: true,
+                ..shape(576, 30, 9, 3, 1536, 49152, 2048)
+            },
             Preset::Llama2_7b => shape(4096, 32, 32, 32, 11008, 32000, 4096),
             Preset::Llama2_13b => shape(5120, 40, 40, 40, 13824, 32000, 4096),
             Preset::Llama2_70b => shape(8192, 80, 64, 8, 28672, 32000, 4096),

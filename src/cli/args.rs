@@ -392,6 +392,30 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+    /// PPO iterations on random-weight models (policy, reference, value model, one reward
+    /// model, as TRL's PPO has): seconds per iteration, prompts/s and the split (one JSON line).
+    Ppo {
+        /// `tiny` is the gym model's shape; `smollm2-135m` SmolLM2-135M's.
+        #[arg(long, value_enum)]
+        preset: Preset,
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: DeviceChoice,
+        /// Prompts per iteration.
+        #[arg(long, default_value_t = 64)]
+        rollout: usize,
+        #[arg(long, default_value_t = 16)]
+        mini_batch: usize,
+        #[arg(long, default_value_t = 32)]
+        prompt_tokens: usize,
+        /// Every answer has exactly this many tokens.
+        #[arg(long, default_value_t = 32)]
+        answer_tokens: usize,
+        /// Timed iterations (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        iterations: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+    },
     /// The custom WGSL kernels against the reference ops, forward + backward, side by side.
     Kernels {
         #[arg(long, value_enum, default_value = "wgpu")]

@@ -189,6 +189,29 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             )?;
             println!("{}", serde_json::to_string(&row)?);
         }
+        BenchCommand::Ppo {
+            preset,
+            device,
+            rollout,
+            mini_batch,
+            prompt_tokens,
+            answer_tokens,
+            iterations,
+            warmup,
+        } => {
+            let device = device::select(device)?;
+            let row = kiln::stages::ppo::benchmark(
+                &preset.model(),
+                &device,
+                rollout,
+                mini_batch,
+                prompt_tokens,
+                answer_tokens,
+                iterations,
+                warmup,
+            )?;
+            println!("{}", serde_json::to_string(&row)?);
+        }
         BenchCommand::Kernels {
             device,
             repeats,

@@ -73,6 +73,20 @@ impl CombinedReward {
     }
 }
 
+impl CombinedReward {
+    /// The helpfulness model's score for every answer, the safety score only reported.
+    pub fn helpfulness_only(helpful_score: f32, safety_score: f32) -> Self {
+        let sigmoid = |x: f32| 1.0 / (1.0 + (-(x as f64)).exp());
+        Self {
+            helpful: sigmoid(helpful_score),
+            safe: sigmoid(safety_score),
+            reward: sigmoid(helpful_score),
+            branch: Branch::Helpfulness,
+            logit: helpful_score as f64,
+        }
+    }
+}
+
 /// Which model decides for an answer whose safety reward is `safe` (sigmoid scale): the
 /// safety model on a safety prompt or below the threshold (strictly), helpfulness otherwise.
 pub fn gate(safe: f64, safety_prompt: bool, threshold: f64) -> Branch {
@@ -100,6 +114,9 @@ pub struct RewardModels {
     pub threshold: f64,
     /// Prompts whose answers are scored together (each with its answers).
     pub batch_prompts: usize,
+    /// Whether the gate runs; `false` rates every answer by the helpfulness model alone (the
+    /// ablation that shows what the gate protects).
+    pub gated: bool,
 }
 
 impl RewardModels {
@@ -132,6 +149,7 @@ impl RewardModels {
             safety_path: safety.to_path_buf(),
             threshold,
             batch_prompts: batch_prompts.max(1),
+            gated: true,
         })
     }
 
@@ -180,7 +198,13 @@ impl RewardModels {
                 helpful[i]
                     .iter()
                     .zip(&safe[i])
-                    .map(|(&h, &s)| CombinedReward::from_scores(h, s, safety[i], self.threshold))
+                    .map(|(&h, &s)| {
+                        if self.gated {
+                            CombinedReward::from_scores(h, s, safety[i], self.threshold)
+                        } else {
+                            CombinedReward::helpfulness_only(h, s)
+                        }
+                    })
                     .collect()
             })
             .collect())

@@ -75,6 +75,18 @@ pub const BEST_DIR: &str = "best";
 const VALUE_MODEL_FILE: &str = "value_model.safetensors";
 const VALUE_OPTIMIZER_FILE: &str = "value_optimizer.safetensors";
 
+/// What rates the answers during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardSource {
+    /// The two reward models through the safety gate (the paper's R_c).
+    Models,
+    /// The gym's programmatic checker (gold score of a task; 1 for a refused unsafe prompt,
+    /// 0 otherwise): what PPO reaches when its reward cannot be fooled, beside what the
+    /// reward models lead it to.
+    GymChecker,
+}
+
 /// What the held-out evaluation keeps the best checkpoint by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,6 +111,9 @@ pub struct PpoSection {
     /// The helpfulness and safety reward models (`--rm-helpful`, `--rm-safety`).
     pub rm_helpful: PathBuf,
     pub rm_safety: PathBuf,
+    /// What rates the answers: the reward models (`models`) or, on gym prompts, the gym's
+    /// checker (`gym_checker`).
+    pub reward: RewardSource,
     /// Where the value model starts: a reward model (its backbone and head) or a chat model
     /// (its backbone and a fresh head). Empty: the helpfulness reward model.
     pub value_init: PathBuf,
@@ -133,6 +148,9 @@ pub struct PpoSection {
     pub missing_eos_penalty: bool,
     pub missing_eos_score: f64,
     pub safety_threshold: f64,
+    /// The safety gate; `false` rewards every answer by the helpfulness model alone (the
+    /// ablation).
+    pub gate: bool,
     /// Prompts scored together by the reward models.
     pub score_batch: usize,
     /// Evaluate on `eval_prompts` every this many iterations (and before the first); 0: only
@@ -210,6 +228,7 @@ impl Default for PpoConfig {
                 init: PathBuf::new(),
                 rm_helpful: PathBuf::new(),
                 rm_safety: PathBuf::new(),
+                reward: RewardSource::Models,
                 value_init: PathBuf::new(),
                 iterations: 200,
                 rollout_batch: 512,
@@ -231,6 +250,7 @@ impl Default for PpoConfig {
                 missing_eos_penalty: true,
                 missing_eos_score: -2.0,
                 safety_threshold: DEFAULT_SAFETY_THRESHOLD,
+                gate: true,
                 score_batch: 8,
                 eval_interval: 10,
                 eval_limit: 0,
@@ -507,6 +527,43 @@ impl Rewarder for RewardModels {
     }
 }
 
+/// The gym's checker as a reward: a task answer's gold score; for a prompt that is no gym
+/// task (an unsafe one), 1 if the answer refused, else 0. `logit` is the score itself (it is
+/// whitened next).
+pub struct GymChecker;
+
+impl Rewarder for GymChecker {
+    fn score(
+        &self,
+        set: &Prompts,
+        prompts: &[usize],
+        answers: &[Answer],
+        _tokens: &[Vec<u32>],
+    ) -> Result<Vec<CombinedReward>> {
+        Ok(prompts
+            .iter()
+            .zip(answers)
+            .map(|(&i, a)| {
+                let gold = match judge(&last_user_text(&set.prompts[i]), &a.text) {
+                    Gold::Task { score, .. } => score,
+                    Gold::Other { refused } => refused as u8 as f64,
+                };
+                CombinedReward {
+                    helpful: gold,
+                    safe: gold,
+                    reward: gold,
+                    branch: if set.safety[i] {
+                        Branch::Safety
+                    } else {
+                        Branch::Helpfulness
+                    },
+                    logit: gold,
+                }
+            })
+            .collect())
+    }
+}
+
 /// Where a run ended.
 #[derive(Debug, Clone)]
 pub struct PpoSummary {
@@ -530,7 +587,9 @@ struct Inputs {
     reference: Llama,
     reference_sha256: String,
     tokenizer: Tokenizer,
-    template: ChatTemplate,
+    /// The token that ends an answer, and the padding.
+    stop: u32,
+    pad: u32,
     policy_config: ModelConfig,
     value_config: ModelConfig,
     /// The value model's starting weights, and where they came from.
@@ -538,23 +597,27 @@ struct Inputs {
     value_path: PathBuf,
 }
 
-/// Runs (or resumes) PPO with the two reward models of the config.
+/// Runs (or resumes) PPO with the reward of the config.
 pub fn run(launch: &Launch) -> Result<PpoSummary> {
     let config = read_config(launch)?;
     let p = &config.ppo;
+    if p.reward == RewardSource::GymChecker {
+        return train(launch, config, &GymChecker, None);
+    }
     if p.rm_helpful.as_os_str().is_empty() || p.rm_safety.as_os_str().is_empty() {
         bail!(
             "--rm-helpful and --rm-safety are required: the two reward models (ppo.rm_helpful, ppo.rm_safety)"
         );
     }
     let device = launch.device.device.clone();
-    let rms = RewardModels::load(
+    let mut rms = RewardModels::load(
         &p.rm_helpful,
         &p.rm_safety,
         p.safety_threshold,
         p.score_batch,
         &device,
     )?;
+    rms.gated = p.gate;
     train(launch, config, &rms, Some(&rms))
 }
 
@@ -668,14 +731,17 @@ fn read_inputs(
         None => None,
     };
     let reference_sha256 = weights_sha256(&params::export(&policy.model));
+    let stop = policy.template.stop_token(&policy.tokenizer)?;
+    let pad = policy.tokenizer.pad_id.unwrap_or(policy.tokenizer.eos_id);
     Ok(Inputs {
+        stop,
+        pad,
         prompts,
         encoded,
         eval,
         reference: policy.model,
         reference_sha256,
         tokenizer: policy.tokenizer,
-        template: policy.template,
         policy_config,
         value_config,
         value_tensors,
@@ -1037,8 +1103,7 @@ fn sample(
     generation_batch: usize,
     seed: impl Fn(usize) -> u64,
 ) -> Result<Sampled> {
-    let stop = inputs.template.stop_token(&inputs.tokenizer)?;
-    let pad = inputs.tokenizer.pad_id.unwrap_or(inputs.tokenizer.eos_id);
+    let (stop, pad) = (inputs.stop, inputs.pad);
     let mut out = Sampled {
         actions: Vec::new(),
         logprobs: Vec::new(),
@@ -1168,7 +1233,7 @@ fn iteration(
 
     // The reference's log-probabilities and the values, without gradients.
     let t = Instant::now();
-    let pad = inputs.tokenizer.pad_id.unwrap_or(inputs.tokenizer.eos_id);
+    let pad = inputs.pad;
     let micro = config.micro_batch();
     let value_model = trained.value.valid();
     let (mut ref_logprobs, mut values) = (Vec::new(), Vec::new());
@@ -1505,4 +1570,219 @@ fn write_rollout(out: &Path, answers: &[RolloutAnswer]) -> Result<()> {
         text.push('\n');
     }
     checkpoint::write_atomic(&out.join(ROLLOUT_FILE), text.as_bytes())
+}
+
+/// What `kiln bench ppo` measured: seconds per iteration and where they went.
+#[derive(Debug, Clone, Serialize)]
+pub struct PpoBench {
+    pub device: String,
+    pub rollout_batch: usize,
+    pub mini_batch: usize,
+    pub prompt_tokens: usize,
+    pub answer_tokens: usize,
+    /// Median over the timed iterations.
+    pub seconds_per_iteration: f64,
+    pub prompts_per_s: f64,
+    pub generation_s: f64,
+    /// Reward model, reference and value passes without gradients.
+    pub no_grad_s: f64,
+    pub update_s: f64,
+    pub peak_rss_gib: Option<f64>,
+}
+
+/// A reward model reading token ids directly (prompt and answer), as TRL's PPO does: the
+/// benchmark's reward, one forward pass per answer.
+struct TokenRewardModel<'a> {
+    model: RewardModel,
+    prompts: &'a [Vec<u32>],
+    pad: u32,
+}
+
+impl Rewarder for TokenRewardModel<'_> {
+    fn score(
+        &self,
+        _set: &Prompts,
+        prompts: &[usize],
+        _answers: &[Answer],
+        tokens: &[Vec<u32>],
+    ) -> Result<Vec<CombinedReward>> {
+        let mut out = Vec::with_capacity(tokens.len());
+        let sequences: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(tokens)
+            .map(|(&i, t)| self.prompts[i].iter().chain(t).copied().collect())
+            .collect();
+        for chunk in sequences.chunks(64) {
+            let groups: Vec<Vec<&[u32]>> = chunk.iter().map(|s| vec![s.as_slice()]).collect();
+            let scores = crate::model::reward::shared_prefix_scores(&self.model, &groups, self.pad)
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .map_err(|e| anyhow!("{e:?}"))?;
+            out.extend(
+                scores
+                    .into_iter()
+                    .map(|x| CombinedReward::helpfulness_only(x, x)),
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// A tokenizer of `vocab` plain tokens (`t0`, `t1`, ...; `<s>` and `</s>` first): what
+/// random-weight benchmark models decode with.
+fn plain_tokenizer(vocab: usize) -> Result<Tokenizer> {
+    let mut entries = serde_json::Map::new();
+    for i in 0..vocab {
+        let name = match i {
+            0 => "<s>".to_string(),
+            1 => "</s>".to_string(),
+            _ => format!("t{i}"),
+        };
+        entries.insert(name, serde_json::Value::from(i));
+    }
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": entries, "unk_token": "<s>"}
+    });
+    Tokenizer::from_json(&json.to_string())
+}
+
+/// PPO iterations on random-weight models of shape `shape` (policy, reference, value model
+/// and one reward model, as TRL's PPO has), random `prompt_tokens`-token prompts and answers
+/// of exactly `answer_tokens` tokens (the end token is never drawn): the loop of `kiln ppo`,
+/// timed. `warmup` iterations run first, untimed.
+#[allow(clippy::too_many_arguments)]
+pub fn benchmark(
+    shape: &ModelConfig,
+    device: &crate::device::ComputeDevice,
+    rollout_batch: usize,
+    mini_batch: usize,
+    prompt_tokens: usize,
+    answer_tokens: usize,
+    iterations: usize,
+    warmup: usize,
+) -> Result<PpoBench> {
+    let mut config = PpoConfig::default();
+    config.model = shape.clone();
+    config.value_model = shape.clone();
+    let p = &mut config.ppo;
+    (p.rollout_batch, p.mini_batch, p.generation_batch) = (rollout_batch, mini_batch, rollout_batch);
+    p.max_new_tokens = answer_tokens;
+    p.prompts = vec![PathBuf::from("random")];
+    p.init = PathBuf::from("random");
+    config.validate()?;
+    anyhow::ensure!(
+        prompt_tokens + answer_tokens <= shape.max_seq_len && iterations > 0,
+        "prompt and answer must fit the context of {}, and at least one iteration is timed",
+        shape.max_seq_len
+    );
+    let plain = device.device.clone();
+    let autodiff = plain.clone().autodiff();
+    let reference = Llama::new(shape, 1, &plain);
+    let policy = params::import(
+        Llama::for_import(shape, &autodiff),
+        params::export(&reference),
+        Path::new("random"),
+    )?;
+    let value = RewardModel::new(shape, 2, &autodiff);
+    let tokenizer = plain_tokenizer(shape.vocab_size)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let count = rollout_batch * (iterations + warmup);
+    let encoded: Vec<Vec<u32>> = (0..count)
+        .map(|_| {
+            (0..prompt_tokens)
+                .map(|_| rand::Rng::random_range(&mut rng, 2..shape.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    let prompts = Prompts {
+        prompts: vec![Turns::Text(String::new()); count],
+        safety: vec![false; count],
+        sources: (0..count).map(|i| format!("random:{i}")).collect(),
+        missing_safety: 0,
+    };
+    let inputs = Inputs {
+        prompts,
+        encoded: encoded.clone(),
+        eval: None,
+        reference,
+        reference_sha256: String::new(),
+        tokenizer,
+        // Outside the vocabulary: never drawn, so every answer has `answer_tokens` tokens.
+        stop: shape.vocab_size as u32,
+        pad: 0,
+        policy_config: shape.clone(),
+        value_config: shape.clone(),
+        value_tensors: Vec::new(),
+        value_path: PathBuf::new(),
+    };
+    let rewarder = TokenRewardModel {
+        model: RewardModel::new(shape, 4, &plain),
+        prompts: &encoded,
+        pad: 0,
+    };
+    let mut trained = Trained {
+        policy,
+        value,
+        policy_optim: AdamW::new(config.optim.clone()),
+        value_optim: AdamW::new(config.value_optim.clone()),
+    };
+    let mut state = PpoState {
+        iteration: 0,
+        prompts: DataCursor {
+            epoch: 0,
+            position: 0,
+        },
+        kl: KlController {
+            beta: config.ppo.beta,
+            target: 0.0,
+            horizon: 1.0,
+        },
+        policy_steps: 0,
+        value_steps: 0,
+        elapsed_s: 0.0,
+        best: None,
+        schedule_steps: total_steps(&config),
+        reference_sha256: String::new(),
+    };
+    let mut timed = Vec::new();
+    for it in 0..iterations + warmup {
+        let indices: Vec<usize> = (it * rollout_batch..(it + 1) * rollout_batch).collect();
+        let start = Instant::now();
+        let (record, _) = iteration(
+            &mut trained,
+            &mut state,
+            &inputs,
+            &indices,
+            &config,
+            &rewarder,
+        )?;
+        let seconds = start.elapsed().as_secs_f64();
+        state.iteration += 1;
+        if it >= warmup {
+            timed.push((seconds, record));
+        }
+    }
+    timed.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (seconds, median) = &timed[timed.len() / 2];
+    Ok(PpoBench {
+        device: device.describe(),
+        rollout_batch,
+        mini_batch,
+        prompt_tokens,
+        answer_tokens,
+        seconds_per_iteration: *seconds,
+        prompts_per_s: rollout_batch as f64 / seconds,
+        generation_s: median.generation_s,
+        no_grad_s: median.scoring_s + median.no_grad_s,
+        update_s: median.update_s,
+        peak_rss_gib: peak_rss_gib(),
+    })
 }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# PPO on the gym (docs/results.md), after scripts/gym.sh: PPO from the SFT model with the two
+# gym reward models (configs/gym-ppo.toml); the gate's ablation (the helpfulness model
+# alone); a beta sweep (0.005, 0.01, 0.05); and PPO on the gym's checker as the reward, to
+# separate what PPO does from what the reward models let it do. Each run is evaluated on the
+# held-out sets at its end and at its best held-out checkpoint, and plotted. Outputs go to
+# runs/gym/. KILN=path/to/kiln runs a built binary instead of `cargo run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kiln() { if [ -n "${KILN:-}" ]; then "$KILN" "$@"; else cargo run --release --quiet -- "$@"; fi; }
+
+D=runs/gym/data
+RMS=(--rm-helpful runs/gym/rm-helpful --rm-safety runs/gym/rm-safety)
+
+ppo() { # out, extra flags
+  local out=$1
+  shift
+  if [ -f "$out/config.toml" ]; then
+    kiln ppo --resume --out "$out" --device cpu
+  else
+    kiln ppo --config configs/gym-ppo.toml --init runs/gym/sft "${RMS[@]}" --out "$out" --device cpu "$@"
+  fi
+  [ -f "$out/eval-final.json" ] ||
+    kiln eval gym --checkpoint "$out" --data "$D" --device cpu --json > "$out/eval-final.json"
+  [ -f "$out/eval-best.json" ] ||
+    kiln eval gym --checkpoint "$out/best" --data "$D" --device cpu --json > "$out/eval-best.json"
+  kiln plot "$out"
+}
+
+[ -f runs/gym/eval-sft.json ] ||
+  kiln eval gym --checkpoint runs/gym/sft --data "$D" --device cpu --json > runs/gym/eval-sft.json
+ppo runs/gym/ppo
+ppo runs/gym/ppo-ungated --set ppo.gate=false
+ppo runs/gym/ppo-beta0.005 --set ppo.beta=0.005
+ppo runs/gym/ppo-beta0.05 --set ppo.beta=0.05
+ppo runs/gym/ppo-gym-checker --set 'ppo.reward="gym_checker"'
