@@ -1237,7 +1237,11 @@ fn iteration(
     let micro = config.micro_batch();
     let value_model = trained.value.valid();
     let (mut ref_logprobs, mut values) = (Vec::new(), Vec::new());
-    for rows in (0..indices.len()).collect::<Vec<_>>().chunks(micro) {
+    // Without gradients there are no activations to keep: generation-sized batches.
+    for rows in (0..indices.len())
+        .collect::<Vec<_>>()
+        .chunks(p.generation_batch.max(micro))
+    {
         let batch = action_batch(rows, &prompts, &sampled.actions, pad);
         let (logp, _) = action_logprobs(&inputs.reference, &batch);
         ref_logprobs.extend(host(logp));
