@@ -8,7 +8,7 @@
 use burn::module::Module;
 use kiln::config::ModelConfig;
 use kiln::model::Llama;
-use kiln::model::actions::{ActionBatch, action_logprobs, action_values};
+use kiln::model::actions::{ActionBatch, action_logprobs, action_logprobs_and_entropy, action_values};
 use kiln::model::reward::RewardModel;
 use kiln::train::ppo_objective::{
     clipped_policy_loss, clipped_value_loss, gae, whiten, whiten_tokens,
@@ -249,7 +249,8 @@ fn padding_leaves_log_probs_values_and_losses_unchanged() {
         .collect();
     let batch = ActionBatch::new(&refs, 0);
     assert!(batch.num_actions() < batch.rows * batch.seq_len, "no padding in the batch");
-    let (logp, entropy) = action_logprobs(&policy, &batch);
+    let (logp, entropy) = action_logprobs_and_entropy(&policy, &batch);
+    assert_close(&values(action_logprobs(&policy, &batch)), &values(logp.clone()), 0.0, "log-probs alone");
     let (logp, entropy) = (values(logp), values(entropy));
     let vals = values(action_values(&value, &batch));
     let adv = randn(&mut rng, logp.len());
@@ -270,7 +271,7 @@ fn padding_leaves_log_probs_values_and_losses_unchanged() {
         let single = ActionBatch::new(std::slice::from_ref(seq), 0);
         assert_eq!(single.rows * single.seq_len, seq.0.len() + seq.1.len());
         let k = single.num_actions();
-        let (lp, ent) = action_logprobs(&policy, &single);
+        let (lp, ent) = action_logprobs_and_entropy(&policy, &single);
         let range = offset..offset + k;
         assert_close(&values(lp.clone()), &logp[range.clone()], 1e-10, "log-probs");
         assert_close(&values(ent), &entropy[range.clone()], 1e-10, "entropy");
@@ -315,5 +316,7 @@ fn padding_leaves_log_probs_values_and_losses_unchanged() {
             "answer token {j}: {} vs {expected}",
             logp[start + j]
         );
+        let h: f64 = -row.iter().map(|l| (l - lse).exp() * (l - lse)).sum::<f64>();
+        assert!((entropy[start + j] - h).abs() < 1e-10, "entropy {j}: {} vs {h}", entropy[start + j]);
     }
 }

@@ -92,9 +92,26 @@ impl ActionBatch {
 }
 
 /// Log-probabilities of the actions under `model` (`[actions]`, differentiable on an
-/// autodiff device), and the entropy of the model's distribution at each action's state
+/// autodiff device).
+pub fn action_logprobs(model: &Llama, batch: &ActionBatch) -> Tensor<1> {
+    let (logp, actions) = log_softmax_at_actions(model, batch);
+    let n = batch.num_actions();
+    logp.gather(1, actions).reshape([n])
+}
+
+/// [`action_logprobs`], and the entropy of the model's distribution at each action's state
 /// (detached: a metric).
-pub fn action_logprobs(model: &Llama, batch: &ActionBatch) -> (Tensor<1>, Tensor<1>) {
+pub fn action_logprobs_and_entropy(model: &Llama, batch: &ActionBatch) -> (Tensor<1>, Tensor<1>) {
+    let (logp, actions) = log_softmax_at_actions(model, batch);
+    let n = batch.num_actions();
+    let detached = logp.clone().detach();
+    let entropy = -(detached.clone().exp() * detached).sum_dim(1).reshape([n]);
+    (logp.gather(1, actions).reshape([n]), entropy)
+}
+
+/// Log-softmax of the next-token logits at every action state, `[actions, vocab]`, and the
+/// actions as gather indices, `[actions, 1]`.
+fn log_softmax_at_actions(model: &Llama, batch: &ActionBatch) -> (Tensor<2>, Tensor<2, Int>) {
     let n = batch.num_actions();
     let logits = model.logits(batch.hidden_at_states(model).unsqueeze_dim(0));
     let vocab = logits.dims()[2];
@@ -103,9 +120,7 @@ pub fn action_logprobs(model: &Llama, batch: &ActionBatch) -> (Tensor<1>, Tensor
         TensorData::new(batch.actions.clone(), [n, 1]),
         &model.device(),
     );
-    let detached = logp.clone().detach();
-    let entropy = -(detached.clone().exp() * detached).sum_dim(1).reshape([n]);
-    (logp.gather(1, actions).reshape([n]), entropy)
+    (logp, actions)
 }
 
 /// The value of each action's state under the value model: its scalar head read at every

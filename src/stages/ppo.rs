@@ -56,7 +56,9 @@ use crate::infer::score;
 use crate::interop::checkpoint::{self, CheckpointData, NamedTensor};
 use crate::interop::{convert, params};
 use crate::model::Llama;
-use crate::model::actions::{ActionBatch, action_logprobs, action_values, split_rows};
+use crate::model::actions::{
+    ActionBatch, action_logprobs, action_logprobs_and_entropy, action_values, split_rows,
+};
 use crate::model::reward::RewardModel;
 use crate::stages::rs::{self, Policy, Prompts};
 use crate::train::metrics::{MetricsLog, Stepped};
@@ -1243,8 +1245,7 @@ fn iteration(
         .chunks(p.generation_batch.max(micro))
     {
         let batch = action_batch(rows, &prompts, &sampled.actions, pad);
-        let (logp, _) = action_logprobs(&inputs.reference, &batch);
-        ref_logprobs.extend(host(logp));
+        ref_logprobs.extend(host(action_logprobs(&inputs.reference, &batch)));
         values.extend(host(action_values(&value_model, &batch)));
     }
     let lengths: Vec<usize> = sampled.actions.iter().map(Vec::len).collect();
@@ -1297,7 +1298,7 @@ fn iteration(
                     .flat_map(|&r| sampled.logprobs[r].iter().map(|&x| x as f64))
                     .collect();
                 let device = trained.policy.device();
-                let (logp, entropy) = action_logprobs(&trained.policy, &batch);
+                let (logp, entropy) = action_logprobs_and_entropy(&trained.policy, &batch);
                 let old = tensor(&old_logprobs, &device);
                 let adv = tensor(&pick(&advantages), &device);
                 let loss = clipped_policy_loss(logp.clone(), old, adv, p.clip);
@@ -1359,6 +1360,7 @@ fn iteration(
             state.value_steps += 1;
             stats.value_loss.push(result.loss);
             stats.value_grad_norm.push(result.grad_norm);
+
         }
     }
     let update_s = t.elapsed().as_secs_f64();
