@@ -13,8 +13,10 @@ use kiln::train::stage::Launch;
 use rand::Rng;
 
 mod common;
-use common::rlhf::{Fixture, finish, fixture, kill_when, kiln, read_lines, write_prompts};
 use common::repo;
+use common::rlhf::{
+    Fixture, finish, fixture, kill_when, kiln, listing, read_lines, refused, write_prompts,
+};
 
 /// The reward of the synthetic task: the share of answer tokens (the end token included)
 /// whose id is even: about one half for the initial policy, 1 for a policy that learned the
@@ -302,14 +304,6 @@ fn bad_input_is_refused_before_any_rollout_and_nothing_is_written() {
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    let listing = |d: &Path| -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    };
     let before = listing(&out);
     let run_with = |extra: &[String], fixture: &Fixture| -> String {
         let mut args = ppo_args(fixture, &out);
@@ -317,16 +311,7 @@ fn bad_input_is_refused_before_any_rollout_and_nothing_is_written() {
             args.push("--set".into());
             args.push(set.clone());
         }
-        let result = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(&args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
-        assert!(!result.status.success(), "{stderr}");
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        let errors = stderr.trim().lines().filter(|l| l.starts_with("error")).count();
-        assert_eq!(errors, 1, "{stderr}");
-        stderr
+        refused(&args)
     };
 
     let e = run_with(&["ppo.mini_batch=3".into()], &f);
@@ -362,7 +347,10 @@ fn bad_input_is_refused_before_any_rollout_and_nothing_is_written() {
         prompts: f.prompts.clone(),
     };
     let e = run_with(&[], &swapped);
-    assert!(e.contains("Safety reward model where the Helpfulness"), "{e}");
+    assert!(
+        e.contains("Safety reward model where the Helpfulness"),
+        "{e}"
+    );
     // A value model of another tokenizer (and shape).
     let other = common::rlhf::other_tokenizer_model(dir.path());
     let e = run_with(&[format!("ppo.value_init=\"{}\"", other.display())], &f);
@@ -407,5 +395,8 @@ fn bad_input_is_refused_before_any_rollout_and_nothing_is_written() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!result.status.success());
-    assert!(stderr.contains("not the model this run started from"), "{stderr}");
+    assert!(
+        stderr.contains("not the model this run started from"),
+        "{stderr}"
+    );
 }

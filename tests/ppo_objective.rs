@@ -8,7 +8,9 @@
 use burn::module::Module;
 use kiln::config::ModelConfig;
 use kiln::model::Llama;
-use kiln::model::actions::{ActionBatch, action_logprobs, action_logprobs_and_entropy, action_values};
+use kiln::model::actions::{
+    ActionBatch, action_logprobs, action_logprobs_and_entropy, action_values,
+};
 use kiln::model::reward::RewardModel;
 use kiln::train::ppo_objective::{
     clipped_policy_loss, clipped_value_loss, gae, whiten, whiten_tokens,
@@ -109,11 +111,13 @@ fn whitening_uses_real_tokens_only() {
 /// Log-ratios away from the clip boundaries (finite differences must not straddle a kink).
 fn log_ratios(rng: &mut impl Rng, n: usize, clip: f64) -> Vec<f64> {
     (0..n)
-        .map(|_| loop {
-            let d: f64 = rng.random_range(-0.6..0.6);
-            let r = d.exp();
-            if (r - (1.0 - clip)).abs() > 1e-3 && (r - (1.0 + clip)).abs() > 1e-3 {
-                break d;
+        .map(|_| {
+            loop {
+                let d: f64 = rng.random_range(-0.6..0.6);
+                let r = d.exp();
+                if (r - (1.0 - clip)).abs() > 1e-3 && (r - (1.0 + clip)).abs() > 1e-3 {
+                    break d;
+                }
             }
         })
         .collect()
@@ -198,10 +202,12 @@ fn the_clipped_value_loss_by_hand_and_by_finite_differences() {
     let old = randn(&mut rng, m);
     // Moves away from +-clip, so no difference straddles the kink.
     let moves: Vec<f64> = (0..m)
-        .map(|_| loop {
-            let d: f64 = rng.random_range(-0.6..0.6);
-            if (d.abs() - clip).abs() > 1e-3 {
-                break d;
+        .map(|_| {
+            loop {
+                let d: f64 = rng.random_range(-0.6..0.6);
+                if (d.abs() - clip).abs() > 1e-3 {
+                    break d;
+                }
             }
         })
         .collect();
@@ -239,7 +245,8 @@ fn padding_leaves_log_probs_values_and_losses_unchanged() {
     // Prompts and answers of different lengths: the batch pads all but the longest.
     let sequences: Vec<(Vec<u32>, Vec<u32>)> = (0..5)
         .map(|i| {
-            let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..37)).collect() };
+            let mut draw =
+                |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(1..37)).collect() };
             (draw(2 + 3 * i % 7), draw(1 + (5 * i) % 6))
         })
         .collect();
@@ -248,13 +255,24 @@ fn padding_leaves_log_probs_values_and_losses_unchanged() {
         .map(|(p, a)| (p.as_slice(), a.as_slice()))
         .collect();
     let batch = ActionBatch::new(&refs, 0);
-    assert!(batch.num_actions() < batch.rows * batch.seq_len, "no padding in the batch");
+    assert!(
+        batch.num_actions() < batch.rows * batch.seq_len,
+        "no padding in the batch"
+    );
     let (logp, entropy) = action_logprobs_and_entropy(&policy, &batch);
-    assert_close(&values(action_logprobs(&policy, &batch)), &values(logp.clone()), 0.0, "log-probs alone");
+    assert_close(
+        &values(action_logprobs(&policy, &batch)),
+        &values(logp.clone()),
+        0.0,
+        "log-probs alone",
+    );
     let (logp, entropy) = (values(logp), values(entropy));
     let vals = values(action_values(&value, &batch));
     let adv = randn(&mut rng, logp.len());
-    let old: Vec<f64> = logp.iter().map(|l| l + rng.random_range(-0.3..0.3)).collect();
+    let old: Vec<f64> = logp
+        .iter()
+        .map(|l| l + rng.random_range(-0.3..0.3))
+        .collect();
     let n = logp.len();
     let batch_loss: f64 = clipped_policy_loss(
         tensor(&logp, [n]),
@@ -273,7 +291,12 @@ fn padding_leaves_log_probs_values_and_losses_unchanged() {
         let k = single.num_actions();
         let (lp, ent) = action_logprobs_and_entropy(&policy, &single);
         let range = offset..offset + k;
-        assert_close(&values(lp.clone()), &logp[range.clone()], 1e-10, "log-probs");
+        assert_close(
+            &values(lp.clone()),
+            &logp[range.clone()],
+            1e-10,
+            "log-probs",
+        );
         assert_close(&values(ent), &entropy[range.clone()], 1e-10, "entropy");
         let v = values(action_values(&value, &single));
         assert_close(&v, &vals[range.clone()], 1e-10, "values");
@@ -317,6 +340,10 @@ fn padding_leaves_log_probs_values_and_losses_unchanged() {
             logp[start + j]
         );
         let h: f64 = -row.iter().map(|l| (l - lse).exp() * (l - lse)).sum::<f64>();
-        assert!((entropy[start + j] - h).abs() < 1e-10, "entropy {j}: {} vs {h}", entropy[start + j]);
+        assert!(
+            (entropy[start + j] - h).abs() < 1e-10,
+            "entropy {j}: {} vs {h}",
+            entropy[start + j]
+        );
     }
 }

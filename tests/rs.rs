@@ -10,7 +10,9 @@ use kiln::interop::checkpoint;
 use kiln::stages::rs::{self, PoolEntry, RoundSummary, SampleRecord};
 
 mod common;
-use common::rlhf::{Fixture, finish, fixture, kill_when, kiln, read_lines, reward_models};
+use common::rlhf::{
+    Fixture, finish, fixture, kill_when, kiln, listing, read_lines, refused, reward_models,
+};
 
 /// The `kiln rs` command line of a fresh run into `out`.
 fn rs_args(f: &Fixture, out: &Path) -> Vec<String> {
@@ -253,14 +255,6 @@ fn bad_input_is_refused_before_sampling_and_nothing_is_written() {
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    let listing = |d: &Path| -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    };
     let before = listing(&out);
     let run_with = |extra: &[String], fixture: &Fixture| -> String {
         let mut args = rs_args(fixture, &out);
@@ -268,23 +262,7 @@ fn bad_input_is_refused_before_sampling_and_nothing_is_written() {
             args.push("--set".into());
             args.push(set.clone());
         }
-        let result = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(&args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
-        assert!(!result.status.success(), "{stderr}");
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        assert_eq!(
-            stderr
-                .trim()
-                .lines()
-                .filter(|l| l.starts_with("error"))
-                .count(),
-            1,
-            "{stderr}"
-        );
-        stderr
+        refused(&args)
     };
     let prompts_file = |name: &str, text: &str| -> String {
         let path = dir.path().join(name);

@@ -33,7 +33,9 @@ impl ActionBatch {
     /// `sequences[i] = (prompt, answer)`; both non-empty.
     pub fn new(sequences: &[(&[u32], &[u32])], pad_id: u32) -> Self {
         assert!(
-            sequences.iter().all(|(p, a)| !p.is_empty() && !a.is_empty()),
+            sequences
+                .iter()
+                .all(|(p, a)| !p.is_empty() && !a.is_empty()),
             "every sequence needs a prompt and at least one answer token"
         );
         let seq_len = sequences

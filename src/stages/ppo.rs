@@ -64,8 +64,8 @@ use crate::stages::rs::{self, Policy, Prompts};
 use crate::train::metrics::{MetricsLog, Stepped};
 use crate::train::optim::{self, AdamW};
 use crate::train::ppo_objective::{
-    KlController, KlEstimator, clipped_policy_loss, clipped_value_loss, gae, kl_estimate,
-    mean_std, token_rewards, whiten, whiten_tokens,
+    KlController, KlEstimator, clipped_policy_loss, clipped_value_loss, gae, kl_estimate, mean_std,
+    token_rewards, whiten, whiten_tokens,
 };
 use crate::train::progress::Progress;
 use crate::train::run_dir::{INTERRUPTED, RunDir};
@@ -672,11 +672,7 @@ fn weights_sha256(tensors: &[NamedTensor]) -> String {
 /// Reads prompts and models and checks them against each other: one tokenizer for policy,
 /// reward models and value model; every prompt leaving room for `max_new_tokens` in every
 /// context.
-fn read_inputs(
-    config: &PpoConfig,
-    rms: Option<&RewardModels>,
-    device: &Device,
-) -> Result<Inputs> {
+fn read_inputs(config: &PpoConfig, rms: Option<&RewardModels>, device: &Device) -> Result<Inputs> {
     let p = &config.ppo;
     let prompts = Prompts::read(&p.prompts)?;
     let eval_prompts = if p.eval_prompts.is_empty() {
@@ -908,10 +904,8 @@ fn train(
     run.create()?;
     let config_toml = config.to_toml();
     run.write_config(&config_toml)?;
-    let mut metrics: MetricsLog<PpoRecord> = MetricsLog::open(
-        &run.path,
-        run.resume_from.as_ref().map(|_| state.iteration),
-    )?;
+    let mut metrics: MetricsLog<PpoRecord> =
+        MetricsLog::open(&run.path, run.resume_from.as_ref().map(|_| state.iteration))?;
     let p = &inputs.prompts;
     eprintln!(
         "ppo: {} prompts ({} safety{}), {} per iteration, mini-batch {}, beta {}, {} iteration(s) | device: {}",
@@ -999,8 +993,14 @@ fn train(
     let mut this_run = 0u64;
     while state.iteration < total {
         let indices = stream.next_batch(config.ppo.rollout_batch);
-        let (record, answers) =
-            iteration(&mut trained, &mut state, &inputs, &indices, &config, rewarder)?;
+        let (record, answers) = iteration(
+            &mut trained,
+            &mut state,
+            &inputs,
+            &indices,
+            &config,
+            rewarder,
+        )?;
         state.prompts = stream.cursor();
         state.iteration += 1;
         this_run += 1;
@@ -1115,15 +1115,10 @@ fn sample(
     for (b, chunk) in prompts.chunks(generation_batch).enumerate() {
         let rows: Vec<Vec<u32>> = chunk.iter().map(|p| (*p).clone()).collect();
         let mut rng = ChaCha8Rng::seed_from_u64(seed(b));
-        let generated = generate::generate_with(
-            policy,
-            &rows,
-            params,
-            stop,
-            pad,
-            &mut rng,
-            &mut |_, _| std::ops::ControlFlow::Continue(()),
-        )?;
+        let generated =
+            generate::generate_with(policy, &rows, params, stop, pad, &mut rng, &mut |_, _| {
+                std::ops::ControlFlow::Continue(())
+            })?;
         for g in generated {
             let mut actions = g.tokens.clone();
             if g.finish == FinishReason::Eos {
@@ -1146,10 +1141,12 @@ fn gold_of(set: &Prompts, prompts: &[usize], texts: &[String]) -> Vec<(Option<f6
     prompts
         .iter()
         .zip(texts)
-        .map(|(&i, text)| match judge(&last_user_text(&set.prompts[i]), text) {
-            Gold::Task { score, .. } => (Some(score), crate::gym::is_refusal(text)),
-            Gold::Other { refused } => (None, refused),
-        })
+        .map(
+            |(&i, text)| match judge(&last_user_text(&set.prompts[i]), text) {
+                Gold::Task { score, .. } => (Some(score), crate::gym::is_refusal(text)),
+                Gold::Other { refused } => (None, refused),
+            },
+        )
         .collect()
 }
 
@@ -1163,12 +1160,7 @@ fn gold_rates(gold: &[(Option<f64>, bool)]) -> (Option<f64>, Option<f64>, Option
     let others: Vec<bool> = gold.iter().filter(|g| g.0.is_none()).map(|g| g.1).collect();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let gold = mean(&tasks.iter().map(|t| t.0).collect::<Vec<_>>());
-    let benign = mean(
-        &tasks
-            .iter()
-            .map(|t| t.1 as u8 as f64)
-            .collect::<Vec<_>>(),
-    );
+    let benign = mean(&tasks.iter().map(|t| t.1 as u8 as f64).collect::<Vec<_>>());
     let unsafe_refused = (!others.is_empty())
         .then(|| mean(&others.iter().map(|&r| r as u8 as f64).collect::<Vec<_>>()));
     (Some(gold), unsafe_refused, Some(benign))
@@ -1336,11 +1328,19 @@ fn iteration(
             // The step owns the model it updates; a cheap placeholder stands in meanwhile
             // (a clone of the model itself would keep its old weights alive during the step).
             let policy = std::mem::replace(&mut trained.policy, inputs.reference.clone());
-            let (policy, result) =
-                step::apply(policy, &mut trained.policy_optim, policy_acc, lr, &SingleWorker)
-                    .map_err(|e| {
-                        anyhow!("PPO diverged at iteration {}: policy {e}", state.iteration + 1)
-                    })?;
+            let (policy, result) = step::apply(
+                policy,
+                &mut trained.policy_optim,
+                policy_acc,
+                lr,
+                &SingleWorker,
+            )
+            .map_err(|e| {
+                anyhow!(
+                    "PPO diverged at iteration {}: policy {e}",
+                    state.iteration + 1
+                )
+            })?;
             trained.policy = policy;
             state.policy_steps += 1;
             stats.policy_loss.push(result.loss);
@@ -1348,19 +1348,23 @@ fn iteration(
             let lr =
                 optim::learning_rate(&config.value_optim, state.value_steps, state.schedule_steps);
             let value = std::mem::replace(&mut trained.value, value_model.clone());
-            let (value, result) =
-                step::apply(value, &mut trained.value_optim, value_acc, lr, &SingleWorker)
-                    .map_err(|e| {
-                        anyhow!(
-                            "PPO diverged at iteration {}: value model {e}",
-                            state.iteration + 1
-                        )
-                    })?;
+            let (value, result) = step::apply(
+                value,
+                &mut trained.value_optim,
+                value_acc,
+                lr,
+                &SingleWorker,
+            )
+            .map_err(|e| {
+                anyhow!(
+                    "PPO diverged at iteration {}: value model {e}",
+                    state.iteration + 1
+                )
+            })?;
             trained.value = value;
             state.value_steps += 1;
             stats.value_loss.push(result.loss);
             stats.value_grad_norm.push(result.grad_norm);
-
         }
     }
     let update_s = t.elapsed().as_secs_f64();
@@ -1679,7 +1683,8 @@ pub fn benchmark(
     config.model = shape.clone();
     config.value_model = shape.clone();
     let p = &mut config.ppo;
-    (p.rollout_batch, p.mini_batch, p.generation_batch) = (rollout_batch, mini_batch, rollout_batch);
+    (p.rollout_batch, p.mini_batch, p.generation_batch) =
+        (rollout_batch, mini_batch, rollout_batch);
     p.max_new_tokens = answer_tokens;
     p.prompts = vec![PathBuf::from("random")];
     p.init = PathBuf::from("random");

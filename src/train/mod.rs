@@ -3,8 +3,8 @@
 
 pub mod metrics;
 pub mod optim;
-pub mod ppo_objective;
 pub mod plot;
+pub mod ppo_objective;
 pub mod progress;
 pub mod run_dir;
 pub mod stage;

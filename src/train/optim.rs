@@ -316,8 +316,10 @@ struct Hyper {
 /// model that was 2 s per step, most of it page faults).
 fn on_host<const D: usize>(weight: &Tensor<D>) -> bool {
     use burn::backend::DispatchDevice;
-    matches!(weight.device().inner().as_dispatch(), DispatchDevice::Flex(_))
-        && weight.dtype() == burn::tensor::DType::F32
+    matches!(
+        weight.device().inner().as_dispatch(),
+        DispatchDevice::Flex(_)
+    ) && weight.dtype() == burn::tensor::DType::F32
 }
 
 fn update_on_host<const D: usize>(
@@ -332,7 +334,8 @@ fn update_on_host<const D: usize>(
     let mut w = vec(weight.into_data());
     let g = vec(grad.into_data());
     let n = g.len();
-    let mut m = vec(std::mem::replace(&mut moments.exp_avg, Tensor::empty([0], &device)).into_data());
+    let mut m =
+        vec(std::mem::replace(&mut moments.exp_avg, Tensor::empty([0], &device)).into_data());
     let mut v =
         vec(std::mem::replace(&mut moments.exp_avg_sq, Tensor::empty([0], &device)).into_data());
     let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
@@ -466,7 +469,12 @@ mod tests {
         for (name, got) in [("host", run(true)), ("tensors", run(false))] {
             for i in 0..n {
                 let err = (got[i] as f64 - w[i]).abs();
-                assert!(err <= 1e-5 * w[i].abs().max(1e-2), "{name}[{i}]: {} vs {}", got[i], w[i]);
+                assert!(
+                    err <= 1e-5 * w[i].abs().max(1e-2),
+                    "{name}[{i}]: {} vs {}",
+                    got[i],
+                    w[i]
+                );
             }
         }
     }

@@ -171,7 +171,10 @@ fn draw_panel(
 fn check_outputs(outputs: &[PathBuf]) -> Result<()> {
     for path in outputs {
         if path.is_dir() {
-            bail!("{} is a directory: cannot write the plot there", path.display());
+            bail!(
+                "{} is a directory: cannot write the plot there",
+                path.display()
+            );
         }
     }
     Ok(())
@@ -279,8 +282,10 @@ fn plot_ppo(out_dir: &Path) -> Result<Vec<PathBuf>> {
         series(&|r| r.kl_per_answer),
         series(&|r| r.beta * r.kl_per_answer),
     );
-    let (unsafe_refused, benign_refused) =
-        (optional(&|r| r.unsafe_refused), optional(&|r| r.benign_refused));
+    let (unsafe_refused, benign_refused) = (
+        optional(&|r| r.unsafe_refused),
+        optional(&|r| r.benign_refused),
+    );
     stacked_charts(
         &outputs[0],
         &[

@@ -182,10 +182,7 @@ mod tests {
         // Half the target: clipped to -0.2.
         assert!((c.beta - before * (1.0 - 0.2 * 512.0 / 10_000.0)).abs() < 1e-15);
         // A target of 0 is a fixed beta.
-        let mut fixed = KlController {
-            target: 0.0,
-            ..c
-        };
+        let mut fixed = KlController { target: 0.0, ..c };
         fixed.update(100.0, 512);
         assert_eq!(fixed.beta, c.beta);
     }

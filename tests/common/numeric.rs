@@ -19,7 +19,6 @@ pub fn device() -> Device {
     Device::flex().autodiff()
 }
 
-
 pub fn randn(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
     (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
@@ -90,4 +89,3 @@ pub fn check_gradients<const D: usize, const O: usize>(
         );
     }
 }
-

@@ -136,7 +136,6 @@ pub fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
         .collect()
 }
 
-
 /// A tiny pretrained model (context 64) with its own tokenizer: a BPE of 300 tokens trained
 /// on other text than the bundled tokenizer's. In `dir/other-pre`.
 pub fn other_tokenizer_model(dir: &Path) -> PathBuf {
@@ -154,4 +153,33 @@ pub fn other_tokenizer_model(dir: &Path) -> PathBuf {
     ]);
     kiln::stages::pretrain::run(&Launch::new(&other_pre, &overrides), false).unwrap();
     other_pre
+}
+
+/// The names in `dir`, sorted: what a refused run must leave as it was.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Runs `kiln args` and checks that it was refused as bad input: a non-zero exit, no panic
+/// and exactly one error line. Returns its stderr.
+pub fn refused(args: &[String]) -> String {
+    let result = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert!(!result.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let errors = stderr
+        .trim()
+        .lines()
+        .filter(|l| l.starts_with("error"))
+        .count();
+    assert_eq!(errors, 1, "{stderr}");
+    stderr
 }
