@@ -64,8 +64,8 @@ use crate::stages::rs::{self, Policy, Prompts};
 use crate::train::metrics::{MetricsLog, Stepped};
 use crate::train::optim::{self, AdamW};
 use crate::train::ppo_objective::{
-    KlController, KlEstimator, clipped_policy_loss, clipped_value_loss, gae, kl_estimate, mean_std,
-    token_rewards, whiten, whiten_tokens,
+    KlController, KlEstimator, answer_scores, clipped_policy_loss, clipped_value_loss, gae,
+    kl_estimate, mean_std, token_rewards, whiten_tokens,
 };
 use crate::train::progress::Progress;
 use crate::train::run_dir::{INTERRUPTED, RunDir};
@@ -1202,27 +1202,10 @@ fn iteration(
         })
         .collect();
     let rewards = rewarder.score(&inputs.prompts, indices, &answers, &sampled.actions)?;
-    let penalised: Vec<bool> = answers
-        .iter()
-        .map(|a| p.missing_eos_penalty && !a.complete)
-        .collect();
-    let scored: Vec<f64> = rewards
-        .iter()
-        .zip(&penalised)
-        .filter(|(_, pen)| !**pen)
-        .map(|(r, _)| r.logit)
-        .collect();
-    let mut whitened = whiten(&scored).into_iter();
-    let scores: Vec<f64> = penalised
-        .iter()
-        .map(|&pen| {
-            if pen {
-                p.missing_eos_score
-            } else {
-                whitened.next().expect("one per scored answer")
-            }
-        })
-        .collect();
+    let logits: Vec<f64> = rewards.iter().map(|r| r.logit).collect();
+    let complete: Vec<bool> = answers.iter().map(|a| a.complete).collect();
+    let missing_eos = p.missing_eos_penalty.then_some(p.missing_eos_score);
+    let scores = answer_scores(&logits, &complete, missing_eos);
     let scoring_s = t.elapsed().as_secs_f64();
 
     // The reference's log-probabilities and the values, without gradients.

@@ -30,6 +30,31 @@ pub fn kl_estimate(logprob: f64, ref_logprob: f64, estimator: KlEstimator) -> f6
     }
 }
 
+/// The scalar each answer's last token gets: `logit(R_c)` whitened over the rollout's
+/// finished answers; with `missing_eos = Some(score)`, an answer that did not finish gets
+/// `score` instead (and stays out of the whitening statistics), else it is whitened with
+/// the rest.
+pub fn answer_scores(logits: &[f64], complete: &[bool], missing_eos: Option<f64>) -> Vec<f64> {
+    let penalised: Vec<bool> = complete
+        .iter()
+        .map(|&c| missing_eos.is_some() && !c)
+        .collect();
+    let scored: Vec<f64> = logits
+        .iter()
+        .zip(&penalised)
+        .filter(|(_, p)| !**p)
+        .map(|(l, _)| *l)
+        .collect();
+    let mut whitened = whiten(&scored).into_iter();
+    penalised
+        .iter()
+        .map(|&p| match (p, missing_eos) {
+            (true, Some(score)) => score,
+            _ => whitened.next().expect("one per scored answer"),
+        })
+        .collect()
+}
+
 /// Per-token rewards of one answer: `-beta * kl_t` at every token, plus `score` at the last
 /// one (the end-of-answer token when the answer finished).
 pub fn token_rewards(kl: &[f64], beta: f64, score: f64) -> Vec<f64> {
@@ -158,6 +183,21 @@ mod tests {
         assert!((k3 - (1f64.exp() - 2.0)).abs() < 1e-15, "{k3}");
         // Equal policies: 0 for both.
         assert_eq!(kl_estimate(-0.3, -0.3, KlEstimator::K3), 0.0);
+    }
+
+    #[test]
+    fn unfinished_answers_get_the_penalty_and_stay_out_of_the_statistics() {
+        let logits = [1.0, 5.0, 3.0, -40.0];
+        let complete = [true, false, true, false];
+        let s = answer_scores(&logits, &complete, Some(-2.0));
+        // The finished answers 1.0 and 3.0 whiten to -/+ 1/sqrt(2) (unbiased variance 2).
+        let w = 1.0 / (2.0f64 + 1e-8).sqrt();
+        assert!((s[0] + w).abs() < 1e-12 && (s[2] - w).abs() < 1e-12, "{s:?}");
+        assert_eq!((s[1], s[3]), (-2.0, -2.0));
+        // Without the penalty every answer is whitened together.
+        let s = answer_scores(&logits, &complete, None);
+        assert!((s.iter().sum::<f64>()).abs() < 1e-9);
+        assert!(s[3] < s[0] && s[0] < s[2] && s[2] < s[1]);
     }
 
     #[test]
