@@ -179,9 +179,8 @@ pub fn save(checkpoints_dir: &Path, data: &CheckpointData, keep: usize) -> Resul
     std::fs::create_dir(&tmp_dir)
         .map_err(|e| anyhow!("cannot create {}: {e}", tmp_dir.display()))?;
 
-    let files = checkpoint_files(data)?;
     let write_all = || -> Result<()> {
-        write_files(&tmp_dir, &files)?;
+        write_checkpoint_files(&tmp_dir, data)?;
         // Re-saving a step that exists (a resume that saves before taking a step) replaces it:
         // move the old one aside first, since a directory cannot be renamed onto another.
         let displaced = checkpoints_dir.join(format!(".replaced-{}", step_dir_name(data.step)));
@@ -202,6 +201,48 @@ pub fn save(checkpoints_dir: &Path, data: &CheckpointData, keep: usize) -> Resul
         let _ = std::fs::remove_dir_all(old.1);
     }
     Ok(final_dir)
+}
+
+/// Writes the files of a checkpoint into the existing directory `dir`, one at a time (each
+/// encoded, written and dropped before the next: a PPO checkpoint of a 135M model is six
+/// files of 540 MB), the manifest with every other file's checksum last.
+fn write_checkpoint_files(dir: &Path, data: &CheckpointData) -> Result<()> {
+    let mut entries = BTreeMap::new();
+    let mut write = |name: &str, bytes: Vec<u8>| -> Result<()> {
+        let path = dir.join(name);
+        let mut f =
+            File::create(&path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        let entry = FileEntry {
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+        };
+        entries.insert(name.to_string(), entry);
+        Ok(())
+    };
+    write(MODEL_FILE, encode_safetensors(&data.model)?)?;
+    write(OPTIMIZER_FILE, encode_safetensors(&data.optimizer)?)?;
+    write(STATE_FILE, data.state_json.clone().into_bytes())?;
+    write(TOKENIZER_FILE, data.tokenizer_json.clone().into_bytes())?;
+    write(CONFIG_FILE, data.config_toml.clone().into_bytes())?;
+    for (name, tensors) in &data.extra {
+        write(name, encode_safetensors(tensors)?)?;
+    }
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        step: data.step,
+        config: data.config_toml.clone(),
+        files: entries,
+    };
+    write_files(
+        dir,
+        &[(
+            MANIFEST_FILE,
+            serde_json::to_string_pretty(&manifest)?.into_bytes(),
+        )],
+    )
 }
 
 /// The files of a checkpoint, its manifest (with every other file's checksum) last.

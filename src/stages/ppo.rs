@@ -796,7 +796,9 @@ fn train(
     let device = launch.device.device.clone();
     let autodiff = device.clone().autodiff();
     let run = RunDir::check(&launch.out_dir, launch.resume)?;
-    let inputs = read_inputs(&config, rms, &device)?;
+    let mut inputs = read_inputs(&config, rms, &device)?;
+    // Held only until the value model is built (a 135M model's weights: 540 MB).
+    let value_tensors = std::mem::take(&mut inputs.value_tensors);
     let kernels = config.model.kernels;
     let value_kernels = config.value_model.kernels;
     let (mut trained, mut state) = match &run.resume_from {
@@ -871,7 +873,7 @@ fn train(
             )?;
             let value = params::import(
                 RewardModel::for_import(&config.value_model, &autodiff),
-                inputs.value_tensors.clone(),
+                value_tensors,
                 &inputs.value_path,
             )?;
             let state = PpoState {
