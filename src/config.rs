@@ -52,24 +52,33 @@ impl ModelConfig {
         self.dim / self.n_heads
     }
 
-    /// Number of trainable parameters, computed from the shape alone.
+    /// Number of trainable parameters, computed from the shape alone (saturating: a shape
+    /// that [`validate`](Self::validate) refuses may overflow).
     pub fn num_params(&self) -> u64 {
+        self.checked_num_params().unwrap_or(u64::MAX)
+    }
+
+    /// [`num_params`](Self::num_params), `None` where the count overflows.
+    pub fn checked_num_params(&self) -> Option<u64> {
         let (d, f, v, l) = (
             self.dim as u64,
             self.ffn_dim as u64,
             self.vocab_size as u64,
             self.n_layers as u64,
         );
-        let kv = (self.n_kv_heads * self.head_dim()) as u64;
-        let attention = d * d * 2 + d * kv * 2;
-        let ffn = 3 * d * f;
-        let norms = 2 * d;
-        let embeddings = if self.tie_embeddings {
-            v * d
-        } else {
-            2 * v * d
-        };
-        l * (attention + ffn + norms) + d + embeddings
+        let kv = (self.n_kv_heads as u64).checked_mul(self.head_dim() as u64)?;
+        let attention = d
+            .checked_mul(d)?
+            .checked_mul(2)?
+            .checked_add(d.checked_mul(kv)?.checked_mul(2)?)?;
+        let ffn = d.checked_mul(f)?.checked_mul(3)?;
+        let per_layer = attention.checked_add(ffn)?.checked_add(d.checked_mul(2)?)?;
+        let embeddings = v
+            .checked_mul(d)?
+            .checked_mul(if self.tie_embeddings { 1 } else { 2 })?;
+        l.checked_mul(per_layer)?
+            .checked_add(d)?
+            .checked_add(embeddings)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -86,6 +95,25 @@ impl ModelConfig {
             if value == 0 {
                 bail!("{key} must be at least 1");
             }
+        }
+        // Checked before anything is allocated: a typo must not become a terabyte request.
+        let bounded = [
+            ("model.dim", self.dim, MAX_DIM),
+            ("model.n_layers", self.n_layers, MAX_LAYERS),
+            ("model.ffn_dim", self.ffn_dim, MAX_FFN_DIM),
+            ("model.vocab_size", self.vocab_size, MAX_VOCAB_SIZE),
+            ("model.max_seq_len", self.max_seq_len, MAX_SEQ_LEN),
+        ];
+        for (key, value, max) in bounded {
+            if value > max {
+                bail!("{key} is {value}, more than the largest kiln supports ({max})");
+            }
+        }
+        match self.checked_num_params() {
+            Some(n) if n <= MAX_PARAMS => {}
+            _ => bail!(
+                "model shape has more than {MAX_PARAMS} parameters (model.dim, model.n_layers, model.ffn_dim, model.vocab_size)"
+            ),
         }
         if self.dim % self.n_heads != 0 {
             bail!(
@@ -104,18 +132,32 @@ impl ModelConfig {
         if self.head_dim() % 2 != 0 {
             bail!("model.dim / model.n_heads must be even for RoPE");
         }
-        if !(self.norm_eps > 0.0) {
-            bail!("model.norm_eps must be positive");
+        // Weights are f32: each value must be finite as an f32 too.
+        let finite = |v: f64| (v as f32).is_finite();
+        if !(self.norm_eps > 0.0 && finite(self.norm_eps)) {
+            bail!("model.norm_eps must be positive and finite");
         }
-        if !(self.rope_theta > 1.0) {
-            bail!("model.rope_theta must be greater than 1");
+        if !(self.rope_theta > 1.0 && finite(self.rope_theta)) {
+            bail!("model.rope_theta must be greater than 1 and finite");
         }
-        if !(self.init_std > 0.0) {
-            bail!("model.init_std must be positive");
+        if !(self.init_std > 0.0 && finite(self.init_std)) {
+            bail!(
+                "model.init_std must be positive and finite as an f32 (at most {:e})",
+                f32::MAX
+            );
         }
         Ok(())
     }
 }
+
+/// The largest shapes kiln builds; larger values are typos (a 70B Llama has dim 8192, 80
+/// layers, FFN 28672, a 32k vocabulary).
+pub const MAX_DIM: usize = 1 << 16;
+pub const MAX_LAYERS: usize = 1 << 10;
+pub const MAX_FFN_DIM: usize = 1 << 18;
+pub const MAX_VOCAB_SIZE: usize = 1 << 22;
+pub const MAX_SEQ_LEN: usize = 1 << 20;
+pub const MAX_PARAMS: u64 = 1_000_000_000_000;
 
 /// Named model shapes. The paper's shapes are for `kiln info`; the small ones train here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

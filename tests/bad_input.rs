@@ -299,3 +299,88 @@ fn tokenizer_that_does_not_match_the_model_or_is_malformed() {
     );
     assert_fails(&out, &["tok.json"]);
 }
+
+/// Sizes and values no model can have are refused before anything is allocated, naming the
+/// key (issue 14: items 5, 6, 7, 8 and 17, and the same checks on every float of `[model]`
+/// and `[optim]`).
+#[test]
+fn impossible_sizes_and_values_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out_s = out.display().to_string();
+    for (set, key) in [
+        ("model.init_std=1e39", "model.init_std"),
+        ("model.vocab_size=1000000000000", "model.vocab_size"),
+        ("model.max_seq_len=1000000000000", "model.max_seq_len"),
+        ("model.dim=4294967296", "model.dim"),
+        ("model.rope_theta=inf", "model.rope_theta"),
+        ("optim.lr=inf", "optim.lr"),
+        ("optim.weight_decay=nan", "optim.weight_decay"),
+    ] {
+        let output = kiln(&["pretrain", "--set", set, "--out", &out_s]);
+        assert_fails(&output, &[key]);
+    }
+    // Under every bound alone, too many together.
+    let output = kiln(&[
+        "pretrain",
+        "--set",
+        "model.dim=65536",
+        "--set",
+        "model.n_layers=1024",
+        "--set",
+        "model.ffn_dim=262144",
+        "--out",
+        &out_s,
+    ]);
+    assert_fails(&output, &["parameters"]);
+    assert!(!out.exists(), "a refused run created its output directory");
+
+    // `kiln info` counts parameters without wrapping.
+    let huge = dir.path().join("huge.toml");
+    std::fs::write(&huge, "[model]\ndim = 4294967296\n").unwrap();
+    assert_fails(
+        &kiln(&["info", "--config", huge.to_str().unwrap()]),
+        &["model.dim"],
+    );
+
+    // A tokenizer of a trillion tokens is refused at once.
+    let tok = dir.path().join("tok.json");
+    let hamlet = repo("data/shakespeare/hamlet.txt").display().to_string();
+    let output = kiln(&[
+        "tokenizer",
+        "train",
+        "--input",
+        &hamlet,
+        "--vocab-size",
+        "1000000000000",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
+    assert_fails(&output, &["--vocab-size"]);
+    assert!(!tok.exists());
+
+    // A Hugging Face directory whose config.json asks for a context of 10^15 positions.
+    let hf = dir.path().join("hf");
+    let run = trained_run().display().to_string();
+    let converted = kiln(&["convert", &run, "--to", "hf", "--out", hf.to_str().unwrap()]);
+    assert!(
+        converted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&converted.stderr)
+    );
+    let config_path = hf.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["max_position_embeddings"] = serde_json::json!(1_000_000_000_000_000u64);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let output = kiln(&[
+        "generate",
+        "--model",
+        hf.to_str().unwrap(),
+        "--prompt",
+        "Stop",
+        "--device",
+        "cpu",
+    ]);
+    assert_fails(&output, &["model.max_seq_len", "hf"]);
+}

@@ -118,6 +118,12 @@ pub fn train_bpe<'a>(
         .map(|t| AddedToken::from(t, true))
         .collect();
     let min_vocab = 256 + specials.len();
+    let max_vocab = crate::config::MAX_VOCAB_SIZE;
+    if vocab_size > max_vocab {
+        return Err(anyhow!(
+            "--vocab-size {vocab_size} is more than the largest vocabulary kiln supports ({max_vocab})"
+        ));
+    }
     if vocab_size < min_vocab {
         return Err(anyhow!(
             "--vocab-size {vocab_size} is too small: a byte-level BPE needs at least {min_vocab}"

@@ -131,6 +131,19 @@ fn checkpoint_default_system(config_toml: &str) -> Option<String> {
 
 /// Reads a model in any format onto the host.
 pub fn read(path: &Path) -> Result<ForeignModel> {
+    let model = read_unchecked(path)?;
+    // Sizes read from a foreign file are checked before anything of that size is allocated
+    // (the RoPE table, the weights).
+    model.model_config.validate().map_err(|e| {
+        anyhow!(
+            "{}: {e} (read from the model's own configuration)",
+            model.path.display()
+        )
+    })?;
+    Ok(model)
+}
+
+fn read_unchecked(path: &Path) -> Result<ForeignModel> {
     match Format::detect(path)? {
         Format::Gguf => crate::interop::gguf::GgufFile::read(path)?.to_llama(),
         Format::Hf => crate::interop::hf::read(path),

@@ -192,7 +192,10 @@ mod tests {
         let s = answer_scores(&logits, &complete, Some(-2.0));
         // The finished answers 1.0 and 3.0 whiten to -/+ 1/sqrt(2) (unbiased variance 2).
         let w = 1.0 / (2.0f64 + 1e-8).sqrt();
-        assert!((s[0] + w).abs() < 1e-12 && (s[2] - w).abs() < 1e-12, "{s:?}");
+        assert!(
+            (s[0] + w).abs() < 1e-12 && (s[2] - w).abs() < 1e-12,
+            "{s:?}"
+        );
         assert_eq!((s[1], s[3]), (-2.0, -2.0));
         // Without the penalty every answer is whitened together.
         let s = answer_scores(&logits, &complete, None);
