@@ -384,3 +384,17 @@ fn impossible_sizes_and_values_are_refused_before_allocating() {
     ]);
     assert_fails(&output, &["model.max_seq_len", "hf"]);
 }
+
+/// `kiln plot` checks every output before writing the first: with `lr.png` a directory, the
+/// run's existing `loss.png` stays as it was (issue 14, item 4).
+#[test]
+fn plot_replaces_nothing_when_an_output_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    copy_dir(trained_run(), &run);
+    std::fs::write(run.join("loss.png"), b"the user's own plot").unwrap();
+    std::fs::create_dir_all(run.join("lr.png")).unwrap();
+    let before = snapshot(&run);
+    assert_fails(&kiln(&["plot", run.to_str().unwrap()]), &["lr.png"]);
+    assert_eq!(snapshot(&run), before, "a failed plot changed the run");
+}
