@@ -441,6 +441,26 @@ pub struct GenerateBench {
     pub decode_tokens_per_s: f64,
 }
 
+/// The sizes `kiln bench generate` was given, checked before anything is loaded (the model's
+/// context is checked once it is read).
+pub fn check_generate_sizes(
+    batches: &[usize],
+    prompt_tokens: usize,
+    new_tokens: usize,
+) -> Result<()> {
+    anyhow::ensure!(new_tokens >= 2, "--new-tokens must be at least 2");
+    anyhow::ensure!(prompt_tokens >= 1, "--prompt-tokens must be at least 1");
+    anyhow::ensure!(
+        !batches.is_empty() && batches.iter().all(|&b| b >= 1),
+        "--batch must list batch sizes of at least 1"
+    );
+    anyhow::ensure!(
+        prompt_tokens.checked_add(new_tokens).is_some(),
+        "--prompt-tokens and --new-tokens add up to more than any context"
+    );
+    Ok(())
+}
+
 /// Generation speed with the KV cache: `batch` random prompts of `prompt_tokens` tokens, each
 /// continued greedily by exactly `new_tokens` tokens, after one untimed warm-up run.
 pub fn generate(
@@ -451,7 +471,7 @@ pub fn generate(
     prompt_tokens: usize,
     new_tokens: usize,
 ) -> Result<Vec<GenerateBench>> {
-    anyhow::ensure!(new_tokens >= 2, "--new-tokens must be at least 2");
+    check_generate_sizes(batches, prompt_tokens, new_tokens)?;
     let start = Instant::now();
     let foreign = crate::interop::convert::read(model_path)?;
     let read_s = start.elapsed().as_secs_f64();
@@ -459,9 +479,12 @@ pub fn generate(
     let load_s = start.elapsed().as_secs_f64();
     let model = &loaded.loaded.model;
     let config = &loaded.loaded.model_config;
+    // Checked: sizes from the command line may be anything (a wrapped sum passes the test).
     anyhow::ensure!(
-        prompt_tokens + new_tokens <= config.max_seq_len,
-        "prompt and new tokens exceed the model's context of {}",
+        prompt_tokens
+            .checked_add(new_tokens)
+            .is_some_and(|total| total <= config.max_seq_len),
+        "--prompt-tokens and --new-tokens exceed the model's context of {}",
         config.max_seq_len
     );
     let mut rng = ChaCha8Rng::seed_from_u64(0);

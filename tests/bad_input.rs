@@ -398,3 +398,49 @@ fn plot_replaces_nothing_when_an_output_cannot_be_written() {
     assert_fails(&kiln(&["plot", run.to_str().unwrap()]), &["lr.png"]);
     assert_eq!(snapshot(&run), before, "a failed plot changed the run");
 }
+
+/// Sizes given to `kiln bench generate` are checked without wrapping, and a metrics file
+/// whose values span more than a plot axis can is refused instead of hanging (issue 14,
+/// items 14, 15 and 16).
+#[test]
+fn bench_sizes_and_unplottable_values_are_refused() {
+    let run = trained_run().display().to_string();
+    let bench = |prompt: &str, new: &str| {
+        kiln(&[
+            "bench",
+            "generate",
+            "--model",
+            &run,
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "--prompt-tokens",
+            prompt,
+            "--new-tokens",
+            new,
+        ])
+    };
+    assert_fails(&bench("0", "4"), &["--prompt-tokens"]);
+    assert_fails(
+        &bench("18446744073709551614", "2"),
+        &["--prompt-tokens", "context"],
+    );
+    // Within usize, beyond the model's context: the context is named.
+    assert_fails(&bench("100000", "2"), &["--prompt-tokens", "context"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = [
+        r#"{"step":1,"loss":1e308,"lr":0.001,"grad_norm":1.0,"tokens_per_s":1.0,"elapsed_s":1.0}"#,
+        r#"{"step":2,"loss":-1.7e308,"lr":0.001,"grad_norm":1.0,"tokens_per_s":1.0,"elapsed_s":2.0}"#,
+    ];
+    std::fs::write(dir.path().join("metrics.jsonl"), metrics.join("\n") + "\n").unwrap();
+    let start = std::time::Instant::now();
+    let output = kiln(&["plot", dir.path().to_str().unwrap()]);
+    assert_fails(&output, &["loss.png", "span"]);
+    assert!(
+        start.elapsed().as_secs() < 60,
+        "plot took {:?}",
+        start.elapsed()
+    );
+}

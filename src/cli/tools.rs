@@ -157,13 +157,11 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             new_tokens,
             kernels,
         } => {
-            if batch.is_empty() || batch.contains(&0) {
-                bail!("--batch must list batch sizes of at least 1");
-            }
+            kiln::bench::check_generate_sizes(&batch, prompt_tokens, new_tokens)?;
             let device = device::select(device)?;
-            eprintln!("device: {}", device.describe());
             let rows =
                 kiln::bench::generate(&model, &device, kernels, &batch, prompt_tokens, new_tokens)?;
+            eprintln!("device: {}", device.describe());
             for row in rows {
                 println!("{}", serde_json::to_string(&row)?);
             }

@@ -123,6 +123,15 @@ fn draw_panel(
     if !y_min.is_finite() {
         (y_min, y_max) = (0.0, 1.0);
     }
+    // An axis spanning more than f64 can hold (1e308 and -1e308) has no ticks to draw:
+    // plotters would search for them forever.
+    if !(y_max - y_min).is_finite() {
+        return Err(format!(
+            "{}: values from {y_min:e} to {y_max:e} span more than a plot axis can",
+            panel.title
+        )
+        .into());
+    }
     let pad = ((y_max - y_min) * 0.05).max(1e-9);
     let mut chart = ChartBuilder::on(area)
         .caption(panel.title, (FONT, 24))
