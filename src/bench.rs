@@ -479,11 +479,9 @@ pub fn generate(
     let load_s = start.elapsed().as_secs_f64();
     let model = &loaded.loaded.model;
     let config = &loaded.loaded.model_config;
-    // Checked: sizes from the command line may be anything (a wrapped sum passes the test).
+    // The sum cannot wrap: `check_generate_sizes` ruled that out.
     anyhow::ensure!(
-        prompt_tokens
-            .checked_add(new_tokens)
-            .is_some_and(|total| total <= config.max_seq_len),
+        prompt_tokens + new_tokens <= config.max_seq_len,
         "--prompt-tokens and --new-tokens exceed the model's context of {}",
         config.max_seq_len
     );

@@ -15,7 +15,8 @@ use rand::Rng;
 mod common;
 use common::repo;
 use common::rlhf::{
-    Fixture, finish, fixture, kill_when, kiln, listing, read_lines, refused, write_prompts,
+    Fixture, command_line, finish, fixture, kill_when, kiln, listing, occupied_out, read_lines,
+    refused, write_prompts,
 };
 
 /// The reward of the synthetic task: the share of answer tokens (the end token included)
@@ -131,17 +132,7 @@ fn ppo_raises_a_programmatic_reward_while_the_kl_stays_bounded() {
 
 /// The `kiln ppo` command line of a fresh run into `out`.
 fn ppo_args(f: &Fixture, out: &Path) -> Vec<String> {
-    let mut args: Vec<String> = vec!["ppo".into(), "--device".into(), "cpu".into()];
-    for (flag, path) in [
-        ("--init", &f.init),
-        ("--rm-helpful", &f.helpful),
-        ("--rm-safety", &f.safety),
-        ("--out", &out.to_path_buf()),
-    ] {
-        args.push(flag.into());
-        args.push(path.display().to_string());
-    }
-    for set in [
+    let sets = [
         format!("ppo.prompts=[\"{}\"]", f.prompts.display()),
         format!("ppo.eval_prompts=[\"{}\"]", f.prompts.display()),
         "ppo.eval_limit=6".into(),
@@ -155,11 +146,8 @@ fn ppo_args(f: &Fixture, out: &Path) -> Vec<String> {
         "train.keep_checkpoints=20".into(),
         "optim.lr=1e-3".into(),
         "value_optim.lr=1e-3".into(),
-    ] {
-        args.push("--set".into());
-        args.push(set);
-    }
-    args
+    ];
+    command_line("ppo", f, out, &sets)
 }
 
 /// Every metric of a run but the timings, which differ run to run.
@@ -301,18 +289,9 @@ fn ppo_resumes_bit_for_bit_after_sigkill() {
 fn bad_input_is_refused_before_any_rollout_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let f = fixture(dir.path(), 6);
-    let out = dir.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let out = occupied_out(dir.path());
     let before = listing(&out);
-    let run_with = |extra: &[String], fixture: &Fixture| -> String {
-        let mut args = ppo_args(fixture, &out);
-        for set in extra {
-            args.push("--set".into());
-            args.push(set.clone());
-        }
-        refused(&args)
-    };
+    let run_with = |extra: &[String], fixture: &Fixture| refused(ppo_args(fixture, &out), extra);
 
     let e = run_with(&["ppo.mini_batch=3".into()], &f);
     assert!(e.contains("not divisible by ppo.mini_batch"), "{e}");

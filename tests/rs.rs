@@ -11,22 +11,13 @@ use kiln::stages::rs::{self, PoolEntry, RoundSummary, SampleRecord};
 
 mod common;
 use common::rlhf::{
-    Fixture, finish, fixture, kill_when, kiln, listing, read_lines, refused, reward_models,
+    Fixture, command_line, finish, fixture, kill_when, kiln, listing, occupied_out, read_lines,
+    refused, reward_models,
 };
 
 /// The `kiln rs` command line of a fresh run into `out`.
 fn rs_args(f: &Fixture, out: &Path) -> Vec<String> {
-    let mut args: Vec<String> = vec!["rs".into(), "--device".into(), "cpu".into()];
-    for (flag, path) in [
-        ("--init", &f.init),
-        ("--rm-helpful", &f.helpful),
-        ("--rm-safety", &f.safety),
-        ("--out", &out.to_path_buf()),
-    ] {
-        args.push(flag.into());
-        args.push(path.display().to_string());
-    }
-    for set in [
+    let sets = [
         format!("rs.prompts=[\"{}\"]", f.prompts.display()),
         "rs.k=4".into(),
         "rs.iterations=2".into(),
@@ -42,11 +33,8 @@ fn rs_args(f: &Fixture, out: &Path) -> Vec<String> {
         "train.checkpoint_interval=1".into(),
         "train.keep_checkpoints=20".into(),
         "optim.lr=1e-3".into(),
-    ] {
-        args.push("--set".into());
-        args.push(set);
-    }
-    args
+    ];
+    command_line("rs", f, out, &sets)
 }
 
 /// The samples of a round without their timings (which differ run to run).
@@ -252,18 +240,9 @@ fn rejection_sampling_rounds_pool_and_resume_exactly_after_sigkill() {
 fn bad_input_is_refused_before_sampling_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let f = fixture(dir.path(), 6);
-    let out = dir.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let out = occupied_out(dir.path());
     let before = listing(&out);
-    let run_with = |extra: &[String], fixture: &Fixture| -> String {
-        let mut args = rs_args(fixture, &out);
-        for set in extra {
-            args.push("--set".into());
-            args.push(set.clone());
-        }
-        refused(&args)
-    };
+    let run_with = |extra: &[String], fixture: &Fixture| refused(rs_args(fixture, &out), extra);
     let prompts_file = |name: &str, text: &str| -> String {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();

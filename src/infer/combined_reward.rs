@@ -56,7 +56,6 @@ impl CombinedReward {
         safety_prompt: bool,
         threshold: f64,
     ) -> Self {
-        let sigmoid = |x: f32| 1.0 / (1.0 + (-(x as f64)).exp());
         let (helpful, safe) = (sigmoid(helpful_score), sigmoid(safety_score));
         let branch = gate(safe, safety_prompt, threshold);
         let (reward, logit) = match branch {
@@ -71,12 +70,9 @@ impl CombinedReward {
             logit,
         }
     }
-}
 
-impl CombinedReward {
     /// The helpfulness model's score for every answer, the safety score only reported.
     pub fn helpfulness_only(helpful_score: f32, safety_score: f32) -> Self {
-        let sigmoid = |x: f32| 1.0 / (1.0 + (-(x as f64)).exp());
         Self {
             helpful: sigmoid(helpful_score),
             safe: sigmoid(safety_score),
@@ -85,6 +81,11 @@ impl CombinedReward {
             logit: helpful_score as f64,
         }
     }
+}
+
+/// The sigmoid of a raw score, in f64 (a large score stays below 1 longer than in f32).
+fn sigmoid(x: f32) -> f64 {
+    1.0 / (1.0 + (-(x as f64)).exp())
 }
 
 /// Which model decides for an answer whose safety reward is `safe` (sigmoid scale): the

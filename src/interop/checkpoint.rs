@@ -205,16 +205,11 @@ pub fn save(checkpoints_dir: &Path, data: &CheckpointData, keep: usize) -> Resul
 
 /// Writes the files of a checkpoint into the existing directory `dir`, one at a time (each
 /// encoded, written and dropped before the next: a PPO checkpoint of a 135M model is six
-/// files of 540 MB), the manifest with every other file's checksum last.
+/// files of 540 MB), the manifest with every other file's checksum last, then syncs `dir`.
 fn write_checkpoint_files(dir: &Path, data: &CheckpointData) -> Result<()> {
     let mut entries = BTreeMap::new();
     let mut write = |name: &str, bytes: Vec<u8>| -> Result<()> {
-        let path = dir.join(name);
-        let mut f =
-            File::create(&path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        write_file(dir, name, &bytes)?;
         let entry = FileEntry {
             bytes: bytes.len() as u64,
             sha256: sha256_hex(&bytes),
@@ -236,58 +231,24 @@ fn write_checkpoint_files(dir: &Path, data: &CheckpointData) -> Result<()> {
         config: data.config_toml.clone(),
         files: entries,
     };
-    write_files(
-        dir,
-        &[(
-            MANIFEST_FILE,
-            serde_json::to_string_pretty(&manifest)?.into_bytes(),
-        )],
-    )
+    let manifest = serde_json::to_string_pretty(&manifest)?.into_bytes();
+    write_file(dir, MANIFEST_FILE, &manifest)?;
+    sync_dir(dir).map_err(|e| anyhow!("cannot sync {}: {e}", dir.display()))
 }
 
-/// The files of a checkpoint, its manifest (with every other file's checksum) last.
-fn checkpoint_files(data: &CheckpointData) -> Result<Vec<(&str, Vec<u8>)>> {
-    let mut files: Vec<(&str, Vec<u8>)> = vec![
-        (MODEL_FILE, encode_safetensors(&data.model)?),
-        (OPTIMIZER_FILE, encode_safetensors(&data.optimizer)?),
-        (STATE_FILE, data.state_json.clone().into_bytes()),
-        (TOKENIZER_FILE, data.tokenizer_json.clone().into_bytes()),
-        (CONFIG_FILE, data.config_toml.clone().into_bytes()),
-    ];
-    for (name, tensors) in &data.extra {
-        files.push((name.as_str(), encode_safetensors(tensors)?));
-    }
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        step: data.step,
-        config: data.config_toml.clone(),
-        files: files
-            .iter()
-            .map(|(name, bytes)| {
-                let entry = FileEntry {
-                    bytes: bytes.len() as u64,
-                    sha256: sha256_hex(bytes),
-                };
-                (name.to_string(), entry)
-            })
-            .collect(),
-    };
-    files.push((
-        MANIFEST_FILE,
-        serde_json::to_string_pretty(&manifest)?.into_bytes(),
-    ));
-    Ok(files)
+/// Writes and fsyncs one file into the existing directory `dir`.
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let mut f = File::create(&path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
 }
 
 /// Writes and fsyncs each file into the existing directory `dir`, then the directory.
 fn write_files(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     for (name, bytes) in files {
-        let path = dir.join(name);
-        let mut f =
-            File::create(&path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
-        f.write_all(bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        write_file(dir, name, bytes)?;
     }
     sync_dir(dir).map_err(|e| anyhow!("cannot sync {}: {e}", dir.display()))
 }
@@ -296,6 +257,11 @@ fn write_files(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
 /// directory beside it, which is renamed into place. `dir` must not exist, or be empty; a
 /// failure leaves neither `dir` nor the temporary directory behind.
 pub fn write_dir_atomic(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
+    write_dir_atomic_with(dir, |tmp| write_files(tmp, files))
+}
+
+/// [`write_dir_atomic`] with the files written into the temporary directory by `write`.
+fn write_dir_atomic_with(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if dir.exists() {
         let empty = std::fs::read_dir(dir)
             .map(|mut entries| entries.next().is_none())
@@ -318,7 +284,7 @@ pub fn write_dir_atomic(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| anyhow!("cannot create {}: {e}", tmp.display()))?;
     let finish = || -> Result<()> {
-        write_files(&tmp, files)?;
+        write(&tmp)?;
         if dir.exists() {
             std::fs::remove_dir(dir)?;
         }
@@ -335,7 +301,7 @@ pub fn write_dir_atomic(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
 /// Writes a checkpoint as the new directory `dir` (see [`write_dir_atomic`]): an imported
 /// model, which belongs to no run.
 pub fn save_to(dir: &Path, data: &CheckpointData) -> Result<()> {
-    write_dir_atomic(dir, &checkpoint_files(data)?)
+    write_dir_atomic_with(dir, |tmp| write_checkpoint_files(tmp, data))
 }
 
 /// Removes temporary directories left by a process that died while writing a checkpoint

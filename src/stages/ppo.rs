@@ -65,7 +65,7 @@ use crate::train::metrics::{MetricsLog, Stepped};
 use crate::train::optim::{self, AdamW};
 use crate::train::ppo_objective::{
     KlController, KlEstimator, answer_scores, clipped_policy_loss, clipped_value_loss, gae,
-    kl_estimate, mean_std, token_rewards, whiten_tokens,
+    mean_std, token_rewards, whiten_tokens,
 };
 use crate::train::progress::Progress;
 use crate::train::run_dir::{INTERRUPTED, RunDir};
@@ -542,14 +542,12 @@ impl Rewarder for GymChecker {
         answers: &[Answer],
         _tokens: &[Vec<u32>],
     ) -> Result<Vec<CombinedReward>> {
+        let texts: Vec<String> = answers.iter().map(|a| a.text.clone()).collect();
         Ok(prompts
             .iter()
-            .zip(answers)
-            .map(|(&i, a)| {
-                let gold = match judge(&last_user_text(&set.prompts[i]), &a.text) {
-                    Gold::Task { score, .. } => score,
-                    Gold::Other { refused } => refused as u8 as f64,
-                };
+            .zip(gold_of(set, prompts, &texts))
+            .map(|(&i, (score, refused))| {
+                let gold = score.unwrap_or(refused as u8 as f64);
                 CombinedReward {
                     helpful: gold,
                     safe: gold,
@@ -594,17 +592,22 @@ struct Inputs {
     pad: u32,
     policy_config: ModelConfig,
     value_config: ModelConfig,
-    /// The value model's starting weights, and where they came from.
-    value_tensors: Vec<NamedTensor>,
+}
+
+/// The weights a fresh run starts from, on the host: held only until the trained models are
+/// built (for a 135M model, 540 MB each).
+struct StartWeights {
+    policy: Vec<NamedTensor>,
+    value: Vec<NamedTensor>,
     value_path: PathBuf,
 }
 
 /// Runs (or resumes) PPO with the reward of the config.
 pub fn run(launch: &Launch) -> Result<PpoSummary> {
-    let config = read_config(launch)?;
+    let (run, config) = read_config(launch)?;
     let p = &config.ppo;
     if p.reward == RewardSource::GymChecker {
-        return train(launch, config, &GymChecker, None);
+        return train(launch, run, config, &GymChecker, None);
     }
     if p.rm_helpful.as_os_str().is_empty() || p.rm_safety.as_os_str().is_empty() {
         bail!(
@@ -620,18 +623,19 @@ pub fn run(launch: &Launch) -> Result<PpoSummary> {
         &device,
     )?;
     rms.gated = p.gate;
-    train(launch, config, &rms, Some(&rms))
+    train(launch, run, config, &rms, Some(&rms))
 }
 
 /// [`run`] with another reward than the reward models' (`ppo.rm_*` are not read).
 pub fn run_with_rewarder(launch: &Launch, rewarder: &dyn Rewarder) -> Result<PpoSummary> {
-    let config = read_config(launch)?;
-    train(launch, config, rewarder, None)
+    let (run, config) = read_config(launch)?;
+    train(launch, run, config, rewarder, None)
 }
 
-/// The run's configuration: the config file and overrides of a fresh run (`--init` is
-/// `ppo.init`), or the stored one of a resumed run with the changes it allows.
-fn read_config(launch: &Launch) -> Result<PpoConfig> {
+/// The run's output directory, checked, and its configuration: the config file and overrides
+/// of a fresh run (`--init` is `ppo.init`), or the stored one of a resumed run with the
+/// changes it allows.
+fn read_config(launch: &Launch) -> Result<(RunDir, PpoConfig)> {
     let mut overrides = launch.overrides.clone();
     if let Some(init) = &launch.init {
         overrides.push(format!(
@@ -640,7 +644,7 @@ fn read_config(launch: &Launch) -> Result<PpoConfig> {
         ));
     }
     let run = RunDir::check(&launch.out_dir, launch.resume)?;
-    match &run.resume_from {
+    let config = match &run.resume_from {
         Some(dir) => {
             let manifest = checkpoint::read_manifest(dir)?;
             config::load_resumed(
@@ -649,10 +653,11 @@ fn read_config(launch: &Launch) -> Result<PpoConfig> {
                 "ppo",
                 launch.config.as_deref(),
                 &overrides,
-            )
+            )?
         }
-        None => config::load(launch.config.as_deref(), &overrides),
-    }
+        None => config::load(launch.config.as_deref(), &overrides)?,
+    };
+    Ok((run, config))
 }
 
 /// SHA-256 over a model's parameters (names and f32 values).
@@ -672,7 +677,11 @@ fn weights_sha256(tensors: &[NamedTensor]) -> String {
 /// Reads prompts and models and checks them against each other: one tokenizer for policy,
 /// reward models and value model; every prompt leaving room for `max_new_tokens` in every
 /// context.
-fn read_inputs(config: &PpoConfig, rms: Option<&RewardModels>, device: &Device) -> Result<Inputs> {
+fn read_inputs(
+    config: &PpoConfig,
+    rms: Option<&RewardModels>,
+    device: &Device,
+) -> Result<(Inputs, StartWeights)> {
     let p = &config.ppo;
     let prompts = Prompts::read(&p.prompts)?;
     let eval_prompts = if p.eval_prompts.is_empty() {
@@ -728,10 +737,11 @@ fn read_inputs(config: &PpoConfig, rms: Option<&RewardModels>, device: &Device) 
         }
         None => None,
     };
-    let reference_sha256 = weights_sha256(&params::export(&policy.model));
+    let policy_weights = params::export(&policy.model);
+    let reference_sha256 = weights_sha256(&policy_weights);
     let stop = policy.template.stop_token(&policy.tokenizer)?;
     let pad = policy.tokenizer.pad_id.unwrap_or(policy.tokenizer.eos_id);
-    Ok(Inputs {
+    let inputs = Inputs {
         stop,
         pad,
         prompts,
@@ -742,9 +752,13 @@ fn read_inputs(config: &PpoConfig, rms: Option<&RewardModels>, device: &Device) 
         tokenizer: policy.tokenizer,
         policy_config,
         value_config,
-        value_tensors,
+    };
+    let start = StartWeights {
+        policy: policy_weights,
+        value: value_tensors,
         value_path,
-    })
+    };
+    Ok((inputs, start))
 }
 
 /// The value model's starting point: a reward model's weights, or a chat model's backbone
@@ -789,16 +803,14 @@ struct Trained {
 
 fn train(
     launch: &Launch,
+    run: RunDir,
     mut config: PpoConfig,
     rewarder: &dyn Rewarder,
     rms: Option<&RewardModels>,
 ) -> Result<PpoSummary> {
     let device = launch.device.device.clone();
     let autodiff = device.clone().autodiff();
-    let run = RunDir::check(&launch.out_dir, launch.resume)?;
-    let mut inputs = read_inputs(&config, rms, &device)?;
-    // Held only until the value model is built (a 135M model's weights: 540 MB).
-    let value_tensors = std::mem::take(&mut inputs.value_tensors);
+    let (inputs, start) = read_inputs(&config, rms, &device)?;
     let kernels = config.model.kernels;
     let value_kernels = config.value_model.kernels;
     let (mut trained, mut state) = match &run.resume_from {
@@ -868,13 +880,13 @@ fn train(
             };
             let policy = params::import(
                 Llama::for_import(&config.model, &autodiff),
-                params::export(&inputs.reference),
+                start.policy,
                 &config.ppo.init,
             )?;
             let value = params::import(
                 RewardModel::for_import(&config.value_model, &autodiff),
-                value_tensors,
-                &inputs.value_path,
+                start.value,
+                &start.value_path,
             )?;
             let state = PpoState {
                 iteration: 0,
@@ -910,13 +922,8 @@ fn train(
         MetricsLog::open(&run.path, run.resume_from.as_ref().map(|_| state.iteration))?;
     let p = &inputs.prompts;
     eprintln!(
-        "ppo: {} prompts ({} safety{}), {} per iteration, mini-batch {}, beta {}, {} iteration(s) | device: {}",
-        p.len(),
-        p.safety.iter().filter(|&&s| s).count(),
-        match p.missing_safety {
-            0 => String::new(),
-            n => format!("; {n} without a `safety` field, taken as false"),
-        },
+        "ppo: {}, {} per iteration, mini-batch {}, beta {}, {} iteration(s) | device: {}",
+        p.describe(),
         config.ppo.rollout_batch,
         config.ppo.mini_batch,
         state.kl.beta,
@@ -1097,6 +1104,26 @@ struct Sampled {
     texts: Vec<String>,
 }
 
+impl Sampled {
+    /// What the rewarder reads: each answer's text and whether it finished.
+    fn answers(&self) -> Vec<Answer> {
+        self.texts
+            .iter()
+            .zip(&self.finish)
+            .map(|(text, finish)| Answer {
+                text: text.clone(),
+                complete: *finish == FinishReason::Eos,
+            })
+            .collect()
+    }
+
+    /// Share of answers without their end token.
+    fn truncated_share(&self) -> f64 {
+        let cut = self.finish.iter().filter(|&&f| f != FinishReason::Eos);
+        cut.count() as f64 / self.finish.len().max(1) as f64
+    }
+}
+
 /// Answers to `prompts` (token ids) in batches of `generation_batch`, batch `b` drawn with a
 /// generator seeded from (seed, iteration, b).
 fn sample(
@@ -1194,15 +1221,7 @@ fn iteration(
 
     // Rewards: R_c, its logit whitened over the answers that finished.
     let t = Instant::now();
-    let answers: Vec<Answer> = sampled
-        .texts
-        .iter()
-        .zip(&sampled.finish)
-        .map(|(text, finish)| Answer {
-            text: text.clone(),
-            complete: *finish == FinishReason::Eos,
-        })
-        .collect();
+    let answers = sampled.answers();
     let rewards = rewarder.score(&inputs.prompts, indices, &answers, &sampled.actions)?;
     let logits: Vec<f64> = rewards.iter().map(|r| r.logit).collect();
     let complete: Vec<bool> = answers.iter().map(|a| a.complete).collect();
@@ -1231,22 +1250,21 @@ fn iteration(
     let no_grad_s = t.elapsed().as_secs_f64();
 
     // Per-token rewards, GAE, whitened advantages.
+    // k1, the log-ratio of each sampled token, is also the KL the metrics report.
     let mut kl_k1 = Vec::with_capacity(indices.len());
     let mut advantages = Vec::with_capacity(indices.len());
     let mut returns = Vec::with_capacity(indices.len());
     for i in 0..indices.len() {
-        let old = &sampled.logprobs[i];
-        let kl: Vec<f64> = old
+        let log_ratio: Vec<f64> = sampled.logprobs[i]
             .iter()
             .zip(&ref_logprobs[i])
-            .map(|(&lp, &rp)| kl_estimate(lp as f64, rp, p.kl_estimator))
+            .map(|(&lp, &rp)| lp as f64 - rp)
             .collect();
-        kl_k1.push(
-            old.iter()
-                .zip(&ref_logprobs[i])
-                .map(|(&lp, &rp)| lp as f64 - rp)
-                .collect::<Vec<f64>>(),
-        );
+        let kl: Vec<f64> = log_ratio
+            .iter()
+            .map(|&d| p.kl_estimator.of_log_ratio(d))
+            .collect();
+        kl_k1.push(log_ratio);
         let rewards = token_rewards(&kl, state.kl.beta, scores[i]);
         let (adv, ret) = gae(&rewards, &values[i], p.gamma, p.lambda);
         advantages.push(adv);
@@ -1400,12 +1418,7 @@ fn iteration(
         policy_grad_norm: mean(&stats.policy_grad_norm),
         value_grad_norm: mean(&stats.value_grad_norm),
         answer_tokens: mean(&lengths.iter().map(|&l| l as f64).collect::<Vec<_>>()),
-        truncated: sampled
-            .finish
-            .iter()
-            .filter(|&&f| f != FinishReason::Eos)
-            .count() as f64
-            / n,
+        truncated: sampled.truncated_share(),
         gold: gold_mean,
         unsafe_refused,
         benign_refused,
@@ -1527,16 +1540,7 @@ fn evaluate(
         ..config.sampling()
     };
     let sampled = sample(policy, inputs, &prompts, &params, p.generation_batch, |_| 0)?;
-    let answers: Vec<Answer> = sampled
-        .texts
-        .iter()
-        .zip(&sampled.finish)
-        .map(|(text, finish)| Answer {
-            text: text.clone(),
-            complete: *finish == FinishReason::Eos,
-        })
-        .collect();
-    let rewards = rewarder.score(set, &indices, &answers, &sampled.actions)?;
+    let rewards = rewarder.score(set, &indices, &sampled.answers(), &sampled.actions)?;
     let n = count as f64;
     let gold = gold_of(set, &indices, &sampled.texts);
     let (eval_gold, eval_unsafe_refused, eval_benign_refused) = gold_rates(&gold);
@@ -1547,12 +1551,7 @@ fn evaluate(
         eval_unsafe_refused,
         eval_benign_refused,
         eval_answer_tokens: sampled.actions.iter().map(Vec::len).sum::<usize>() as f64 / n,
-        eval_truncated: sampled
-            .finish
-            .iter()
-            .filter(|&&f| f != FinishReason::Eos)
-            .count() as f64
-            / n,
+        eval_truncated: sampled.truncated_share(),
         best: false,
     })
 }
@@ -1664,9 +1663,11 @@ pub fn benchmark(
     iterations: usize,
     warmup: usize,
 ) -> Result<PpoBench> {
-    let mut config = PpoConfig::default();
-    config.model = shape.clone();
-    config.value_model = shape.clone();
+    let mut config = PpoConfig {
+        model: shape.clone(),
+        value_model: shape.clone(),
+        ..PpoConfig::default()
+    };
     let p = &mut config.ppo;
     (p.rollout_batch, p.mini_batch, p.generation_batch) =
         (rollout_batch, mini_batch, rollout_batch);
@@ -1716,8 +1717,6 @@ pub fn benchmark(
         pad: 0,
         policy_config: shape.clone(),
         value_config: shape.clone(),
-        value_tensors: Vec::new(),
-        value_path: PathBuf::new(),
     };
     let rewarder = TokenRewardModel {
         model: RewardModel::new(shape, 4, &plain),

@@ -260,6 +260,17 @@ impl Prompts {
         self.prompts.is_empty()
     }
 
+    /// `N prompts (S safety)`, and how many lines had no `safety` field, for the start of a
+    /// run.
+    pub fn describe(&self) -> String {
+        let missing = match self.missing_safety {
+            0 => String::new(),
+            n => format!("; {n} without a `safety` field, taken as false"),
+        };
+        let safety = self.safety.iter().filter(|&&s| s).count();
+        format!("{} prompts ({safety} safety{missing})", self.len())
+    }
+
     /// The dialogue the policy answers.
     pub fn messages(&self, i: usize) -> Vec<Message> {
         self.prompts[i].clone().into_messages(Role::User)
@@ -757,13 +768,8 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
     checkpoint::write_atomic(&config_path, config.to_toml().as_bytes())?;
     let p = &inputs.prompts;
     eprintln!(
-        "rejection sampling: {} prompts ({} safety{}), K = {}, T = {}, {} round(s), pool = {:?} | device: {}",
-        p.len(),
-        p.safety.iter().filter(|&&s| s).count(),
-        match p.missing_safety {
-            0 => String::new(),
-            n => format!("; {n} without a `safety` field, taken as false"),
-        },
+        "rejection sampling: {}, K = {}, T = {}, {} round(s), pool = {:?} | device: {}",
+        p.describe(),
         config.rs.k,
         config.rs.temperature,
         config.rs.iterations,

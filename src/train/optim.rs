@@ -143,15 +143,21 @@ impl AdamW {
             };
         self.steps_taken += 1;
         let t = self.steps_taken as i32;
+        let c = &self.config;
         let mut update = Update {
             path: PathTracker::default(),
             grads,
             moments: &mut self.moments,
-            config: &self.config,
-            lr,
-            grad_scale,
-            bias_correction1: 1.0 - self.config.beta1.powi(t),
-            bias_correction2: 1.0 - self.config.beta2.powi(t),
+            hyper: Hyper {
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                lr,
+                decay: c.weight_decay,
+                grad_scale,
+                bias_correction1: 1.0 - c.beta1.powi(t),
+                bias_correction2: 1.0 - c.beta2.powi(t),
+            },
         };
         let model = model.map(&mut update);
         (model, StepReport { grad_norm })
@@ -241,11 +247,8 @@ struct Update<'a> {
     path: PathTracker,
     grads: GradientsParams,
     moments: &'a mut HashMap<String, Moments>,
-    config: &'a OptimConfig,
-    lr: f64,
-    grad_scale: f64,
-    bias_correction1: f64,
-    bias_correction2: f64,
+    /// The step's numbers; `decay` is the matrices' (norm gains take none).
+    hyper: Hyper,
 }
 
 impl ModuleMapper for Update<'_> {
@@ -262,7 +265,6 @@ impl ModuleMapper for Update<'_> {
         let Some(grad) = self.grads.remove::<D>(id) else {
             return Param::from_mapped_value(id, value, mapper);
         };
-        let c = self.config;
         let shape = value.dims();
         let n: usize = shape.iter().product();
         let require_grad = value.is_require_grad();
@@ -275,16 +277,9 @@ impl ModuleMapper for Update<'_> {
                 exp_avg: Tensor::zeros([n], &weight.device()),
                 exp_avg_sq: Tensor::zeros([n], &weight.device()),
             });
-        let decay = if D >= 2 { c.weight_decay } else { 0.0 };
         let hyper = Hyper {
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            lr: self.lr,
-            decay,
-            grad_scale: self.grad_scale,
-            bias_correction1: self.bias_correction1,
-            bias_correction2: self.bias_correction2,
+            decay: if D >= 2 { self.hyper.decay } else { 0.0 },
+            ..self.hyper
         };
         let mut updated = if on_host(&weight) {
             Tensor::from_inner(update_on_host(weight, grad, moments, &hyper))
@@ -299,6 +294,7 @@ impl ModuleMapper for Update<'_> {
 }
 
 /// The numbers of one AdamW update.
+#[derive(Clone, Copy)]
 struct Hyper {
     beta1: f64,
     beta2: f64,

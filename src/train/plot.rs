@@ -73,7 +73,7 @@ pub fn line_chart(
     title: &str,
     x_label: &str,
     y_label: &str,
-    series: &[(&str, &Vec<(f64, f64)>, RGBColor)],
+    series: &[Series],
 ) -> Result<()> {
     stacked_charts(
         path,
@@ -86,12 +86,15 @@ pub fn line_chart(
     )
 }
 
+/// A line of a chart: its name, its points and its colour.
+pub type Series<'a> = (&'a str, &'a Vec<(f64, f64)>, RGBColor);
+
 /// One chart of a figure.
 pub struct Panel<'a> {
     pub title: &'a str,
     pub x_label: &'a str,
     pub y_label: &'a str,
-    pub series: &'a [(&'a str, &'a Vec<(f64, f64)>, RGBColor)],
+    pub series: &'a [Series<'a>],
 }
 
 /// Charts stacked top to bottom in one PNG (quantities of different scales over one x axis).
@@ -262,14 +265,13 @@ fn plot_ppo(out_dir: &Path) -> Result<Vec<PathBuf>> {
     if its.is_empty() {
         bail!("{}: no PPO iteration recorded", path.display());
     }
-    let series = |f: &dyn Fn(&IterationRecord) -> f64| -> Vec<(f64, f64)> {
-        its.iter().map(|r| (r.iteration as f64, f(r))).collect()
-    };
+    // Metrics that only gym prompts have are `None` elsewhere: those iterations are left out.
     let optional = |f: &dyn Fn(&IterationRecord) -> Option<f64>| -> Vec<(f64, f64)> {
         its.iter()
             .filter_map(|r| f(r).map(|v| (r.iteration as f64, v)))
             .collect()
     };
+    let series = |f: &dyn Fn(&IterationRecord) -> f64| optional(&|r| Some(f(r)));
     let eval_series = |f: &dyn Fn(&EvalRecord) -> Option<f64>| -> Vec<(f64, f64)> {
         evals
             .iter()

@@ -21,12 +21,13 @@ pub enum KlEstimator {
     K3,
 }
 
-/// The KL estimate of one token sampled from the policy, from both models' log-probabilities.
-pub fn kl_estimate(logprob: f64, ref_logprob: f64, estimator: KlEstimator) -> f64 {
-    let log_ratio = logprob - ref_logprob;
-    match estimator {
-        KlEstimator::K1 => log_ratio,
-        KlEstimator::K3 => (-log_ratio).exp_m1() + log_ratio,
+impl KlEstimator {
+    /// The estimate of one sampled token from its log-ratio `log pi(a) - log pi_ref(a)`.
+    pub fn of_log_ratio(self, log_ratio: f64) -> f64 {
+        match self {
+            KlEstimator::K1 => log_ratio,
+            KlEstimator::K3 => (-log_ratio).exp_m1() + log_ratio,
+        }
     }
 }
 
@@ -174,15 +175,15 @@ mod tests {
     #[test]
     fn kl_estimators_by_hand() {
         // log pi = -1, log pi_ref = -2: k1 = 1; k3 = (e^-1 - 1) + 1 = e^-1.
-        assert!((kl_estimate(-1.0, -2.0, KlEstimator::K1) - 1.0).abs() < 1e-15);
-        let k3 = kl_estimate(-1.0, -2.0, KlEstimator::K3);
+        assert!((KlEstimator::K1.of_log_ratio(-1.0 - (-2.0)) - 1.0).abs() < 1e-15);
+        let k3 = KlEstimator::K3.of_log_ratio(-1.0 - (-2.0));
         assert!((k3 - (-1f64).exp()).abs() < 1e-15, "{k3}");
         // The other way round k1 is negative, k3 is not: (e^1 - 1) - 1.
-        assert!((kl_estimate(-2.0, -1.0, KlEstimator::K1) + 1.0).abs() < 1e-15);
-        let k3 = kl_estimate(-2.0, -1.0, KlEstimator::K3);
+        assert!((KlEstimator::K1.of_log_ratio(-2.0 - (-1.0)) + 1.0).abs() < 1e-15);
+        let k3 = KlEstimator::K3.of_log_ratio(-2.0 - (-1.0));
         assert!((k3 - (1f64.exp() - 2.0)).abs() < 1e-15, "{k3}");
         // Equal policies: 0 for both.
-        assert_eq!(kl_estimate(-0.3, -0.3, KlEstimator::K3), 0.0);
+        assert_eq!(KlEstimator::K3.of_log_ratio(-0.3 - (-0.3)), 0.0);
     }
 
     #[test]

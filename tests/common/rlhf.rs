@@ -93,6 +93,26 @@ pub fn fixture(dir: &Path, prompts: usize) -> Fixture {
     }
 }
 
+/// The command line of `kiln COMMAND` (`rs`, `ppo`) on the CPU with the fixture's models, a
+/// fresh run into `out`, with `--set` for each of `sets`.
+pub fn command_line(command: &str, f: &Fixture, out: &Path, sets: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = vec![command.into(), "--device".into(), "cpu".into()];
+    for (flag, path) in [
+        ("--init", &f.init),
+        ("--rm-helpful", &f.helpful),
+        ("--rm-safety", &f.safety),
+        ("--out", &out.to_path_buf()),
+    ] {
+        args.push(flag.into());
+        args.push(path.display().to_string());
+    }
+    for set in sets {
+        args.push("--set".into());
+        args.push(set.clone());
+    }
+    args
+}
+
 pub fn kiln(args: &[String]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
@@ -165,11 +185,24 @@ pub fn listing(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Runs `kiln args` and checks that it was refused as bad input: a non-zero exit, no panic
-/// and exactly one error line. Returns its stderr.
-pub fn refused(args: &[String]) -> String {
+/// An output directory `dir/out` that already holds a file of the user's, for the tests that
+/// a refused run leaves it as it was.
+pub fn occupied_out(dir: &Path) -> PathBuf {
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    out
+}
+
+/// Runs `kiln args` with `--set` for each of `sets`, and checks that it was refused as bad
+/// input: a non-zero exit, no panic and exactly one error line. Returns its stderr.
+pub fn refused(mut args: Vec<String>, sets: &[String]) -> String {
+    for set in sets {
+        args.push("--set".into());
+        args.push(set.clone());
+    }
     let result = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
+        .args(&args)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
