@@ -501,8 +501,47 @@ pub trait StageConfig: Default + Serialize + DeserializeOwned {
 /// Reads a stage's TOML file over its defaults, applies `section.key=value` overrides, and
 /// validates. A section given in part keeps the stage's defaults for the rest.
 pub fn load<T: StageConfig>(path: Option<&Path>, overrides: &[String]) -> Result<T> {
+    load_from(path.map(ConfigSource::file).as_ref(), overrides)
+}
+
+/// [`load`] from a file or from a table already read (a pipeline stage's section).
+pub fn load_from<T: StageConfig>(source: Option<&ConfigSource>, overrides: &[String]) -> Result<T> {
     let defaults = toml::Table::try_from(T::default()).expect("default config serialises");
-    load_over(defaults, path, overrides)
+    load_over(defaults, source, overrides)
+}
+
+/// Where a stage's configuration is written: a TOML file, or a table read from a larger file
+/// (a `kiln pipeline` recipe's stage), named in messages by `name`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    Table { table: toml::Table, name: String },
+}
+
+impl ConfigSource {
+    pub fn file(path: &Path) -> Self {
+        ConfigSource::File(path.to_path_buf())
+    }
+
+    /// The file's path or the table's name, for messages.
+    pub fn name(&self) -> String {
+        match self {
+            ConfigSource::File(path) => path.display().to_string(),
+            ConfigSource::Table { name, .. } => name.clone(),
+        }
+    }
+
+    fn read(&self) -> Result<toml::Table> {
+        match self {
+            ConfigSource::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))
+            }
+            ConfigSource::Table { table, .. } => Ok(table.clone()),
+        }
+    }
 }
 
 /// The keys a resumed run may change, and why each is safe: none of them alters a step
@@ -537,7 +576,7 @@ pub fn load_resumed<T: StageConfig>(
     saved: &str,
     source: &Path,
     stage: &str,
-    path: Option<&Path>,
+    given: Option<&ConfigSource>,
     overrides: &[String],
 ) -> Result<T> {
     let saved_config: T = toml::from_str(saved).map_err(|e| {
@@ -548,7 +587,7 @@ pub fn load_resumed<T: StageConfig>(
         )
     })?;
     let saved_table = toml::Table::try_from(&saved_config).expect("config serialises");
-    let config: T = load_over(saved_table.clone(), path, overrides)?;
+    let config: T = load_over(saved_table.clone(), given, overrides)?;
     let new_table = toml::Table::try_from(&config).expect("config serialises");
     let (old, new) = (flatten(&saved_table), flatten(&new_table));
     for (key, new_value) in &new {
@@ -577,7 +616,7 @@ pub fn load_resumed<T: StageConfig>(
 }
 
 /// `section.key` -> value, for the two-level tables configs are.
-fn flatten(table: &toml::Table) -> std::collections::BTreeMap<String, toml::Value> {
+pub fn flatten(table: &toml::Table) -> std::collections::BTreeMap<String, toml::Value> {
     let mut out = std::collections::BTreeMap::new();
     for (section, value) in table {
         match value {
@@ -598,19 +637,14 @@ fn flatten(table: &toml::Table) -> std::collections::BTreeMap<String, toml::Valu
 /// configuration).
 fn load_over<T: StageConfig>(
     base: toml::Table,
-    path: Option<&Path>,
+    given: Option<&ConfigSource>,
     overrides: &[String],
 ) -> Result<T> {
-    let mut table = match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config {}", path.display()))?;
-            text.parse::<toml::Table>()
-                .map_err(|e| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?
-        }
+    let mut table = match given {
+        Some(given) => given.read()?,
         None => toml::Table::new(),
     };
-    let source = path.map_or("config".to_string(), |p| p.display().to_string());
+    let source = given.map_or("config".to_string(), |g| g.name());
     let known = T::known_keys();
     // Reject unknown keys in the file with the key's full name before serde does, so the
     // message names `section.key` rather than only the field.

@@ -47,6 +47,8 @@ fn run(command: Command) -> Result<()> {
             Some(RsCommand::Curve(args)) => models::rs_curve(args),
         },
         Command::Ppo(args) => train::ppo(args),
+        Command::Pipeline(args) => train::pipeline(args),
+        Command::Report { out } => tools::report(&out),
         Command::Rm { command } => match command {
             RmCommand::Train {
                 kind,

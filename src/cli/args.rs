@@ -72,6 +72,15 @@ pub enum Command {
     /// PPO (Llama 2 sec. 3.2.3): the policy against the safety-gated, whitened reward with a
     /// per-token KL penalty to the initial policy; a value model from the helpfulness RM.
     Ppo(#[command(flatten)] RlhfArgs),
+    /// The whole recipe from one TOML file: its stages in order, each into OUT/<stage>/,
+    /// evaluated as the recipe says, resumable stage by stage; OUT/report.md shows what each
+    /// stage did.
+    Pipeline(PipelineArgs),
+    /// Redraw the report of a `kiln pipeline` run (OUT/report.md and OUT/report/*.png).
+    Report {
+        /// The pipeline's output directory.
+        out: PathBuf,
+    },
     /// Reward models (Llama 2 sec. 3.2.2): train, score, evaluate.
     Rm {
         #[command(subcommand)]
@@ -125,6 +134,29 @@ pub enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PipelineArgs {
+    /// The recipe: `[[stage]]` tables in order (configs/quick.toml, configs/gym.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output directory: one subdirectory per stage, the report.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out: completed stages are checked and skipped, the interrupted
+    /// one resumes from its checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Rerun this stage and every stage after it (their earlier runs are moved to
+    /// OUT/replaced/).
+    #[arg(long, value_name = "STAGE")]
+    pub rerun_from: Option<String>,
+    /// Print the stages, what each reads and where each stands; run nothing.
+    #[arg(long)]
+    pub plan: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 #[derive(Args)]

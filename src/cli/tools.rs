@@ -82,6 +82,13 @@ pub fn plot(out: &Path) -> Result<()> {
     Ok(())
 }
 
+pub fn report(out: &Path) -> Result<()> {
+    let path = kiln::stages::report::write(out)?;
+    print!("{}", kiln::stages::report::table_text(out)?);
+    eprintln!("report: {}", path.display());
+    Ok(())
+}
+
 pub fn info(preset: Option<config::Preset>, config: Option<PathBuf>) -> Result<()> {
     let model = match (preset, config) {
         (Some(p), _) => p.model(),

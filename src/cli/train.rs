@@ -9,7 +9,7 @@ use kiln::train::run_dir;
 use kiln::train::stage::Launch;
 use kiln::train::supervised::RunSummary;
 
-use super::args::{RlhfArgs, StageArgs};
+use super::args::{PipelineArgs, RlhfArgs, StageArgs};
 
 /// The launch of a stage from its flags; `extra` overrides come after the user's.
 fn launch(args: StageArgs, extra: &[String]) -> Result<Launch> {
@@ -18,7 +18,7 @@ fn launch(args: StageArgs, extra: &[String]) -> Result<Launch> {
     let mut overrides = args.overrides;
     overrides.extend_from_slice(extra);
     Ok(Launch {
-        config: args.config,
+        config: args.config.map(kiln::config::ConfigSource::File),
         overrides,
         init: args.init,
         out_dir: args
@@ -175,6 +175,36 @@ pub fn ppo(args: RlhfArgs) -> Result<()> {
     eprintln!("policy: {}", summary.checkpoint.display());
     if let Some(best) = &summary.best {
         eprintln!("best held-out checkpoint: {}", best.display());
+    }
+    Ok(())
+}
+
+pub fn pipeline(args: PipelineArgs) -> Result<()> {
+    use kiln::stages::pipeline;
+    let device = device::select(args.device)?;
+    let args = pipeline::PipelineArgs {
+        recipe: args.config,
+        out: args.out,
+        resume: args.resume,
+        rerun_from: args.rerun_from,
+        device,
+        plan: args.plan,
+    };
+    if args.plan {
+        println!("{}", pipeline::plan(&args)?);
+        return Ok(());
+    }
+    run_dir::install_interrupt_handler()?;
+    eprintln!("device: {}", args.device.describe());
+    let summary = pipeline::run(&args)?;
+    println!("{}", summary.table);
+    let report = args.out.join(kiln::stages::report::REPORT_FILE);
+    match summary.interrupted {
+        Some(stage) => eprintln!(
+            "interrupted in stage `{stage}`: continue with --resume (report so far: {})",
+            report.display()
+        ),
+        None => eprintln!("report: {}", report.display()),
     }
     Ok(())
 }

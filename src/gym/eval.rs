@@ -22,7 +22,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::infer::generate::{self, SamplingParams};
 use crate::model::Llama;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct GymReport {
     /// Exact-match accuracy on held-out single-turn tasks.
     pub task_accuracy: f64,

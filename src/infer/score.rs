@@ -131,7 +131,7 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// Accuracy per rating level and overall, mean margin, and (safety RM) flagging of unsafe
 /// responses.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RmReport {
     pub pairs: usize,
     pub accuracy: f64,

@@ -6,3 +6,5 @@ pub mod pretrain;
 pub mod reward;
 pub mod rs;
 pub mod sft;
+pub mod pipeline;
+pub mod report;

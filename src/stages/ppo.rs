@@ -651,11 +651,11 @@ fn read_config(launch: &Launch) -> Result<(RunDir, PpoConfig)> {
                 &manifest.config,
                 &dir.join(checkpoint::MANIFEST_FILE),
                 "ppo",
-                launch.config.as_deref(),
+                launch.config.as_ref(),
                 &overrides,
             )?
         }
-        None => config::load(launch.config.as_deref(), &overrides)?,
+        None => config::load_from(launch.config.as_ref(), &overrides)?,
     };
     Ok((run, config))
 }

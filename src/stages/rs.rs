@@ -738,7 +738,7 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
             &saved,
             &config_path,
             "rs",
-            launch.config.as_deref(),
+            launch.config.as_ref(),
             &overrides,
         )?
     } else {
@@ -756,7 +756,7 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
                 out.display()
             );
         }
-        config::load::<RsConfig>(launch.config.as_deref(), &overrides)?
+        config::load_from::<RsConfig>(launch.config.as_ref(), &overrides)?
     };
     let inputs = read_inputs(&config, &device)?;
     let mut config = config;

@@ -78,6 +78,7 @@ pub fn line_chart(
     stacked_charts(
         path,
         &[Panel {
+            x_names: &[],
             title,
             x_label,
             y_label,
@@ -92,6 +93,8 @@ pub type Series<'a> = (&'a str, &'a Vec<(f64, f64)>, RGBColor);
 /// One chart of a figure.
 pub struct Panel<'a> {
     pub title: &'a str,
+    /// Names of the x positions 1, 2, ... (stages); empty: the x axis shows numbers.
+    pub x_names: &'a [String],
     pub x_label: &'a str,
     pub y_label: &'a str,
     pub series: &'a [Series<'a>],
@@ -136,22 +139,34 @@ fn draw_panel(
         .into());
     }
     let pad = ((y_max - y_min) * 0.05).max(1e-9);
+    // Named positions sit half a step in from the edges.
+    let x_range = if panel.x_names.is_empty() {
+        0.0..x_max
+    } else {
+        0.5..panel.x_names.len() as f64 + 0.5
+    };
     let mut chart = ChartBuilder::on(area)
         .caption(panel.title, (FONT, 24))
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))?;
+        .build_cartesian_2d(x_range, (y_min - pad)..(y_max + pad))?;
     chart
         .configure_mesh()
         .x_desc(panel.x_label)
         // Whole numbers only (steps, rounds, K): a fractional tick stays unlabelled rather
         // than rounding to its neighbour's label.
         .x_label_formatter(&|x| {
-            if (x - x.round()).abs() < 1e-9 {
+            if (x - x.round()).abs() >= 1e-9 {
+                String::new()
+            } else if panel.x_names.is_empty() {
                 format!("{x:.0}")
             } else {
-                String::new()
+                let i = x.round() as usize;
+                (1..=panel.x_names.len())
+                    .contains(&i)
+                    .then(|| panel.x_names[i - 1].clone())
+                    .unwrap_or_default()
             }
         })
         .y_desc(panel.y_label)
@@ -162,6 +177,12 @@ fn draw_panel(
             continue;
         }
         let color = *color;
+        if !panel.x_names.is_empty() {
+            chart.draw_series(
+                data.iter()
+                    .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+            )?;
+        }
         chart
             .draw_series(LineSeries::new(data.iter().cloned(), color.stroke_width(2)))?
             .label(*name)
@@ -180,7 +201,7 @@ fn draw_panel(
 
 /// Fails, naming the path, if any of `outputs` cannot be written as a file (a directory is
 /// in its place): checked before the first is written, so a failed plot replaces nothing.
-fn check_outputs(outputs: &[PathBuf]) -> Result<()> {
+pub fn check_outputs(outputs: &[PathBuf]) -> Result<()> {
     for path in outputs {
         if path.is_dir() {
             bail!(
@@ -301,6 +322,7 @@ fn plot_ppo(out_dir: &Path) -> Result<Vec<PathBuf>> {
         &outputs[0],
         &[
             Panel {
+                x_names: &[],
                 title: "Reward-model reward against the gold score",
                 x_label: "iteration",
                 y_label: "mean",
@@ -312,6 +334,7 @@ fn plot_ppo(out_dir: &Path) -> Result<Vec<PathBuf>> {
                 ],
             },
             Panel {
+                x_names: &[],
                 title: "KL to the reference policy",
                 x_label: "iteration",
                 y_label: "nats per answer",
@@ -321,6 +344,7 @@ fn plot_ppo(out_dir: &Path) -> Result<Vec<PathBuf>> {
                 ],
             },
             Panel {
+                x_names: &[],
                 title: "Refusals (gym prompts)",
                 x_label: "iteration",
                 y_label: "share",
@@ -342,18 +366,21 @@ fn plot_ppo(out_dir: &Path) -> Result<Vec<PathBuf>> {
         &outputs[1],
         &[
             Panel {
+                x_names: &[],
                 title: "Policy loss",
                 x_label: "iteration",
                 y_label: "loss",
                 series: &[("clipped surrogate", &policy_loss, BLUE)],
             },
             Panel {
+                x_names: &[],
                 title: "Value loss",
                 x_label: "iteration",
                 y_label: "loss",
                 series: &[("clipped value loss", &value_loss, RED)],
             },
             Panel {
+                x_names: &[],
                 title: "Update statistics",
                 x_label: "iteration",
                 y_label: "",

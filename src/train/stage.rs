@@ -102,8 +102,9 @@ pub trait Stage {
 /// What a training command was asked to do: the flags every stage shares.
 #[derive(Debug, Clone)]
 pub struct Launch {
-    /// TOML config file; on `--resume`, optional (the run's own is used).
-    pub config: Option<PathBuf>,
+    /// TOML config (a file, or a pipeline stage's table); on `--resume`, optional (the run's
+    /// own is used).
+    pub config: Option<config::ConfigSource>,
     /// `section.key=value` overrides.
     pub overrides: Vec<String>,
     /// The model to start from: a kiln checkpoint or run directory, a Hugging Face Llama
@@ -184,7 +185,7 @@ pub fn launch_with<S: Stage>(launch: &Launch, config: Option<S::Config>) -> Resu
                 &saved.config_toml,
                 &source,
                 S::COMMAND,
-                launch.config.as_deref(),
+                launch.config.as_ref(),
                 &launch.overrides,
             )?;
             let tokenizer = saved.tokenizer(&dir)?;
@@ -214,7 +215,7 @@ pub fn launch_with<S: Stage>(launch: &Launch, config: Option<S::Config>) -> Resu
         None => {
             let mut config: S::Config = match given {
                 Some(config) => config,
-                None => config::load(launch.config.as_deref(), &launch.overrides)?,
+                None => config::load_from(launch.config.as_ref(), &launch.overrides)?,
             };
             let state = TrainState::start(config.train().seed);
             let init = match (&launch.init, S::needs_init()) {
