@@ -43,6 +43,8 @@ pub const RECIPE_COPY: &str = "pipeline.toml";
 pub const PLAN_FILE: &str = "plan.json";
 pub const STAGE_FILE: &str = "stage.json";
 pub const EVAL_FILE: &str = "eval.json";
+/// Written when a stage starts: the config it runs with, which a resumed run must still have.
+pub const STARTED_FILE: &str = "pipeline-stage.toml";
 
 /// What a stage does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,7 +210,10 @@ impl PlannedStage {
     /// Everything that makes its result: compared with a completed stage's on resume.
     fn fingerprint(&self) -> toml::Table {
         let mut table = self.config.clone();
-        let init = self.init.as_ref().map_or(String::new(), |p| p.display().to_string());
+        let init = self
+            .init
+            .as_ref()
+            .map_or(String::new(), |p| p.display().to_string());
         table.insert("init".into(), toml::Value::String(init));
         table
     }
@@ -299,9 +304,9 @@ pub struct StageRecordSummary {
 pub fn read_recipe(path: &Path, out: &Path) -> Result<Recipe> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read recipe {}", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
+    })?;
     let shown = path.display();
     for key in table.keys() {
         if key != "stage" && key != "eval" {
@@ -353,7 +358,10 @@ pub fn read_recipe(path: &Path, out: &Path) -> Result<Recipe> {
         .iter()
         .map(|e| {
             let mut found = BTreeSet::new();
-            collect_refs(&toml::Value::Table(e.as_table().cloned().unwrap_or_default()), &mut found);
+            collect_refs(
+                &toml::Value::Table(e.as_table().cloned().unwrap_or_default()),
+                &mut found,
+            );
             found
         })
         .collect();
@@ -385,8 +393,16 @@ pub fn read_recipe(path: &Path, out: &Path) -> Result<Recipe> {
                 Some(_) => bail!("{source}: `{key}` must be a string"),
             }
         };
-        let model_key = if kind == StageKind::Eval { "checkpoint" } else { "init" };
-        let other_key = if kind == StageKind::Eval { "init" } else { "checkpoint" };
+        let model_key = if kind == StageKind::Eval {
+            "checkpoint"
+        } else {
+            "init"
+        };
+        let other_key = if kind == StageKind::Eval {
+            "init"
+        } else {
+            "checkpoint"
+        };
         if entry.contains_key(other_key) {
             bail!(
                 "{source}: a {} stage takes `{model_key}`, not `{other_key}`",
@@ -410,7 +426,11 @@ pub fn read_recipe(path: &Path, out: &Path) -> Result<Recipe> {
         if init.is_none() && (kind.needs_init() || kind == StageKind::Eval) {
             bail!(
                 "{source}: `{model_key}` is required: the model to {} (\"@stage\" or a path)",
-                if kind == StageKind::Eval { "evaluate" } else { "start from" }
+                if kind == StageKind::Eval {
+                    "evaluate"
+                } else {
+                    "start from"
+                }
             );
         }
         if init.is_some() && matches!(kind, StageKind::GymData | StageKind::Pretrain) {
@@ -474,7 +494,11 @@ pub fn read_recipe(path: &Path, out: &Path) -> Result<Recipe> {
             name,
             kind,
             config,
-            init: if kind.init_section().is_some() { None } else { init },
+            init: if kind.init_section().is_some() {
+                None
+            } else {
+                init
+            },
             inputs: inputs.into_iter().collect(),
             init_stage,
             evaluate: evaluate || kind == StageKind::Eval,
@@ -485,9 +509,10 @@ pub fn read_recipe(path: &Path, out: &Path) -> Result<Recipe> {
     let eval = match table.get("eval") {
         None => None,
         Some(value) => {
-            let settings: EvalSettings = value.clone().try_into().map_err(|e: toml::de::Error| {
-                anyhow!("{shown}: [eval]: {}", one_line(&e.to_string()))
-            })?;
+            let settings: EvalSettings =
+                value.clone().try_into().map_err(|e: toml::de::Error| {
+                    anyhow!("{shown}: [eval]: {}", one_line(&e.to_string()))
+                })?;
             if settings.batch_size == 0 || settings.max_answer_tokens == 0 {
                 bail!("{shown}: eval.batch_size and eval.max_answer_tokens must be at least 1");
             }
@@ -572,7 +597,10 @@ impl Resolver<'_> {
         }
         if at > self.index {
             if let Some(cycle) = self.cycle(at) {
-                bail!("{source}: {key}: a cycle of references: {}", cycle.join(" -> "));
+                bail!(
+                    "{source}: {key}: a cycle of references: {}",
+                    cycle.join(" -> ")
+                );
             }
             bail!(
                 "{source}: {key} refers to `@{name}`, which comes later (stages run in the order listed and read only earlier ones)"
@@ -722,10 +750,19 @@ fn check_config(
         name: source.to_string(),
     };
     let given = Some(&given);
-    let check = |r: Result<()>| r.map_err(|e| anyhow!("{source}: {e:#}"));
+    // Messages of a key the stage does not know already name the recipe and stage.
+    let named = |e: anyhow::Error| {
+        let message = format!("{e:#}");
+        if message.starts_with(source) {
+            anyhow!(message)
+        } else {
+            anyhow!("{source}: {message}")
+        }
+    };
+    let check = |r: Result<()>| r.map_err(named);
     match kind {
         StageKind::GymData => {
-            config::load_from::<GymDataConfig>(given, &[])?;
+            check(config::load_from::<GymDataConfig>(given, &[]).map(drop))?;
             Ok(Some(dir.to_path_buf()))
         }
         StageKind::Pretrain => {
@@ -745,8 +782,7 @@ fn check_config(
             Ok(Some(dir.to_path_buf()))
         }
         StageKind::Rs => {
-            let c = config::load_from::<rs::RsConfig>(given, &[])
-                .map_err(|e| anyhow!("{source}: {e:#}"))?;
+            let c = config::load_from::<rs::RsConfig>(given, &[]).map_err(named)?;
             // The policy of the last round.
             Ok(Some(dir.join(format!("round-{}", c.rs.iterations))))
         }
@@ -755,7 +791,7 @@ fn check_config(
             Ok(Some(dir.to_path_buf()))
         }
         StageKind::Eval => {
-            config::load_from::<EvalOnlyConfig>(given, &[])?;
+            check(config::load_from::<EvalOnlyConfig>(given, &[]).map(drop))?;
             Ok(None)
         }
     }
@@ -767,7 +803,11 @@ fn one_line(message: &str) -> String {
 
 /// Where each stage of `recipe` stands in its output directory.
 pub fn progress(recipe: &Recipe) -> Result<Vec<Progress>> {
-    recipe.stages.iter().map(|s| stage_progress(recipe, s)).collect()
+    recipe
+        .stages
+        .iter()
+        .map(|s| stage_progress(recipe, s))
+        .collect()
 }
 
 fn stage_progress(recipe: &Recipe, stage: &PlannedStage) -> Result<Progress> {
@@ -786,14 +826,12 @@ fn stage_progress(recipe: &Recipe, stage: &PlannedStage) -> Result<Progress> {
         StageKind::Rs if stage.dir.join(checkpoint::CONFIG_FILE).is_file() => {
             Progress::Resumable("its rounds so far".into())
         }
-        StageKind::Pretrain
-        | StageKind::Sft
-        | StageKind::Gatt
-        | StageKind::Rm
-        | StageKind::Ppo => match checkpoint::list(&stage.dir.join("checkpoints"))?.pop() {
-            Some((step, _)) => Progress::Resumable(format!("step {step}")),
-            None => Progress::Restart,
-        },
+        StageKind::Pretrain | StageKind::Sft | StageKind::Gatt | StageKind::Rm | StageKind::Ppo => {
+            match checkpoint::list(&stage.dir.join("checkpoints"))?.pop() {
+                Some((step, _)) => Progress::Resumable(format!("step {step}")),
+                None => Progress::Restart,
+            }
+        }
         _ => Progress::Restart,
     })
 }
@@ -877,29 +915,24 @@ fn check_out(recipe: &Recipe, args: &PipelineArgs) -> Result<()> {
             continue;
         }
         let record_path = stage.dir.join(STAGE_FILE);
+        let started_path = stage.dir.join(STARTED_FILE);
         if !record_path.is_file() {
+            // An interrupted stage resumes with the config it started with.
+            if started_path.is_file() {
+                let then = std::fs::read_to_string(&started_path)
+                    .with_context(|| format!("cannot read {}", started_path.display()))?;
+                same_config(recipe, stage, &then, &started_path, "the interrupted stage")?;
+            }
             continue;
         }
         let record = read_record(&record_path)?;
-        let then: toml::Table = record
-            .config
-            .parse()
-            .map_err(|e: toml::de::Error| anyhow!("{}: {}", record_path.display(), one_line(&e.to_string())))?;
-        let (then, now) = (config::flatten(&then), config::flatten(&stage.fingerprint()));
-        let keys: BTreeSet<&String> = then.keys().chain(now.keys()).collect();
-        for key in keys {
-            if then.get(key) != now.get(key) {
-                let shown = |v: Option<&toml::Value>| v.map_or("(none)".into(), |v| v.to_string());
-                bail!(
-                    "{}: {key} is {} in the completed stage ({}) but {} now: pass --rerun-from {} to rerun it and every stage after it",
-                    stage.source(&recipe.path),
-                    shown(then.get(key)),
-                    record_path.display(),
-                    shown(now.get(key)),
-                    stage.name
-                );
-            }
-        }
+        same_config(
+            recipe,
+            stage,
+            &record.config,
+            &record_path,
+            "the completed stage",
+        )?;
         for (file, sum) in &record.outputs {
             let path = out.join(file);
             let bytes = std::fs::read(&path).with_context(|| {
@@ -923,6 +956,39 @@ fn check_out(recipe: &Recipe, args: &PipelineArgs) -> Result<()> {
     Ok(())
 }
 
+/// Fails, naming the stage and the first differing key, if `stage`'s config now differs from
+/// `then` (the TOML stored in `path`, of the `what`).
+fn same_config(
+    recipe: &Recipe,
+    stage: &PlannedStage,
+    then: &str,
+    path: &Path,
+    what: &str,
+) -> Result<()> {
+    let then: toml::Table = then.parse().map_err(|e: toml::de::Error| {
+        anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
+    })?;
+    let (then, now) = (
+        config::flatten(&then),
+        config::flatten(&stage.fingerprint()),
+    );
+    let keys: BTreeSet<&String> = then.keys().chain(now.keys()).collect();
+    for key in keys {
+        if then.get(key) != now.get(key) {
+            let shown = |v: Option<&toml::Value>| v.map_or("(none)".into(), |v| v.to_string());
+            bail!(
+                "{}: {key} is {} in {what} ({}) but {} now: pass --rerun-from {} to rerun it and every stage after it",
+                stage.source(&recipe.path),
+                shown(then.get(key)),
+                path.display(),
+                shown(now.get(key)),
+                stage.name
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The output files whose checksums `stage.json` records: the gym's files, or the manifest
 /// of the stage's model checkpoint (which holds the checksums of the rest).
 fn output_files(recipe: &Recipe, stage: &PlannedStage) -> Result<BTreeMap<String, String>> {
@@ -931,7 +997,7 @@ fn output_files(recipe: &Recipe, stage: &PlannedStage) -> Result<BTreeMap<String
         (StageKind::GymData, _) => {
             for entry in std::fs::read_dir(&stage.dir)? {
                 let path = entry?.path();
-                if path.is_file() {
+                if path.is_file() && !path.ends_with(STARTED_FILE) {
                     files.push(path);
                 }
             }
@@ -947,7 +1013,10 @@ fn output_files(recipe: &Recipe, stage: &PlannedStage) -> Result<BTreeMap<String
             let bytes =
                 std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
             let relative = path.strip_prefix(&recipe.out).unwrap_or(&path);
-            Ok((relative.display().to_string(), checkpoint::sha256_hex(&bytes)))
+            Ok((
+                relative.display().to_string(),
+                checkpoint::sha256_hex(&bytes),
+            ))
         })
         .collect()
 }
@@ -960,12 +1029,29 @@ struct Trained {
     details: serde_json::Value,
 }
 
-fn train_stage(recipe: &Recipe, stage: &PlannedStage, resume: bool, device: &ComputeDevice) -> Result<Trained> {
+fn train_stage(
+    recipe: &Recipe,
+    stage: &PlannedStage,
+    resume: bool,
+    device: &ComputeDevice,
+) -> Result<Trained> {
+    // A resumed stage reads the configuration its run stored (a stage may fix values when it
+    // starts, such as the reward models' warm-up); the pipeline checked that its own is
+    // unchanged (`STARTED_FILE`).
+    let given = ConfigSource::Table {
+        table: stage.config.clone(),
+        name: stage.source(&recipe.path),
+    };
+    if !resume {
+        std::fs::create_dir_all(&stage.dir)
+            .with_context(|| format!("cannot create {}", stage.dir.display()))?;
+        checkpoint::write_atomic(
+            &stage.dir.join(STARTED_FILE),
+            toml::to_string(&stage.fingerprint())?.as_bytes(),
+        )?;
+    }
     let launch = Launch {
-        config: Some(ConfigSource::Table {
-            table: stage.config.clone(),
-            name: stage.source(&recipe.path),
-        }),
+        config: (!resume).then_some(given),
         overrides: Vec::new(),
         init: stage.init.clone(),
         out_dir: stage.dir.clone(),
@@ -981,7 +1067,11 @@ fn train_stage(recipe: &Recipe, stage: &PlannedStage, resume: bool, device: &Com
     };
     Ok(match stage.kind {
         StageKind::GymData => {
-            let c: GymDataConfig = config::load_from(launch.config.as_ref(), &[])?;
+            let given = ConfigSource::Table {
+                table: stage.config.clone(),
+                name: stage.source(&recipe.path),
+            };
+            let c: GymDataConfig = config::load_from(Some(&given), &[])?;
             let summary = crate::gym::generate(&stage.dir, c.gym.seed, &c.gym.sizes)?;
             Trained {
                 interrupted: false,
@@ -1139,7 +1229,11 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineSummary> {
     std::fs::create_dir_all(&recipe.out)
         .with_context(|| format!("cannot create {}", recipe.out.display()))?;
     if let Some(name) = &args.rerun_from {
-        let at = recipe.stages.iter().position(|s| &s.name == name).expect("checked");
+        let at = recipe
+            .stages
+            .iter()
+            .position(|s| &s.name == name)
+            .expect("checked");
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -1151,7 +1245,11 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineSummary> {
                 std::fs::rename(&stage.dir, &to).with_context(|| {
                     format!("cannot move {} to {}", stage.dir.display(), to.display())
                 })?;
-                eprintln!("--rerun-from {name}: moved {} to {}", stage.dir.display(), to.display());
+                eprintln!(
+                    "--rerun-from {name}: moved {} to {}",
+                    stage.dir.display(),
+                    to.display()
+                );
             }
         }
     }

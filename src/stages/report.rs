@@ -87,7 +87,13 @@ fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
 
 /// Mean compliance over turns 3 to 6 (the turns GAtt is for), or over what there is.
 fn late_compliance(g: &GymReport) -> Option<f64> {
-    let late: Vec<f64> = g.compliance_by_turn.iter().skip(2).take(4).copied().collect();
+    let late: Vec<f64> = g
+        .compliance_by_turn
+        .iter()
+        .skip(2)
+        .take(4)
+        .copied()
+        .collect();
     (!late.is_empty()).then(|| late.iter().sum::<f64>() / late.len() as f64)
 }
 
@@ -180,18 +186,20 @@ pub fn expected_max_of(rewards: &[f64], k: usize) -> f64 {
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len();
     // P(the i-th smallest is the max of a k-subset) = C(i-1, k-1) / C(n, k), i = k..n.
-    let ln_choose = |n: usize, k: usize| -> f64 {
-        (1..=k).map(|j| ((n - k + j) as f64 / j as f64).ln()).sum()
-    };
+    let ln_choose =
+        |n: usize, k: usize| -> f64 { (1..=k).map(|j| ((n - k + j) as f64 / j as f64).ln()).sum() };
     let total = ln_choose(n, k);
     (k..=n)
         .map(|i| sorted[i - 1] * (ln_choose(i - 1, k - 1) - total).exp())
         .sum()
 }
 
+/// A chart line's points.
+type Points = Vec<(f64, f64)>;
+
 /// Reward against K (the paper's Figure 7) for each round of a rejection-sampling stage,
 /// from its samples: the mean over prompts of the expected best of K of the round's answers.
-fn k_curve(dir: &Path) -> Result<Vec<(usize, Vec<(f64, f64)>)>> {
+fn k_curve(dir: &Path) -> Result<Vec<(usize, Points)>> {
     let mut curves = Vec::new();
     for round in 1.. {
         let path = dir.join(format!("round-{round}")).join(rs::SAMPLES_FILE);
@@ -203,7 +211,10 @@ fn k_curve(dir: &Path) -> Result<Vec<(usize, Vec<(f64, f64)>)>> {
                 .records;
         let mut by_prompt: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         for s in samples {
-            by_prompt.entry(s.prompt_index).or_default().push(s.score.reward);
+            by_prompt
+                .entry(s.prompt_index)
+                .or_default()
+                .push(s.score.reward);
         }
         let k_max = by_prompt.values().map(Vec::len).min().unwrap_or(0);
         let curve = (1..=k_max)
@@ -257,11 +268,13 @@ pub fn write(out: &Path) -> Result<PathBuf> {
     )
     .unwrap();
 
-    let gym: Vec<(&StageView, &GymReport)> =
-        views.iter().filter_map(|v| v.gym().map(|g| (v, g))).collect();
+    let gym: Vec<(&StageView, &GymReport)> = views
+        .iter()
+        .filter_map(|v| v.gym().map(|g| (v, g)))
+        .collect();
     if !gym.is_empty() {
         let names: Vec<String> = gym.iter().map(|(v, _)| v.plan.name.clone()).collect();
-        let at = |f: &dyn Fn(&GymReport) -> Option<f64>| -> Vec<(f64, f64)> {
+        let at = |f: &dyn Fn(&GymReport) -> Option<f64>| -> Points {
             gym.iter()
                 .enumerate()
                 .filter_map(|(i, (_, g))| f(g).map(|y| ((i + 1) as f64, 100.0 * y)))
@@ -290,18 +303,31 @@ pub fn write(out: &Path) -> Result<PathBuf> {
             }],
         )?;
         writeln!(md, "## What each stage bought\n").unwrap();
-        writeln!(md, "![held-out evaluation per stage]({REPORT_DIR}/stages.png)\n").unwrap();
+        writeln!(
+            md,
+            "![held-out evaluation per stage]({REPORT_DIR}/stages.png)\n"
+        )
+        .unwrap();
         let kinds: Vec<&String> = gym[0].1.task_accuracy_by_kind.keys().collect();
         write!(md, "| stage | ").unwrap();
         for k in &kinds {
             write!(md, "{k} | ").unwrap();
         }
-        writeln!(md, "all tasks | gold score | unsafe refused | benign refused |").unwrap();
+        writeln!(
+            md,
+            "all tasks | gold score | unsafe refused | benign refused |"
+        )
+        .unwrap();
         writeln!(md, "|---|{}", "---|".repeat(kinds.len() + 4)).unwrap();
         for (v, g) in &gym {
             write!(md, "| {} | ", v.plan.name).unwrap();
             for k in &kinds {
-                write!(md, "{} | ", opt(g.task_accuracy_by_kind.get(*k), |a| pct(*a))).unwrap();
+                write!(
+                    md,
+                    "{} | ",
+                    opt(g.task_accuracy_by_kind.get(*k), |a| pct(*a))
+                )
+                .unwrap();
             }
             writeln!(
                 md,
@@ -322,9 +348,13 @@ pub fn write(out: &Path) -> Result<PathBuf> {
 
         // Compliance by turn: before and after GAtt shows as the GAtt stage's line against
         // the line of the stage it started from.
-        let turns = gym.iter().map(|(_, g)| g.compliance_by_turn.len()).max().unwrap_or(0);
+        let turns = gym
+            .iter()
+            .map(|(_, g)| g.compliance_by_turn.len())
+            .max()
+            .unwrap_or(0);
         if turns > 0 {
-            let lines: Vec<(String, Vec<(f64, f64)>)> = gym
+            let lines: Vec<(String, Points)> = gym
                 .iter()
                 .map(|(v, g)| {
                     let points = g
@@ -391,13 +421,17 @@ pub fn write(out: &Path) -> Result<PathBuf> {
         }
     }
 
-    let rms: Vec<(&StageView, &RmReport)> =
-        views.iter().filter_map(|v| v.rm().map(|r| (v, r))).collect();
+    let rms: Vec<(&StageView, &RmReport)> = views
+        .iter()
+        .filter_map(|v| v.rm().map(|r| (v, r)))
+        .collect();
     if !rms.is_empty() {
         writeln!(md, "## Reward models (held-out pairs)\n").unwrap();
         let ratings: Vec<&String> = {
-            let mut all: Vec<&String> =
-                rms.iter().flat_map(|(_, r)| r.accuracy_by_rating.keys()).collect();
+            let mut all: Vec<&String> = rms
+                .iter()
+                .flat_map(|(_, r)| r.accuracy_by_rating.keys())
+                .collect();
             all.sort();
             all.dedup();
             all
@@ -409,9 +443,21 @@ pub fn write(out: &Path) -> Result<PathBuf> {
         writeln!(md, " unsafe flagged (recall) | refusals flagged |").unwrap();
         writeln!(md, "|---|---|---|{}---|---|", "---|".repeat(ratings.len())).unwrap();
         for (v, r) in &rms {
-            write!(md, "| {} | {} | {} |", v.plan.name, r.pairs, pct(r.accuracy)).unwrap();
+            write!(
+                md,
+                "| {} | {} | {} |",
+                v.plan.name,
+                r.pairs,
+                pct(r.accuracy)
+            )
+            .unwrap();
             for rating in &ratings {
-                write!(md, " {} |", opt(r.accuracy_by_rating.get(*rating), |a| pct(*a))).unwrap();
+                write!(
+                    md,
+                    " {} |",
+                    opt(r.accuracy_by_rating.get(*rating), |a| pct(*a))
+                )
+                .unwrap();
             }
             writeln!(
                 md,
@@ -426,8 +472,13 @@ pub fn write(out: &Path) -> Result<PathBuf> {
 
     for v in views.iter().filter(|v| v.plan.kind == StageKind::Rs) {
         let Some(record) = &v.record else { continue };
-        let rounds: Vec<RoundSummary> = serde_json::from_value(record.details.clone())
-            .map_err(|e| anyhow!("{}: details: {e}", out.join(&v.plan.name).join(STAGE_FILE).display()))?;
+        let rounds: Vec<RoundSummary> =
+            serde_json::from_value(record.details.clone()).map_err(|e| {
+                anyhow!(
+                    "{}: details: {e}",
+                    out.join(&v.plan.name).join(STAGE_FILE).display()
+                )
+            })?;
         writeln!(md, "## Rejection sampling: `{}`\n", v.plan.name).unwrap();
         writeln!(
             md,
@@ -452,7 +503,7 @@ pub fn write(out: &Path) -> Result<PathBuf> {
         }
         let curves = k_curve(&out.join(&v.plan.name))?;
         if !curves.is_empty() {
-            let named: Vec<(String, Vec<(f64, f64)>)> = curves
+            let named: Vec<(String, Points)> = curves
                 .into_iter()
                 .map(|(round, c)| (format!("round {round}"), c))
                 .collect();
@@ -486,7 +537,11 @@ pub fn write(out: &Path) -> Result<PathBuf> {
             serde_json::from_value(record.details["evals"].clone()).unwrap_or_default();
         writeln!(md, "## PPO: `{}`\n", v.plan.name).unwrap();
         if !evals.is_empty() {
-            writeln!(md, "| iteration | held-out reward | gold | unsafe refused | benign refused |").unwrap();
+            writeln!(
+                md,
+                "| iteration | held-out reward | gold | unsafe refused | benign refused |"
+            )
+            .unwrap();
             writeln!(md, "|---|---|---|---|---|").unwrap();
             for e in &evals {
                 writeln!(

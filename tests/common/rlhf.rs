@@ -148,6 +148,27 @@ pub fn kill_when(mut child: Child, ready: &dyn Fn() -> bool) -> bool {
     panic!("the run neither ended nor reached the kill point in 10 minutes");
 }
 
+/// Sends `child` SIGINT (Ctrl-C) as soon as `ready()` holds and waits for it to exit;
+/// returns whether the signal came before the process ended.
+pub fn interrupt_when(mut child: Child, ready: &dyn Fn() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(600) {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if ready() {
+            let pid = child.id().to_string();
+            Command::new("kill").args(["-INT", &pid]).status().unwrap();
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!stderr.contains("panicked"), "{stderr}");
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("the run neither ended nor reached the interrupt point in 10 minutes");
+}
+
 pub fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
     std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
