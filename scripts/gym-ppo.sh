@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# PPO on the gym (docs/results.md), after scripts/gym.sh: PPO from the SFT model with the two
+# PPO on the gym (docs/results.md), after `kiln pipeline --config configs/gym.toml --out
+# runs/gym` (its sft and reward models): PPO from the SFT model with the two
 # gym reward models (configs/gym-ppo.toml); the gate's ablation (the helpfulness model
 # alone); a beta sweep (0.005, 0.01, 0.05); and PPO on the gym's checker as the reward, to
 # separate what PPO does from what the reward models let it do. Each run is evaluated on the
 # held-out sets at its end and at its best held-out checkpoint, and plotted. Outputs go to
-# runs/gym/. KILN=path/to/kiln runs a built binary instead of `cargo run`.
+# runs/gym-ablations/. KILN=path/to/kiln runs a built binary instead of `cargo run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p runs/gym-ablations
 kiln() { if [ -n "${KILN:-}" ]; then "$KILN" "$@"; else cargo run --release --quiet -- "$@"; fi; }
 
 D=runs/gym/data
@@ -27,10 +29,10 @@ ppo() { # out, extra flags
   kiln plot "$out"
 }
 
-[ -f runs/gym/eval-sft.json ] ||
-  kiln eval gym --checkpoint runs/gym/sft --data "$D" --device cpu --json > runs/gym/eval-sft.json
-ppo runs/gym/ppo
-ppo runs/gym/ppo-ungated --set ppo.gate=false
-ppo runs/gym/ppo-beta0.005 --set ppo.beta=0.005
-ppo runs/gym/ppo-beta0.05 --set ppo.beta=0.05
-ppo runs/gym/ppo-gym-checker --set 'ppo.reward="gym_checker"'
+[ -f runs/gym-ablations/eval-sft.json ] ||
+  kiln eval gym --checkpoint runs/gym/sft --data "$D" --device cpu --json > runs/gym-ablations/eval-sft.json
+ppo runs/gym-ablations/ppo
+ppo runs/gym-ablations/ppo-ungated --set ppo.gate=false
+ppo runs/gym-ablations/ppo-beta0.005 --set ppo.beta=0.005
+ppo runs/gym-ablations/ppo-beta0.05 --set ppo.beta=0.05
+ppo runs/gym-ablations/ppo-gym-checker --set 'ppo.reward="gym_checker"'

@@ -179,14 +179,28 @@ fn plan_report_and_refusals_of_a_completed_run() {
     for png in ["stages.png", "compliance.png", "rs-k-curve.png"] {
         assert!(out.join("report").join(png).is_file(), "{png}");
     }
+    // Each stage's curves go into the report's directory; the stages' own stay untouched.
     for png in [
-        "pretrain/loss.png",
-        "sft/loss.png",
-        "ppo/ppo_monitor.png",
-        "rs/rewards.png",
+        "pretrain-loss.png",
+        "sft-loss.png",
+        "ppo-ppo_monitor.png",
+        "rs-rewards.png",
+        "rs-round-2-loss.png",
     ] {
-        assert!(out.join(png).is_file(), "{png}");
+        assert!(out.join("report").join(png).is_file(), "{png}");
     }
+    for stage in ["pretrain", "sft", "ppo", "rs"] {
+        let pngs = listing(&out.join(stage))
+            .into_iter()
+            .filter(|n| n.ends_with(".png"))
+            .count();
+        assert_eq!(pngs, 0, "{stage}");
+    }
+    // Skimming it tells what each stage changed against the model it started from.
+    assert!(
+        report.contains("`gatt` (gatt, from `ppo`): tasks"),
+        "{report}"
+    );
 
     // A fresh run into it is refused; a resumed run of the same recipe skips every stage.
     let before = listing(&out);

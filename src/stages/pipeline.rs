@@ -1296,6 +1296,15 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineSummary> {
                 false
             }
         };
+        // Ctrl-C during a step that does not check for it (an evaluation, the gym's files)
+        // stops the run before the next stage.
+        if crate::train::run_dir::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            crate::stages::report::write(&recipe.out)?;
+            return Ok(PipelineSummary {
+                interrupted: Some(stage.name.clone()),
+                table: crate::stages::report::table_text(&recipe.out)?,
+            });
+        }
         let started = Instant::now();
         let trained = train_stage(&recipe, stage, resume, &args.device)
             .with_context(|| format!("stage `{}`", stage.name))?;

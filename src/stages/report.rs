@@ -97,6 +97,55 @@ fn late_compliance(g: &GymReport) -> Option<f64> {
     (!late.is_empty()).then(|| late.iter().sum::<f64>() / late.len() as f64)
 }
 
+/// Each evaluated stage against the stage it started from, when that one was evaluated too:
+/// one line of before -> after per figure.
+fn against_start(views: &[StageView]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for v in views {
+        let Some(after) = v.gym() else { continue };
+        let Some(start) = v.plan.init_stage.as_ref() else {
+            continue;
+        };
+        let Some(before) = views
+            .iter()
+            .find(|w| &w.plan.name == start)
+            .and_then(|w| w.gym())
+        else {
+            continue;
+        };
+        let change = |name: &str, b: f64, a: f64| {
+            format!("{name} {} -> {} ({:+.1})", pct(b), pct(a), 100.0 * (a - b))
+        };
+        let mut parts = vec![
+            change("tasks", before.task_accuracy, after.task_accuracy),
+            format!(
+                "gold score {:.3} -> {:.3}",
+                before.task_score, after.task_score
+            ),
+            change(
+                "unsafe refused",
+                before.unsafe_refusal_rate,
+                after.unsafe_refusal_rate,
+            ),
+            change(
+                "benign refused",
+                before.benign_refusal_rate,
+                after.benign_refusal_rate,
+            ),
+        ];
+        if let (Some(b), Some(a)) = (late_compliance(before), late_compliance(after)) {
+            parts.push(change("compliance t3-6", b, a));
+        }
+        lines.push(format!(
+            "`{}` ({}, from `{start}`): {}",
+            v.plan.name,
+            v.plan.kind.name(),
+            parts.join(", ")
+        ));
+    }
+    lines
+}
+
 /// The per-stage table's rows: stage, kind, time, steps, final loss, task accuracy, unsafe
 /// refused, benign refused, compliance at turns 3-6, reward-model accuracy.
 fn rows(views: &[StageView]) -> Vec<[String; 10]> {
@@ -308,6 +357,10 @@ pub fn write(out: &Path) -> Result<PathBuf> {
             "![held-out evaluation per stage]({REPORT_DIR}/stages.png)\n"
         )
         .unwrap();
+        for line in against_start(&views) {
+            writeln!(md, "- {line}").unwrap();
+        }
+        writeln!(md).unwrap();
         let kinds: Vec<&String> = gym[0].1.task_accuracy_by_kind.keys().collect();
         write!(md, "| stage | ").unwrap();
         for k in &kinds {
@@ -536,6 +589,12 @@ pub fn write(out: &Path) -> Result<PathBuf> {
         let evals: Vec<crate::stages::ppo::EvalRecord> =
             serde_json::from_value(record.details["evals"].clone()).unwrap_or_default();
         writeln!(md, "## PPO: `{}`\n", v.plan.name).unwrap();
+        writeln!(
+            md,
+            "![reward, gold score and KL]({REPORT_DIR}/{}-ppo_monitor.png)\n\nThe reward models' reward and the gym's gold score of the rollouts, the KL to the starting policy, refusals; below, the greedy held-out evaluations during training.\n",
+            v.plan.name
+        )
+        .unwrap();
         if !evals.is_empty() {
             writeln!(
                 md,
@@ -560,13 +619,17 @@ pub fn write(out: &Path) -> Result<PathBuf> {
         }
     }
 
-    // Each stage's own curves, drawn into its directory as `kiln plot` draws them.
+    // Each stage's own curves, as `kiln plot` draws them, into the report's directory.
     let mut curves = String::new();
     for v in &views {
         if v.record.is_none() {
             continue;
         }
         let dir = out.join(&v.plan.name);
+        let into = |prefix: String| plot::Outputs {
+            dir: charts.clone(),
+            prefix,
+        };
         let mut pngs: Vec<PathBuf> = Vec::new();
         let plotted = matches!(
             v.plan.kind,
@@ -578,7 +641,10 @@ pub fn write(out: &Path) -> Result<PathBuf> {
                 | StageKind::Ppo
         );
         if plotted {
-            pngs.extend(plot::plot_run(&dir)?);
+            pngs.extend(plot::plot_run_into(
+                &dir,
+                &into(format!("{}-", v.plan.name)),
+            )?);
         }
         if v.plan.kind == StageKind::Rs {
             for round in 1.. {
@@ -586,7 +652,12 @@ pub fn write(out: &Path) -> Result<PathBuf> {
                 if !round_dir.join("metrics.jsonl").is_file() {
                     break;
                 }
-                pngs.extend(plot::plot_run(&round_dir)?.into_iter().take(1));
+                let prefix = format!("{}-round-{round}-", v.plan.name);
+                pngs.extend(
+                    plot::plot_run_into(&round_dir, &into(prefix))?
+                        .into_iter()
+                        .take(1),
+                );
             }
         }
         if pngs.is_empty() {

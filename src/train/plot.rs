@@ -23,12 +23,38 @@ fn register_font() {
 /// Writes `loss.png` (training and validation loss) and `lr.png` into `out_dir`; for a
 /// rejection-sampling run (`rounds.jsonl`), `rewards.png` and `time.png` per round.
 pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
+    plot_run_into(out_dir, &Outputs::beside(out_dir))
+}
+
+/// Where a run's charts go: a directory, each file's name after a prefix.
+pub struct Outputs {
+    pub dir: PathBuf,
+    pub prefix: String,
+}
+
+impl Outputs {
+    /// Into the run's own directory (`kiln plot`).
+    pub fn beside(run: &Path) -> Self {
+        Self {
+            dir: run.to_path_buf(),
+            prefix: String::new(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{}{name}", self.prefix))
+    }
+}
+
+/// [`plot_run`] with the charts written to `into` (the pipeline's report leaves the stages'
+/// own directories as they were).
+pub fn plot_run_into(out_dir: &Path, into: &Outputs) -> Result<Vec<PathBuf>> {
     if crate::stages::ppo::is_ppo_run(out_dir) {
-        return plot_ppo(out_dir);
+        return plot_ppo(out_dir, into);
     }
     let rounds = out_dir.join(crate::stages::rs::ROUNDS_FILE);
     if rounds.is_file() && !out_dir.join("metrics.jsonl").exists() {
-        return plot_rounds(out_dir, &rounds);
+        return plot_rounds(&rounds, into);
     }
     let records = metrics::read(&out_dir.join("metrics.jsonl"))?;
     let mut train = Vec::new();
@@ -54,7 +80,7 @@ pub fn plot_run(out_dir: &Path) -> Result<Vec<PathBuf>> {
             out_dir.join("metrics.jsonl").display()
         );
     }
-    let (loss_png, lr_png) = (out_dir.join("loss.png"), out_dir.join("lr.png"));
+    let (loss_png, lr_png) = (into.path("loss.png"), into.path("lr.png"));
     check_outputs(&[loss_png.clone(), lr_png.clone()])?;
     line_chart(
         &loss_png,
@@ -213,7 +239,7 @@ pub fn check_outputs(outputs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-fn plot_rounds(out_dir: &Path, path: &Path) -> Result<Vec<PathBuf>> {
+fn plot_rounds(path: &Path, into: &Outputs) -> Result<Vec<PathBuf>> {
     let rounds: Vec<crate::stages::rs::RoundSummary> =
         crate::data::chat::read_jsonl(path, false, |line| Ok(serde_json::from_str(line)?))?.records;
     if rounds.is_empty() {
@@ -234,7 +260,7 @@ fn plot_rounds(out_dir: &Path, path: &Path) -> Result<Vec<PathBuf>> {
         series(&|r| r.scoring_s),
         series(&|r| r.training_s),
     );
-    let outputs = [out_dir.join("rewards.png"), out_dir.join("time.png")];
+    let outputs = [into.path("rewards.png"), into.path("time.png")];
     check_outputs(&outputs)?;
     line_chart(
         &outputs[0],
@@ -265,7 +291,7 @@ fn plot_rounds(out_dir: &Path, path: &Path) -> Result<Vec<PathBuf>> {
 
 /// PPO's charts: `ppo_monitor.png` (reward-model reward and gold score over KL: the
 /// reward-hacking monitor), `ppo_losses.png` and `ppo_time.png`.
-fn plot_ppo(out_dir: &Path) -> Result<Vec<PathBuf>> {
+fn plot_ppo(out_dir: &Path, into: &Outputs) -> Result<Vec<PathBuf>> {
     use crate::stages::ppo::{EvalRecord, IterationRecord, PpoRecord};
     let path = out_dir.join("metrics.jsonl");
     let records: Vec<PpoRecord> = metrics::read_records(&path)?;
@@ -300,9 +326,9 @@ fn plot_ppo(out_dir: &Path) -> Result<Vec<PathBuf>> {
             .collect()
     };
     let outputs = [
-        out_dir.join("ppo_monitor.png"),
-        out_dir.join("ppo_losses.png"),
-        out_dir.join("ppo_time.png"),
+        into.path("ppo_monitor.png"),
+        into.path("ppo_losses.png"),
+        into.path("ppo_time.png"),
     ];
     check_outputs(&outputs)?;
     let (reward, gold) = (series(&|r| r.reward), optional(&|r| r.gold));
