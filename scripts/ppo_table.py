@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tables of the gym PPO runs (docs/results.md): held-out evaluations of `kiln eval gym` for
 the SFT model and each run's final and best checkpoint, and each run's curve summary from
-its metrics.jsonl. Usage: scripts/ppo_table.py runs/gym/ppo runs/gym/ppo-ungated ..."""
+its metrics.jsonl. Usage: scripts/ppo_table.py runs/gym-ablations/ppo runs/gym-ablations/ppo-ungated ..."""
 import json
 import sys
 from pathlib import Path
@@ -18,7 +18,7 @@ def evaluation(path):
 
 print("| model | accuracy | gold score | " + " | ".join(KINDS) + " | unsafe refused | benign refused |")
 print("|---" * (5 + len(KINDS)) + "|")
-print(f"| SFT (start) | {evaluation('runs/gym/eval-sft.json')} |")
+print(f"| SFT (start) | {evaluation('runs/gym-ablations/eval-sft.json')} |")
 for run in sys.argv[1:]:
     for which in ["final", "best"]:
         f = Path(run) / f"eval-{which}.json"

@@ -444,3 +444,55 @@ fn bench_sizes_and_unplottable_values_are_refused() {
         start.elapsed()
     );
 }
+
+/// A malformed line names its file and line; only commands that can skip such lines (through
+/// `data.skip_bad_lines`) say so (issue 14, items 20-24).
+#[test]
+fn jsonl_errors_suggest_skipping_only_where_it_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gym");
+    let out = kiln(&[
+        "gym",
+        "generate",
+        "--out",
+        data.to_str().unwrap(),
+        "--unsafe-prompts",
+        repo("data/gym/donotanswer").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let model = newest_checkpoint(trained_run());
+    // eval gym: a task of an unknown kind.
+    let tasks = data.join("eval_tasks.jsonl");
+    let text = std::fs::read_to_string(&tasks).unwrap();
+    std::fs::write(&tasks, text.replacen("\"kind\":\"add\"", "\"kind\":\"multiply\"", 1)).unwrap();
+    let out = kiln(&[
+        "eval",
+        "gym",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "2",
+    ]);
+    assert_fails(&out, &["eval_tasks.jsonl:"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("skip"));
+    // sft: the same kind of mistake in its data says how to skip it.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": 3}\n").unwrap();
+    let train = format!("data.train=[\"{}\"]", bad.display());
+    let out = kiln(&[
+        "sft",
+        "--device",
+        "cpu",
+        "--init",
+        model.to_str().unwrap(),
+        "--out",
+        dir.path().join("sft").to_str().unwrap(),
+        "--set",
+        &train,
+    ]);
+    assert_fails(&out, &["bad.jsonl:1:", "data.skip_bad_lines"]);
+}

@@ -299,7 +299,7 @@ pub fn read_jsonl<T>(
             Err(e) => {
                 let message = format!("{}:{}: {e}", path.display(), i + 1);
                 if !skip_bad_lines {
-                    bail!("{message} (pass --skip-bad-lines to skip malformed lines)");
+                    bail!("{message}");
                 }
                 out.skipped += 1;
                 out.first_error.get_or_insert(message);
@@ -309,7 +309,8 @@ pub fn read_jsonl<T>(
     Ok(out)
 }
 
-/// Reads several JSONL files of one kind, printing how many lines were skipped.
+/// Reads several JSONL files of one kind (a stage's `[data]` files, which
+/// `data.skip_bad_lines` applies to), printing how many lines were skipped.
 pub fn read_all<T>(
     paths: &[PathBuf],
     skip_bad_lines: bool,
@@ -317,7 +318,10 @@ pub fn read_all<T>(
 ) -> Result<Vec<T>> {
     let mut records = Vec::new();
     for path in paths {
-        let read = read_jsonl(path, skip_bad_lines, parse)?;
+        // Only the stages that read through here can skip lines, so only they suggest it.
+        let read = read_jsonl(path, skip_bad_lines, parse).map_err(|e| {
+            anyhow!("{e:#} (set data.skip_bad_lines = true to skip malformed lines)")
+        })?;
         if read.skipped > 0 {
             eprintln!(
                 "skipped {} malformed line(s) of {} (first: {})",
