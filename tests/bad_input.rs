@@ -459,12 +459,20 @@ fn jsonl_errors_suggest_skipping_only_where_it_exists() {
         "--unsafe-prompts",
         repo("data/gym/donotanswer").to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let model = newest_checkpoint(trained_run());
     // eval gym: a task of an unknown kind.
     let tasks = data.join("eval_tasks.jsonl");
     let text = std::fs::read_to_string(&tasks).unwrap();
-    std::fs::write(&tasks, text.replacen("\"kind\":\"add\"", "\"kind\":\"multiply\"", 1)).unwrap();
+    std::fs::write(
+        &tasks,
+        text.replacen("\"kind\":\"add\"", "\"kind\":\"multiply\"", 1),
+    )
+    .unwrap();
     let out = kiln(&[
         "eval",
         "gym",
