@@ -283,3 +283,46 @@ fn k_answers_sharing_their_prompt_score_as_each_alone() {
         }
     }
 }
+
+/// `rm.warmup_fraction` sets the warm-up only when `optim.warmup_steps` is left at 0; a
+/// warm-up given in steps is kept (and stored with the run).
+#[test]
+fn warmup_given_in_steps_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = common::pretrained(dir.path());
+    let pairs = dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            format!(
+                r#"{{"prompt": "What is {i} + 1?", "chosen": "It is {}.", "rejected": "No.", "rating": "better", "safety": false}}"#,
+                i + 1
+            )
+        })
+        .collect();
+    std::fs::write(&pairs, lines.join("\n")).unwrap();
+    let stored_warmup = |name: &str, extra: &[&str]| -> i64 {
+        let out = dir.path().join(name);
+        let p = pairs.display();
+        let mut sets = vec![
+            format!("data.train=[\"{p}\"]"),
+            format!("data.val=[\"{p}\"]"),
+            "train.batch_size=4".into(),
+            "train.max_steps=40".into(),
+            "train.eval_interval=0".into(),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        kiln::stages::reward::train(&kiln::train::stage::Launch {
+            init: Some(init.clone()),
+            ..kiln::train::stage::Launch::new(&out, &sets)
+        })
+        .unwrap();
+        let config: toml::Table = std::fs::read_to_string(out.join("config.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        config["optim"]["warmup_steps"].as_integer().unwrap()
+    };
+    // 3% of 40 steps is 1.2; at least 5.
+    assert_eq!(stored_warmup("derived", &[]), 5);
+    assert_eq!(stored_warmup("given", &["optim.warmup_steps=3"]), 3);
+}

@@ -85,7 +85,8 @@ pub struct RmSection {
     pub margin: MarginTable,
     /// Safety RM: share of helpfulness pairs in its mix (paper: 10%).
     pub helpfulness_share: f64,
-    /// Warm-up as a share of all steps, at least 5 steps (paper: 3%).
+    /// Warm-up as a share of all steps, at least 5 steps (paper: 3%); used when
+    /// `optim.warmup_steps` is 0 (the default), which otherwise gives it in steps.
     pub warmup_fraction: f64,
     /// Sigmoid-scale score below which a response counts as unsafe (paper: 0.15).
     pub safety_threshold: f64,
@@ -345,9 +346,9 @@ pub fn train(launch: &Launch) -> Result<RunSummary> {
             r.kind
         );
     }
-    if fresh {
-        // Warm-up: a share of all steps, at least 5 (paper: 3%). Fixed when the run starts:
-        // a resumed run keeps its schedule.
+    if fresh && config.optim.warmup_steps == 0 {
+        // Warm-up: a share of all steps, at least 5 (paper: 3%), unless given in steps.
+        // Fixed when the run starts: a resumed run keeps its schedule.
         let total = config.train.total_steps(train_pairs.len());
         config.optim.warmup_steps = ((total as f64 * r.warmup_fraction).ceil() as u64)
             .max(5)
