@@ -679,7 +679,8 @@ fn load_over<T: StageConfig>(
     Ok(config)
 }
 
-fn one_line(message: &str) -> String {
+/// A multi-line message (a TOML parser's) on one line.
+pub fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

@@ -220,18 +220,7 @@ pub fn rm_eval(
 ) -> Result<()> {
     let device = device::select(device)?;
     let rm = score::load(model, &device.device)?;
-    let read = chat::read_jsonl(input, false, chat::parse_preference)?;
-    let (pairs, lines): (Vec<_>, Vec<_>) = read
-        .records
-        .into_iter()
-        .zip(read.lines)
-        .filter(|(p, _)| subset.keeps(p))
-        .unzip();
-    if pairs.is_empty() {
-        bail!("{}: no {subset:?} pairs", input.display());
-    }
-    let source = |i: usize| format!("{}:{}", input.display(), lines[i]);
-    let report = score::evaluate(&rm, &pairs, batch_size, &source)?;
+    let report = score::evaluate_file(&rm, input, subset, 0, batch_size)?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());

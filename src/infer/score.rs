@@ -167,6 +167,33 @@ impl PairSubset {
     }
 }
 
+/// Evaluates `rm` on the `subset` of the preference pairs in `input` (at most `limit` of them;
+/// 0: all); a pair too long for the model is an error naming its file and line.
+pub fn evaluate_file(
+    rm: &LoadedRm,
+    input: &std::path::Path,
+    subset: PairSubset,
+    limit: usize,
+    batch_size: usize,
+) -> Result<RmReport> {
+    let read = chat::read_jsonl(input, false, chat::parse_preference)?;
+    let (mut pairs, mut lines): (Vec<_>, Vec<_>) = read
+        .records
+        .into_iter()
+        .zip(read.lines)
+        .filter(|(p, _)| subset.keeps(p))
+        .unzip();
+    if limit > 0 {
+        pairs.truncate(limit);
+        lines.truncate(limit);
+    }
+    if pairs.is_empty() {
+        bail!("{}: no {subset:?} pairs", input.display());
+    }
+    let source = |i: usize| format!("{}:{}", input.display(), lines[i]);
+    evaluate(rm, &pairs, batch_size, &source)
+}
+
 /// Accuracy and margins of `rm` on `pairs`; `source(i)` names where pair `i` came from.
 pub fn evaluate(
     rm: &LoadedRm,

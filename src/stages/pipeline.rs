@@ -30,7 +30,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ConfigSource, StageConfig};
-use crate::data::chat;
 use crate::device::ComputeDevice;
 use crate::gym::GymSizes;
 use crate::gym::eval::{EvalOptions, GymReport};
@@ -286,17 +285,13 @@ const RESERVED: [&str; 6] = ["name", "kind", "init", "checkpoint", "config", "ev
 /// Where a completed or started stage stands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
-    Done(Box<StageRecordSummary>),
+    /// Completed, taking this many seconds.
+    Done(f64),
     /// Started; resumes from what it saved (described).
     Resumable(String),
     /// Started but saved nothing to resume from: starts over.
     Restart,
     NotStarted,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct StageRecordSummary {
-    pub wall_s: f64,
 }
 
 /// Reads and checks a recipe: names, kinds, references, and every stage's config (as its own
@@ -305,7 +300,7 @@ pub fn read_recipe(path: &Path, out: &Path) -> Result<Recipe> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read recipe {}", path.display()))?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
+        anyhow!("{}: {}", path.display(), config::one_line(&e.to_string()))
     })?;
     let shown = path.display();
     for key in table.keys() {
@@ -443,7 +438,11 @@ pub fn read_recipe(path: &Path, out: &Path) -> Result<Recipe> {
                 let text = std::fs::read_to_string(&file)
                     .with_context(|| format!("{source}: cannot read config {}", file.display()))?;
                 text.parse::<toml::Table>().map_err(|e| {
-                    anyhow!("{source}: {}: {}", file.display(), one_line(&e.to_string()))
+                    anyhow!(
+                        "{source}: {}: {}",
+                        file.display(),
+                        config::one_line(&e.to_string())
+                    )
                 })?
             }
             None => toml::Table::new(),
@@ -511,7 +510,7 @@ pub fn read_recipe(path: &Path, out: &Path) -> Result<Recipe> {
         Some(value) => {
             let settings: EvalSettings =
                 value.clone().try_into().map_err(|e: toml::de::Error| {
-                    anyhow!("{shown}: [eval]: {}", one_line(&e.to_string()))
+                    anyhow!("{shown}: [eval]: {}", config::one_line(&e.to_string()))
                 })?;
             if settings.batch_size == 0 || settings.max_answer_tokens == 0 {
                 bail!("{shown}: eval.batch_size and eval.max_answer_tokens must be at least 1");
@@ -749,79 +748,49 @@ fn check_config(
         table: config.clone(),
         name: source.to_string(),
     };
-    let given = Some(&given);
-    // Messages of a key the stage does not know already name the recipe and stage.
-    let named = |e: anyhow::Error| {
-        let message = format!("{e:#}");
-        if message.starts_with(source) {
-            anyhow!(message)
-        } else {
-            anyhow!("{source}: {message}")
-        }
-    };
-    let check = |r: Result<()>| r.map_err(named);
-    match kind {
-        StageKind::GymData => {
-            check(config::load_from::<GymDataConfig>(given, &[]).map(drop))?;
-            Ok(Some(dir.to_path_buf()))
-        }
-        StageKind::Pretrain => {
-            check(config::load_from::<config::Config>(given, &[]).map(drop))?;
-            Ok(Some(dir.to_path_buf()))
-        }
-        StageKind::Sft => {
-            check(config::load_from::<sft::SftConfig>(given, &[]).map(drop))?;
-            Ok(Some(dir.to_path_buf()))
-        }
-        StageKind::Gatt => {
-            check(config::load_from::<gatt::GattConfig>(given, &[]).map(drop))?;
-            Ok(Some(dir.to_path_buf()))
-        }
-        StageKind::Rm => {
-            check(config::load_from::<reward::RmConfig>(given, &[]).map(drop))?;
-            Ok(Some(dir.to_path_buf()))
-        }
-        StageKind::Rs => {
-            let c = config::load_from::<rs::RsConfig>(given, &[]).map_err(named)?;
-            // The policy of the last round.
-            Ok(Some(dir.join(format!("round-{}", c.rs.iterations))))
-        }
-        StageKind::Ppo => {
-            check(config::load_from::<ppo::PpoConfig>(given, &[]).map(drop))?;
-            Ok(Some(dir.to_path_buf()))
-        }
-        StageKind::Eval => {
-            check(config::load_from::<EvalOnlyConfig>(given, &[]).map(drop))?;
-            Ok(None)
-        }
+    fn load<T: StageConfig>(given: &ConfigSource, source: &str) -> Result<T> {
+        // Messages of a key the stage does not know already name the recipe and stage.
+        config::load_from(Some(given), &[]).map_err(|e| {
+            let message = format!("{e:#}");
+            if message.starts_with(source) {
+                anyhow!(message)
+            } else {
+                anyhow!("{source}: {message}")
+            }
+        })
     }
-}
-
-fn one_line(message: &str) -> String {
-    message.split_whitespace().collect::<Vec<_>>().join(" ")
+    let run_dir = Some(dir.to_path_buf());
+    Ok(match kind {
+        StageKind::GymData => load::<GymDataConfig>(&given, source).map(|_| run_dir)?,
+        StageKind::Pretrain => load::<config::Config>(&given, source).map(|_| run_dir)?,
+        StageKind::Sft => load::<sft::SftConfig>(&given, source).map(|_| run_dir)?,
+        StageKind::Gatt => load::<gatt::GattConfig>(&given, source).map(|_| run_dir)?,
+        StageKind::Rm => load::<reward::RmConfig>(&given, source).map(|_| run_dir)?,
+        StageKind::Ppo => load::<ppo::PpoConfig>(&given, source).map(|_| run_dir)?,
+        // The policy of the last round.
+        StageKind::Rs => {
+            let c = load::<rs::RsConfig>(&given, source)?;
+            Some(dir.join(format!("round-{}", c.rs.iterations)))
+        }
+        StageKind::Eval => load::<EvalOnlyConfig>(&given, source).map(|_| None)?,
+    })
 }
 
 /// Where each stage of `recipe` stands in its output directory.
 pub fn progress(recipe: &Recipe) -> Result<Vec<Progress>> {
-    recipe
-        .stages
-        .iter()
-        .map(|s| stage_progress(recipe, s))
-        .collect()
+    recipe.stages.iter().map(stage_progress).collect()
 }
 
-fn stage_progress(recipe: &Recipe, stage: &PlannedStage) -> Result<Progress> {
+fn stage_progress(stage: &PlannedStage) -> Result<Progress> {
     let record_path = stage.dir.join(STAGE_FILE);
     if record_path.is_file() {
-        let record = read_record(&record_path)?;
-        return Ok(Progress::Done(Box::new(StageRecordSummary {
-            wall_s: record.wall_s,
-        })));
+        return Ok(Progress::Done(
+            read_json::<StageRecord>(&record_path)?.wall_s,
+        ));
     }
     if !stage.dir.exists() {
         return Ok(Progress::NotStarted);
     }
-    let _ = recipe;
     Ok(match stage.kind {
         StageKind::Rs if stage.dir.join(checkpoint::CONFIG_FILE).is_file() => {
             Progress::Resumable("its rounds so far".into())
@@ -836,7 +805,8 @@ fn stage_progress(recipe: &Recipe, stage: &PlannedStage) -> Result<Progress> {
     })
 }
 
-fn read_record(path: &Path) -> Result<StageRecord> {
+/// Reads a JSON file the run wrote (`plan.json`, `stage.json`, `eval.json`).
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
@@ -869,11 +839,7 @@ fn check_out(recipe: &Recipe, args: &PipelineArgs) -> Result<()> {
             out.join(PLAN_FILE).display()
         );
     }
-    let earlier: Vec<PlanEntry> = serde_json::from_str(
-        &std::fs::read_to_string(out.join(PLAN_FILE))
-            .with_context(|| format!("cannot read {}", out.join(PLAN_FILE).display()))?,
-    )
-    .map_err(|e| anyhow!("{}: {e}", out.join(PLAN_FILE).display()))?;
+    let earlier: Vec<PlanEntry> = read_json(&out.join(PLAN_FILE))?;
     for old in &earlier {
         let now = recipe.stages.iter().find(|s| s.name == old.name);
         let started = out.join(&old.name).exists();
@@ -925,7 +891,7 @@ fn check_out(recipe: &Recipe, args: &PipelineArgs) -> Result<()> {
             }
             continue;
         }
-        let record = read_record(&record_path)?;
+        let record = read_json::<StageRecord>(&record_path)?;
         same_config(
             recipe,
             stage,
@@ -966,7 +932,7 @@ fn same_config(
     what: &str,
 ) -> Result<()> {
     let then: toml::Table = then.parse().map_err(|e: toml::de::Error| {
-        anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
+        anyhow!("{}: {}", path.display(), config::one_line(&e.to_string()))
     })?;
     let (then, now) = (
         config::flatten(&then),
@@ -1051,7 +1017,7 @@ fn train_stage(
         )?;
     }
     let launch = Launch {
-        config: (!resume).then_some(given),
+        config: (!resume).then(|| given.clone()),
         overrides: Vec::new(),
         init: stage.init.clone(),
         out_dir: stage.dir.clone(),
@@ -1067,10 +1033,6 @@ fn train_stage(
     };
     Ok(match stage.kind {
         StageKind::GymData => {
-            let given = ConfigSource::Table {
-                table: stage.config.clone(),
-                name: stage.source(&recipe.path),
-            };
             let c: GymDataConfig = config::load_from(Some(&given), &[])?;
             let summary = crate::gym::generate(&stage.dir, c.gym.seed, &c.gym.sizes)?;
             Trained {
@@ -1130,26 +1092,12 @@ fn evaluate(recipe: &Recipe, stage: &PlannedStage, device: &ComputeDevice) -> Re
             reward::RmKind::Safety => PairSubset::All,
         };
         let input = data.join("pref_heldout.jsonl");
-        let read = chat::read_jsonl(&input, false, chat::parse_preference)?;
-        let (mut pairs, mut lines): (Vec<_>, Vec<_>) = read
-            .records
-            .into_iter()
-            .zip(read.lines)
-            .filter(|(p, _)| subset.keeps(p))
-            .unzip();
-        if settings.limit > 0 {
-            pairs.truncate(settings.limit);
-            lines.truncate(settings.limit);
-        }
-        if pairs.is_empty() {
-            bail!("{}: no {subset:?} pairs", input.display());
-        }
-        let source = |i: usize| format!("{}:{}", input.display(), lines[i]);
-        return Ok(StageEval::RewardModel(score::evaluate(
+        return Ok(StageEval::RewardModel(score::evaluate_file(
             &rm,
-            &pairs,
+            &input,
+            subset,
+            settings.limit,
             settings.batch_size,
-            &source,
         )?));
     }
     let loaded = convert::load_model(&model, &device.device, Default::default())?;
@@ -1194,7 +1142,7 @@ pub fn plan(args: &PipelineArgs) -> Result<String> {
             _ if rerun_at.is_some_and(|at| i >= at) && *state != Progress::NotStarted => {
                 "rerun (--rerun-from)".to_string()
             }
-            Progress::Done(r) => format!("done ({})", duration(r.wall_s)),
+            Progress::Done(wall_s) => format!("done ({})", duration(*wall_s)),
             Progress::Resumable(from) => format!("resumes from {from}"),
             Progress::Restart => "starts over (interrupted before its first checkpoint)".into(),
             Progress::NotStarted => "to run".into(),
@@ -1299,21 +1247,13 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineSummary> {
         // Ctrl-C during a step that does not check for it (an evaluation, the gym's files)
         // stops the run before the next stage.
         if crate::train::run_dir::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
-            crate::stages::report::write(&recipe.out)?;
-            return Ok(PipelineSummary {
-                interrupted: Some(stage.name.clone()),
-                table: crate::stages::report::table_text(&recipe.out)?,
-            });
+            return summary(&recipe, Some(&stage.name));
         }
         let started = Instant::now();
         let trained = train_stage(&recipe, stage, resume, &args.device)
             .with_context(|| format!("stage `{}`", stage.name))?;
         if trained.interrupted {
-            crate::stages::report::write(&recipe.out)?;
-            return Ok(PipelineSummary {
-                interrupted: Some(stage.name.clone()),
-                table: crate::stages::report::table_text(&recipe.out)?,
-            });
+            return summary(&recipe, Some(&stage.name));
         }
         let eval_started = Instant::now();
         if stage.evaluate {
@@ -1345,8 +1285,17 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineSummary> {
         eprintln!("{header}: done in {}", duration(record.wall_s));
         crate::stages::report::write(&recipe.out)?;
     }
+    summary(&recipe, None)
+}
+
+/// The table to print, at the end or where the run was interrupted (the report, written
+/// after each completed stage, is redrawn then to show where it stopped).
+fn summary(recipe: &Recipe, interrupted: Option<&str>) -> Result<PipelineSummary> {
+    if interrupted.is_some() {
+        crate::stages::report::write(&recipe.out)?;
+    }
     Ok(PipelineSummary {
-        interrupted: None,
+        interrupted: interrupted.map(String::from),
         table: crate::stages::report::table_text(&recipe.out)?,
     })
 }

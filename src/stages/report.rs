@@ -44,15 +44,11 @@ impl StageView {
     }
 }
 
+/// A JSON file of the run, if it was written.
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(Some(
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?,
-    ))
+    path.is_file()
+        .then(|| pipeline::read_json(path))
+        .transpose()
 }
 
 fn read_views(out: &Path) -> Result<Vec<StageView>> {
@@ -227,6 +223,15 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(230, 140, 0),
     RGBColor(120, 80, 40),
 ];
+
+/// Named lines as chart series, each in the next colour of the palette.
+fn coloured(lines: &[(String, Points)]) -> Vec<Series<'_>> {
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, (name, points))| (name.as_str(), points, PALETTE[i % PALETTE.len()]))
+        .collect()
+}
 
 /// Expected maximum of `k` answers drawn without replacement from these `rewards`: the
 /// order-statistics estimate over all k-subsets, from one set of K samples.
@@ -419,11 +424,7 @@ pub fn write(out: &Path) -> Result<PathBuf> {
                     (v.plan.name.clone(), points)
                 })
                 .collect();
-            let series: Vec<Series> = lines
-                .iter()
-                .enumerate()
-                .map(|(i, (name, points))| (name.as_str(), points, PALETTE[i % PALETTE.len()]))
-                .collect();
+            let series = coloured(&lines);
             plot::stacked_charts(
                 &charts.join("compliance.png"),
                 &[Panel {
@@ -560,11 +561,7 @@ pub fn write(out: &Path) -> Result<PathBuf> {
                 .into_iter()
                 .map(|(round, c)| (format!("round {round}"), c))
                 .collect();
-            let series: Vec<Series> = named
-                .iter()
-                .enumerate()
-                .map(|(i, (n, c))| (n.as_str(), c, PALETTE[i % PALETTE.len()]))
-                .collect();
+            let series = coloured(&named);
             let png = format!("{}-k-curve.png", v.plan.name);
             plot::stacked_charts(
                 &charts.join(&png),
