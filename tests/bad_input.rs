@@ -298,6 +298,16 @@ fn tokenizer_that_does_not_match_the_model_or_is_malformed() {
         &["--set", &format!("data.tokenizer=\"{}\"", bad.display())],
     );
     assert_fails(&out, &["tok.json"]);
+    // Item 9: as many tokens as the model's vocabulary, but one id far past it.
+    let sparse = dir.path().join("sparse.json");
+    std::fs::write(&sparse, common::sparse_tokenizer_json()).unwrap();
+    let out = pretrain(
+        &dir.path().join("o3"),
+        &corpus,
+        &["--set", &format!("data.tokenizer=\"{}\"", sparse.display())],
+    );
+    assert_fails(&out, &["sparse.json", "99999", "model.vocab_size"]);
+    assert!(!dir.path().join("o3").exists());
 }
 
 /// Sizes and values no model can have are refused before anything is allocated, naming the
@@ -519,4 +529,76 @@ fn one_error(output: &Output) -> String {
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     errors[0].to_string()
+}
+
+/// Item 1: a run whose weights blow up saves no checkpoint of them and prunes none before
+/// them: the newest good checkpoint survives, loadable and finite.
+#[test]
+fn diverged_run_keeps_its_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let hamlet = repo("data/shakespeare/hamlet.txt").display().to_string();
+    let sets = [
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "train.max_steps=6",
+        "train.checkpoint_interval=1",
+        "train.keep_checkpoints=1",
+    ];
+    let extra: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+    let output = pretrain(&out, &hamlet, &extra);
+    let error = one_error(&output);
+    assert!(
+        error.contains("diverged") && error.contains("not finite"),
+        "{error}"
+    );
+    let kept = kiln::interop::checkpoint::list(&out.join("checkpoints")).unwrap();
+    assert!(!kept.is_empty(), "the last good checkpoint was pruned");
+    let saved = kiln::interop::checkpoint::load(&kept.last().unwrap().1).unwrap();
+    assert!(
+        saved
+            .model
+            .iter()
+            .all(|t| t.values.iter().all(|v| v.is_finite())),
+        "a checkpoint of non-finite weights was written"
+    );
+}
+
+/// Item 2: `--config OUT/config.toml` on a new run is refused, and the user's file (comments
+/// and all) is left as it was.
+#[test]
+fn config_file_inside_out_is_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let text = "# my notes on this run\n[train]\nmax_steps = 2 # short\n";
+    std::fs::write(&config, text).unwrap();
+    let hamlet = repo("data/shakespeare/hamlet.txt").display().to_string();
+    let output = pretrain(dir.path(), &hamlet, &["--config", config.to_str().unwrap()]);
+    assert_fails(&output, &["config.toml", "--out"]);
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), text);
+    assert!(!dir.path().join("checkpoints").exists());
+}
+
+/// Item 19: a prompt that fills the model's context is an error saying so, not an empty
+/// answer with exit code 0.
+#[test]
+fn generate_refuses_a_prompt_that_leaves_no_room() {
+    let model = trained_run().display().to_string();
+    let prompt = "word ".repeat(200);
+    let output = kiln(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--model",
+        &model,
+        "--prompt",
+        &prompt,
+        "--max-tokens",
+        "8",
+    ]);
+    let error = one_error(&output);
+    assert!(
+        error.contains("no room to generate") && error.contains("context of 32"),
+        "{error}"
+    );
 }

@@ -779,6 +779,41 @@ fn bad_model_files_fail_clearly_and_write_nothing() {
     );
     assert_nothing_written(&out);
 
+    // Issue 14, item 13: a tensor with a dimension of 0.
+    let zero = TensorToWrite {
+        name: "blk.0.attn_q.weight".into(),
+        shape: vec![8, 0],
+        ggml_type: GgmlType::F32,
+        bytes: Vec::new(),
+    };
+    let zerodim = dir.path().join("zerodim.gguf");
+    std::fs::write(&zerodim, gguf_writer::write(&metadata, &[zero])).unwrap();
+    kiln_fails(
+        &["convert", &arg(&zerodim), "--out", &arg(&out)],
+        &["zerodim.gguf", "blk.0.attn_q.weight", "dimension of 0"],
+    );
+    // Item 10: a Hugging Face directory whose tokenizer has an id past the vocabulary.
+    let sparse = dir.path().join("sparse");
+    copy_dir(&hf, &sparse);
+    std::fs::write(
+        sparse.join("tokenizer.json"),
+        common::sparse_tokenizer_json(),
+    )
+    .unwrap();
+    kiln_fails(
+        &[
+            "generate",
+            "--device",
+            "cpu",
+            "--model",
+            &arg(&sparse),
+            "--prompt",
+            "Stop!",
+        ],
+        &["sparse", "99999", "vocabulary of 2048"],
+    );
+    assert_nothing_written(&out);
+
     // An existing output directory is never overwritten.
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();

@@ -183,6 +183,31 @@ fn reward_model_learns_and_resumes_exactly() {
         "{stderr}"
     );
     assert!(!scored.exists());
+    // The same for `kiln rm eval` on a pair with such an answer (issue 14, item 12).
+    let pairs = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        format!(
+            "{{\"prompt\": \"Hi\", \"chosen\": \"Hello.\", \"rejected\": \"No.\", \"rating\": \"better\"}}\n{{\"prompt\": \"Hi\", \"chosen\": \"{long}\", \"rejected\": \"No.\", \"rating\": \"better\"}}\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["rm", "eval", "--device", "cpu", "--model"])
+        .arg(&run)
+        .arg("--input")
+        .arg(&pairs)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pairs.jsonl:2") && stderr.contains("context of 64"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -235,6 +260,46 @@ fn gatt_learns_and_resumes_exactly_from_its_own_config() {
     assert!(
         last < first - 0.5,
         "GAtt should lower the loss: {first} -> {last}"
+    );
+}
+
+/// Issue 14, item 3: a bad input of GAtt is reported before any sampling, and an earlier
+/// samples file in `--out` is left as it was.
+#[test]
+fn gatt_checks_every_input_before_it_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = pretrained(dir.path());
+    let instructions = dir.path().join("instructions.jsonl");
+    std::fs::write(&instructions, "{\"text\": \"Be brief.\"}\n").unwrap();
+    let dialogues = dir.path().join("dialogues.jsonl");
+    std::fs::write(
+        &dialogues,
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]}"#,
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": 3}\n").unwrap();
+    let out = dir.path().join("gatt");
+    std::fs::create_dir_all(&out).unwrap();
+    let earlier = "{\"messages\": []} earlier samples\n";
+    std::fs::write(out.join(gatt::SAMPLES_FILE), earlier).unwrap();
+    let e = gatt::run(&Launch {
+        init: Some(init),
+        ..Launch::new(
+            &out,
+            &[
+                format!("gatt.dialogues=[\"{}\"]", dialogues.display()),
+                format!("gatt.instructions=\"{}\"", instructions.display()),
+                format!("data.train=[\"{}\"]", bad.display()),
+            ],
+        )
+    })
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("bad.jsonl:1"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(out.join(gatt::SAMPLES_FILE)).unwrap(),
+        earlier
     );
 }
 

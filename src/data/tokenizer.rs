@@ -75,8 +75,13 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The vocabulary the model needs for this tokenizer: one past its largest id (ids need
+    /// not be dense: a tokenizer of 2,048 tokens may still emit id 99,999).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        let largest = self.inner.get_vocab(true).into_values().max();
+        largest
+            .map_or(0, |id| id as usize + 1)
+            .max(self.inner.get_vocab_size(true))
     }
 
     /// Token ids of `text`, without BOS/EOS (the data pipeline adds document boundaries).

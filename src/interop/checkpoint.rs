@@ -165,7 +165,18 @@ pub fn step_dir_name(step: u64) -> String {
 
 /// Writes a checkpoint under `checkpoints_dir/step-NNNNNNNN` atomically and prunes old ones so
 /// that `keep` remain. Returns the checkpoint's directory.
+///
+/// Weights holding NaN or infinity (a diverged run) are refused before anything is written
+/// or pruned, so the newest good checkpoint always survives.
 pub fn save(checkpoints_dir: &Path, data: &CheckpointData, keep: usize) -> Result<PathBuf> {
+    let mut tensors = data.extra.iter().flat_map(|(_, t)| t).chain(&data.model);
+    if let Some(bad) = tensors.find(|t| t.values.iter().any(|v| !v.is_finite())) {
+        bail!(
+            "training diverged by step {}: weight {} is not finite; its checkpoint was not written and the earlier ones are kept",
+            data.step,
+            bad.name
+        );
+    }
     std::fs::create_dir_all(checkpoints_dir)
         .map_err(|e| anyhow!("cannot create {}: {e}", checkpoints_dir.display()))?;
     remove_partials(checkpoints_dir);

@@ -180,9 +180,9 @@ impl ForeignModel {
             .map_err(|e| anyhow!("{}: {e}", source.display()))?;
         if tokenizer.vocab_size() > self.model_config.vocab_size {
             bail!(
-                "{}: the tokenizer has {} tokens, the model's vocabulary only {}",
+                "{}: the tokenizer's ids go up to {}, past the model's vocabulary of {}",
                 source.display(),
-                tokenizer.vocab_size(),
+                tokenizer.vocab_size() - 1,
                 self.model_config.vocab_size
             );
         }

@@ -341,6 +341,14 @@ impl GgufFile {
                 bail!("tensor {name} has {n_dims} dimensions");
             }
             let dims = (0..n_dims).map(|_| c.u64()).collect::<Result<Vec<_>>>()?;
+            // Sizes are bounded here, once, so no later reader divides by zero or wraps.
+            if dims.contains(&0) {
+                bail!("tensor {name} has a dimension of 0 ({dims:?})");
+            }
+            let elements = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+            if elements.is_none_or(|n| n > (isize::MAX as u64) / 4) {
+                bail!("tensor {name} has dimensions {dims:?}, too many values for memory");
+            }
             let ggml_type = GgmlType(c.u32()?);
             let offset = c.u64()?;
             tensors.push(TensorInfo {

@@ -643,7 +643,7 @@ fn read_config(launch: &Launch) -> Result<(RunDir, PpoConfig)> {
             toml::Value::String(init.display().to_string())
         ));
     }
-    let run = RunDir::check(&launch.out_dir, launch.resume)?;
+    let run = RunDir::check(&launch.out_dir, launch.resume, launch.config.as_ref())?;
     let config = match &run.resume_from {
         Some(dir) => {
             let manifest = checkpoint::read_manifest(dir)?;

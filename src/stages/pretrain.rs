@@ -35,10 +35,11 @@ impl Stage for Pretrain {
         let tokenizer = Tokenizer::load(&config.data.tokenizer)?;
         if tokenizer.vocab_size() != config.model.vocab_size {
             bail!(
-                "model.vocab_size is {} but the tokenizer {} has {} tokens",
+                "model.vocab_size is {} but the tokenizer {} needs {} (its largest id is {})",
                 config.model.vocab_size,
                 config.data.tokenizer.display(),
-                tokenizer.vocab_size()
+                tokenizer.vocab_size(),
+                tokenizer.vocab_size() - 1
             );
         }
         Ok((Llama::new(&config.model, seed, device), tokenizer))

@@ -742,6 +742,7 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
             &overrides,
         )?
     } else {
+        crate::train::run_dir::refuse_config_in_place(&config_path, launch.config.as_ref())?;
         let taken = config_path.exists()
             || std::fs::read_dir(out)
                 .map(|entries| {

@@ -1,7 +1,7 @@
 //! A run's output directory, the same for every stage:
 //!
 //! ```text
-//! OUT/config.toml      the run's resolved configuration (what --resume reads)
+//! OUT/config.toml      the run's resolved configuration, written with its first checkpoint
 //! OUT/metrics.jsonl    one JSON object per step and per evaluation
 //! OUT/checkpoints/     step-NNNNNNNN/ written atomically, the newest `keep_checkpoints` kept
 //! ```
@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::config::ConfigSource;
 use crate::data::corpus::DataCursor;
 use crate::interop::checkpoint::{self, CheckpointData};
 
@@ -84,7 +85,11 @@ impl RunDir {
     /// Makes sure `path` can take this run, before any work starts: a new run needs a
     /// place without checkpoints, `--resume` one with a checkpoint. Creates nothing: call
     /// [`RunDir::create`] once the run's inputs have been checked.
-    pub fn check(path: &Path, resume: bool) -> Result<Self> {
+    ///
+    /// A new run writes `OUT/config.toml`, so `--config OUT/config.toml` (a user's own file,
+    /// comments and all) is refused rather than replaced. A resumed run's `config.toml` is
+    /// the one kiln wrote, and is rewritten with the keys changed on resume.
+    pub fn check(path: &Path, resume: bool, config: Option<&ConfigSource>) -> Result<Self> {
         let existing = checkpoint::list(&checkpoints_dir(path))?;
         match (resume, existing.last()) {
             (false, Some(_)) => bail!(
@@ -93,6 +98,9 @@ impl RunDir {
             ),
             (true, None) => bail!("--resume: {} holds no checkpoint to resume", path.display()),
             _ => {}
+        }
+        if !resume {
+            refuse_config_in_place(&path.join(CONFIG_FILE), config)?;
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -113,13 +121,35 @@ impl RunDir {
 
     /// Stores the run's resolved configuration in `OUT/config.toml` (atomically).
     pub fn write_config(&self, config_toml: &str) -> Result<()> {
-        checkpoint::write_atomic(&self.path.join("config.toml"), config_toml.as_bytes())
+        checkpoint::write_atomic(&self.path.join(CONFIG_FILE), config_toml.as_bytes())
     }
 
     /// Writes a checkpoint atomically, keeping the newest `keep`.
     pub fn save(&self, data: &CheckpointData, keep: usize) -> Result<PathBuf> {
         checkpoint::save(&checkpoints_dir(&self.path), data, keep)
     }
+}
+
+/// Where a run stores its resolved configuration.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Refuses a `--config` file that is `target`, the file a new run is about to write.
+pub fn refuse_config_in_place(target: &Path, config: Option<&ConfigSource>) -> Result<()> {
+    let Some(ConfigSource::File(given)) = config else {
+        return Ok(());
+    };
+    let same = match (std::fs::canonicalize(given), std::fs::canonicalize(target)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        bail!(
+            "--config {} is the file this run writes its resolved configuration to: move it out of --out {} (kiln never replaces a file it was given)",
+            given.display(),
+            target.parent().unwrap_or(target).display()
+        );
+    }
+    Ok(())
 }
 
 fn checkpoints_dir(out_dir: &Path) -> PathBuf {

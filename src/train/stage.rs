@@ -176,7 +176,7 @@ pub fn launch<S: Stage>(launch: &Launch) -> Result<Started<S>> {
 pub fn launch_with<S: Stage>(launch: &Launch, config: Option<S::Config>) -> Result<Started<S>> {
     let given = config;
     let autodiff = launch.device.device.clone().autodiff();
-    let run = RunDir::check(&launch.out_dir, launch.resume)?;
+    let run = RunDir::check(&launch.out_dir, launch.resume, launch.config.as_ref())?;
     let (config, model, optimizer, tokenizer, state) = match run.resume_from.clone() {
         Some(dir) => {
             let saved = checkpoint::load(&dir)?;

@@ -72,7 +72,9 @@ pub fn run<S: Stage>(
         state.schedule_steps = max_steps;
     }
     let resumed_from = run.resume_from.clone();
-    run.write_config(&config_toml)?;
+    // The run's config.toml is written with its first checkpoint: a run that fails before
+    // it (a diverged resume) leaves the stored configuration as it was.
+    let config_written = std::cell::Cell::new(false);
     let mut batches = ShuffledIndices::new(objective.len(), state.seed, state.data);
     let mut metrics = MetricsLog::open(&run.path, resumed_from.as_ref().map(|_| state.step))?;
     let tokenizer_json = tokenizer.to_json()?;
@@ -94,7 +96,11 @@ pub fn run<S: Stage>(
             tokenizer_json: tokenizer_json.clone(),
             extra: Vec::new(),
         };
-        run.save(&data, train.keep_checkpoints)
+        let saved = run.save(&data, train.keep_checkpoints)?;
+        if !config_written.replace(true) {
+            run.write_config(&config_toml)?;
+        }
+        Ok(saved)
     };
 
     while state.step < max_steps {

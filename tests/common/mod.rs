@@ -171,3 +171,18 @@ pub fn pretrained(dir: &Path) -> PathBuf {
     kiln::stages::pretrain::run(&kiln::train::stage::Launch::new(&out, &overrides), false).unwrap();
     out
 }
+
+/// The Shakespeare tokenizer with its last token's id moved from 2047 to 99999: as many
+/// tokens as a 2048-row vocabulary, but an id no such model can embed.
+pub fn sparse_tokenizer_json() -> String {
+    let text = std::fs::read_to_string(repo("data/shakespeare/tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vocab = json["model"]["vocab"].as_object_mut().unwrap();
+    let last = vocab
+        .iter()
+        .find(|(_, id)| id.as_u64() == Some(2047))
+        .map(|(token, _)| token.clone())
+        .unwrap();
+    vocab.insert(last, 99999.into());
+    json.to_string()
+}
