@@ -489,6 +489,7 @@ pub fn generate(
     let greedy = crate::infer::generate::SamplingParams {
         temperature: 0.0,
         top_p: 1.0,
+        min_p: 0.0,
         max_tokens: new_tokens,
     };
     // No token id is u32::MAX: every row runs the full `new_tokens`.

@@ -679,6 +679,16 @@ fn load_over<T: StageConfig>(
     Ok(config)
 }
 
+/// How a config value is written in a config file (`"small"`, `"all"`), for messages: what
+/// the user would type, never a Rust variant name.
+pub fn name_of<T: Serialize>(value: &T) -> String {
+    match toml::Value::try_from(value) {
+        Ok(toml::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
+}
+
 /// A multi-line message (a TOML parser's) on one line.
 pub fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -687,18 +697,42 @@ pub fn one_line(message: &str) -> String {
 fn check_known_keys(known: &toml::Table, table: &toml::Table, source: &str) -> Result<()> {
     for (section, value) in table {
         let Some(known_section) = known.get(section).and_then(|v| v.as_table()) else {
-            bail!("{source}: unknown section [{section}]");
+            let sections: Vec<&String> = known.keys().collect();
+            bail!(
+                "{source}: unknown section [{section}]{}",
+                nearest(section, sections.iter().map(|s| s.as_str()))
+                    .map_or(String::new(), |s| format!(" (did you mean [{s}]?)"))
+            );
         };
         let Some(keys) = value.as_table() else {
             bail!("{source}: [{section}] must be a table");
         };
         for key in keys.keys() {
             if !known_section.contains_key(key) {
-                bail!("{source}: unknown key {section}.{key}");
+                bail!(
+                    "{source}: unknown key {section}.{key}{}",
+                    did_you_mean(known, &format!("{section}.{key}"))
+                );
             }
         }
     }
     Ok(())
+}
+
+/// " (did you mean `section.key`?)" when a known key is a likely typo of `name`, else "".
+fn did_you_mean(known: &toml::Table, name: &str) -> String {
+    let keys: Vec<String> = flatten(known).into_iter().map(|(k, _)| k).collect();
+    nearest(name, keys.iter().map(String::as_str))
+        .map_or(String::new(), |k| format!(" (did you mean {k}?)"))
+}
+
+/// The candidate closest to `name` by edit distance, if it is close enough to be a typo.
+fn nearest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| (strsim::levenshtein(name, c), c))
+        .filter(|&(d, c)| d > 0 && d <= 2.max(c.len() / 4))
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c)
 }
 
 /// Applies one `--set section.key=value`; the value is read as TOML, or as a string.
@@ -714,12 +748,26 @@ fn apply_override(known: &toml::Table, table: &mut toml::Table, item: &str) -> R
         .get(section)
         .and_then(|s| s.as_table())
         .and_then(|s| s.get(key))
-        .ok_or_else(|| anyhow!("--set: unknown key {section}.{key}"))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "--set: unknown key {section}.{key}{}",
+                did_you_mean(known, &format!("{section}.{key}"))
+            )
+        })?;
     let raw = raw.trim();
     let value = match format!("v = {raw}").parse::<toml::Table>() {
         Ok(mut t) => t.remove("v").expect("parsed key"),
         Err(_) => toml::Value::String(raw.to_string()),
     };
+    // A word where a number or switch belongs is the `--set`'s mistake, not a config file's.
+    let expected = match known_value {
+        toml::Value::Float(_) | toml::Value::Integer(_) => Some("a number"),
+        toml::Value::Boolean(_) => Some("true or false"),
+        _ => None,
+    };
+    if let (Some(expected), toml::Value::String(_)) = (expected, &value) {
+        bail!("--set {item}: {section}.{key} takes {expected}, not {raw:?}");
+    }
     // Integers written where a float is expected are fine ("optim.lr=1").
     let value = match (known_value, value) {
         (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
@@ -761,6 +809,21 @@ mod tests {
         assert_eq!(c.train.batch_size, 3);
         let e = Config::load(None, &["optim.lrr=1".into()]).unwrap_err();
         assert!(e.to_string().contains("optim.lrr"), "{e}");
+        assert!(e.to_string().contains("did you mean optim.lr?"), "{e}");
+        let e = Config::load(None, &["train.max_step=1".into()]).unwrap_err();
+        assert!(
+            e.to_string().contains("did you mean train.max_steps?"),
+            "{e}"
+        );
+        let e = Config::load(None, &["optim.zzzzzz=1".into()]).unwrap_err();
+        assert!(!e.to_string().contains("did you mean"), "{e}");
+        // A word for a number blames the --set, naming the key.
+        let e = Config::load(None, &["optim.lr=abc".into()]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--set optim.lr=abc: optim.lr takes a number"),
+            "{e}"
+        );
         let e = Config::load(None, &["train.batch_size=0".into()]).unwrap_err();
         assert!(e.to_string().contains("train.batch_size"), "{e}");
         let e = Config::load(None, &["train.batch_size=\"x\"".into()]).unwrap_err();

@@ -602,3 +602,30 @@ fn generate_refuses_a_prompt_that_leaves_no_room() {
         "{error}"
     );
 }
+
+/// Sibling found on the way: an output given as a bare file name (its parent is "") was
+/// written, then reported as an error when its directory was synced.
+#[test]
+fn a_bare_output_file_name_is_written_without_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(dir.path())
+        .args([
+            "tokenizer",
+            "train",
+            "--vocab-size",
+            "300",
+            "--out",
+            "tok.json",
+            "--input",
+        ])
+        .arg(repo("data/shakespeare/hamlet.txt"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    kiln::data::tokenizer::Tokenizer::load(&dir.path().join("tok.json")).unwrap();
+}

@@ -421,6 +421,7 @@ fn batched_generation_of_unequal_prompts_equals_one_at_a_time() {
     let greedy = kiln::infer::generate::SamplingParams {
         temperature: 0.0,
         top_p: 1.0,
+        min_p: 0.0,
         max_tokens: 6,
     };
     // Stop id 0 is never produced by chance often enough to matter; pad id 0 is masked.
@@ -509,6 +510,7 @@ fn generation_reports_log_probs_and_how_each_sequence_ended() {
     let params = SamplingParams {
         temperature: 0.7,
         top_p: 0.9,
+        min_p: 0.0,
         max_tokens: 6,
     };
     // Stop id 0: a row that draws it ends with `eos`, the others after 6 tokens (`length`).
@@ -554,6 +556,7 @@ fn generation_reports_log_probs_and_how_each_sequence_ended() {
     let greedy = SamplingParams {
         temperature: 0.0,
         top_p: 1.0,
+        min_p: 0.0,
         max_tokens: 6,
     };
     let first = go(&prompts[..1], &greedy, 0).unwrap()[0].clone();

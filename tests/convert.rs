@@ -215,6 +215,26 @@ fn kiln_to_hf_to_kiln_is_identical() {
     assert_same_model(&back, &foreign, "HF export read back");
     assert_eq!(back.template, ChatTemplate::Llama2);
 
+    // A ChatML model's default system prompt travels in the exported chat template
+    // (transformers' apply_chat_template inserts it, as `kiln chat` does).
+    let system = "You are a helpful test model, by kiln";
+    // ChatML's markers in place of the Llama 2 system markers (same ids).
+    let chatml_json = foreign
+        .tokenizer_json
+        .replace("\"<<SYS>>\"", "\"<|im_start|>\"")
+        .replace("\"<</SYS>>\"", "\"<|im_end|>\"");
+    let chat = ForeignModel {
+        template: ChatTemplate::Chatml,
+        default_system: Some(system.into()),
+        tokenizer_json: chatml_json,
+        ..foreign.clone()
+    };
+    let chat_hf = dir.path().join("chat-hf");
+    convert::write(&chat, Format::Hf, &chat_hf).unwrap();
+    let chat_back = convert::read(&chat_hf).unwrap();
+    assert_eq!(chat_back.template, ChatTemplate::Chatml);
+    assert_eq!(chat_back.default_system.as_deref(), Some(system));
+
     // On to a kiln checkpoint, which loads as the model we started from.
     let kiln_dir = dir.path().join("kiln");
     convert::write(&back, Format::Kiln, &kiln_dir).unwrap();
@@ -906,6 +926,7 @@ fn smollm2_knows_the_capital_of_france() {
     let params = kiln::infer::generate::SamplingParams {
         temperature: 0.0,
         top_p: 1.0,
+        min_p: 0.0,
         max_tokens: 30,
     };
     let dialogue = vec![

@@ -327,7 +327,7 @@ fn bad_input_is_refused_before_any_rollout_and_nothing_is_written() {
     };
     let e = run_with(&[], &swapped);
     assert!(
-        e.contains("Safety reward model where the Helpfulness"),
+        e.contains("safety reward model where the helpfulness"),
         "{e}"
     );
     // A value model of another tokenizer (and shape).

@@ -288,7 +288,7 @@ fn bad_input_is_refused_before_sampling_and_nothing_is_written() {
     };
     let e = run_with(&[], &swapped);
     assert!(
-        e.contains("Safety reward model where the Helpfulness"),
+        e.contains("safety reward model where the helpfulness"),
         "{e}"
     );
 

@@ -460,3 +460,126 @@ fn accumulated_micro_batches_weigh_every_answer_token_equally() {
         "uneven answers should skew the mean of means: {skew}"
     );
 }
+
+/// The Shakespeare tokenizer with ChatML's two markers added as special tokens.
+fn chatml_tokenizer() -> Tokenizer {
+    let text = std::fs::read_to_string(repo("data/shakespeare/tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let added = json["added_tokens"].as_array_mut().unwrap();
+    for (id, content) in [(2048, "<|im_start|>"), (2049, "<|im_end|>")] {
+        added.push(serde_json::json!({
+            "id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    }
+    Tokenizer::from_json(&json.to_string()).unwrap()
+}
+
+/// Random message text: words, digits, punctuation, an apostrophe, inner newlines, and
+/// leading or trailing spaces (which the Llama 2 layout trims and ChatML keeps).
+fn random_text(rng: &mut ChaCha8Rng) -> String {
+    const PIECES: [&str; 14] = [
+        "What",
+        "is",
+        "37",
+        "+",
+        "12?",
+        "it's",
+        "Ünïcode",
+        "HAMLET:",
+        "\n",
+        "a b",
+        "(x)",
+        "--",
+        "9",
+        "well.",
+    ];
+    let mut text = String::new();
+    if rng.random_bool(0.2) {
+        text.push(' ');
+    }
+    for i in 0..rng.random_range(1..6) {
+        if i > 0 {
+            text.push(' ');
+        }
+        text.push_str(PIECES[rng.random_range(0..PIECES.len())]);
+    }
+    if rng.random_bool(0.2) {
+        text.push(' ');
+    }
+    text
+}
+
+/// The Jinja `chat_template` of a Hugging Face export, rendered by a Jinja engine and
+/// tokenized as transformers does (special tokens split out), gives exactly the tokens kiln
+/// trains on and prompts with: random dialogues, both templates, with and without a system
+/// message and a default system prompt (`kiln chat` inserts the default when there is none).
+#[test]
+fn exported_jinja_template_renders_the_tokens_kiln_trains_on() {
+    let mut rng = rng();
+    for (template, tok, bos, eos) in [
+        (ChatTemplate::Llama2, tokenizer(), "<s>", "</s>"),
+        (
+            ChatTemplate::Chatml,
+            chatml_tokenizer(),
+            "<|endoftext|>",
+            "<|im_end|>",
+        ),
+    ] {
+        for case in 0..60 {
+            let default_system = (case % 3 == 0).then(|| random_text(&mut rng));
+            let mut messages = Vec::new();
+            if rng.random_bool(0.4) {
+                messages.push(Message::system(random_text(&mut rng)));
+            }
+            for _ in 0..rng.random_range(1..4) {
+                messages.push(Message::user(random_text(&mut rng)));
+                messages.push(Message::assistant(random_text(&mut rng)));
+            }
+            let prompt_only = rng.random_bool(0.5);
+            if prompt_only {
+                messages.pop();
+            }
+            // What kiln renders: the default system prompt first when there is none.
+            let mut with_system = messages.clone();
+            if let Some(system) = &default_system
+                && messages[0].role != kiln::data::chat::Role::System
+            {
+                with_system.insert(0, Message::system(system.clone()));
+            }
+            let expected = if prompt_only {
+                template.encode_prompt(&tok, &with_system).unwrap()
+            } else {
+                template.encode(&tok, &with_system).unwrap().tokens
+            };
+            let jinja = template.jinja(default_system.as_deref());
+            let mut env = minijinja::Environment::new();
+            env.add_template("chat", &jinja).unwrap();
+            let roles = |m: &Message| match m.role {
+                kiln::data::chat::Role::System => "system",
+                kiln::data::chat::Role::User => "user",
+                kiln::data::chat::Role::Assistant => "assistant",
+            };
+            let listed: Vec<_> = messages
+                .iter()
+                .map(|m| minijinja::context! { role => roles(m), content => m.content.clone() })
+                .collect();
+            let rendered = env
+                .get_template("chat")
+                .unwrap()
+                .render(minijinja::context! {
+                    messages => listed,
+                    bos_token => bos,
+                    eos_token => eos,
+                    add_generation_prompt => prompt_only,
+                })
+                .unwrap();
+            assert_eq!(
+                tok.encode(&rendered).unwrap(),
+                expected,
+                "{} template, default system {default_system:?}, rendered {rendered:?}",
+                template.name()
+            );
+        }
+    }
+}

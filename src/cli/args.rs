@@ -165,14 +165,23 @@ pub struct GenerateArgs {
     /// directory, or a GGUF file.
     #[arg(long, visible_alias = "checkpoint")]
     pub model: PathBuf,
+    /// The text to continue (plain text, no chat template; `kiln chat` applies one).
     #[arg(long)]
     pub prompt: String,
+    /// Sampling temperature; 0 is greedy decoding (the most likely token every step).
     #[arg(long, default_value_t = 0.8)]
     pub temperature: f64,
+    /// Nucleus sampling: draw from the smallest set of tokens holding this much probability.
     #[arg(long, default_value_t = 0.95)]
     pub top_p: f64,
+    /// Drop tokens less than this times as likely as the most likely one (llama.cpp's
+    /// min-p; 0: off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f64,
+    /// New tokens at most (fewer if the model's context fills up first).
     #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
+    /// Seed of the sampling generator: the same seed gives the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
@@ -190,14 +199,20 @@ pub struct ChatArgs {
     /// Chat template; default: the model's own.
     #[arg(long, value_enum)]
     pub template: Option<kiln::data::chat::ChatTemplate>,
-    /// 0 is greedy decoding.
+    /// Sampling temperature; 0 is greedy decoding (reproducible answers, as in the README).
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f64,
+    /// Nucleus sampling: draw from the smallest set of tokens holding this much probability.
     #[arg(long, default_value_t = 0.9)]
     pub top_p: f64,
+    /// Drop tokens less than this times as likely as the most likely one (llama.cpp's
+    /// min-p; 0: off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f64,
     /// Longest answer, in tokens.
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
+    /// Seed of the sampling generator.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, value_enum, default_value = "auto")]
@@ -229,8 +244,10 @@ pub struct CurveArgs {
     /// The policy: a kiln checkpoint or run directory, a Hugging Face directory or GGUF.
     #[arg(long)]
     pub policy: PathBuf,
+    /// The helpfulness reward model (a run of `kiln rm train --kind helpfulness`).
     #[arg(long)]
     pub rm_helpful: PathBuf,
+    /// The safety reward model (a run of `kiln rm train --kind safety`).
     #[arg(long)]
     pub rm_safety: PathBuf,
     /// JSONL prompts (`{"prompt", "safety"}`).
@@ -239,17 +256,22 @@ pub struct CurveArgs {
     /// Use the first N prompts (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// Answers per prompt to take the max and median over (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
     pub k: Vec<usize>,
+    /// Sampling temperatures, one curve each (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "0.6,0.8,1.0,1.2,1.4")]
     pub temperatures: Vec<f64>,
+    /// Nucleus sampling threshold (1: off).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
+    /// Longest answer, in tokens.
     #[arg(long, default_value_t = 128)]
     pub max_answer_tokens: usize,
     /// Prompts per generation batch (each with max(K) answers).
     #[arg(long, default_value_t = 4)]
     pub batch_prompts: usize,
+    /// Seed of the sampling generator.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Directory for curve.png and curve.json (created; existing files are not replaced).

@@ -16,22 +16,31 @@ use kiln::interop::convert::{self, Format};
 
 use super::args::{ChatArgs, CurveArgs, GenerateArgs};
 
-fn sampling_params(temperature: f64, top_p: f64, max_tokens: usize) -> Result<SamplingParams> {
+fn sampling_params(
+    temperature: f64,
+    top_p: f64,
+    min_p: f64,
+    max_tokens: usize,
+) -> Result<SamplingParams> {
     if !(temperature >= 0.0) {
         bail!("--temperature must be non-negative");
     }
     if !(top_p > 0.0 && top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
+    if !(0.0..1.0).contains(&min_p) {
+        bail!("--min-p must be in [0, 1)");
+    }
     Ok(SamplingParams {
         temperature,
         top_p,
+        min_p,
         max_tokens,
     })
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let params = sampling_params(a.temperature, a.top_p, a.max_tokens)?;
+    let params = sampling_params(a.temperature, a.top_p, a.min_p, a.max_tokens)?;
     let device = device::select(a.device)?;
     let loaded = convert::load_model(&a.model, &device.device, Default::default())?.loaded;
     eprintln!(
@@ -50,14 +59,14 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     .remove(0);
     println!("{}{}", a.prompt, out.text);
     // The finish reason by its serde name (`eos`, `length`, ...).
-    let finish = format!("{:?}", out.generated.finish).to_lowercase();
+    let finish = kiln::config::name_of(&out.generated.finish);
     eprintln!("finish: {finish} ({} tokens)", out.generated.tokens.len());
     Ok(())
 }
 
 pub fn chat(a: ChatArgs) -> Result<()> {
     use std::io::IsTerminal;
-    let params = sampling_params(a.temperature, a.top_p, a.max_tokens)?;
+    let params = sampling_params(a.temperature, a.top_p, a.min_p, a.max_tokens)?;
     let device = device::select(a.device)?;
     let started = std::time::Instant::now();
     let loaded = convert::load_model(&a.model, &device.device, Default::default())?;
@@ -101,7 +110,7 @@ pub fn convert(input: &Path, out: &Path, to: Option<Format>) -> Result<()> {
     });
     convert::write(&model, to, out)?;
     eprintln!(
-        "{} ({from:?}, {:.1}M parameters, {} template) -> {} ({to:?}) in {:.1}s (read {:.1}s)",
+        "{} ({from}, {:.1}M parameters, {} template) -> {} ({to}) in {:.1}s (read {:.1}s)",
         input.display(),
         model.model_config.num_params() as f64 / 1e6,
         model.template.name(),
@@ -226,8 +235,8 @@ pub fn rm_eval(
         return Ok(());
     }
     println!(
-        "{:?} reward model: accuracy {:.1}% on {} pairs, mean margin {:.3}",
-        rm.config.rm.kind,
+        "{} reward model: accuracy {:.1}% on {} pairs, mean margin {:.3}",
+        kiln::config::name_of(&rm.config.rm.kind),
         100.0 * report.accuracy,
         report.pairs,
         report.mean_margin
@@ -327,6 +336,7 @@ pub fn rs_curve(a: CurveArgs) -> Result<()> {
         &SamplingParams {
             temperature: 1.0,
             top_p: a.top_p,
+            min_p: 0.0,
             max_tokens: a.max_answer_tokens,
         },
         a.batch_prompts,

@@ -30,6 +30,19 @@ fn launch(args: StageArgs, extra: &[String]) -> Result<Launch> {
     })
 }
 
+/// Runs a stage; if it fails and leaves behind an empty `--out` that did not exist before (it
+/// failed on its inputs after the directory was checked and made), removes that directory.
+fn in_out<T>(launch: &Launch, run: impl FnOnce(&Launch) -> Result<T>) -> Result<T> {
+    let out = &launch.out_dir;
+    let existed = out.exists();
+    let result = run(launch);
+    let empty = || std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_none());
+    if result.is_err() && !existed && empty() {
+        let _ = std::fs::remove_dir(out);
+    }
+    result
+}
+
 fn skip_bad_lines(on: bool) -> Vec<String> {
     if on {
         vec!["data.skip_bad_lines=true".into()]
@@ -39,7 +52,7 @@ fn skip_bad_lines(on: bool) -> Vec<String> {
 }
 
 pub fn pretrain(args: StageArgs) -> Result<()> {
-    let summary = pretrain::run(&launch(args, &[])?, true)?;
+    let summary = in_out(&launch(args, &[])?, |l| pretrain::run(l, true))?;
     if let Some(loss) = summary.run.final_val_loss {
         eprintln!(
             "final validation loss {loss:.4} (perplexity {:.1})",
@@ -54,13 +67,13 @@ pub fn pretrain(args: StageArgs) -> Result<()> {
 }
 
 pub fn sft(args: StageArgs, skip_bad: bool) -> Result<()> {
-    let summary = sft::run(&launch(args, &skip_bad_lines(skip_bad))?)?;
+    let summary = in_out(&launch(args, &skip_bad_lines(skip_bad))?, sft::run)?;
     report_fine_tuning(&summary);
     Ok(())
 }
 
 pub fn gatt(args: StageArgs) -> Result<()> {
-    let summary = gatt::run(&launch(args, &[])?)?;
+    let summary = in_out(&launch(args, &[])?, gatt::run)?;
     report_fine_tuning(&summary);
     Ok(())
 }
@@ -70,7 +83,7 @@ pub fn rm_train(kind: Option<reward::RmKind>, args: StageArgs, skip_bad: bool) -
     if let Some(kind) = kind {
         extra.push(format!("rm.kind={}", serde_json::to_string(&kind)?));
     }
-    let summary = reward::train(&launch(args, &extra)?)?;
+    let summary = in_out(&launch(args, &extra)?, reward::train)?;
     if let Some(loss) = summary.final_val_loss {
         eprintln!(
             "final validation ranking loss {loss:.4} (step {})",
@@ -105,7 +118,7 @@ fn reward_model_overrides(args: &RlhfArgs, section: &str) -> Vec<String> {
 
 pub fn rs(args: RlhfArgs) -> Result<()> {
     let extra = reward_model_overrides(&args, "rs");
-    let summary = rs::run(&launch(args.stage, &extra)?)?;
+    let summary = in_out(&launch(args.stage, &extra)?, rs::run)?;
     if summary.interrupted {
         eprintln!("interrupted: continue with --resume");
     }
@@ -137,7 +150,7 @@ pub fn rs(args: RlhfArgs) -> Result<()> {
 
 pub fn ppo(args: RlhfArgs) -> Result<()> {
     let extra = reward_model_overrides(&args, "ppo");
-    let summary = ppo::run(&launch(args.stage, &extra)?)?;
+    let summary = in_out(&launch(args.stage, &extra)?, ppo::run)?;
     if summary.interrupted {
         eprintln!("interrupted: continue with --resume");
     }

@@ -318,9 +318,14 @@ pub fn read_all<T>(
 ) -> Result<Vec<T>> {
     let mut records = Vec::new();
     for path in paths {
-        // Only the stages that read through here can skip lines, so only they suggest it.
+        // Only the stages that read through here can skip lines, so only they suggest it,
+        // and only for a malformed line (not for a file that cannot be opened).
         let read = read_jsonl(path, skip_bad_lines, parse).map_err(|e| {
-            anyhow!("{e:#} (set data.skip_bad_lines = true to skip malformed lines)")
+            if path.is_file() {
+                anyhow!("{e:#} (set data.skip_bad_lines = true to skip malformed lines)")
+            } else {
+                e
+            }
         })?;
         if read.skipped > 0 {
             eprintln!(
@@ -342,7 +347,7 @@ pub fn read_all<T>(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ChatTemplate {
-    /// Llama 2 chat: `<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>`,
+    /// Llama 2 chat: `<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer}</s>`,
     /// one `<s>...</s>` per turn.
     #[default]
     Llama2,
@@ -369,10 +374,10 @@ impl EncodedDialogue {
 
 /// Meta's Llama 2 chat layout, as in Hugging Face's `Llama-2-7b-chat-hf` (system prompt folded
 /// into the first user turn).
-const LLAMA2_JINJA: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message.strip() + '\\n<</SYS>>\\n\\n' + message['content'].strip() %}{% else %}{% set content = message['content'].strip() %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + content + ' ' + eos_token }}{% endif %}{% endfor %}";
+const LLAMA2_JINJA: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = DEFAULT_SYSTEM %}{% endif %}{% for message in loop_messages %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message | trim + '\\n<</SYS>>\\n\\n' + message['content'] | trim %}{% else %}{% set content = message['content'] | trim %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + content + eos_token }}{% endif %}{% endfor %}";
 
 /// ChatML, as SmolLM2 and Qwen ship it.
-const CHATML_JINJA: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+const CHATML_JINJA: &str = "{% for message in messages %}DEFAULT_SYSTEM{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// The default system prompt a Jinja chat template inserts when a dialogue has none (SmolLM2's
 /// "You are a helpful AI assistant named SmolLM, ..."), if it has one in the ChatML layout.
@@ -404,12 +409,28 @@ impl ChatTemplate {
         }
     }
 
-    /// The template as a Jinja `chat_template`, for Hugging Face's `tokenizer_config.json`.
-    pub fn jinja(self) -> &'static str {
-        match self {
+    /// The template as a Jinja `chat_template`, for Hugging Face's `tokenizer_config.json`:
+    /// it renders exactly the tokens [`ChatTemplate::encode`] trains on (tested with a Jinja
+    /// engine), and inserts `default_system` when a dialogue has no system message, as
+    /// `kiln chat` does.
+    pub fn jinja(self, default_system: Option<&str>) -> String {
+        let template = match self {
             ChatTemplate::Llama2 => LLAMA2_JINJA,
             ChatTemplate::Chatml => CHATML_JINJA,
-        }
+        };
+        let quoted = |text: &str| text.replace('\\', "\\\\").replace('\'', "\\'");
+        let system = match (self, default_system) {
+            (ChatTemplate::Llama2, None) => "false".to_string(),
+            (ChatTemplate::Llama2, Some(text)) => format!("'{}'", quoted(text)),
+            (ChatTemplate::Chatml, None) => String::new(),
+            // As SmolLM2 writes it (real newlines in the literal), which
+            // [`default_system_prompt`] reads back.
+            (ChatTemplate::Chatml, Some(text)) => format!(
+                "{{% if loop.first and messages[0]['role'] != 'system' %}}{{{{ '<|im_start|>system\n{}<|im_end|>\n' }}}}{{% endif %}}",
+                quoted(text)
+            ),
+        };
+        template.replace("DEFAULT_SYSTEM", &system)
     }
 
     /// Recognises the layout of a Jinja `chat_template` (from a GGUF or Hugging Face model)
@@ -556,9 +577,20 @@ impl ChatTemplate {
                         Role::Assistant => "assistant",
                     };
                     out.push([start], false);
-                    out.push(tok.encode(&format!("{role}\n"))?, false);
+                    // Header and content are one piece of text, as a Hugging Face tokenizer
+                    // reads the rendered template ("\n" and a leading space of the content
+                    // can merge into one token); the tokens past the header's own are the
+                    // content's.
+                    let header = tok.encode(&format!("{role}\n"))?;
+                    let joint = tok.encode(&format!("{role}\n{}", m.content))?;
+                    let shared = header
+                        .iter()
+                        .zip(&joint)
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    out.push(joint[..shared].iter().copied(), false);
+                    out.push(joint[shared..].iter().copied(), m.trained());
                     let trained = m.trained();
-                    out.push(tok.encode(&m.content)?, trained);
                     if m.complete {
                         out.push([end], trained);
                         out.push(tok.encode("\n")?, false);

@@ -78,6 +78,7 @@ pub fn evaluate(
     let greedy = SamplingParams {
         temperature: 0.0,
         top_p: 1.0,
+        min_p: 0.0,
         max_tokens: options.max_answer_tokens,
     };
     let mut rng = generate::seeded_rng(0);

@@ -17,6 +17,7 @@ use super::{
     ChatExample, EvalDialogue, EvalTurn, InstructionEntry, Message, PreferencePair, PromptRecord,
     Rating, Role, Turns, UnsafePrompt,
 };
+use crate::interop::checkpoint;
 
 /// How many records each file gets. The defaults give ~30k SFT examples and held-out sets
 /// of a few hundred.
@@ -446,7 +447,7 @@ pub fn generate(out: &Path, seed: u64, sizes: &GymSizes) -> Result<GymSummary> {
     let mut files = BTreeMap::new();
     for (name, lines) in &contents {
         let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
-        write_atomically(&out.join(name), &text)?;
+        checkpoint::write_atomic(&out.join(name), text.as_bytes())?;
         files.insert(name.to_string(), lines.len());
     }
     let manifest = Manifest {
@@ -454,17 +455,9 @@ pub fn generate(out: &Path, seed: u64, sizes: &GymSizes) -> Result<GymSummary> {
         sizes,
         files: &files,
     };
-    write_atomically(
+    checkpoint::write_atomic(
         &out.join(MANIFEST),
-        &(serde_json::to_string_pretty(&manifest)? + "\n"),
+        (serde_json::to_string_pretty(&manifest)? + "\n").as_bytes(),
     )?;
     Ok(GymSummary { files })
-}
-
-/// Write to a temporary sibling and rename, so a crash never leaves a half-written file.
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let temporary = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&temporary, text).with_context(|| format!("writing {}", temporary.display()))?;
-    std::fs::rename(&temporary, path).with_context(|| format!("renaming to {}", path.display()))
 }

@@ -133,9 +133,10 @@ impl RewardModels {
             let rm = score::load(path, device)?;
             if rm.config.rm.kind != kind {
                 bail!(
-                    "{}: a {:?} reward model where the {kind:?} one was asked for",
+                    "{}: a {} reward model where the {} one was asked for",
                     path.display(),
-                    rm.config.rm.kind
+                    crate::config::name_of(&rm.config.rm.kind),
+                    crate::config::name_of(&kind)
                 );
             }
             Ok(rm)

@@ -18,6 +18,9 @@ pub struct SamplingParams {
     pub temperature: f64,
     /// Sample from the smallest set of tokens whose probability reaches `top_p`.
     pub top_p: f64,
+    /// Also drop tokens less than `min_p` times as likely as the most likely one (0: off):
+    /// llama.cpp's min-p, which keeps a small model's sampled answers on topic.
+    pub min_p: f64,
     pub max_tokens: usize,
 }
 
@@ -402,7 +405,12 @@ fn nucleus_draw(
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut kept = 0.0;
     let mut cut = probs.len();
+    let floor = params.min_p * probs[0].1;
     for (i, p) in probs.iter().enumerate() {
+        if i > 0 && p.1 < floor {
+            cut = i;
+            break;
+        }
         kept += p.1 / total;
         if kept >= params.top_p {
             cut = i + 1;
@@ -449,6 +457,7 @@ mod tests {
         let params = SamplingParams {
             temperature: 1.0,
             top_p: 0.8,
+            min_p: 0.0,
             max_tokens: 1,
         };
         let mut rng = seeded_rng(1);
@@ -464,5 +473,38 @@ mod tests {
             ..params
         };
         assert_eq!(sample(&[0.1, 0.7, 0.2], &greedy, &mut rng), 1);
+    }
+
+    #[test]
+    fn min_p_drops_tokens_far_less_likely_than_the_best() {
+        // Relative probabilities 1, e^-1 = 0.37, e^-2 = 0.14, e^-3 = 0.05, e^-4 = 0.02:
+        // min_p 0.1 keeps the first three, and a draw's log-probability is renormalised
+        // over them (checked against the closed form).
+        let logits = [3.0f32, 2.0, 1.0, 0.0, -1.0];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            min_p: 0.1,
+            max_tokens: 1,
+        };
+        let kept: f64 = (0..3).map(|i| (-(i as f64)).exp()).sum();
+        let mut rng = seeded_rng(2);
+        let mut counts = [0usize; 5];
+        for _ in 0..4000 {
+            let d = draw(&logits, &params, &mut rng);
+            counts[d.token as usize] += 1;
+            let expected = -(d.token as f64) - kept.ln();
+            assert!((d.sample_logprob as f64 - expected).abs() < 1e-5, "{d:?}");
+        }
+        assert_eq!(counts[3] + counts[4], 0, "{counts:?}");
+        assert!(counts[2] > 0, "{counts:?}");
+        // Off, every token can be drawn.
+        let off = SamplingParams {
+            min_p: 0.0,
+            ..params
+        };
+        let drawn: std::collections::BTreeSet<u32> =
+            (0..4000).map(|_| sample(&logits, &off, &mut rng)).collect();
+        assert_eq!(drawn.len(), 5, "{drawn:?}");
     }
 }

@@ -25,6 +25,16 @@ pub enum Format {
     Gguf,
 }
 
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Kiln => "kiln checkpoint",
+            Format::Hf => "Hugging Face",
+            Format::Gguf => "GGUF",
+        })
+    }
+}
+
 impl Format {
     /// What `path` holds: a `.gguf` file (or any file starting with the GGUF magic), a
     /// directory with `config.json`, or else a kiln checkpoint or run directory.
@@ -53,6 +63,7 @@ impl Format {
 
 /// A whole model held on the host: shape, weights under kiln's (Hugging Face's) names,
 /// tokenizer and chat layout.
+#[derive(Clone)]
 pub struct ForeignModel {
     /// What it was read as, and from where: the GGUF file, the Hugging Face directory or the
     /// kiln checkpoint directory.

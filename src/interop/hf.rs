@@ -256,7 +256,7 @@ pub fn write(model: &ForeignModel, dir: &Path) -> Result<()> {
         "eos_token": token(eos),
         "model_max_length": config.max_seq_len,
         "clean_up_tokenization_spaces": false,
-        "chat_template": model.template.jinja(),
+        "chat_template": model.template.jinja(model.default_system.as_deref()),
     });
     if let Some(pad) = tokenizer.pad_id {
         tokenizer_config["pad_token"] = json!(token(pad));

@@ -365,6 +365,7 @@ pub fn sample(
     let params = SamplingParams {
         temperature: g.temperature,
         top_p: g.top_p,
+        min_p: 0.0,
         max_tokens: g.max_answer_tokens,
     };
     let turns = users.iter().map(Vec::len).max().unwrap_or(0);

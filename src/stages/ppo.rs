@@ -362,6 +362,7 @@ impl PpoConfig {
         SamplingParams {
             temperature: self.ppo.temperature,
             top_p: self.ppo.top_p,
+            min_p: 0.0,
             max_tokens: self.ppo.max_new_tokens,
         }
     }

@@ -92,6 +92,7 @@ pub fn run(launch: &Launch, print_sample: bool) -> Result<PretrainSummary> {
         let params = SamplingParams {
             temperature: s.temperature,
             top_p: s.top_p,
+            min_p: 0.0,
             max_tokens: s.max_tokens,
         };
         let mut rng = generate::seeded_rng(s.seed);

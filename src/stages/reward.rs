@@ -342,8 +342,8 @@ pub fn train(launch: &Launch) -> Result<RunSummary> {
     let val_pairs = mix(val_pairs, r.kind, r.helpfulness_share, seed);
     if train_pairs.is_empty() || val_pairs.is_empty() {
         bail!(
-            "no usable preference pairs for the {:?} reward model",
-            r.kind
+            "no usable preference pairs for the {} reward model",
+            crate::config::name_of(&r.kind)
         );
     }
     if fresh && config.optim.warmup_steps == 0 {
@@ -355,10 +355,10 @@ pub fn train(launch: &Launch) -> Result<RunSummary> {
             .min(total.saturating_sub(1));
     }
     eprintln!(
-        "device: {} | {:?} reward model, margin {:?} | {} train / {} val pairs{}",
+        "device: {} | {} reward model, margin {} | {} train / {} val pairs{}",
         launch.device.describe(),
-        r.kind,
-        r.margin,
+        crate::config::name_of(&r.kind),
+        crate::config::name_of(&r.margin),
         train_pairs.len(),
         val_pairs.len(),
         match long_train + long_val {

@@ -212,6 +212,7 @@ impl RsConfig {
         SamplingParams {
             temperature: self.rs.temperature,
             top_p: self.rs.top_p,
+            min_p: 0.0,
             max_tokens: self.rs.max_answer_tokens,
         }
     }
@@ -769,12 +770,12 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
     checkpoint::write_atomic(&config_path, config.to_toml().as_bytes())?;
     let p = &inputs.prompts;
     eprintln!(
-        "rejection sampling: {}, K = {}, T = {}, {} round(s), pool = {:?} | device: {}",
+        "rejection sampling: {}, K = {}, T = {}, {} round(s), pool = {} | device: {}",
         p.describe(),
         config.rs.k,
         config.rs.temperature,
         config.rs.iterations,
-        config.rs.pool,
+        crate::config::name_of(&config.rs.pool),
         launch.device.describe()
     );
 

@@ -254,10 +254,6 @@ pub fn initial_model(
     device: &Device,
 ) -> Result<LoadedModel> {
     let loaded = convert::load_model(path, device, kernels)?.loaded;
-    eprintln!(
-        "starting from {} ({:?})",
-        loaded.dir.display(),
-        loaded.format
-    );
+    eprintln!("starting from {} ({})", loaded.dir.display(), loaded.format);
     Ok(loaded)
 }
