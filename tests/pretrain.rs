@@ -217,6 +217,7 @@ fn sigint_saves_a_checkpoint_and_exits_cleanly() {
     // Long enough that it is still running when interrupted; checkpoints only at the end.
     let mut overrides = small_overrides(100_000);
     overrides.push("train.checkpoint_interval=0".into());
+    overrides.push("train.eval_interval=2".into());
     let args = pretrain_args(overrides);
     let child = kiln()
         .args(&args)
@@ -247,6 +248,36 @@ fn sigint_saves_a_checkpoint_and_exits_cleanly() {
     let (step, dir) = saved.last().expect("a checkpoint was saved");
     assert!(*step >= 3 && *step < 100_000, "step {step}");
     checkpoint::load(dir).expect("the checkpoint verifies");
+    // The validation loss it reports is called final only if measured at the last step.
+    let measured_now = stderr.contains(&format!("final validation loss"))
+        && stderr.contains(&format!("(step {step})"));
+    let measured_before = stderr.contains("measured at step")
+        && stderr.contains(&format!("the run stopped at step {step}"));
+    assert!(measured_now || measured_before, "{stderr}");
+    // Its 5 warm-up steps are shorter than the run: no warning.
+    assert!(!stderr.contains("warmup_steps"), "{stderr}");
+}
+
+/// A run whose warm-up is as long as the run itself says so (issue 14: the learning rate
+/// silently never reached its peak).
+#[test]
+fn a_warm_up_longer_than_the_run_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut overrides = small_overrides(3);
+    overrides.push("optim.warmup_steps=2000".into());
+    let output = kiln()
+        .args(pretrain_args(overrides))
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr
+            .contains("warning: optim.warmup_steps = 2000 is not shorter than this run's 3 steps"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -53,13 +53,7 @@ fn skip_bad_lines(on: bool) -> Vec<String> {
 
 pub fn pretrain(args: StageArgs) -> Result<()> {
     let summary = in_out(&launch(args, &[])?, |l| pretrain::run(l, true))?;
-    if let Some(loss) = summary.run.final_val_loss {
-        eprintln!(
-            "final validation loss {loss:.4} (perplexity {:.1})",
-            loss.exp()
-        );
-    }
-    eprintln!("checkpoint: {}", summary.run.checkpoint.display());
+    report(&summary.run, "validation loss", true);
     if let Some(sample) = summary.sample {
         println!("{sample}");
     }
@@ -84,19 +78,31 @@ pub fn rm_train(kind: Option<reward::RmKind>, args: StageArgs, skip_bad: bool) -
         extra.push(format!("rm.kind={}", serde_json::to_string(&kind)?));
     }
     let summary = in_out(&launch(args, &extra)?, reward::train)?;
-    if let Some(loss) = summary.final_val_loss {
-        eprintln!(
-            "final validation ranking loss {loss:.4} (step {})",
-            summary.step
-        );
-    }
-    eprintln!("checkpoint: {}", summary.checkpoint.display());
+    report(&summary, "validation ranking loss", false);
     Ok(())
 }
 
 fn report_fine_tuning(summary: &RunSummary) {
+    report(summary, "validation loss (answer tokens)", false);
+}
+
+/// The run's last validation loss and checkpoint. An interrupted run says how old its last
+/// evaluation is rather than calling it final.
+fn report(summary: &RunSummary, what: &str, perplexity: bool) {
     if let Some(loss) = summary.final_val_loss {
-        eprintln!("final validation loss (answer tokens) {loss:.4}");
+        let perplexity = if perplexity {
+            format!(" (perplexity {:.1})", loss.exp())
+        } else {
+            String::new()
+        };
+        if summary.val_step == summary.step {
+            eprintln!("final {what} {loss:.4}{perplexity} (step {})", summary.step);
+        } else {
+            eprintln!(
+                "last {what} {loss:.4}{perplexity}, measured at step {}; the run stopped at step {}",
+                summary.val_step, summary.step
+            );
+        }
     }
     eprintln!("checkpoint: {}", summary.checkpoint.display());
 }

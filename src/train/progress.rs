@@ -5,6 +5,15 @@ use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// Puts a new bar at `start` (a resumed run's position) without counting the jump as speed:
+/// indicatif's rate estimate would otherwise take the resumed steps as done in an instant,
+/// and the ETA right after a resume was several times too short.
+fn start_at(bar: &ProgressBar, start: u64) {
+    bar.set_position(start);
+    bar.tick();
+    bar.reset_eta();
+}
+
 pub struct Progress {
     bar: Option<ProgressBar>,
     log_interval: u64,
@@ -16,11 +25,11 @@ impl Progress {
     pub fn new(start: u64, total: u64, log_interval: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
-            bar.set_position(start);
             bar.set_style(
                 ProgressStyle::with_template("{bar:30} {pos}/{len} steps | {msg} | eta {eta}")
                     .expect("valid template"),
             );
+            start_at(&bar, start);
             bar
         });
         Self {
@@ -35,13 +44,13 @@ impl Progress {
     pub fn counter(start: u64, total: u64, unit: &str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
-            bar.set_position(start);
             bar.set_style(
                 ProgressStyle::with_template(&format!(
                     "{{bar:30}} {{pos}}/{{len}} {unit} | {{msg}} | eta {{eta}}"
                 ))
                 .expect("valid template"),
             );
+            start_at(&bar, start);
             bar
         });
         Self {

@@ -38,6 +38,9 @@ pub trait Objective<M = Llama> {
 pub struct RunSummary {
     pub step: u64,
     pub final_val_loss: Option<f64>,
+    /// The step `final_val_loss` was measured at (an interrupted run's last evaluation can
+    /// be older than its last step).
+    pub val_step: u64,
     pub checkpoint: PathBuf,
     /// Stopped by Ctrl-C (or `stop_after`) with a checkpoint, before its last step.
     pub interrupted: bool,
@@ -79,9 +82,16 @@ pub fn run<S: Stage>(
     let mut metrics = MetricsLog::open(&run.path, resumed_from.as_ref().map(|_| state.step))?;
     let tokenizer_json = tokenizer.to_json()?;
     let mut progress = Progress::new(state.step, max_steps, train.log_interval);
+    if state.step == 0 && optim_config.warmup_steps >= state.schedule_steps {
+        progress.message(&format!(
+            "warning: optim.warmup_steps = {} is not shorter than this run's {} steps, so the learning rate never reaches optim.lr = {}",
+            optim_config.warmup_steps, state.schedule_steps, optim_config.lr
+        ));
+    }
     let started = Instant::now();
     let elapsed_before = state.elapsed_s;
     let mut final_val_loss = None;
+    let mut val_step = 0;
     let mut last_checkpoint = resumed_from;
     let mut interrupted = false;
     let mut steps_this_run = 0u64;
@@ -152,6 +162,7 @@ pub fn run<S: Stage>(
                 val_loss.exp()
             ));
             final_val_loss = Some(val_loss);
+            val_step = state.step;
         }
         interrupted = INTERRUPTED.load(Ordering::SeqCst) || stop_after == Some(steps_this_run);
         if last || interrupted || due(train.checkpoint_interval) {
@@ -176,6 +187,7 @@ pub fn run<S: Stage>(
         summary: RunSummary {
             step: state.step,
             final_val_loss,
+            val_step,
             checkpoint,
             interrupted,
         },
