@@ -105,7 +105,12 @@ fn run(command: Command) -> Result<()> {
         ),
         Command::Generate(args) => models::generate(args),
         Command::Chat(args) => models::chat(args),
-        Command::Convert { input, out, to } => models::convert(&input, &out, to),
+        Command::Convert {
+            input,
+            out,
+            to,
+            gguf_weights,
+        } => models::convert(&input, &out, to, gguf_weights),
         Command::Tokenizer {
             command:
                 TokenizerCommand::Train {

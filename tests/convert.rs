@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use burn::tensor::{Int, Tensor, TensorData};
-use common::gguf_writer::{self, TensorToWrite};
 use half::{bf16, f16};
 use kiln::config::ModelConfig;
 use kiln::data::chat::{ChatTemplate, Message};
 use kiln::interop::checkpoint::NamedTensor;
 use kiln::interop::convert::{self, ForeignModel, Format};
 use kiln::interop::gguf::{GgmlType, GgufFile, Value};
+use kiln::interop::gguf_write::{self as gguf_writer, TensorToWrite};
 use kiln::model::Llama;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -491,134 +491,30 @@ fn llama_cpp_permute(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// `tokenizer.ggml.*` metadata for the byte-level BPE of a `tokenizer.json`.
-fn tokenizer_metadata(tokenizer_json: &str) -> Vec<(String, Value)> {
-    let json: serde_json::Value = serde_json::from_str(tokenizer_json).unwrap();
-    let vocab = json["model"]["vocab"].as_object().unwrap();
-    let mut tokens = vec![String::new(); vocab.len()];
-    for (token, id) in vocab {
-        tokens[id.as_u64().unwrap() as usize] = token.clone();
-    }
-    let specials: Vec<u64> = json["added_tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_u64().unwrap())
-        .collect();
-    let merges: Vec<Value> = json["model"]["merges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| match m {
-            serde_json::Value::String(s) => Value::String(s.clone()),
-            pair => Value::String(format!(
-                "{} {}",
-                pair[0].as_str().unwrap(),
-                pair[1].as_str().unwrap()
-            )),
-        })
-        .collect();
-    let types = (0..tokens.len())
-        .map(|i| Value::I32(if specials.contains(&(i as u64)) { 3 } else { 1 }))
-        .collect();
-    vec![
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
-        (
-            "tokenizer.ggml.tokens".into(),
-            Value::Array(tokens.into_iter().map(Value::String).collect()),
-        ),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges)),
-    ]
+/// A GGUF of `foreign` as `kiln convert --to gguf` writes it, with weights of type `ty`.
+fn write_llama_gguf(foreign: &ForeignModel, ty: GgmlType) -> Vec<u8> {
+    gguf_writer::llama_gguf(foreign, ty).unwrap()
 }
 
-/// A GGUF of `foreign` as llama.cpp's converter writes it: GGUF names, Q/K rows permuted,
-/// weights quantised as `ty` (norms stay F32).
-fn write_llama_gguf(foreign: &ForeignModel, ty: GgmlType) -> Vec<u8> {
-    let c = &foreign.model_config;
-    let mut metadata: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String("llama".into())),
-        ("llama.block_count".into(), Value::U32(c.n_layers as u32)),
-        (
-            "llama.context_length".into(),
-            Value::U32(c.max_seq_len as u32),
-        ),
-        ("llama.embedding_length".into(), Value::U32(c.dim as u32)),
-        (
-            "llama.feed_forward_length".into(),
-            Value::U32(c.ffn_dim as u32),
-        ),
-        (
-            "llama.attention.head_count".into(),
-            Value::U32(c.n_heads as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            Value::U32(c.n_kv_heads as u32),
-        ),
-        (
-            "llama.rope.freq_base".into(),
-            Value::F32(c.rope_theta as f32),
-        ),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            Value::F32(c.norm_eps as f32),
-        ),
-        (
-            "llama.rope.dimension_count".into(),
-            Value::U32(c.head_dim() as u32),
-        ),
-    ];
-    metadata.extend(tokenizer_metadata(&foreign.tokenizer_json));
-    let tensors = foreign
-        .tensors
-        .iter()
-        .map(|t| {
-            let name = match t.name.as_str() {
-                "model.embed_tokens.weight" => "token_embd.weight".to_string(),
-                "model.norm.weight" => "output_norm.weight".to_string(),
-                "lm_head.weight" => "output.weight".to_string(),
-                other => {
-                    let rest = other.strip_prefix("model.layers.").unwrap();
-                    let (layer, part) = rest.split_once('.').unwrap();
-                    let part = match part {
-                        "input_layernorm.weight" => "attn_norm",
-                        "post_attention_layernorm.weight" => "ffn_norm",
-                        "self_attn.q_proj.weight" => "attn_q",
-                        "self_attn.k_proj.weight" => "attn_k",
-                        "self_attn.v_proj.weight" => "attn_v",
-                        "self_attn.o_proj.weight" => "attn_output",
-                        "mlp.gate_proj.weight" => "ffn_gate",
-                        "mlp.up_proj.weight" => "ffn_up",
-                        "mlp.down_proj.weight" => "ffn_down",
-                        p => panic!("{p}"),
-                    };
-                    format!("blk.{layer}.{part}.weight")
-                }
-            };
-            let cols = *t.shape.last().unwrap();
-            let values = if name.ends_with("attn_q.weight") {
-                llama_cpp_permute(&t.values, c.n_heads, cols)
-            } else if name.ends_with("attn_k.weight") {
-                llama_cpp_permute(&t.values, c.n_kv_heads, cols)
-            } else {
-                t.values.clone()
-            };
-            let ty = if t.shape.len() == 1 {
-                GgmlType::F32
-            } else {
-                ty
-            };
-            TensorToWrite {
-                name,
-                shape: t.shape.clone(),
-                ggml_type: ty,
-                bytes: gguf_writer::quantize(ty, &values).unwrap(),
-            }
-        })
-        .collect::<Vec<_>>();
-    gguf_writer::write(&metadata, &tensors)
+/// kiln's Q/K row permutation for GGUF equals llama.cpp's NumPy reshape, and reading undoes
+/// it (random shapes and values).
+#[test]
+fn rope_row_permutation_matches_llama_cpp() {
+    let mut rng = rng();
+    for _ in 0..20 {
+        let heads = rng.random_range(1..5);
+        let head_dim = 2 * rng.random_range(1..5);
+        let cols = rng.random_range(1..7);
+        let values: Vec<f32> = (0..heads * head_dim * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let permuted = kiln::interop::gguf::permute_rope_rows(&values, heads, cols);
+        assert_eq!(permuted, llama_cpp_permute(&values, heads, cols));
+        assert_eq!(
+            kiln::interop::gguf::unpermute_rope_rows(&permuted, heads, cols),
+            values
+        );
+    }
 }
 
 #[test]
@@ -1095,5 +991,84 @@ fn smollm2_tokenizer_from_gguf_matches_its_vocabulary() {
         let ids = tokenizer.encode(text).unwrap();
         assert_eq!(ids, reference_bpe(&file, text), "{text:?}");
         assert_eq!(tokenizer.decode(&ids).unwrap(), text);
+    }
+}
+
+/// `kiln convert --to gguf` writes a GGUF file that reads back as the same model (F32
+/// exactly, F16 within its rounding), with its tokenizer, chat template and default system
+/// prompt; an existing output file is never replaced.
+#[test]
+fn convert_to_gguf_round_trips() {
+    let mut rng = rng();
+    let (_, foreign) = random_model(&mut rng);
+    let dir = tempfile::tempdir().unwrap();
+    let system = "You are a careful assistant";
+    let kiln_dir = dir.path().join("kiln");
+    let chat = ForeignModel {
+        default_system: Some(system.into()),
+        ..foreign.clone()
+    };
+    convert::write(&chat, Format::Kiln, &kiln_dir).unwrap();
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+    for (weights, tolerance) in [("f32", 0.0f32), ("f16", 1.0 / 1024.0)] {
+        let out = dir.path().join(format!("model-{weights}.gguf"));
+        kiln_ok(&[
+            "convert",
+            &arg(&kiln_dir),
+            "--to",
+            "gguf",
+            "--gguf-weights",
+            weights,
+            "--out",
+            &arg(&out),
+        ]);
+        let back = convert::read(&out).unwrap();
+        assert_eq!(back.format, Format::Gguf);
+        // The shape (not init_std or kernels, which no file format stores).
+        let shape = kiln::config::ModelConfig {
+            init_std: foreign.model_config.init_std,
+            kernels: foreign.model_config.kernels,
+            ..back.model_config.clone()
+        };
+        assert_eq!(shape, foreign.model_config);
+        assert_eq!(back.template, foreign.template);
+        assert_eq!(back.default_system.as_deref(), Some(system));
+        let original = by_name(&foreign.tensors);
+        for (name, (shape, values)) in by_name(&back.tensors) {
+            let (want_shape, want) = &original[&name];
+            assert_eq!(&shape, want_shape, "{name}");
+            for (g, w) in values.iter().zip(want) {
+                // 1-D norms stay F32; F16 rounds to 11 significant bits, and below 2^-14
+                // to its subnormal spacing 2^-24 (half of it at most).
+                let bound = if shape.len() == 1 || tolerance == 0.0 {
+                    0.0
+                } else {
+                    tolerance * w.abs() + 2f32.powi(-25)
+                };
+                assert!((g - w).abs() <= bound, "{weights} {name}: {g} vs {w}");
+            }
+        }
+        let text = "KING LEAR.\nBlow, winds, 1606 [INST] rage! </s>";
+        let tok = |json: &str| {
+            kiln::data::tokenizer::Tokenizer::from_json(json)
+                .unwrap()
+                .encode(text)
+                .unwrap()
+        };
+        assert_eq!(tok(&back.tokenizer_json), tok(&foreign.tokenizer_json));
+        // An existing file is refused and left as it was.
+        let before = std::fs::read(&out).unwrap();
+        kiln_fails(
+            &[
+                "convert",
+                &arg(&kiln_dir),
+                "--to",
+                "gguf",
+                "--out",
+                &arg(&out),
+            ],
+            &["already exists"],
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), before);
     }
 }

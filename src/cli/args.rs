@@ -100,17 +100,21 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Talk to a chat model in the terminal; answers stream as they are generated.
     Chat(ChatArgs),
-    /// Convert a model between a kiln checkpoint, a Hugging Face Llama directory and GGUF
-    /// (read only).
+    /// Convert a model between a kiln checkpoint, a Hugging Face Llama directory and a
+    /// llama.cpp GGUF file.
     Convert {
         /// A kiln checkpoint (or run directory), a Hugging Face Llama directory, or a GGUF file.
         input: PathBuf,
-        /// The new directory to write; it must not exist yet (or be empty).
+        /// The new directory to write (it must not exist yet, or be empty), or for `--to gguf`
+        /// the new file.
         #[arg(long)]
         out: PathBuf,
         /// Output format; default: `hf` for a kiln checkpoint, `kiln` for anything else.
         #[arg(long, value_enum)]
         to: Option<kiln::interop::convert::Format>,
+        /// Weight type of a GGUF file (llama.cpp's `--outtype`); norms stay F32.
+        #[arg(long, value_enum, default_value = "f16")]
+        gguf_weights: kiln::interop::gguf_write::GgufWeights,
     },
     /// Tokenizer tools.
     Tokenizer {

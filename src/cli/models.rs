@@ -99,7 +99,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     session.run(std::io::stdin().lock(), &mut std::io::stdout(), &mut rng)
 }
 
-pub fn convert(input: &Path, out: &Path, to: Option<Format>) -> Result<()> {
+pub fn convert(
+    input: &Path,
+    out: &Path,
+    to: Option<Format>,
+    gguf_weights: kiln::interop::gguf_write::GgufWeights,
+) -> Result<()> {
     let started = std::time::Instant::now();
     let model = convert::read(input)?;
     let read_s = started.elapsed().as_secs_f64();
@@ -108,7 +113,7 @@ pub fn convert(input: &Path, out: &Path, to: Option<Format>) -> Result<()> {
         Format::Kiln => Format::Hf,
         _ => Format::Kiln,
     });
-    convert::write(&model, to, out)?;
+    convert::write_gguf_as(&model, to, out, gguf_weights)?;
     eprintln!(
         "{} ({from}, {:.1}M parameters, {} template) -> {} ({to}) in {:.1}s (read {:.1}s)",
         input.display(),

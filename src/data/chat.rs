@@ -382,11 +382,25 @@ const CHATML_JINJA: &str = "{% for message in messages %}DEFAULT_SYSTEM{{ '<|im_
 /// The default system prompt a Jinja chat template inserts when a dialogue has none (SmolLM2's
 /// "You are a helpful AI assistant named SmolLM, ..."), if it has one in the ChatML layout.
 pub fn default_system_prompt(jinja: &str) -> Option<String> {
-    let start = jinja.find("<|im_start|>system\n")? + "<|im_start|>system\n".len();
-    let end = start + jinja[start..].find("<|im_end|>")?;
-    let text = &jinja[start..end];
-    // Only a literal: a Jinja expression there (`{{ ... }}`) is not a fixed prompt.
-    (!text.contains("{{") && !text.contains('\'') && !text.is_empty()).then(|| text.to_string())
+    // ChatML (SmolLM2's form), or the Llama 2 form kiln's export writes.
+    let (start, end) = if let Some(at) = jinja.find("<|im_start|>system\n") {
+        let start = at + "<|im_start|>system\n".len();
+        (start, start + jinja[start..].find("<|im_end|>")?)
+    } else {
+        let open = "{% set system_message = '";
+        let start = jinja.find(open)? + open.len();
+        (start, start + jinja[start..].find("' %}")?)
+    };
+    let raw = &jinja[start..end];
+    // Only a literal: a Jinja expression there (`{{ ... }}`, or a quote that ends the
+    // string, as in `'...\n' + messages[0]['content']`) is not a fixed prompt.
+    let unescaped_quote = raw
+        .char_indices()
+        .any(|(i, c)| c == '\'' && !raw[..i].ends_with('\\'));
+    if raw.is_empty() || raw.contains("{{") || unescaped_quote {
+        return None;
+    }
+    Some(raw.replace("\\'", "'").replace("\\\\", "\\"))
 }
 
 const LLAMA2_SPECIALS: [&str; 4] = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"];
@@ -609,6 +623,29 @@ impl ChatTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_system_prompts_read_back_from_exported_templates() {
+        for template in [ChatTemplate::Llama2, ChatTemplate::Chatml] {
+            for text in ["You are SmolLM.", "It's a test \\ with a backslash"] {
+                let jinja = template.jinja(Some(text));
+                assert_eq!(
+                    default_system_prompt(&jinja).as_deref(),
+                    Some(text),
+                    "{jinja}"
+                );
+            }
+            assert_eq!(default_system_prompt(&template.jinja(None)), None);
+        }
+        // SmolLM2's own template, and one whose "system" text is an expression.
+        let smollm2 = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{% endfor %}";
+        assert_eq!(
+            default_system_prompt(smollm2).as_deref(),
+            Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        );
+        let expression = "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>' }}";
+        assert_eq!(default_system_prompt(expression), None);
+    }
 
     #[test]
     fn records_parse_and_bad_ones_say_what_is_wrong() {

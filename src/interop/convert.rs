@@ -11,6 +11,7 @@ use crate::config::ModelConfig;
 use crate::data::chat::{self, ChatTemplate};
 use crate::data::tokenizer::Tokenizer;
 use crate::interop::checkpoint::{self, CheckpointData, NamedTensor};
+use crate::interop::gguf_write::GgufWeights;
 use crate::kernels::Kernels;
 use crate::model::Llama;
 
@@ -201,10 +202,20 @@ impl ForeignModel {
     }
 }
 
-/// Writes `model` in `format` at `out`, which must not exist yet (or be empty); nothing is
-/// left at `out` if it fails. The weights must be exactly those of a Llama of the model's
-/// shape.
+/// Writes `model` in `format` at `out`, which must not exist yet (or be an empty directory);
+/// nothing is left at `out` if it fails. The weights must be exactly those of a Llama of the
+/// model's shape. GGUF is written with F16 weights ([`write_gguf`] chooses).
 pub fn write(model: &ForeignModel, format: Format, out: &Path) -> Result<()> {
+    write_gguf_as(model, format, out, GgufWeights::F16)
+}
+
+/// [`write`], with the weight type of a GGUF file.
+pub fn write_gguf_as(
+    model: &ForeignModel,
+    format: Format,
+    out: &Path,
+    gguf_weights: GgufWeights,
+) -> Result<()> {
     checkpoint::check_shapes(
         &model.tensors,
         &Llama::param_shapes(&model.model_config),
@@ -235,7 +246,16 @@ pub fn write(model: &ForeignModel, format: Format, out: &Path) -> Result<()> {
             };
             checkpoint::save_to(out, &data)
         }
-        Format::Gguf => bail!("kiln reads GGUF files but does not write them"),
+        Format::Gguf => {
+            if out.exists() {
+                bail!(
+                    "{} already exists; kiln writes a GGUF file only to a new path",
+                    out.display()
+                );
+            }
+            let bytes = crate::interop::gguf_write::llama_gguf(model, gguf_weights.ggml_type())?;
+            checkpoint::write_atomic(out, &bytes)
+        }
     }
 }
 

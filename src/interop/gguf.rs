@@ -509,33 +509,57 @@ fn dequantize(ty: GgmlType, bytes: &[u8], elements: usize) -> Vec<f32> {
     out
 }
 
-/// kiln's name for a llama GGUF tensor name (`blk.3.attn_q.weight`).
-fn kiln_name(gguf_name: &str) -> Option<String> {
-    let fixed = match gguf_name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
+/// Whole-model tensors: (GGUF name, kiln/Hugging Face name).
+const MODEL_TENSORS: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Per-layer tensors, after `blk.N.` and `model.layers.N.`: (GGUF part, kiln part).
+const LAYER_TENSORS: [(&str, &str); 9] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+
+/// A tensor's name in the other naming: GGUF to kiln (Hugging Face) with `to_kiln`, else
+/// kiln to GGUF. `None` for a name no Llama tensor has.
+fn rename(name: &str, to_kiln: bool) -> Option<String> {
+    let pick = |(gguf, kiln): (&'static str, &'static str)| {
+        if to_kiln { (gguf, kiln) } else { (kiln, gguf) }
     };
-    if let Some(name) = fixed {
-        return Some(name.to_string());
+    if let Some((_, to)) = MODEL_TENSORS
+        .map(pick)
+        .into_iter()
+        .find(|(from, _)| *from == name)
+    {
+        return Some(to.to_string());
     }
-    let rest = gguf_name.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
+    let (from_prefix, to_prefix) = pick(("blk.", "model.layers."));
+    let (layer, part) = name.strip_prefix(from_prefix)?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let part = match part {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{part}"))
+    let (_, to) = LAYER_TENSORS
+        .map(pick)
+        .into_iter()
+        .find(|(from, _)| *from == part)?;
+    Some(format!("{to_prefix}{layer}.{to}"))
+}
+
+/// The kiln (Hugging Face) name of a GGUF tensor.
+pub fn kiln_name(gguf_name: &str) -> Option<String> {
+    rename(gguf_name, true)
+}
+
+/// The GGUF name of a kiln (Hugging Face) tensor.
+pub fn gguf_name(kiln_name: &str) -> Option<String> {
+    rename(kiln_name, false)
 }
 
 /// Reorders the rows of a Q or K projection (`[heads * head_dim, dim]`) from GGUF's order to
@@ -543,14 +567,30 @@ fn kiln_name(gguf_name: &str) -> Option<String> {
 /// head's rows (row `s * head_dim/2 + i` moves to `2i + s`) so that RoPE rotates adjacent
 /// pairs, as Meta's original code does; this undoes it.
 pub fn unpermute_rope_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    move_rope_rows(values, heads, cols, false)
+}
+
+/// The inverse of [`unpermute_rope_rows`]: llama.cpp's converter's `permute`, for writing.
+pub fn permute_rope_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    move_rope_rows(values, heads, cols, true)
+}
+
+/// Row `h * head_dim + s * head_dim/2 + i` (rotate-half order) is row `h * head_dim + 2i + s`
+/// in GGUF's interleaved order; `to_gguf` picks the direction.
+fn move_rope_rows(values: &[f32], heads: usize, cols: usize, to_gguf: bool) -> Vec<f32> {
     let head_dim = values.len() / cols / heads;
     let half = head_dim / 2;
     let mut out = vec![0f32; values.len()];
     for h in 0..heads {
         for s in 0..2 {
             for i in 0..half {
-                let to = h * head_dim + s * half + i;
-                let from = h * head_dim + 2 * i + s;
+                let rotate_half = h * head_dim + s * half + i;
+                let interleaved = h * head_dim + 2 * i + s;
+                let (to, from) = if to_gguf {
+                    (interleaved, rotate_half)
+                } else {
+                    (rotate_half, interleaved)
+                };
                 out[to * cols..(to + 1) * cols]
                     .copy_from_slice(&values[from * cols..(from + 1) * cols]);
             }
@@ -680,10 +720,10 @@ impl GgufFile {
             .and_then(Value::as_str)
             .unwrap_or("default");
         let split_digits = match pre {
-            "default" | "gpt2" => false,
+            "default" | "gpt2" | "gpt-2" => false,
             "smollm" => true,
             other => bail!(
-                "{}: tokenizer.ggml.pre {other:?} is not supported (known: default, gpt2, smollm)",
+                "{}: tokenizer.ggml.pre {other:?} is not supported (known: default, gpt-2, smollm)",
                 self.path
             ),
         };

@@ -4,5 +4,6 @@
 pub mod checkpoint;
 pub mod convert;
 pub mod gguf;
+pub mod gguf_write;
 pub mod hf;
 pub mod params;

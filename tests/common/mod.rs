@@ -1,7 +1,6 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
-pub mod gguf_writer;
 pub mod numeric;
 pub mod rlhf;
 
