@@ -141,6 +141,7 @@ pub enum GgufWeights {
     F32,
     /// llama.cpp's default.
     F16,
+    #[value(name = "q8_0")]
     Q8_0,
 }
 
@@ -207,7 +208,7 @@ pub fn llama_gguf(model: &ForeignModel, weights: GgmlType) -> Result<Vec<u8>> {
             Value::F32(c.norm_eps as f32),
         ),
     ];
-    metadata.extend(tokenizer_metadata(&model.tokenizer_json, c.vocab_size)?);
+    metadata.extend(tokenizer_metadata(model)?);
     metadata.push((
         "tokenizer.chat_template".to_string(),
         Value::String(model.template.jinja(model.default_system.as_deref())),
@@ -242,15 +243,18 @@ pub fn llama_gguf(model: &ForeignModel, weights: GgmlType) -> Result<Vec<u8>> {
 /// `tokenizer.ggml.*` for a byte-level BPE `tokenizer.json` (kiln's own, SmolLM2's, GPT-2's):
 /// tokens by id (padded to the model's vocabulary with unused `[PAD{id}]` entries, as
 /// llama.cpp's converter does), token types, merges, the pre-tokenizer, and the special ids.
-fn tokenizer_metadata(tokenizer_json: &str, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+/// The end-of-sequence id is the chat template's stop token (`<|im_end|>` for ChatML, as
+/// SmolLM2's own GGUF has it), so that llama.cpp stops where kiln does.
+fn tokenizer_metadata(model: &ForeignModel) -> Result<Vec<(String, Value)>> {
+    let (tokenizer_json, vocab_size) = (&model.tokenizer_json, model.model_config.vocab_size);
     let json: Json = serde_json::from_str(tokenizer_json)
         .map_err(|e| anyhow!("the tokenizer is not valid JSON: {e}"))?;
-    let model = &json["model"];
+    let bpe = &json["model"];
     let pre = json["pre_tokenizer"].to_string();
-    if model["type"] != "BPE" || !pre.contains("\"ByteLevel\"") {
+    if bpe["type"] != "BPE" || !pre.contains("\"ByteLevel\"") {
         bail!(
             "kiln writes GGUF for byte-level BPE tokenizers (kiln's own, SmolLM2's); this one is a {} model with pre-tokenizer {}",
-            model["type"],
+            bpe["type"],
             json["pre_tokenizer"]["type"]
         );
     }
@@ -267,7 +271,7 @@ fn tokenizer_metadata(tokenizer_json: &str, vocab_size: usize) -> Result<Vec<(St
         types[id as usize] = kind;
         Ok(())
     };
-    for (token, id) in model["vocab"].as_object().into_iter().flatten() {
+    for (token, id) in bpe["vocab"].as_object().into_iter().flatten() {
         place(token, id.as_u64().unwrap_or(u64::MAX), 1)?;
     }
     for added in json["added_tokens"].as_array().into_iter().flatten() {
@@ -286,7 +290,7 @@ fn tokenizer_metadata(tokenizer_json: &str, vocab_size: usize) -> Result<Vec<(St
             }))
         })
         .collect();
-    let merges: Vec<Value> = model["merges"]
+    let merges: Vec<Value> = bpe["merges"]
         .as_array()
         .into_iter()
         .flatten()
@@ -300,6 +304,12 @@ fn tokenizer_metadata(tokenizer_json: &str, vocab_size: usize) -> Result<Vec<(St
         })
         .collect();
     let tokenizer = crate::data::tokenizer::Tokenizer::from_json(tokenizer_json)?;
+    // ChatML turns open with `<|im_start|>`, SmolLM2's beginning-of-sequence token.
+    let bos = match model.template {
+        crate::data::chat::ChatTemplate::Chatml => tokenizer.token_id("<|im_start|>"),
+        crate::data::chat::ChatTemplate::Llama2 => None,
+    }
+    .unwrap_or(tokenizer.bos_id);
     let mut out = vec![
         (
             "tokenizer.ggml.model".to_string(),
@@ -315,13 +325,10 @@ fn tokenizer_metadata(tokenizer_json: &str, vocab_size: usize) -> Result<Vec<(St
             Value::Array(types.into_iter().map(Value::I32).collect()),
         ),
         ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
-        (
-            "tokenizer.ggml.bos_token_id".to_string(),
-            Value::U32(tokenizer.bos_id),
-        ),
+        ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(bos)),
         (
             "tokenizer.ggml.eos_token_id".to_string(),
-            Value::U32(tokenizer.eos_id),
+            Value::U32(model.template.stop_token(&tokenizer)?),
         ),
     ];
     if let Some(pad) = tokenizer.pad_id {
