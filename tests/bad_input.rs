@@ -629,3 +629,30 @@ fn a_bare_output_file_name_is_written_without_error() {
     );
     kiln::data::tokenizer::Tokenizer::load(&dir.path().join("tok.json")).unwrap();
 }
+
+/// Newcomer item: a stage that fails on its inputs after checking `--out` (here a data file
+/// that does not exist) leaves no empty `--out` directory behind, and does not suggest
+/// skipping malformed lines for a file that is missing.
+#[test]
+fn a_failed_stage_leaves_no_empty_out_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sft");
+    let model = newest_checkpoint(trained_run());
+    let output = kiln(&[
+        "sft",
+        "--device",
+        "cpu",
+        "--init",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "data.train=[\"no-such-file.jsonl\"]",
+    ]);
+    let error = one_error(&output);
+    assert!(
+        error.contains("no-such-file.jsonl") && !error.contains("skip"),
+        "{error}"
+    );
+    assert!(!out.exists(), "an empty --out was left behind");
+}
