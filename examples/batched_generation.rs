@@ -20,6 +20,7 @@ fn main() -> Result<()> {
     let params = SamplingParams {
         temperature: 0.8,
         top_p: 0.95,
+        min_p: 0.05,
         max_tokens: 60,
     };
     let outputs = generate::complete(

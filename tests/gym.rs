@@ -190,7 +190,7 @@ fn generate_fine_tune_evaluate_and_ghost_attention() {
         "train.eval_batches=1".into(),
     ]));
     let stderr = ok(&kiln(&rm));
-    assert!(stderr.contains("Safety reward model"), "{stderr}");
+    assert!(stderr.contains("safety reward model"), "{stderr}");
     let out = kiln(&args(&[
         "rm",
         "eval",

@@ -193,11 +193,13 @@ fn decode(
     let mut done = vec![false; batch];
     let mut stopped = false;
     for _ in 0..max_new {
-        let logits = model.forward(input, Some(&mut *cache));
-        let [_, t, vocab] = logits.dims();
-        let last = logits
-            .slice([0..batch, t - 1..t, 0..vocab])
-            .reshape([batch, vocab]);
+        // Only the last position's logits are drawn from: the head (dim x vocab per token,
+        // the largest matmul of a small model) runs on it alone, not on every prompt token.
+        let hidden = model.hidden_states(input, Some(&mut *cache));
+        let [_, t, dim] = hidden.dims();
+        let logits = model.logits(hidden.slice([0..batch, t - 1..t, 0..dim]));
+        let vocab = logits.dims()[2];
+        let last = logits.reshape([batch, vocab]);
         let values: Vec<f32> = last
             .into_data()
             .try_into_vec_as::<f32>()
