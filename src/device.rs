@@ -1,7 +1,7 @@
 //! Choosing where to compute: a hardware GPU through wgpu (Vulkan/Metal/DX12), CUDA when built
 //! with the `cuda` feature, or the CPU (burn's `flex` backend).
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::tensor::wgpu::wgpu;
 use burn::tensor::{Device, DeviceKind};
 
@@ -139,5 +139,5 @@ fn cuda() -> Result<ComputeDevice> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda() -> Result<ComputeDevice> {
-    bail!("--device cuda needs kiln built with `--features cuda`")
+    anyhow::bail!("--device cuda needs kiln built with `--features cuda`")
 }

@@ -501,23 +501,28 @@ fn jsonl_errors_suggest_skipping_only_where_it_exists() {
     // sft: the same kind of mistake in its data says how to skip it.
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": 3}\n").unwrap();
-    let train = format!("data.train=[\"{}\"]", bad.display());
-    let out = kiln(&[
+    let out = sft_on(&model, &dir.path().join("sft"), &bad);
+    let error = one_error(&out);
+    assert!(
+        error.contains("bad.jsonl:1:") && error.contains("data.skip_bad_lines"),
+        "{error}"
+    );
+}
+
+/// `kiln sft` from `model` into `out` on the training file `train`.
+fn sft_on(model: &Path, out: &Path, train: &Path) -> Output {
+    let train = format!("data.train=[\"{}\"]", train.display());
+    kiln(&[
         "sft",
         "--device",
         "cpu",
         "--init",
         model.to_str().unwrap(),
         "--out",
-        dir.path().join("sft").to_str().unwrap(),
+        out.to_str().unwrap(),
         "--set",
         &train,
-    ]);
-    let error = one_error(&out);
-    assert!(
-        error.contains("bad.jsonl:1:") && error.contains("data.skip_bad_lines"),
-        "{error}"
-    );
+    ])
 }
 
 /// The one error line of a failed run that may have printed progress first (the device, the
@@ -638,17 +643,7 @@ fn a_failed_stage_leaves_no_empty_out_directory() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("sft");
     let model = newest_checkpoint(trained_run());
-    let output = kiln(&[
-        "sft",
-        "--device",
-        "cpu",
-        "--init",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--set",
-        "data.train=[\"no-such-file.jsonl\"]",
-    ]);
+    let output = sft_on(&model, &out, Path::new("no-such-file.jsonl"));
     let error = one_error(&output);
     assert!(
         error.contains("no-such-file.jsonl") && !error.contains("skip"),
