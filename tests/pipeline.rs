@@ -189,6 +189,13 @@ fn plan_report_and_refusals_of_a_completed_run() {
     ] {
         assert!(out.join("report").join(png).is_file(), "{png}");
     }
+    // Every chart drawn is linked from the report.
+    for png in listing(&out.join("report")) {
+        assert!(
+            report.contains(&format!("report/{png})")),
+            "{png} is not linked"
+        );
+    }
     for stage in ["pretrain", "sft", "ppo", "rs"] {
         let pngs = listing(&out.join(stage))
             .into_iter()

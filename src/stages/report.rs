@@ -650,11 +650,7 @@ pub fn write(out: &Path) -> Result<PathBuf> {
                     break;
                 }
                 let prefix = format!("{}-round-{round}-", v.plan.name);
-                pngs.extend(
-                    plot::plot_run_into(&round_dir, &into(prefix))?
-                        .into_iter()
-                        .take(1),
-                );
+                pngs.extend(plot::plot_run_into(&round_dir, &into(prefix))?);
             }
         }
         if pngs.is_empty() {
