@@ -498,6 +498,8 @@ fn jsonl_errors_suggest_skipping_only_where_it_exists() {
     let error = one_error(&out);
     assert!(error.contains("eval_tasks.jsonl:1:"), "{error}");
     assert!(!error.contains("skip"), "{error}");
+    // The held-out files are read before the model is loaded (no device line first).
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
     // sft: the same kind of mistake in its data says how to skip it.
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": 3}\n").unwrap();

@@ -136,27 +136,21 @@ pub fn eval_gym(
     json: bool,
     device: DeviceChoice,
 ) -> Result<()> {
+    use kiln::gym::eval::{EvalOptions, EvalSets, load_chat_model};
+    let sets = EvalSets::read(data, limit)?;
     let device = device::select(device)?;
-    let loaded = convert::load_model(model, &device.device, Default::default())?;
-    let template = template.unwrap_or(loaded.template);
-    let loaded = loaded.loaded;
-    template.check(&loaded.tokenizer)?;
+    let (loaded, template) = load_chat_model(model, template, &device.device)?;
     eprintln!(
         "device: {} | model: {}",
         device.describe(),
         loaded.dir.display()
     );
-    let report = kiln::gym::eval::evaluate(
-        &loaded.model,
-        &loaded.tokenizer,
-        data,
-        &kiln::gym::eval::EvalOptions {
-            template,
-            batch_size,
-            max_answer_tokens: 48,
-            limit,
-        },
-    )?;
+    let options = EvalOptions {
+        template,
+        batch_size,
+        max_answer_tokens: 48,
+    };
+    let report = kiln::gym::eval::evaluate(&loaded.model, &loaded.tokenizer, &sets, &options)?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());

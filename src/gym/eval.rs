@@ -47,8 +47,45 @@ pub struct EvalOptions {
     pub template: ChatTemplate,
     pub batch_size: usize,
     pub max_answer_tokens: usize,
-    /// Use at most this many items of each set (0: all).
-    pub limit: usize,
+}
+
+/// The held-out sets of a gym directory (`kiln gym generate`), read and checked: a bad line
+/// is reported before any model is loaded.
+pub struct EvalSets {
+    pub tasks: Vec<super::Task>,
+    pub unsafe_prompts: Vec<String>,
+    pub dialogues: Vec<EvalDialogue>,
+}
+
+impl EvalSets {
+    /// At most `limit` items of each set (0: all).
+    pub fn read(data: &Path, limit: usize) -> Result<Self> {
+        let keep = |n: usize| if limit == 0 { n } else { n.min(limit) };
+        let mut tasks = read_eval_tasks(&data.join("eval_tasks.jsonl"))?;
+        tasks.truncate(keep(tasks.len()));
+        let mut unsafe_prompts = read_eval_unsafe(&data.join("eval_unsafe.jsonl"))?;
+        unsafe_prompts.truncate(keep(unsafe_prompts.len()));
+        let mut dialogues = read_eval_dialogues(&data.join("eval_dialogues.jsonl"))?;
+        dialogues.truncate(keep(dialogues.len()));
+        Ok(Self {
+            tasks,
+            unsafe_prompts,
+            dialogues,
+        })
+    }
+}
+
+/// The chat model to evaluate at `path` (any format the one loader reads), with `template`
+/// or its own, checked against its tokenizer.
+pub fn load_chat_model(
+    path: &Path,
+    template: Option<ChatTemplate>,
+    device: &burn::tensor::Device,
+) -> Result<(crate::interop::convert::LoadedModel, ChatTemplate)> {
+    let loaded = crate::interop::convert::load_model(path, device, Default::default())?;
+    let template = template.unwrap_or(loaded.template);
+    template.check(&loaded.loaded.tokenizer)?;
+    Ok((loaded.loaded, template))
 }
 
 fn rate(hits: usize, total: usize) -> f64 {
@@ -58,22 +95,14 @@ fn rate(hits: usize, total: usize) -> f64 {
 pub fn evaluate(
     model: &Llama,
     tokenizer: &Tokenizer,
-    data: &Path,
+    sets: &EvalSets,
     options: &EvalOptions,
 ) -> Result<GymReport> {
-    let limit = |n: usize| {
-        if options.limit == 0 {
-            n
-        } else {
-            n.min(options.limit)
-        }
-    };
-    let mut tasks = read_eval_tasks(&data.join("eval_tasks.jsonl"))?;
-    tasks.truncate(limit(tasks.len()));
-    let mut unsafe_prompts = read_eval_unsafe(&data.join("eval_unsafe.jsonl"))?;
-    unsafe_prompts.truncate(limit(unsafe_prompts.len()));
-    let mut dialogues = read_eval_dialogues(&data.join("eval_dialogues.jsonl"))?;
-    dialogues.truncate(limit(dialogues.len()));
+    let EvalSets {
+        tasks,
+        unsafe_prompts,
+        dialogues,
+    } = sets;
 
     let greedy = SamplingParams {
         temperature: 0.0,
@@ -151,7 +180,7 @@ pub fn evaluate(
     )?;
     let unsafe_refused = unsafe_answers.iter().filter(|a| is_refusal(a)).count();
 
-    let compliance_by_turn = compliance(&dialogues, &mut answer)?;
+    let compliance_by_turn = compliance(dialogues, &mut answer)?;
     Ok(GymReport {
         prompts_over_context: over_context,
         task_accuracy: rate(correct, tasks.len()),

@@ -32,9 +32,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::{self, ConfigSource, StageConfig};
 use crate::device::ComputeDevice;
 use crate::gym::GymSizes;
-use crate::gym::eval::{EvalOptions, GymReport};
+use crate::gym::eval::{EvalOptions, EvalSets, GymReport};
 use crate::infer::score::{self, PairSubset, RmReport};
-use crate::interop::{checkpoint, convert};
+use crate::interop::checkpoint;
 use crate::stages::{gatt, ppo, pretrain, reward, rs, sft};
 use crate::train::stage::Launch;
 
@@ -1100,20 +1100,18 @@ fn evaluate(recipe: &Recipe, stage: &PlannedStage, device: &ComputeDevice) -> Re
             settings.batch_size,
         )?));
     }
-    let loaded = convert::load_model(&model, &device.device, Default::default())?;
-    let template = loaded.template;
-    let loaded = loaded.loaded;
-    template.check(&loaded.tokenizer)?;
+    let sets = EvalSets::read(data, settings.limit)?;
+    let (loaded, template) = crate::gym::eval::load_chat_model(&model, None, &device.device)?;
+    let options = EvalOptions {
+        template,
+        batch_size: settings.batch_size,
+        max_answer_tokens: settings.max_answer_tokens,
+    };
     Ok(StageEval::Gym(crate::gym::eval::evaluate(
         &loaded.model,
         &loaded.tokenizer,
-        data,
-        &EvalOptions {
-            template,
-            batch_size: settings.batch_size,
-            max_answer_tokens: settings.max_answer_tokens,
-            limit: settings.limit,
-        },
+        &sets,
+        &options,
     )?))
 }
 
