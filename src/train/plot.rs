@@ -165,6 +165,9 @@ fn draw_panel(
         .into());
     }
     let pad = ((y_max - y_min) * 0.05).max(1e-9);
+    // Room above the data for the legend (upper right, a line per series), so that it does
+    // not cover the last points.
+    let legend_room = pad * 1.8 * panel.series.len() as f64;
     // Named positions sit half a step in from the edges.
     let x_range = if panel.x_names.is_empty() {
         0.0..x_max
@@ -176,7 +179,7 @@ fn draw_panel(
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(x_range, (y_min - pad)..(y_max + pad))?;
+        .build_cartesian_2d(x_range, (y_min - pad)..(y_max + pad + legend_room))?;
     chart
         .configure_mesh()
         .x_desc(panel.x_label)
@@ -218,6 +221,7 @@ fn draw_panel(
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .label_font((FONT, 14))
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
