@@ -404,6 +404,11 @@ fn nucleus_draw(
         .map(|(i, &l)| (i, ((l as f64 - max) / params.temperature).exp()))
         .collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
+    if params.top_p >= 1.0 && params.min_p <= 0.0 {
+        // Nothing is cut: draw from the whole distribution without sorting the vocabulary
+        // (a sort per row and step showed as 4% of a PPO iteration).
+        return categorical_draw(&probs, total, rng);
+    }
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut kept = 0.0;
     let mut cut = probs.len();
@@ -421,15 +426,21 @@ fn nucleus_draw(
     }
     let nucleus = &probs[..cut];
     let mass: f64 = nucleus.iter().map(|p| p.1).sum();
+    categorical_draw(nucleus, mass, rng)
+}
+
+/// Draws one of `weighted` (index, unnormalised probability) whose weights sum to `mass`:
+/// the index and its log-probability among them.
+fn categorical_draw(weighted: &[(usize, f64)], mass: f64, rng: &mut impl Rng) -> (usize, f32) {
     let mut u = rng.random::<f64>() * mass;
     let logprob = |p: f64| (p / mass).ln() as f32;
-    for &(i, p) in nucleus {
+    for &(i, p) in weighted {
         if u < p {
             return (i, logprob(p));
         }
         u -= p;
     }
-    let (i, p) = nucleus[nucleus.len() - 1];
+    let (i, p) = weighted[weighted.len() - 1];
     (i, logprob(p))
 }
 
@@ -475,6 +486,39 @@ mod tests {
             ..params
         };
         assert_eq!(sample(&[0.1, 0.7, 0.2], &greedy, &mut rng), 1);
+    }
+
+    /// With nothing cut (top-p 1, min-p 0), draws follow the softmax of the logits and each
+    /// draw's log-probability is its log-softmax (4,000 draws, 4 standard errors).
+    #[test]
+    fn untruncated_sampling_follows_the_softmax() {
+        let logits = [1.0f32, -0.5, 2.0, 0.0, 0.7];
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            min_p: 0.0,
+            max_tokens: 1,
+        };
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let seed: u64 = rand::random();
+        let mut rng = seeded_rng(seed);
+        let n = 4000;
+        let mut counts = [0usize; 5];
+        for _ in 0..n {
+            let d = draw(&logits, &params, &mut rng);
+            counts[d.token as usize] += 1;
+            let expected = logits[d.token as usize] as f64 - z.ln();
+            assert!((d.sample_logprob as f64 - expected).abs() < 1e-5, "{d:?}");
+            assert!((d.logprob as f64 - expected).abs() < 1e-5, "{d:?}");
+        }
+        for (i, &c) in counts.iter().enumerate() {
+            let p = (logits[i] as f64).exp() / z;
+            let se = (p * (1.0 - p) / n as f64).sqrt();
+            assert!(
+                (c as f64 / n as f64 - p).abs() < 4.0 * se,
+                "token {i}: {c} of {n}, p {p} (seed {seed})"
+            );
+        }
     }
 
     #[test]
