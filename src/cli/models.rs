@@ -113,7 +113,7 @@ pub fn convert(
         Format::Kiln => Format::Hf,
         _ => Format::Kiln,
     });
-    convert::write_gguf_as(&model, to, out, gguf_weights)?;
+    convert::write_with(&model, to, out, gguf_weights)?;
     eprintln!(
         "{} ({from}, {:.1}M parameters, {} template) -> {} ({to}) in {:.1}s (read {:.1}s)",
         input.display(),

@@ -602,9 +602,9 @@ impl ChatTemplate {
                         .zip(&joint)
                         .take_while(|(a, b)| a == b)
                         .count();
-                    out.push(joint[..shared].iter().copied(), false);
-                    out.push(joint[shared..].iter().copied(), m.trained());
                     let trained = m.trained();
+                    out.push(joint[..shared].iter().copied(), false);
+                    out.push(joint[shared..].iter().copied(), trained);
                     if m.complete {
                         out.push([end], trained);
                         out.push(tok.encode("\n")?, false);

@@ -19,7 +19,7 @@ pub struct SamplingParams {
     /// Sample from the smallest set of tokens whose probability reaches `top_p`.
     pub top_p: f64,
     /// Also drop tokens less than `min_p` times as likely as the most likely one (0: off):
-    /// llama.cpp's min-p, which keeps a small model's sampled answers on topic.
+    /// llama.cpp's min-p, which cuts the long tail of unlikely tokens.
     pub min_p: f64,
     pub max_tokens: usize,
 }

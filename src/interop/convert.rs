@@ -204,13 +204,13 @@ impl ForeignModel {
 
 /// Writes `model` in `format` at `out`, which must not exist yet (or be an empty directory);
 /// nothing is left at `out` if it fails. The weights must be exactly those of a Llama of the
-/// model's shape. GGUF is written with F16 weights ([`write_gguf`] chooses).
+/// model's shape. GGUF is written with F16 weights ([`write_with`] chooses).
 pub fn write(model: &ForeignModel, format: Format, out: &Path) -> Result<()> {
-    write_gguf_as(model, format, out, GgufWeights::F16)
+    write_with(model, format, out, GgufWeights::F16)
 }
 
-/// [`write`], with the weight type of a GGUF file.
-pub fn write_gguf_as(
+/// [`write`], with the weight type a GGUF file gets.
+pub fn write_with(
     model: &ForeignModel,
     format: Format,
     out: &Path,

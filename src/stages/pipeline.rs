@@ -792,7 +792,7 @@ fn stage_progress(stage: &PlannedStage) -> Result<Progress> {
         return Ok(Progress::NotStarted);
     }
     Ok(match stage.kind {
-        StageKind::Rs if stage.dir.join(checkpoint::CONFIG_FILE).is_file() => {
+        StageKind::Rs if stage.dir.join(crate::train::run_dir::CONFIG_FILE).is_file() => {
             Progress::Resumable("its rounds so far".into())
         }
         StageKind::Pretrain | StageKind::Sft | StageKind::Gatt | StageKind::Rm | StageKind::Ppo => {

@@ -496,7 +496,8 @@ impl Stepped for PpoRecord {
 
 /// Whether `dir` holds a PPO run (its `config.toml` has a `[ppo]` section).
 pub fn is_ppo_run(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("config.toml")).is_ok_and(|t| t.contains("\n[ppo]"))
+    std::fs::read_to_string(dir.join(crate::train::run_dir::CONFIG_FILE))
+        .is_ok_and(|t| t.contains("\n[ppo]"))
 }
 
 /// Rates an answer to a prompt: the combined reward of the two reward models, or anything

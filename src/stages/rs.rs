@@ -59,7 +59,6 @@ pub const POOL_FILE: &str = "pool.jsonl";
 pub const TRAIN_FILE: &str = "train.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 pub const ROUNDS_FILE: &str = "rounds.jsonl";
-const CONFIG_FILE: &str = "config.toml";
 
 /// Which answers the pool keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -718,7 +717,7 @@ fn policy_path(config: &RsConfig, out: &Path, round: usize) -> PathBuf {
 /// Runs (or resumes) rejection-sampling fine-tuning.
 pub fn run(launch: &Launch) -> Result<RsSummary> {
     let out = &launch.out_dir;
-    let config_path = out.join(CONFIG_FILE);
+    let config_path = out.join(crate::train::run_dir::CONFIG_FILE);
     let device = launch.device.device.clone();
     // `--init` is the config's `rs.init`, so a resumed run needs nothing but `--out`.
     let mut overrides = launch.overrides.clone();

@@ -130,7 +130,8 @@ impl RunDir {
     }
 }
 
-/// Where a run stores its resolved configuration.
+/// Where a run (of any stage, rejection sampling and PPO too) stores its resolved
+/// configuration. A checkpoint keeps its own copy ([`checkpoint::CONFIG_FILE`]).
 pub const CONFIG_FILE: &str = "config.toml";
 
 /// Refuses a `--config` file that is `target`, the file a new run is about to write.
