@@ -18,7 +18,8 @@ use crate::model::Llama;
 use crate::model::ops::RopeTables;
 use crate::stages::pretrain::batch_tensors;
 use crate::train::optim::AdamW;
-use crate::train::step::{self, Accumulated, MicroBatchLoss, SingleWorker};
+use crate::train::collective::Solo;
+use crate::train::step::{self, Accumulated, MicroBatchLoss};
 
 #[derive(Debug, Serialize)]
 pub struct TrainBench {
@@ -78,7 +79,7 @@ pub fn train(
             &model,
             MicroBatchLoss::from_mean(model.loss(inputs, targets), tokens as f64, tokens as u64),
         );
-        let (updated, _) = step::apply(model, &mut optimizer, micro_batches, 3e-4, &SingleWorker)?;
+        let (updated, _) = step::apply(model, &mut optimizer, micro_batches, 3e-4, &Solo)?;
         model = updated;
         if i >= warmup {
             timed += start.elapsed().as_secs_f64();

@@ -119,17 +119,67 @@ pub fn select(choice: DeviceChoice) -> Result<ComputeDevice> {
                 _ => Ok(ComputeDevice::cpu()),
             }
         }
-        DeviceChoice::Cuda => cuda(),
+        DeviceChoice::Cuda => cuda(0),
     }
 }
 
+/// The devices of `--devices`: a comma-separated list of `cpu`, `wgpu` (the default adapter,
+/// software ones included), `wgpu:N` (the N-th hardware GPU, best first) and `cuda:N`. A
+/// device that is not there is an error naming it.
+pub fn parse_list(list: &str) -> Result<Vec<ComputeDevice>> {
+    let mut devices = Vec::new();
+    for spec in list.split(',').map(str::trim) {
+        let (kind, index) = match spec.split_once(':') {
+            Some((kind, index)) => {
+                let index = index.parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("--devices: `{spec}` is not a device: its index must be a number")
+                })?;
+                (kind, Some(index))
+            }
+            None => (spec, None),
+        };
+        devices.push(match (kind, index) {
+            ("cpu", None) => ComputeDevice::cpu(),
+            ("wgpu", None) => select(DeviceChoice::Wgpu)?,
+            ("wgpu", Some(n)) => {
+                let adapters = hardware_adapters();
+                let Some(info) = adapters.get(n) else {
+                    anyhow::bail!(
+                        "--devices: `{spec}` is not there: this machine has {} hardware GPU{} for wgpu",
+                        adapters.len(),
+                        if adapters.len() == 1 { "" } else { "s" }
+                    );
+                };
+                let kind = match info.device_type {
+                    wgpu::DeviceType::DiscreteGpu => DeviceKind::DiscreteGpu(n),
+                    wgpu::DeviceType::IntegratedGpu => DeviceKind::IntegratedGpu(n),
+                    _ => DeviceKind::VirtualGpu(n),
+                };
+                ComputeDevice {
+                    device: Device::wgpu(kind),
+                    backend: "wgpu",
+                    adapter: info.name.clone(),
+                }
+            }
+            ("cuda", n) => cuda(n.unwrap_or(0))?,
+            _ => anyhow::bail!(
+                "--devices: `{spec}` is not a device: use cpu, wgpu, wgpu:N or cuda:N, separated by commas"
+            ),
+        });
+    }
+    if devices.len() < 2 {
+        anyhow::bail!("--devices takes two devices or more; for one, use --device");
+    }
+    Ok(devices)
+}
+
 #[cfg(feature = "cuda")]
-fn cuda() -> Result<ComputeDevice> {
-    let device = Device::cuda(0);
+fn cuda(index: usize) -> Result<ComputeDevice> {
+    let device = Device::cuda(index);
     let adapter = device
         .identity()
         .map(|id| id.name)
-        .unwrap_or_else(|| "CUDA device 0".into());
+        .unwrap_or_else(|| format!("CUDA device {index}"));
     Ok(ComputeDevice {
         device,
         backend: "cuda",
@@ -138,6 +188,6 @@ fn cuda() -> Result<ComputeDevice> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda() -> Result<ComputeDevice> {
+fn cuda(_: usize) -> Result<ComputeDevice> {
     anyhow::bail!("--device cuda needs kiln built with `--features cuda`")
 }

@@ -43,6 +43,11 @@ pub struct StageArgs {
     pub resume: bool,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Train data-parallel on several devices of this machine, one replica each, gradients
+    /// summed on the host: a comma-separated list of `cpu`, `wgpu` (the default adapter),
+    /// `wgpu:N` (the N-th GPU) and `cuda:N` (docs/distributed.md).
+    #[arg(long, conflicts_with = "device", value_name = "LIST")]
+    pub devices: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -283,6 +288,11 @@ pub struct CurveArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Train data-parallel on several devices of this machine, one replica each, gradients
+    /// summed on the host: a comma-separated list of `cpu`, `wgpu` (the default adapter),
+    /// `wgpu:N` (the N-th GPU) and `cuda:N` (docs/distributed.md).
+    #[arg(long, conflicts_with = "device", value_name = "LIST")]
+    pub devices: Option<String>,
 }
 
 #[derive(Subcommand)]

@@ -1,9 +1,12 @@
 //! The training commands: `pretrain`, `sft`, `gatt`, `rm train`, `rs`, `ppo`. Each turns its flags into a
 //! [`Launch`] and hands it to its stage.
 
-use anyhow::Result;
+use std::sync::Arc;
 
-use kiln::device;
+use anyhow::{Result, bail};
+
+use kiln::device::{self, ComputeDevice};
+use kiln::train::collective::{self, Collective, InProcess, Solo};
 use kiln::stages::{gatt, ppo, pretrain, reward, rs, sft};
 use kiln::train::run_dir;
 use kiln::train::stage::Launch;
@@ -11,23 +14,125 @@ use kiln::train::supervised::RunSummary;
 
 use super::args::{PipelineArgs, RlhfArgs, StageArgs};
 
-/// The launch of a stage from its flags; `extra` overrides come after the user's.
-fn launch(args: StageArgs, extra: &[String]) -> Result<Launch> {
-    let device = device::select(args.device)?;
+/// A stage's launch from its flags, and the devices of an in-process data-parallel run.
+struct Workers {
+    launch: Launch,
+    /// `--devices`: one worker (thread) per device; empty for one device.
+    devices: Vec<ComputeDevice>,
+}
+
+/// The launch of a stage from its flags; `extra` overrides come after the user's. Under an
+/// MPI launcher this process joins the job as one rank.
+fn launch(args: StageArgs, extra: &[String]) -> Result<Workers> {
+    let devices = match &args.devices {
+        Some(list) => device::parse_list(list)?,
+        None => Vec::new(),
+    };
+    let device = match devices.first() {
+        Some(first) => first.clone(),
+        None => device::select(args.device)?,
+    };
     run_dir::install_interrupt_handler()?;
     let mut overrides = args.overrides;
     overrides.extend_from_slice(extra);
-    Ok(Launch {
-        config: args.config.map(kiln::config::ConfigSource::File),
-        overrides,
-        init: args.init,
-        out_dir: args
-            .out
-            .ok_or_else(|| anyhow::anyhow!("--out is required: the run's output directory"))?,
-        resume: args.resume,
-        device,
-        stop_after: None,
+    let collective = mpi_rank()?;
+    if collective.world_size() > 1 && devices.len() > 1 {
+        bail!("--devices takes several devices in one process; under mpirun give each rank one --device");
+    }
+    Ok(Workers {
+        launch: Launch {
+            config: args.config.map(kiln::config::ConfigSource::File),
+            overrides,
+            init: args.init,
+            out_dir: args
+                .out
+                .ok_or_else(|| anyhow::anyhow!("--out is required: the run's output directory"))?,
+            resume: args.resume,
+            device,
+            stop_after: None,
+            collective,
+        },
+        devices,
     })
+}
+
+/// This process's place in an MPI job (`mpirun -n N kiln ...`), or alone.
+#[cfg(feature = "mpi")]
+fn mpi_rank() -> Result<Arc<dyn Collective>> {
+    Ok(match collective::Mpi::join()? {
+        Some(mpi) => Arc::new(mpi),
+        None => Arc::new(Solo),
+    })
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_rank() -> Result<Arc<dyn Collective>> {
+    if let Some(n) = collective::launcher_world_size().filter(|&n| n > 1) {
+        bail!(
+            "started as one of {n} MPI ranks, but this kiln was built without MPI: build it with `cargo build --release --features mpi` (docs/distributed.md)"
+        );
+    }
+    Ok(Arc::new(Solo))
+}
+
+impl Workers {
+    /// Runs `stage` on every worker and returns worker 0's result (the one that wrote the
+    /// run). With `--devices`, one thread per device, summing gradients on the host.
+    fn run<T: Send>(&self, stage: impl Fn(&Launch) -> Result<T> + Sync) -> Result<T> {
+        if self.devices.len() <= 1 {
+            return in_out(&self.launch, stage);
+        }
+        eprintln!(
+            "devices: {}",
+            self.devices.iter().map(|d| d.describe()).collect::<Vec<_>>().join(", ")
+        );
+        in_out(&self.launch, |launch| {
+            let results: Vec<Result<T>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = InProcess::group(self.devices.len())
+                    .into_iter()
+                    .zip(&self.devices)
+                    .map(|(worker, device)| {
+                        let mut launch = launch.clone();
+                        launch.device = device.clone();
+                        launch.collective = Arc::new(worker);
+                        let stage = &stage;
+                        scope.spawn(move || stage(&launch))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked"))))
+                    .collect()
+            });
+            // The first worker's own failure, not the others' "worker N stopped".
+            let mut results = results.into_iter();
+            let first = results.next().expect("two workers or more");
+            match first {
+                Ok(value) => {
+                    results.collect::<Result<Vec<T>>>()?;
+                    Ok(value)
+                }
+                Err(e) if e.to_string().contains(collective::STOPPED) => {
+                    Err(results.filter_map(Result::err).next().unwrap_or(e))
+                }
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    /// For stages that do not run data-parallel yet: refuses several workers.
+    fn alone(&self, command: &str) -> Result<&Launch> {
+        if self.devices.len() > 1 || self.launch.collective.world_size() > 1 {
+            bail!(
+                "kiln {command} does not train data-parallel yet: run it as one process on one device (pretrain, sft, gatt and rm train do)"
+            );
+        }
+        Ok(&self.launch)
+    }
+
+    fn writer(&self) -> bool {
+        self.launch.collective.is_writer()
+    }
 }
 
 /// Runs a stage; if it fails and leaves behind an empty `--out` that did not exist before (it
@@ -37,7 +142,7 @@ fn in_out<T>(launch: &Launch, run: impl FnOnce(&Launch) -> Result<T>) -> Result<
     let existed = out.exists();
     let result = run(launch);
     let empty = || std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_none());
-    if result.is_err() && !existed && empty() {
+    if result.is_err() && !existed && empty() && launch.collective.is_writer() {
         let _ = std::fs::remove_dir(out);
     }
     result
@@ -52,7 +157,11 @@ fn skip_bad_lines(on: bool) -> Vec<String> {
 }
 
 pub fn pretrain(args: StageArgs) -> Result<()> {
-    let summary = in_out(&launch(args, &[])?, |l| pretrain::run(l, true))?;
+    let workers = launch(args, &[])?;
+    let summary = workers.run(|l| pretrain::run(l, true))?;
+    if !workers.writer() {
+        return Ok(());
+    }
     report(&summary.run, "validation loss", true);
     if let Some(sample) = summary.sample {
         println!("{sample}");
@@ -61,14 +170,20 @@ pub fn pretrain(args: StageArgs) -> Result<()> {
 }
 
 pub fn sft(args: StageArgs, skip_bad: bool) -> Result<()> {
-    let summary = in_out(&launch(args, &skip_bad_lines(skip_bad))?, sft::run)?;
-    report_fine_tuning(&summary);
+    let workers = launch(args, &skip_bad_lines(skip_bad))?;
+    let summary = workers.run(sft::run)?;
+    if workers.writer() {
+        report_fine_tuning(&summary);
+    }
     Ok(())
 }
 
 pub fn gatt(args: StageArgs) -> Result<()> {
-    let summary = in_out(&launch(args, &[])?, gatt::run)?;
-    report_fine_tuning(&summary);
+    let workers = launch(args, &[])?;
+    let summary = workers.run(gatt::run)?;
+    if workers.writer() {
+        report_fine_tuning(&summary);
+    }
     Ok(())
 }
 
@@ -77,8 +192,11 @@ pub fn rm_train(kind: Option<reward::RmKind>, args: StageArgs, skip_bad: bool) -
     if let Some(kind) = kind {
         extra.push(format!("rm.kind={}", serde_json::to_string(&kind)?));
     }
-    let summary = in_out(&launch(args, &extra)?, reward::train)?;
-    report(&summary, "validation ranking loss", false);
+    let workers = launch(args, &extra)?;
+    let summary = workers.run(reward::train)?;
+    if workers.writer() {
+        report(&summary, "validation ranking loss", false);
+    }
     Ok(())
 }
 
@@ -124,7 +242,8 @@ fn reward_model_overrides(args: &RlhfArgs, section: &str) -> Vec<String> {
 
 pub fn rs(args: RlhfArgs) -> Result<()> {
     let extra = reward_model_overrides(&args, "rs");
-    let summary = in_out(&launch(args.stage, &extra)?, rs::run)?;
+    let workers = launch(args.stage, &extra)?;
+    let summary = in_out(workers.alone("rs")?, rs::run)?;
     if summary.interrupted {
         eprintln!("interrupted: continue with --resume");
     }
@@ -156,7 +275,8 @@ pub fn rs(args: RlhfArgs) -> Result<()> {
 
 pub fn ppo(args: RlhfArgs) -> Result<()> {
     let extra = reward_model_overrides(&args, "ppo");
-    let summary = in_out(&launch(args.stage, &extra)?, ppo::run)?;
+    let workers = launch(args.stage, &extra)?;
+    let summary = in_out(workers.alone("ppo")?, ppo::run)?;
     if summary.interrupted {
         eprintln!("interrupted: continue with --resume");
     }
@@ -200,6 +320,9 @@ pub fn ppo(args: RlhfArgs) -> Result<()> {
 
 pub fn pipeline(args: PipelineArgs) -> Result<()> {
     use kiln::stages::pipeline;
+    if mpi_rank()?.world_size() > 1 {
+        bail!("kiln pipeline does not run data-parallel yet: run it as one process (its pretrain, sft, gatt and rm stages can be run under mpirun one by one)");
+    }
     let device = device::select(args.device)?;
     let args = pipeline::PipelineArgs {
         recipe: args.config,

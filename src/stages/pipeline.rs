@@ -1024,6 +1024,8 @@ fn train_stage(
         resume,
         device: device.clone(),
         stop_after: None,
+
+        collective: std::sync::Arc::new(crate::train::collective::Solo),
     };
     let supervised = |s: crate::train::supervised::RunSummary| Trained {
         interrupted: s.interrupted,

@@ -70,7 +70,8 @@ use crate::train::ppo_objective::{
 use crate::train::progress::Progress;
 use crate::train::run_dir::{INTERRUPTED, RunDir};
 use crate::train::stage::Launch;
-use crate::train::step::{self, Accumulated, MicroBatchLoss, SingleWorker};
+use crate::train::collective::Solo;
+use crate::train::step::{self, Accumulated, MicroBatchLoss};
 
 pub const ROLLOUT_FILE: &str = "rollout.jsonl";
 pub const BEST_DIR: &str = "best";
@@ -1338,7 +1339,7 @@ fn iteration(
                 &mut trained.policy_optim,
                 policy_acc,
                 lr,
-                &SingleWorker,
+                &Solo,
             )
             .map_err(|e| {
                 anyhow!(
@@ -1358,7 +1359,7 @@ fn iteration(
                 &mut trained.value_optim,
                 value_acc,
                 lr,
-                &SingleWorker,
+                &Solo,
             )
             .map_err(|e| {
                 anyhow!(

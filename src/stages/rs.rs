@@ -930,6 +930,8 @@ fn run_round(
         resume,
         device: launch.device.clone(),
         stop_after: launch.stop_after,
+
+        collective: std::sync::Arc::new(crate::train::collective::Solo),
     };
     let sft_config = config.sft(&train_path);
     let sft_toml = sft_config.to_toml();

@@ -1,6 +1,7 @@
 //! The pieces every training stage shares: the optimizer, the supervised loop, metrics,
 //! progress and plots.
 
+pub mod collective;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

@@ -39,6 +39,15 @@ impl Progress {
         }
     }
 
+    /// Prints nothing at all (a data-parallel worker other than worker 0).
+    pub fn silent() -> Self {
+        Self {
+            bar: Some(ProgressBar::hidden()),
+            log_interval: 1,
+            logged: 0,
+        }
+    }
+
     /// A bar over `total` items of `unit` (prompts, ...), starting at `start`; without a
     /// terminal a line about every tenth of the way.
     pub fn counter(start: u64, total: u64, unit: &str) -> Self {

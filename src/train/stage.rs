@@ -7,6 +7,7 @@
 //! tokenizer and position from the newest checkpoint.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
 use burn::module::Module;
@@ -18,6 +19,7 @@ use crate::device::ComputeDevice;
 use crate::interop::convert::{self, LoadedModel};
 use crate::interop::{checkpoint, params};
 use crate::model::Llama;
+use crate::train::collective::{Collective, Solo};
 use crate::train::optim::AdamW;
 use crate::train::run_dir::{RunDir, TrainState};
 
@@ -116,6 +118,14 @@ pub struct Launch {
     /// Stop (as if interrupted, with a checkpoint) after this many steps of this process; for
     /// tests of resume.
     pub stop_after: Option<u64>,
+    /// The data-parallel workers this process is one of ([`Solo`] when it trains alone).
+    pub collective: Arc<dyn Collective>,
+}
+
+impl std::fmt::Debug for dyn Collective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "worker {} of {}", self.rank(), self.world_size())
+    }
 }
 
 impl Launch {
@@ -129,6 +139,7 @@ impl Launch {
             resume: false,
             device: ComputeDevice::cpu(),
             stop_after: None,
+            collective: Arc::new(Solo),
         }
     }
 }
@@ -141,6 +152,7 @@ pub struct Started<S: Stage> {
     pub optimizer: AdamW,
     pub tokenizer: Tokenizer,
     pub state: TrainState,
+    pub collective: Arc<dyn Collective>,
 }
 
 impl<S: Stage> Started<S> {
@@ -152,6 +164,7 @@ impl<S: Stage> Started<S> {
             optimizer,
             tokenizer,
             state,
+            collective,
             ..
         } = self;
         Started {
@@ -161,6 +174,7 @@ impl<S: Stage> Started<S> {
             optimizer,
             tokenizer,
             state,
+            collective,
         }
     }
 }
@@ -235,7 +249,10 @@ pub fn launch_with<S: Stage>(launch: &Launch, config: Option<S::Config>) -> Resu
             (config, model, optimizer, tokenizer, state)
         }
     };
-    run.create()?;
+    // Worker 0 writes the run; the others read only (the checkpoint they resume from).
+    if launch.collective.is_writer() {
+        run.create()?;
+    }
     Ok(Started {
         run,
         config,
@@ -243,6 +260,7 @@ pub fn launch_with<S: Stage>(launch: &Launch, config: Option<S::Config>) -> Resu
         optimizer,
         tokenizer,
         state,
+        collective: launch.collective.clone(),
     })
 }
 

@@ -7,10 +7,11 @@
 //! as one of long answers (the bug TRL and torchtune fixed in trl#2175, torchtune#1875).
 
 use anyhow::{Result, bail};
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 
+use crate::train::collective::Collective;
 use crate::train::optim::{self, AdamW};
 
 /// The loss of one micro-batch, summed (not averaged) over what it counts.
@@ -31,22 +32,6 @@ impl MicroBatchLoss {
             counted,
             tokens,
         }
-    }
-}
-
-/// Where several workers would combine their gradients before the update. A data-parallel
-/// run sums the gradients, the loss sums and the counts of every worker here, so the update
-/// divides by the count of the whole global batch.
-pub trait GradientSync {
-    fn all_reduce(&self, step: Accumulated) -> Result<Accumulated>;
-}
-
-/// One process on one device: nothing to combine.
-pub struct SingleWorker;
-
-impl GradientSync for SingleWorker {
-    fn all_reduce(&self, step: Accumulated) -> Result<Accumulated> {
-        Ok(step)
     }
 }
 
@@ -106,7 +91,88 @@ pub struct StepResult {
     pub tokens: u64,
 }
 
-/// The update of one step: all-reduce through `sync`, then AdamW at `lr` on the gradients of
+/// Gradients are all-reduced on the host in buckets of this many values (16 MiB of `f32`):
+/// large enough that MPI's per-call latency is negligible against the transfer, small
+/// enough that the staging copies stay a fraction of a large model's gradients.
+pub const ALL_REDUCE_BUCKET: usize = 4 << 20;
+
+impl Accumulated {
+    /// Sums the gradients, loss sums and counts of every worker, so each holds the step of
+    /// the whole global batch. One worker alone returns the step unchanged.
+    pub fn all_reduce<M: Module>(self, model: &M, collective: &dyn Collective) -> Result<Self> {
+        if collective.world_size() == 1 {
+            return Ok(self);
+        }
+        let mut totals = [self.loss_sum, self.counted, self.tokens as f64];
+        collective.all_reduce_sum(&mut totals)?;
+        let [loss_sum, counted, tokens] = totals;
+        // Every worker flattens the same parameters in the same order; one without a
+        // gradient (every token of its share was padding) contributes zeros.
+        let mut flat = Flatten {
+            grads: self.grads.as_ref(),
+            values: Vec::new(),
+        };
+        model.visit(&mut flat);
+        let mut values = flat.values;
+        for bucket in values.chunks_mut(ALL_REDUCE_BUCKET) {
+            collective.all_reduce_sum_f32(bucket)?;
+        }
+        let mut unflatten = Unflatten {
+            values: &values,
+            grads: GradientsParams::new(),
+        };
+        model.visit(&mut unflatten);
+        Ok(Self {
+            grads: (counted > 0.0).then_some(unflatten.grads),
+            loss_sum,
+            counted,
+            tokens: tokens as u64,
+        })
+    }
+}
+
+/// The gradients of a model's parameters in visiting order, as one host vector.
+struct Flatten<'a> {
+    grads: Option<&'a GradientsParams>,
+    values: Vec<f32>,
+}
+
+impl ModuleVisitor for Flatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        match self.grads.and_then(|grads| grads.get::<D>(param.id)) {
+            Some(grad) => self.values.extend(
+                grad.into_data()
+                    .try_into_vec_as::<f32>()
+                    .expect("f32 gradient"),
+            ),
+            None => {
+                let n: usize = param.val().dims().iter().product();
+                self.values.resize(self.values.len() + n, 0.0);
+            }
+        }
+    }
+}
+
+/// [`Flatten`] undone: each parameter's slice of the host vector as its gradient, on the
+/// parameter's device.
+struct Unflatten<'a> {
+    values: &'a [f32],
+    grads: GradientsParams,
+}
+
+impl ModuleVisitor for Unflatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let weight = param.val().inner();
+        let shape = weight.dims();
+        let n: usize = shape.iter().product();
+        let (mine, rest) = self.values.split_at(n);
+        self.values = rest;
+        let grad = Tensor::<D>::from_data(TensorData::new(mine.to_vec(), shape), &weight.device());
+        self.grads.register(param.id, grad);
+    }
+}
+
+/// The update of one step: all-reduce through `collective`, then AdamW at `lr` on the gradients of
 /// the mean loss, clipped to the global norm. A non-finite loss is an error and leaves the
 /// model as it was (the caller saves nothing).
 pub fn apply<M: Module>(
@@ -114,9 +180,9 @@ pub fn apply<M: Module>(
     optimizer: &mut AdamW,
     step: Accumulated,
     lr: f64,
-    sync: &dyn GradientSync,
+    collective: &dyn Collective,
 ) -> Result<(M, StepResult)> {
-    let step = sync.all_reduce(step)?;
+    let step = step.all_reduce(&model, collective)?;
     let loss = step.mean_loss();
     let Some(grads) = step.grads else {
         bail!("no trained token in this step's micro-batches");

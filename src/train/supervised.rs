@@ -19,7 +19,8 @@ use crate::train::optim::{self, AdamW};
 use crate::train::progress::Progress;
 use crate::train::run_dir::{INTERRUPTED, TrainState};
 use crate::train::stage::{Stage, Started, TrainingConfig};
-use crate::train::step::{self, Accumulated, MicroBatchLoss, SingleWorker};
+use crate::train::collective::share;
+use crate::train::step::{self, Accumulated, MicroBatchLoss};
 
 /// What a stage trains on: examples drawn in shuffled micro-batches, and a validation loss.
 /// `M` is the model the stage trains (the language model, or a reward model).
@@ -68,7 +69,9 @@ pub fn run<S: Stage>(
         mut optimizer,
         tokenizer,
         mut state,
+        collective,
     } = started;
+    let writer = collective.is_writer();
     let (optim_config, train) = (config.optim(), config.train());
     let max_steps = train.total_steps(objective.len());
     if state.schedule_steps == 0 {
@@ -79,9 +82,25 @@ pub fn run<S: Stage>(
     // it (a diverged resume) leaves the stored configuration as it was.
     let config_written = std::cell::Cell::new(false);
     let mut batches = ShuffledIndices::new(objective.len(), state.seed, state.data);
-    let mut metrics = MetricsLog::open(&run.path, resumed_from.as_ref().map(|_| state.step))?;
+    if train.batch_size < collective.world_size() {
+        bail!(
+            "train.batch_size = {} is the global batch, split among {} workers: give each at least one example",
+            train.batch_size,
+            collective.world_size()
+        );
+    }
+    // Worker 0 writes metrics, checkpoints and progress; the others only train.
+    let mut metrics = match writer {
+        true => Some(MetricsLog::open(&run.path, resumed_from.as_ref().map(|_| state.step))?),
+        false => None,
+    };
     let tokenizer_json = tokenizer.to_json()?;
     let mut progress = Progress::new(state.step, max_steps, train.log_interval);
+    if !writer {
+        progress = Progress::silent();
+    } else if collective.world_size() > 1 {
+        progress.message(&format!("data-parallel: {}", collective.describe()));
+    }
     if state.step == 0 && optim_config.warmup_steps >= state.schedule_steps {
         progress.message(&format!(
             "warning: optim.warmup_steps = {} is not shorter than this run's {} steps, so the learning rate never reaches optim.lr = {}",
@@ -96,7 +115,13 @@ pub fn run<S: Stage>(
     let mut interrupted = false;
     let mut steps_this_run = 0u64;
 
+    // Worker 0 saves while the others wait, so none runs ahead of a checkpoint it might be
+    // resumed from.
     let save = |model: &S::Model, optimizer: &AdamW, state: &TrainState| -> Result<PathBuf> {
+        if !writer {
+            collective.barrier()?;
+            return Ok(run.path.join("checkpoints"));
+        }
         let data = CheckpointData {
             step: state.step,
             config_toml: config_toml.clone(),
@@ -110,6 +135,7 @@ pub fn run<S: Stage>(
         if !config_written.replace(true) {
             run.write_config(&config_toml)?;
         }
+        collective.barrier()?;
         Ok(saved)
     };
 
@@ -117,11 +143,12 @@ pub fn run<S: Stage>(
         let step_start = Instant::now();
         let mut accumulated = Accumulated::default();
         for _ in 0..train.grad_accum_steps {
-            let indices = batches.next_batch(train.batch_size);
-            accumulated.add(&model, objective.loss(&model, &indices));
+            let global = batches.next_batch(train.batch_size);
+            let indices = share(&global, collective.rank(), collective.world_size());
+            accumulated.add(&model, objective.loss(&model, indices));
         }
         let lr = optim::learning_rate(optim_config, state.step, state.schedule_steps);
-        let (updated, result) = step::apply(model, &mut optimizer, accumulated, lr, &SingleWorker)
+        let (updated, result) = step::apply(model, &mut optimizer, accumulated, lr, &*collective)
             .map_err(|e| anyhow!("training diverged at step {}: {e}", state.step + 1))?;
         model = updated;
         state.step += 1;
@@ -131,7 +158,11 @@ pub fn run<S: Stage>(
         state.elapsed_s = elapsed_before + started.elapsed().as_secs_f64();
         let (loss, step_tokens) = (result.loss, result.tokens);
         let tokens_per_s = step_tokens as f64 / step_start.elapsed().as_secs_f64();
-        metrics.write(&Record::Step {
+        let mut write = |record: &Record| match &mut metrics {
+            Some(metrics) => metrics.write(record),
+            None => Ok(()),
+        };
+        write(&Record::Step {
             step: state.step,
             loss,
             lr,
@@ -144,14 +175,20 @@ pub fn run<S: Stage>(
         let last = state.step == max_steps;
         let due = |interval: u64| interval > 0 && state.step % interval == 0;
         if last || due(train.eval_interval) {
-            let val_loss = objective.validation_loss(&model.valid());
+            // Worker 0 evaluates and tells the others, who need it to stop on divergence.
+            let mut val_loss = [match writer {
+                true => objective.validation_loss(&model.valid()),
+                false => 0.0,
+            }];
+            collective.all_reduce_sum(&mut val_loss)?;
+            let [val_loss] = val_loss;
             if !val_loss.is_finite() {
                 bail!(
                     "training diverged at step {}: validation loss is {val_loss}",
                     state.step
                 );
             }
-            metrics.write(&Record::Eval {
+            write(&Record::Eval {
                 step: state.step,
                 val_loss,
                 val_perplexity: val_loss.exp(),
@@ -164,7 +201,9 @@ pub fn run<S: Stage>(
             final_val_loss = Some(val_loss);
             val_step = state.step;
         }
-        interrupted = INTERRUPTED.load(Ordering::SeqCst) || stop_after == Some(steps_this_run);
+        // Every worker stops at the same step, whichever saw the Ctrl-C.
+        interrupted = collective.any(INTERRUPTED.load(Ordering::SeqCst))?
+            || stop_after == Some(steps_this_run);
         if last || interrupted || due(train.checkpoint_interval) {
             last_checkpoint = Some(save(&model, &optimizer, &state)?);
         }

@@ -1,0 +1,348 @@
+//! Data-parallel training: the workers of one run and how they combine numbers.
+//!
+//! Each worker (an MPI rank, or a device in this process) holds a replica of the model and of
+//! its optimizer and takes its slice of the same shuffled global batch. Before each update
+//! the workers sum their gradients, loss sums and counts ([`crate::train::step::apply`]), so
+//! every replica applies the same update to the same weights and they stay equal. Worker 0
+//! alone writes checkpoints, metrics and progress; the others wait for it at a barrier.
+//!
+//! Burn 0.22's own `all_reduce` works only between CUDA devices of one process (NCCL), so
+//! the sum is taken on the host, which every backend can reach: MPI (feature `mpi`) across
+//! processes and machines, [`InProcess`] between devices of one process.
+
+use std::sync::{Arc, Condvar, Mutex};
+
+use anyhow::{Result, bail};
+
+/// The workers of one run. Every worker calls the same collective operations in the same
+/// order; a worker that stops makes the others' next call fail instead of hang.
+pub trait Collective: Send + Sync {
+    /// This worker's index, 0 to `world_size - 1`.
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Replaces `values` on every worker by their elementwise sum over all workers, summed in
+    /// rank order (the same bits on every worker).
+    fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()>;
+    /// [`Collective::all_reduce_sum`] of `f32` values (gradients): summed in `f64`, rounded
+    /// once.
+    fn all_reduce_sum_f32(&self, values: &mut [f32]) -> Result<()> {
+        let mut wide: Vec<f64> = values.iter().map(|&v| v as f64).collect();
+        self.all_reduce_sum(&mut wide)?;
+        for (v, w) in values.iter_mut().zip(wide) {
+            *v = w as f32;
+        }
+        Ok(())
+    }
+    /// Waits until every worker has reached this point.
+    fn barrier(&self) -> Result<()> {
+        self.all_reduce_sum(&mut [])
+    }
+    /// How the workers are connected, for the start-up line.
+    fn describe(&self) -> String;
+
+    /// Whether this worker writes the run's files and prints its progress (worker 0).
+    fn is_writer(&self) -> bool {
+        self.rank() == 0
+    }
+
+    /// Whether any worker says `yes` (a Ctrl-C seen by one rank stops all at the same step).
+    fn any(&self, yes: bool) -> Result<bool> {
+        let mut flag = [if yes { 1.0 } else { 0.0 }];
+        self.all_reduce_sum(&mut flag)?;
+        Ok(flag[0] > 0.0)
+    }
+}
+
+/// Worker `rank`'s part of a global batch split among `world` workers: a contiguous slice,
+/// the sizes differing by at most one. The loss is normalised by the count over all workers,
+/// so an uneven split changes nothing.
+pub fn share<T>(global: &[T], rank: usize, world: usize) -> &[T] {
+    let n = global.len();
+    &global[n * rank / world..n * (rank + 1) / world]
+}
+
+/// How a worker's error says that it stopped because another one did.
+pub const STOPPED: &str = "stopped, so the others stop too";
+
+/// One worker: nothing to combine.
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "one worker".into()
+    }
+}
+
+/// The workers of one process (one thread and device each), summing through host memory:
+/// wgpu has no transport between devices, and this works for every backend.
+pub struct InProcess {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    world: usize,
+    round: Mutex<Round>,
+    changed: Condvar,
+}
+
+/// One all-reduce in progress: each worker deposits its values, the last one to arrive sums
+/// them in rank order, and every worker copies the sum out before the next round starts.
+#[derive(Default)]
+struct Round {
+    deposited: Vec<Option<Vec<f64>>>,
+    arrived: usize,
+    sum: Vec<f64>,
+    /// Workers still to copy `sum` out; a new round waits until this is 0.
+    readers_left: usize,
+    generation: u64,
+    /// A worker that stopped (finished, failed or panicked), if any.
+    stopped: Option<usize>,
+}
+
+impl InProcess {
+    /// `world` connected workers, in rank order.
+    pub fn group(world: usize) -> Vec<InProcess> {
+        let shared = Arc::new(Shared {
+            world,
+            round: Mutex::new(Round {
+                deposited: vec![None; world],
+                ..Round::default()
+            }),
+            changed: Condvar::new(),
+        });
+        (0..world)
+            .map(|rank| InProcess {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Collective for InProcess {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+
+    fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()> {
+        let shared = &*self.shared;
+        let stopped = |round: &Round| -> Result<()> {
+            match round.stopped {
+                Some(rank) => bail!("worker {rank} {STOPPED}"),
+                None => Ok(()),
+            }
+        };
+        let mut round = shared.round.lock().expect("no worker panics holding the lock");
+        // The previous round's sum must be read by everyone before it is replaced.
+        while round.readers_left > 0 {
+            stopped(&round)?;
+            round = shared.changed.wait(round).expect("lock");
+        }
+        stopped(&round)?;
+        round.deposited[self.rank] = Some(values.to_vec());
+        round.arrived += 1;
+        let generation = round.generation;
+        if round.arrived == shared.world {
+            let mut sum = vec![0.0; values.len()];
+            for deposited in round.deposited.iter_mut() {
+                let part = deposited.take().expect("every worker deposited");
+                if part.len() != sum.len() {
+                    bail!(
+                        "workers all-reduced {} and {} values: their models differ",
+                        part.len(),
+                        sum.len()
+                    );
+                }
+                for (s, p) in sum.iter_mut().zip(part) {
+                    *s += p;
+                }
+            }
+            round.sum = sum;
+            round.arrived = 0;
+            round.readers_left = shared.world;
+            round.generation += 1;
+            shared.changed.notify_all();
+        } else {
+            while round.generation == generation {
+                stopped(&round)?;
+                round = shared.changed.wait(round).expect("lock");
+            }
+        }
+        values.copy_from_slice(&round.sum);
+        round.readers_left -= 1;
+        if round.readers_left == 0 {
+            round.sum = Vec::new();
+            shared.changed.notify_all();
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("{} devices in this process, summed on the host", self.shared.world)
+    }
+}
+
+impl Drop for InProcess {
+    /// A worker that goes away (done, failed or panicking) releases the others' waits: after
+    /// the last step nobody waits any more, and during a run they stop with an error.
+    fn drop(&mut self) {
+        if let Ok(mut round) = self.shared.round.lock() {
+            round.stopped.get_or_insert(self.rank);
+            self.shared.changed.notify_all();
+        }
+    }
+}
+
+#[cfg(feature = "mpi")]
+pub use self::mpi_world::Mpi;
+
+#[cfg(feature = "mpi")]
+mod mpi_world {
+    use std::sync::Mutex;
+
+    use anyhow::{Result, anyhow};
+    use mpi::collective::SystemOperation;
+    use mpi::topology::SimpleCommunicator;
+    use mpi::traits::*;
+
+    use super::Collective;
+
+    /// The ranks of an `mpirun` job (feature `mpi`), over MPI's own transport (shared memory
+    /// on one machine, TCP or InfiniBand between machines).
+    pub struct Mpi {
+        world: Mutex<SimpleCommunicator>,
+        rank: usize,
+        size: usize,
+        _universe: mpi::environment::Universe,
+    }
+
+    // MPI is initialised with `Threading::Serialized` and every call goes through the
+    // mutex, so the communicator is never used by two threads at once.
+    unsafe impl Send for Mpi {}
+    unsafe impl Sync for Mpi {}
+
+    impl Mpi {
+        /// Joins the job when this process was started by `mpirun` (or another MPI
+        /// launcher) with more than one rank; `None` otherwise.
+        pub fn join() -> Result<Option<Mpi>> {
+            if super::launcher_world_size().unwrap_or(1) <= 1 {
+                return Ok(None);
+            }
+            let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+                .ok_or_else(|| anyhow!("MPI was already initialised"))?;
+            let world = universe.world();
+            Ok(Some(Mpi {
+                rank: world.rank() as usize,
+                size: world.size() as usize,
+                world: Mutex::new(world),
+                _universe: universe,
+            }))
+        }
+    }
+
+    impl Collective for Mpi {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.size
+        }
+        fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()> {
+            let world = self.world.lock().expect("lock");
+            if values.is_empty() {
+                world.barrier();
+                return Ok(());
+            }
+            let send = values.to_vec();
+            world.all_reduce_into(&send[..], values, SystemOperation::sum());
+            Ok(())
+        }
+        fn all_reduce_sum_f32(&self, values: &mut [f32]) -> Result<()> {
+            let world = self.world.lock().expect("lock");
+            let send = values.to_vec();
+            world.all_reduce_into(&send[..], values, SystemOperation::sum());
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            let version = mpi::environment::library_version().unwrap_or_default();
+            let library = version.lines().next().unwrap_or("MPI").trim().to_string();
+            format!("{} MPI ranks ({library})", self.size)
+        }
+    }
+}
+
+/// The number of ranks an MPI launcher says this process belongs to (Open MPI, MPICH and
+/// Slurm's PMI each set their own variable).
+pub fn launcher_world_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok()?.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_the_batch_once_in_order() {
+        let global: Vec<usize> = (0..7).collect();
+        for world in 1..=7 {
+            let parts: Vec<&[usize]> = (0..world).map(|r| share(&global, r, world)).collect();
+            assert_eq!(parts.concat(), global, "world {world}");
+            let sizes: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+        }
+    }
+
+    #[test]
+    fn in_process_sums_in_rank_order_on_every_worker() {
+        let world = 3;
+        let results: Vec<Vec<f64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = InProcess::group(world)
+                .into_iter()
+                .map(|worker| {
+                    scope.spawn(move || {
+                        let mut out = Vec::new();
+                        for round in 0..50 {
+                            let r = worker.rank() as f64;
+                            let mut values = vec![r + round as f64, 10.0 * r, 1.0];
+                            worker.all_reduce_sum(&mut values).unwrap();
+                            out.extend(values);
+                            worker.barrier().unwrap();
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (round, chunk) in results[0].chunks(3).enumerate() {
+            assert_eq!(chunk, [3.0 * round as f64 + 3.0, 30.0, 3.0], "round {round}");
+        }
+        assert!(results.iter().all(|r| r == &results[0]));
+    }
+
+    #[test]
+    fn a_stopped_worker_releases_the_others() {
+        let mut group = InProcess::group(2);
+        let survivor = group.remove(0);
+        let waiting = std::thread::spawn(move || survivor.all_reduce_sum(&mut [1.0]));
+        drop(group); // worker 1 leaves without joining the all-reduce
+        let error = waiting.join().unwrap().unwrap_err().to_string();
+        assert!(error.contains("worker 1 stopped"), "{error}");
+    }
+}
