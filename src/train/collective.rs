@@ -279,7 +279,8 @@ mod mpi_world {
         }
         fn describe(&self) -> String {
             let version = mpi::environment::library_version().unwrap_or_default();
-            let library = version.lines().next().unwrap_or("MPI").trim().to_string();
+            // "Open MPI v4.1.4, package: ..." is shortened to its first part.
+            let library = version.split([',', '\n']).next().unwrap_or("MPI").trim().to_string();
             format!("{} MPI ranks ({library})", self.size)
         }
     }

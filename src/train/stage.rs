@@ -217,8 +217,10 @@ pub fn launch_with<S: Stage>(launch: &Launch, config: Option<S::Config>) -> Resu
                 saved.optimizer,
                 &dir.join(checkpoint::OPTIMIZER_FILE),
             )?;
-            eprintln!("resuming from {} (step {})", dir.display(), state.step);
-            if let Some(init) = &launch.init {
+            if launch.collective.is_writer() {
+                eprintln!("resuming from {} (step {})", dir.display(), state.step);
+            }
+            if let (Some(init), true) = (&launch.init, launch.collective.is_writer()) {
                 eprintln!(
                     "note: --init {} is not used: a resumed run continues from its checkpoint",
                     init.display()

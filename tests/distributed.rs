@@ -1,0 +1,433 @@
+//! Data-parallel training equals training alone: N workers with a global batch of B, each
+//! taking its slice, give the per-step losses and final weights of one process with batch B.
+//! Workers are threads on devices of one process (`--devices`, host-staged all-reduce) and,
+//! with the `mpi` feature, the ranks of `mpirun -n 2`.
+//!
+//! Tolerance: relative 1e-5 on losses and on the L2 distance of the weights. The gradient of
+//! a global batch is summed in another order when it is split (per-worker partial sums, then
+//! the all-reduce), so the bits differ in the last places; 6 AdamW steps at a high learning
+//! rate keep that well under 1e-5 (measured: about 1e-7).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use kiln::interop::checkpoint::{self, NamedTensor};
+use kiln::train::metrics::{self, Record};
+
+mod common;
+use common::{pretrained, repo, tiny_model, write_sft_data};
+
+const TOLERANCE: f64 = 1e-5;
+
+fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+fn ok(output: Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "{stderr}");
+    stderr
+}
+
+/// `--set` flags.
+fn set(overrides: &[String]) -> Vec<String> {
+    overrides
+        .iter()
+        .flat_map(|o| ["--set".to_string(), o.clone()])
+        .collect()
+}
+
+/// Pretraining of the tiny model: 6 steps of 2 micro-batches of 5 sequences (an odd batch,
+/// so two workers split it 2 + 3), at a learning rate high enough to move every weight.
+fn pretrain_overrides() -> Vec<String> {
+    let mut o = tiny_model(&repo("data/shakespeare/macbeth.txt"));
+    o.extend(
+        [
+            "train.max_steps=6",
+            "train.batch_size=5",
+            "train.grad_accum_steps=2",
+            "train.eval_interval=3",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=0",
+        ]
+        .map(String::from),
+    );
+    o
+}
+
+/// SFT from a pretrained tiny model on dialogues whose answers differ in length, 3 per
+/// micro-batch (split 1 + 2): the step must weigh every answer token alike, not average the
+/// workers' means.
+fn sft_overrides(dir: &Path) -> Vec<String> {
+    let (train, val) = write_sft_data(dir);
+    [
+        format!("data.train=[\"{train}\"]"),
+        format!("data.val=[\"{val}\"]"),
+        "data.pack=false".into(),
+        "train.max_steps=6".into(),
+        "train.batch_size=3".into(),
+        "train.eval_interval=3".into(),
+        "optim.lr=1e-2".into(),
+        "optim.warmup_steps=0".into(),
+    ]
+    .to_vec()
+}
+
+fn step_losses(out: &Path) -> Vec<f64> {
+    metrics::read(&out.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r| match r {
+            Record::Step { loss, .. } => Some(*loss),
+            _ => None,
+        })
+        .collect()
+}
+
+fn final_weights(out: &Path) -> Vec<NamedTensor> {
+    checkpoint::load(&checkpoint::resolve(out).unwrap())
+        .unwrap()
+        .model
+}
+
+/// Relative L2 distance of two sets of named tensors of the same names and shapes.
+fn relative_distance(a: &[NamedTensor], b: &[NamedTensor]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((&x.name, &x.shape), (&y.name, &y.shape));
+        for (p, q) in x.values.iter().zip(&y.values) {
+            diff += (*p as f64 - *q as f64).powi(2);
+            norm += (*p as f64).powi(2);
+        }
+    }
+    (diff / norm).sqrt()
+}
+
+/// Asserts that the data-parallel run in `parallel` trained like the single run in `single`:
+/// the same steps, losses and final weights within [`TOLERANCE`], and that the weights moved
+/// far more than that (so equality is not that of two untrained models).
+fn assert_same_training(single: &Path, parallel: &Path, initial: &[NamedTensor]) {
+    let (a, b) = (step_losses(single), step_losses(parallel));
+    assert_eq!(a.len(), 6, "{a:?}");
+    assert_eq!(a.len(), b.len());
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            ((x - y) / x).abs() < TOLERANCE,
+            "step {}: loss {x} alone, {y} data-parallel",
+            step + 1
+        );
+    }
+    let (wa, wb) = (final_weights(single), final_weights(parallel));
+    let distance = relative_distance(&wa, &wb);
+    eprintln!("relative weight distance {distance:.2e}");
+    assert!(distance < TOLERANCE, "weights differ by {distance:.2e}");
+    let moved = relative_distance(initial, &wa);
+    assert!(moved > 1e-3, "training moved the weights by only {moved:.2e}");
+}
+
+/// The weights a pretraining run starts from (within 1e-30).
+fn initial_pretrain_weights(dir: &Path, overrides: &[String]) -> Vec<NamedTensor> {
+    let out = dir.join("initial");
+    let mut o = overrides.to_vec();
+    // One step at a negligible rate: AdamW moves each weight by about the rate, 1e-30.
+    o.extend(["train.max_steps=1".into(), "optim.lr=1e-30".into()]);
+    ok(kiln()
+        .args(["pretrain", "--device", "cpu", "--out"])
+        .arg(&out)
+        .args(set(&o))
+        .output()
+        .unwrap());
+    final_weights(&out)
+}
+
+#[test]
+fn two_devices_in_one_process_train_like_one_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let overrides = pretrain_overrides();
+    let initial = initial_pretrain_weights(dir.path(), &overrides);
+    let run = |out: &str, device: &[&str]| -> PathBuf {
+        let out = dir.path().join(out);
+        ok(kiln()
+            .arg("pretrain")
+            .args(device)
+            .arg("--out")
+            .arg(&out)
+            .args(set(&overrides))
+            .output()
+            .unwrap());
+        out
+    };
+    let single = run("single", &["--device", "cpu"]);
+    let parallel = run("parallel", &["--devices", "cpu,cpu"]);
+    assert_same_training(&single, &parallel, &initial);
+
+    // SFT with answers of different lengths, split unevenly.
+    let init = pretrained(dir.path());
+    let sft = sft_overrides(dir.path());
+    let initial = final_weights(&init);
+    let run = |out: &str, device: &[&str]| -> PathBuf {
+        let out = dir.path().join(out);
+        ok(kiln()
+            .arg("sft")
+            .args(device)
+            .arg("--init")
+            .arg(&init)
+            .arg("--out")
+            .arg(&out)
+            .args(set(&sft))
+            .output()
+            .unwrap());
+        out
+    };
+    let single = run("sft-single", &["--device", "cpu"]);
+    let parallel = run("sft-parallel", &["--devices", "cpu,cpu"]);
+    assert_same_training(&single, &parallel, &initial);
+}
+
+#[test]
+fn a_cpu_and_a_wgpu_device_train_like_one_device() {
+    if common::wgpu_device().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let overrides = pretrain_overrides();
+    let initial = initial_pretrain_weights(dir.path(), &overrides);
+    let run = |out: &str, device: &[&str]| -> PathBuf {
+        let out = dir.path().join(out);
+        ok(kiln()
+            .arg("pretrain")
+            .args(device)
+            .arg("--out")
+            .arg(&out)
+            .args(set(&overrides))
+            .output()
+            .unwrap());
+        out
+    };
+    let single = run("single", &["--device", "cpu"]);
+    let parallel = run("parallel", &["--devices", "cpu,wgpu"]);
+    assert_same_training(&single, &parallel, &initial);
+}
+
+#[test]
+fn devices_that_are_not_there_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    for (devices, expected) in [
+        ("cpu,wgpu:7", "`wgpu:7` is not there"),
+        ("cpu,tpu", "`tpu` is not a device"),
+        ("cpu", "two devices or more"),
+    ] {
+        let output = kiln()
+            .args(["pretrain", "--devices", devices, "--out"])
+            .arg(&out)
+            .args(set(&pretrain_overrides()))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains(expected), "{devices}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(!out.exists(), "{devices}: --out was created");
+    }
+}
+
+#[test]
+fn a_global_batch_smaller_than_the_workers_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut overrides = pretrain_overrides();
+    overrides.push("train.batch_size=1".into());
+    let output = kiln()
+        .args(["pretrain", "--devices", "cpu,cpu", "--out"])
+        .arg(&out)
+        .args(set(&overrides))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("train.batch_size = 1 is the global batch, split among 2 workers"),
+        "{stderr}"
+    );
+    assert!(!out.join("checkpoints").exists());
+}
+
+#[cfg(feature = "mpi")]
+mod mpi {
+    use super::*;
+
+    /// `mpirun -n 2` on this machine (as root Open MPI also wants `--allow-run-as-root`).
+    fn mpirun() -> Command {
+        let mut command = Command::new("mpirun");
+        command.args(["-n", "2", "--oversubscribe"]);
+        if std::env::var("USER").is_ok_and(|u| u == "root")
+            || std::fs::read_to_string("/proc/self/status")
+                .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        {
+            command.arg("--allow-run-as-root");
+        }
+        command.arg(env!("CARGO_BIN_EXE_kiln"));
+        command
+    }
+
+    #[test]
+    fn two_mpi_ranks_train_like_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let overrides = pretrain_overrides();
+        let initial = initial_pretrain_weights(dir.path(), &overrides);
+        let single = dir.path().join("single");
+        ok(kiln()
+            .args(["pretrain", "--device", "cpu", "--out"])
+            .arg(&single)
+            .args(set(&overrides))
+            .output()
+            .unwrap());
+        let parallel = dir.path().join("parallel");
+        let stderr = ok(mpirun()
+            .args(["pretrain", "--device", "cpu", "--out"])
+            .arg(&parallel)
+            .args(set(&overrides))
+            .output()
+            .unwrap());
+        assert!(stderr.contains("data-parallel: 2 MPI ranks"), "{stderr}");
+        // Rank 1 printed nothing of its own: one start-up line, one final line.
+        assert_eq!(stderr.matches("device: flex").count(), 1, "{stderr}");
+        assert_eq!(stderr.matches("final validation loss").count(), 1, "{stderr}");
+        assert_same_training(&single, &parallel, &initial);
+
+        let init = pretrained(dir.path());
+        let sft = sft_overrides(dir.path());
+        let initial = final_weights(&init);
+        let single = dir.path().join("sft-single");
+        ok(kiln()
+            .args(["sft", "--device", "cpu", "--init"])
+            .arg(&init)
+            .arg("--out")
+            .arg(&single)
+            .args(set(&sft))
+            .output()
+            .unwrap());
+        let parallel = dir.path().join("sft-parallel");
+        ok(mpirun()
+            .args(["sft", "--device", "cpu", "--init"])
+            .arg(&init)
+            .arg("--out")
+            .arg(&parallel)
+            .args(set(&sft))
+            .output()
+            .unwrap());
+        assert_same_training(&single, &parallel, &initial);
+    }
+
+    /// The pid of the `kiln` process that is MPI rank `rank` of the job started by `mpirun`.
+    fn rank_pid(mpirun: u32, rank: usize) -> Option<u32> {
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // The parent pid is the second field after the parenthesised command name.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if parent != Some(mpirun) {
+                continue;
+            }
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+            if environ.split(|&b| b == 0).any(|v| v == wanted.as_bytes()) {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn killing_one_rank_stops_the_job_and_resume_continues_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut overrides = pretrain_overrides();
+        overrides.extend(
+            [
+                "train.max_steps=400",
+                "train.eval_interval=0",
+                "train.checkpoint_interval=2",
+                "train.keep_checkpoints=3",
+            ]
+            .map(String::from),
+        );
+        let straight = dir.path().join("straight");
+        ok(mpirun()
+            .args(["pretrain", "--device", "cpu", "--out"])
+            .arg(&straight)
+            .args(set(&overrides))
+            .output()
+            .unwrap());
+
+        let killed = dir.path().join("killed");
+        let job = mpirun()
+            .args(["pretrain", "--device", "cpu", "--out"])
+            .arg(&killed)
+            .args(set(&overrides))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Kill rank 1 once a few checkpoints are written, well before the end.
+        let checkpoints = killed.join("checkpoints");
+        let started = std::time::Instant::now();
+        loop {
+            let newest = checkpoint::list(&checkpoints)
+                .ok()
+                .and_then(|list| list.last().map(|(step, _)| *step));
+            if newest.is_some_and(|step| step >= 20) {
+                break;
+            }
+            assert!(started.elapsed().as_secs() < 120, "no checkpoint appeared");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let pid = rank_pid(job.id(), 1).expect("rank 1's process");
+        Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        let output = job.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("rank 1") && stderr.contains("signal 9"),
+            "the job's message does not say which rank died: {stderr}"
+        );
+        let (newest, newest_dir) = checkpoint::list(&checkpoints).unwrap().pop().unwrap();
+        assert!(newest < 400, "the job ran to the end before the kill");
+        checkpoint::load(&newest_dir).expect("the newest checkpoint is intact");
+
+        ok(mpirun()
+            .args(["pretrain", "--device", "cpu", "--resume", "--out"])
+            .arg(&killed)
+            .output()
+            .unwrap());
+        // The same ranks summing in the same order: bit-identical to the uninterrupted job.
+        let files = |out: &Path| {
+            let dir = checkpoint::resolve(out).unwrap();
+            (
+                std::fs::read(dir.join(checkpoint::MODEL_FILE)).unwrap(),
+                std::fs::read(dir.join(checkpoint::OPTIMIZER_FILE)).unwrap(),
+            )
+        };
+        assert!(files(&straight) == files(&killed), "resumed weights differ");
+    }
+
+    #[test]
+    fn rs_ppo_and_pipeline_refuse_to_run_as_several_ranks() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let output = mpirun()
+            .args(["ppo", "--device", "cpu", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains("kiln ppo does not train data-parallel yet"), "{stderr}");
+        assert!(!out.exists());
+    }
+}
