@@ -13,7 +13,14 @@ fn main() -> anyhow::Result<()> {
     };
     let device = device::select(choice)?;
     for preset in [Preset::Bench5m, Preset::Bench32m] {
-        let result = kiln::bench::train(preset, &device, 5, 2, kiln::kernels::Kernels::Reference)?;
+        let result = kiln::bench::train(
+            preset,
+            &device,
+            5,
+            2,
+            kiln::kernels::Kernels::Reference,
+            &kiln::train::collective::Solo,
+        )?;
         println!("{}", serde_json::to_string(&result)?);
     }
     Ok(())

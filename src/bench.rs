@@ -18,7 +18,7 @@ use crate::model::Llama;
 use crate::model::ops::RopeTables;
 use crate::stages::pretrain::batch_tensors;
 use crate::train::optim::AdamW;
-use crate::train::collective::Solo;
+use crate::train::collective::{Collective, Solo};
 use crate::train::step::{self, Accumulated, MicroBatchLoss};
 
 #[derive(Debug, Serialize)]
@@ -32,22 +32,38 @@ pub struct TrainBench {
     pub steps: usize,
     pub tokens_per_s: f64,
     pub step_ms: f64,
+    /// Data-parallel workers (MPI ranks) sharing each step's batch.
+    pub workers: usize,
+    /// Time per step in the all-reduce of gradients, loss and counts, after a barrier so that
+    /// waiting for a slower worker is not counted (included in `step_ms`).
+    pub all_reduce_ms: f64,
+    /// Bytes each worker contributes to the all-reduce per step.
+    pub all_reduce_bytes: u64,
 }
 
 /// Times `steps` full training steps (forward, backward, clipping, AdamW) after `warmup`
-/// untimed ones; the device is synchronised by reading the loss back each step.
+/// untimed ones; the device is synchronised by reading the loss back each step. With several
+/// workers (MPI ranks), each takes its share of the preset's batch and the all-reduce is
+/// timed on its own.
 pub fn train(
     preset: Preset,
     device: &ComputeDevice,
     steps: usize,
     warmup: usize,
     kernels: Kernels,
+    collective: &dyn Collective,
 ) -> Result<TrainBench> {
     let config = ModelConfig {
         kernels,
         ..preset.model()
     };
-    let (batch_size, seq_len) = (preset.bench_batch_size(), config.max_seq_len);
+    let (global_batch, seq_len) = (preset.bench_batch_size(), config.max_seq_len);
+    let workers = collective.world_size();
+    if global_batch < workers {
+        anyhow::bail!("the preset's batch of {global_batch} cannot be shared by {workers} workers");
+    }
+    let rank = collective.rank();
+    let batch_size = global_batch * (rank + 1) / workers - global_batch * rank / workers;
     let autodiff = device.device.clone().autodiff();
     let mut model = Llama::new(&config, 0, &autodiff);
     let kernels = model.kernels().name().to_string();
@@ -67,7 +83,7 @@ pub fn train(
             seq_len,
         }
     };
-    let mut timed = 0.0;
+    let (mut timed, mut reducing) = (0.0, 0.0);
     for i in 0..warmup + steps {
         let batch = random_batch();
         let start = Instant::now();
@@ -79,10 +95,16 @@ pub fn train(
             &model,
             MicroBatchLoss::from_mean(model.loss(inputs, targets), tokens as f64, tokens as u64),
         );
+        // Waiting for a slower worker is not communication: meet first, then time the sum.
+        collective.barrier()?;
+        let reduce_start = Instant::now();
+        let micro_batches = micro_batches.all_reduce(&model, collective)?;
+        let reduce_s = reduce_start.elapsed().as_secs_f64();
         let (updated, _) = step::apply(model, &mut optimizer, micro_batches, 3e-4, &Solo)?;
         model = updated;
         if i >= warmup {
             timed += start.elapsed().as_secs_f64();
+            reducing += reduce_s;
         }
     }
     let step_s = timed / steps as f64;
@@ -91,11 +113,17 @@ pub fn train(
         device: device.describe(),
         kernels,
         params: config.num_params(),
-        batch_size,
+        batch_size: global_batch,
         seq_len,
         steps,
-        tokens_per_s: (batch_size * seq_len) as f64 / step_s,
+        tokens_per_s: (global_batch * seq_len) as f64 / step_s,
         step_ms: step_s * 1e3,
+        workers,
+        all_reduce_ms: reducing / steps as f64 * 1e3,
+        all_reduce_bytes: match workers {
+            1 => 0,
+            _ => config.num_params() * 4 + 3 * 8,
+        },
     })
 }
 

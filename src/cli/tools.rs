@@ -152,9 +152,16 @@ pub fn bench(command: BenchCommand) -> Result<()> {
                 bail!("--steps must be at least 1");
             }
             let device = device::select(device)?;
-            eprintln!("device: {}", device.describe());
-            let result = kiln::bench::train(preset, &device, steps, warmup, kernels)?;
-            println!("{}", serde_json::to_string(&result)?);
+            // Under mpirun, the ranks share each step's batch (docs/distributed.md).
+            let collective = kiln::train::collective::from_launcher()?;
+            if collective.is_writer() {
+                eprintln!("device: {} | {}", device.describe(), collective.describe());
+            }
+            let result =
+                kiln::bench::train(preset, &device, steps, warmup, kernels, &*collective)?;
+            if collective.is_writer() {
+                println!("{}", serde_json::to_string(&result)?);
+            }
         }
         BenchCommand::Generate {
             model,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 
 use kiln::device::{self, ComputeDevice};
-use kiln::train::collective::{self, Collective, InProcess, Solo};
+use kiln::train::collective::{self, InProcess};
 use kiln::stages::{gatt, ppo, pretrain, reward, rs, sft};
 use kiln::train::run_dir;
 use kiln::train::stage::Launch;
@@ -35,7 +35,7 @@ fn launch(args: StageArgs, extra: &[String]) -> Result<Workers> {
     run_dir::install_interrupt_handler()?;
     let mut overrides = args.overrides;
     overrides.extend_from_slice(extra);
-    let collective = mpi_rank()?;
+    let collective = collective::from_launcher()?;
     if collective.world_size() > 1 && devices.len() > 1 {
         bail!("--devices takes several devices in one process; under mpirun give each rank one --device");
     }
@@ -54,25 +54,6 @@ fn launch(args: StageArgs, extra: &[String]) -> Result<Workers> {
         },
         devices,
     })
-}
-
-/// This process's place in an MPI job (`mpirun -n N kiln ...`), or alone.
-#[cfg(feature = "mpi")]
-fn mpi_rank() -> Result<Arc<dyn Collective>> {
-    Ok(match collective::Mpi::join()? {
-        Some(mpi) => Arc::new(mpi),
-        None => Arc::new(Solo),
-    })
-}
-
-#[cfg(not(feature = "mpi"))]
-fn mpi_rank() -> Result<Arc<dyn Collective>> {
-    if let Some(n) = collective::launcher_world_size().filter(|&n| n > 1) {
-        bail!(
-            "started as one of {n} MPI ranks, but this kiln was built without MPI: build it with `cargo build --release --features mpi` (docs/distributed.md)"
-        );
-    }
-    Ok(Arc::new(Solo))
 }
 
 impl Workers {
@@ -320,7 +301,7 @@ pub fn ppo(args: RlhfArgs) -> Result<()> {
 
 pub fn pipeline(args: PipelineArgs) -> Result<()> {
     use kiln::stages::pipeline;
-    if mpi_rank()?.world_size() > 1 {
+    if collective::from_launcher()?.world_size() > 1 {
         bail!("kiln pipeline does not run data-parallel yet: run it as one process (its pretrain, sft, gatt and rm stages can be run under mpirun one by one)");
     }
     let device = device::select(args.device)?;

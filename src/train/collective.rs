@@ -286,6 +286,23 @@ mod mpi_world {
     }
 }
 
+/// This process's place in an MPI job (`mpirun -n N kiln ...`), or [`Solo`] when it was not
+/// started by an MPI launcher. A build without the `mpi` feature started as one of several
+/// ranks is an error: otherwise each rank would train alone and all would write one run.
+pub fn from_launcher() -> Result<Arc<dyn Collective>> {
+    #[cfg(feature = "mpi")]
+    if let Some(mpi) = Mpi::join()? {
+        return Ok(Arc::new(mpi));
+    }
+    #[cfg(not(feature = "mpi"))]
+    if let Some(n) = launcher_world_size().filter(|&n| n > 1) {
+        bail!(
+            "started as one of {n} MPI ranks, but this kiln was built without MPI: build it with `cargo build --release --features mpi` (docs/distributed.md)"
+        );
+    }
+    Ok(Arc::new(Solo))
+}
+
 /// The number of ranks an MPI launcher says this process belongs to (Open MPI, MPICH and
 /// Slurm's PMI each set their own variable).
 pub fn launcher_world_size() -> Option<usize> {
