@@ -17,8 +17,8 @@ use crate::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
 use crate::model::Llama;
 use crate::model::ops::RopeTables;
 use crate::stages::pretrain::batch_tensors;
-use crate::train::optim::AdamW;
 use crate::train::collective::{Collective, Solo};
+use crate::train::optim::AdamW;
 use crate::train::step::{self, Accumulated, MicroBatchLoss};
 
 #[derive(Debug, Serialize)]

@@ -132,7 +132,9 @@ pub fn parse_list(list: &str) -> Result<Vec<ComputeDevice>> {
         let (kind, index) = match spec.split_once(':') {
             Some((kind, index)) => {
                 let index = index.parse::<usize>().map_err(|_| {
-                    anyhow::anyhow!("--devices: `{spec}` is not a device: its index must be a number")
+                    anyhow::anyhow!(
+                        "--devices: `{spec}` is not a device: its index must be a number"
+                    )
                 })?;
                 (kind, Some(index))
             }

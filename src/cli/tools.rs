@@ -157,8 +157,7 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             if collective.is_writer() {
                 eprintln!("device: {} | {}", device.describe(), collective.describe());
             }
-            let result =
-                kiln::bench::train(preset, &device, steps, warmup, kernels, &*collective)?;
+            let result = kiln::bench::train(preset, &device, steps, warmup, kernels, &*collective)?;
             if collective.is_writer() {
                 println!("{}", serde_json::to_string(&result)?);
             }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 
 use kiln::device::{self, ComputeDevice};
-use kiln::train::collective::{self, InProcess};
 use kiln::stages::{gatt, ppo, pretrain, reward, rs, sft};
+use kiln::train::collective::{self, InProcess};
 use kiln::train::run_dir;
 use kiln::train::stage::Launch;
 use kiln::train::supervised::RunSummary;
@@ -37,7 +37,9 @@ fn launch(args: StageArgs, extra: &[String]) -> Result<Workers> {
     overrides.extend_from_slice(extra);
     let collective = collective::from_launcher()?;
     if collective.world_size() > 1 && devices.len() > 1 {
-        bail!("--devices takes several devices in one process; under mpirun give each rank one --device");
+        bail!(
+            "--devices takes several devices in one process; under mpirun give each rank one --device"
+        );
     }
     Ok(Workers {
         launch: Launch {
@@ -65,7 +67,11 @@ impl Workers {
         }
         eprintln!(
             "devices: {}",
-            self.devices.iter().map(|d| d.describe()).collect::<Vec<_>>().join(", ")
+            self.devices
+                .iter()
+                .map(|d| d.describe())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         in_out(&self.launch, |launch| {
             let results: Vec<Result<T>> = std::thread::scope(|scope| {
@@ -82,7 +88,10 @@ impl Workers {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked"))))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))
+                    })
                     .collect()
             });
             // The first worker's own failure, not the others' "worker N stopped".
@@ -302,7 +311,9 @@ pub fn ppo(args: RlhfArgs) -> Result<()> {
 pub fn pipeline(args: PipelineArgs) -> Result<()> {
     use kiln::stages::pipeline;
     if collective::from_launcher()?.world_size() > 1 {
-        bail!("kiln pipeline does not run data-parallel yet: run it as one process (its pretrain, sft, gatt and rm stages can be run under mpirun one by one)");
+        bail!(
+            "kiln pipeline does not run data-parallel yet: run it as one process (its pretrain, sft, gatt and rm stages can be run under mpirun one by one)"
+        );
     }
     let device = device::select(args.device)?;
     let args = pipeline::PipelineArgs {

@@ -61,6 +61,7 @@ use crate::model::actions::{
 };
 use crate::model::reward::RewardModel;
 use crate::stages::rs::{self, Policy, Prompts};
+use crate::train::collective::Solo;
 use crate::train::metrics::{MetricsLog, Stepped};
 use crate::train::optim::{self, AdamW};
 use crate::train::ppo_objective::{
@@ -70,7 +71,6 @@ use crate::train::ppo_objective::{
 use crate::train::progress::Progress;
 use crate::train::run_dir::{INTERRUPTED, RunDir};
 use crate::train::stage::Launch;
-use crate::train::collective::Solo;
 use crate::train::step::{self, Accumulated, MicroBatchLoss};
 
 pub const ROLLOUT_FILE: &str = "rollout.jsonl";
@@ -1334,19 +1334,15 @@ fn iteration(
             // The step owns the model it updates; a cheap placeholder stands in meanwhile
             // (a clone of the model itself would keep its old weights alive during the step).
             let policy = std::mem::replace(&mut trained.policy, inputs.reference.clone());
-            let (policy, result) = step::apply(
-                policy,
-                &mut trained.policy_optim,
-                policy_acc,
-                lr,
-                &Solo,
-            )
-            .map_err(|e| {
-                anyhow!(
-                    "PPO diverged at iteration {}: policy {e}",
-                    state.iteration + 1
-                )
-            })?;
+            let (policy, result) =
+                step::apply(policy, &mut trained.policy_optim, policy_acc, lr, &Solo).map_err(
+                    |e| {
+                        anyhow!(
+                            "PPO diverged at iteration {}: policy {e}",
+                            state.iteration + 1
+                        )
+                    },
+                )?;
             trained.policy = policy;
             state.policy_steps += 1;
             stats.policy_loss.push(result.loss);
@@ -1354,19 +1350,15 @@ fn iteration(
             let lr =
                 optim::learning_rate(&config.value_optim, state.value_steps, state.schedule_steps);
             let value = std::mem::replace(&mut trained.value, value_model.clone());
-            let (value, result) = step::apply(
-                value,
-                &mut trained.value_optim,
-                value_acc,
-                lr,
-                &Solo,
-            )
-            .map_err(|e| {
-                anyhow!(
-                    "PPO diverged at iteration {}: value model {e}",
-                    state.iteration + 1
-                )
-            })?;
+            let (value, result) =
+                step::apply(value, &mut trained.value_optim, value_acc, lr, &Solo).map_err(
+                    |e| {
+                        anyhow!(
+                            "PPO diverged at iteration {}: value model {e}",
+                            state.iteration + 1
+                        )
+                    },
+                )?;
             trained.value = value;
             state.value_steps += 1;
             stats.value_loss.push(result.loss);

@@ -146,7 +146,10 @@ impl Collective for InProcess {
                 None => Ok(()),
             }
         };
-        let mut round = shared.round.lock().expect("no worker panics holding the lock");
+        let mut round = shared
+            .round
+            .lock()
+            .expect("no worker panics holding the lock");
         // The previous round's sum must be read by everyone before it is replaced.
         while round.readers_left > 0 {
             stopped(&round)?;
@@ -192,7 +195,10 @@ impl Collective for InProcess {
     }
 
     fn describe(&self) -> String {
-        format!("{} devices in this process, summed on the host", self.shared.world)
+        format!(
+            "{} devices in this process, summed on the host",
+            self.shared.world
+        )
     }
 }
 
@@ -280,7 +286,12 @@ mod mpi_world {
         fn describe(&self) -> String {
             let version = mpi::environment::library_version().unwrap_or_default();
             // "Open MPI v4.1.4, package: ..." is shortened to its first part.
-            let library = version.split([',', '\n']).next().unwrap_or("MPI").trim().to_string();
+            let library = version
+                .split([',', '\n'])
+                .next()
+                .unwrap_or("MPI")
+                .trim()
+                .to_string();
             format!("{} MPI ranks ({library})", self.size)
         }
     }
@@ -349,7 +360,11 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (round, chunk) in results[0].chunks(3).enumerate() {
-            assert_eq!(chunk, [3.0 * round as f64 + 3.0, 30.0, 3.0], "round {round}");
+            assert_eq!(
+                chunk,
+                [3.0 * round as f64 + 3.0, 30.0, 3.0],
+                "round {round}"
+            );
         }
         assert!(results.iter().all(|r| r == &results[0]));
     }

@@ -14,12 +14,12 @@ use crate::data::corpus::ShuffledIndices;
 use crate::interop::checkpoint::CheckpointData;
 use crate::interop::params;
 use crate::model::Llama;
+use crate::train::collective::share;
 use crate::train::metrics::{MetricsLog, Record};
 use crate::train::optim::{self, AdamW};
 use crate::train::progress::Progress;
 use crate::train::run_dir::{INTERRUPTED, TrainState};
 use crate::train::stage::{Stage, Started, TrainingConfig};
-use crate::train::collective::share;
 use crate::train::step::{self, Accumulated, MicroBatchLoss};
 
 /// What a stage trains on: examples drawn in shuffled micro-batches, and a validation loss.
@@ -91,7 +91,10 @@ pub fn run<S: Stage>(
     }
     // Worker 0 writes metrics, checkpoints and progress; the others only train.
     let mut metrics = match writer {
-        true => Some(MetricsLog::open(&run.path, resumed_from.as_ref().map(|_| state.step))?),
+        true => Some(MetricsLog::open(
+            &run.path,
+            resumed_from.as_ref().map(|_| state.step),
+        )?),
         false => None,
     };
     let tokenizer_json = tokenizer.to_json()?;
@@ -148,8 +151,9 @@ pub fn run<S: Stage>(
             accumulated.add(&model, objective.loss(&model, indices));
         }
         let lr = optim::learning_rate(optim_config, state.step, state.schedule_steps);
-        let (updated, result) = step::apply(model, &mut optimizer, accumulated, lr, &*collective)
-            .map_err(|e| anyhow!("training diverged at step {}: {e}", state.step + 1))?;
+        let (updated, result) =
+            step::apply(model, &mut optimizer, accumulated, lr, &*collective)
+                .map_err(|e| anyhow!("training diverged at step {}: {e}", state.step + 1))?;
         model = updated;
         state.step += 1;
         steps_this_run += 1;
