@@ -114,7 +114,7 @@ impl Workers {
     fn alone(&self, command: &str) -> Result<&Launch> {
         if self.devices.len() > 1 || self.launch.collective.world_size() > 1 {
             bail!(
-                "kiln {command} does not train data-parallel yet: run it as one process on one device (pretrain, sft, gatt and rm train do)"
+                "kiln {command} does not train data-parallel yet: run it as one process on one device (pretrain, sft, gatt, rm train and rs do)"
             );
         }
         Ok(&self.launch)
@@ -233,7 +233,10 @@ fn reward_model_overrides(args: &RlhfArgs, section: &str) -> Vec<String> {
 pub fn rs(args: RlhfArgs) -> Result<()> {
     let extra = reward_model_overrides(&args, "rs");
     let workers = launch(args.stage, &extra)?;
-    let summary = in_out(workers.alone("rs")?, rs::run)?;
+    let summary = workers.run(rs::run)?;
+    if !workers.writer() {
+        return Ok(());
+    }
     if summary.interrupted {
         eprintln!("interrupted: continue with --resume");
     }

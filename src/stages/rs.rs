@@ -50,6 +50,7 @@ use crate::model::Llama;
 use crate::stages::sft::{self, Sft, SftConfig, SftDataConfig};
 use std::sync::atomic::Ordering;
 
+use crate::train::collective::Collective;
 use crate::train::progress::Progress;
 use crate::train::run_dir::INTERRUPTED;
 use crate::train::stage::{self, Launch, TrainingConfig};
@@ -764,19 +765,28 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
     let kernels = config.model.kernels;
     config.model = inputs.policy_config.clone();
     config.model.kernels = kernels;
-    std::fs::create_dir_all(out)
-        .map_err(|e| anyhow!("cannot create output directory {}: {e}", out.display()))?;
-    checkpoint::write_atomic(&config_path, config.to_toml().as_bytes())?;
+    // Data-parallel workers split each round's sampling batches and its fine-tuning steps;
+    // worker 0 writes the run, once every worker has checked it.
+    let collective = &*launch.collective;
+    let writer = collective.is_writer();
+    collective.barrier()?;
+    if writer {
+        std::fs::create_dir_all(out)
+            .map_err(|e| anyhow!("cannot create output directory {}: {e}", out.display()))?;
+        checkpoint::write_atomic(&config_path, config.to_toml().as_bytes())?;
+    }
     let p = &inputs.prompts;
-    eprintln!(
-        "rejection sampling: {}, K = {}, T = {}, {} round(s), pool = {} | device: {}",
-        p.describe(),
-        config.rs.k,
-        config.rs.temperature,
-        config.rs.iterations,
-        crate::config::name_of(&config.rs.pool),
-        launch.device.describe()
-    );
+    if writer {
+        eprintln!(
+            "rejection sampling: {}, K = {}, T = {}, {} round(s), pool = {} | device: {}",
+            p.describe(),
+            config.rs.k,
+            config.rs.temperature,
+            config.rs.iterations,
+            crate::config::name_of(&config.rs.pool),
+            launch.device.describe()
+        );
+    }
 
     let mut rounds = Vec::new();
     let mut init = Some(inputs.policy);
@@ -803,12 +813,16 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
         )?;
         match outcome {
             Some(summary) => {
-                checkpoint::write_atomic(
-                    &summary_path,
-                    (serde_json::to_string_pretty(&summary)? + "\n").as_bytes(),
-                )?;
+                if writer {
+                    checkpoint::write_atomic(
+                        &summary_path,
+                        (serde_json::to_string_pretty(&summary)? + "\n").as_bytes(),
+                    )?;
+                }
                 rounds.push(summary);
-                write_rounds(out, &rounds)?;
+                if writer {
+                    write_rounds(out, &rounds)?;
+                }
             }
             None => {
                 return Ok(RsSummary {
@@ -818,7 +832,9 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
             }
         }
     }
-    write_rounds(out, &rounds)?;
+    if writer {
+        write_rounds(out, &rounds)?;
+    }
     Ok(RsSummary {
         rounds,
         interrupted: false,
@@ -852,14 +868,22 @@ fn run_round(
     launch: &Launch,
 ) -> Result<Option<RoundSummary>> {
     let r = &config.rs;
+    let collective = &*launch.collective;
+    let writer = collective.is_writer();
     let dir = round_dir(out, round);
-    std::fs::create_dir_all(&dir).map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
+    if writer {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
+    }
     let device = launch.device.device.clone();
     let (pool_path, train_path) = (dir.join(POOL_FILE), dir.join(TRAIN_FILE));
     let chosen = round_prompts(prompts.len(), r.prompts_per_round, r.seed, round);
-    let (samples, pool) = if pool_path.is_file() {
+    let pooled = pool_path.is_file();
+    // Every worker has seen where the round stands before worker 0 changes it.
+    collective.barrier()?;
+    let (samples, pool) = if pooled {
         (
-            read_samples(&dir.join(SAMPLES_FILE), &chosen, r)?.0,
+            read_samples(&dir.join(SAMPLES_FILE), &chosen, r, writer)?.0,
             read_pool(&pool_path)?,
         )
     } else {
@@ -875,11 +899,18 @@ fn run_round(
                 config.data.template,
             )?,
         };
-        let Some(samples) =
-            sample_round(round, config, &dir, prompts, encoded, &chosen, &policy, rms)?
+        let Some(samples) = sample_round(
+            round, config, &dir, prompts, encoded, &chosen, &policy, rms, collective,
+        )?
         else {
             return Ok(None);
         };
+        // Worker 0 pools and writes the fine-tuning data; the others read the pool it wrote.
+        if !writer {
+            collective.barrier()?;
+            let pool = read_pool(&pool_path)?;
+            return finetune(round, config, out, &chosen, samples, pool, launch);
+        }
         let round_best: Vec<PoolEntry> = samples
             .chunk_by(|a, b| a.prompt_index == b.prompt_index)
             .filter_map(|answers| best_of(answers, r.keep_unfinished))
@@ -909,12 +940,29 @@ fn run_round(
             .collect::<std::result::Result<_, _>>()?;
         // Written last: its presence says sampling and pooling are done.
         checkpoint::write_atomic(&pool_path, (lines.join("\n") + "\n").as_bytes())?;
+        collective.barrier()?;
         (samples, pool)
     };
+    finetune(round, config, out, &chosen, samples, pool, launch)
+}
 
-    // Fine-tuning: the round's directory is its SFT run.
+/// Fine-tunes round `round`'s policy on its pool (the round's directory is its SFT run), and
+/// sums the round up; `None` if interrupted.
+fn finetune(
+    round: usize,
+    config: &RsConfig,
+    out: &Path,
+    chosen: &[usize],
+    samples: Vec<SampleRecord>,
+    pool: Vec<PoolEntry>,
+    launch: &Launch,
+) -> Result<Option<RoundSummary>> {
+    let r = &config.rs;
+    let dir = round_dir(out, round);
+    let train_path = dir.join(TRAIN_FILE);
+    let writer = launch.collective.is_writer();
     let resume = !checkpoint::list(&dir.join("checkpoints"))?.is_empty();
-    if !resume {
+    if !resume && writer {
         // Steps logged by a run killed before its first checkpoint.
         let _ = std::fs::remove_file(dir.join("metrics.jsonl"));
     }
@@ -930,8 +978,7 @@ fn run_round(
         resume,
         device: launch.device.clone(),
         stop_after: launch.stop_after,
-
-        collective: std::sync::Arc::new(crate::train::collective::Solo),
+        collective: launch.collective.clone(),
     };
     let sft_config = config.sft(&train_path);
     let sft_toml = sft_config.to_toml();
@@ -943,15 +990,10 @@ fn run_round(
     let state: crate::train::run_dir::TrainState = serde_json::from_str(&std::fs::read_to_string(
         trained.checkpoint.join(checkpoint::STATE_FILE),
     )?)?;
-    let summary = summarise(
-        round,
-        r,
-        &chosen,
-        &samples,
-        &pool,
-        &trained,
-        state.elapsed_s,
-    );
+    let summary = summarise(round, r, chosen, &samples, &pool, &trained, state.elapsed_s);
+    if !writer {
+        return Ok(Some(summary));
+    }
     eprintln!(
         "round {round}: reward mean {:.3} | median {:.3} | max {:.3} (gap {:.3}) | selected {:.3} | safety branch {:.1}% | pool {} ({} from earlier rounds) | {:.1} samples/s",
         summary.reward_mean,
@@ -969,7 +1011,8 @@ fn run_round(
 
 /// Samples of the round's prompts `chosen`, K each, continuing `samples.jsonl`: batches of
 /// `batch_prompts` prompts, each appended (and synced) once scored. `None` if Ctrl-C stopped
-/// it (after a whole batch).
+/// it (after a whole batch). Data-parallel workers take one batch each in turn; worker 0
+/// appends them all in order, so the file is the one a single process writes.
 #[allow(clippy::too_many_arguments)]
 fn sample_round(
     round: usize,
@@ -980,21 +1023,31 @@ fn sample_round(
     chosen: &[usize],
     policy: &Policy,
     rms: &RewardModels,
+    collective: &dyn Collective,
 ) -> Result<Option<Vec<SampleRecord>>> {
     let r = &config.rs;
+    let writer = collective.is_writer();
     let path = dir.join(SAMPLES_FILE);
-    let (mut samples, done_batches) = read_samples(&path, chosen, r)?;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
+    let (mut samples, done_batches) = read_samples(&path, chosen, r, writer)?;
+    let mut file = match writer {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?,
+        ),
+        false => None,
+    };
     let batches: Vec<&[usize]> = chosen.chunks(r.batch_prompts).collect();
-    let mut progress = Progress::counter(
-        (done_batches * r.batch_prompts).min(chosen.len()) as u64,
-        chosen.len() as u64,
-        "prompts",
-    );
+    let mut progress = match writer {
+        true => Progress::counter(
+            (done_batches * r.batch_prompts).min(chosen.len()) as u64,
+            chosen.len() as u64,
+            "prompts",
+        ),
+        false => Progress::silent(),
+    };
     if done_batches > 0 {
         progress.message(&format!(
             "round {round}: resuming sampling after {} of {} prompts",
@@ -1002,57 +1055,46 @@ fn sample_round(
             chosen.len()
         ));
     }
-    let params = config.sampling();
-    for (b, batch) in batches.iter().enumerate().skip(done_batches) {
-        let seed = batch_seed(r.seed, round, b);
+    let mut next = done_batches;
+    while next < batches.len() {
         let clock = Instant::now();
-        let ids: Vec<Vec<u32>> = batch.iter().map(|&i| encoded[i].clone()).collect();
-        let drawn = policy.sample(&ids, r.k, &params, seed)?;
-        let sample_s = clock.elapsed().as_secs_f64();
-        let clock = Instant::now();
-        let batch_prompts: Vec<Turns> = batch.iter().map(|&i| prompts.prompts[i].clone()).collect();
-        let batch_safety: Vec<bool> = batch.iter().map(|&i| prompts.safety[i]).collect();
-        let answers = as_answers(&drawn);
-        let scores = rms.score(&batch_prompts, &batch_safety, &answers, &|j| {
-            prompts.sources[batch[j]].clone()
-        })?;
-        let score_s = clock.elapsed().as_secs_f64();
-        let n = (batch.len() * r.k) as f64;
-        let mut text = String::new();
-        for (j, (group, group_scores)) in drawn.into_iter().zip(scores).enumerate() {
-            for (k, ((answer, g), score)) in group.into_iter().zip(group_scores).enumerate() {
-                let record = SampleRecord {
-                    round,
-                    batch: b,
-                    prompt_index: batch[j],
-                    k,
-                    prompt: batch_prompts[j].clone(),
-                    safety: batch_safety[j],
-                    answer,
-                    finish: g.finish,
-                    score,
-                    temperature: r.temperature,
-                    top_p: r.top_p,
-                    seed,
-                    tokens: g.tokens,
-                    logprobs: g.logprobs,
-                    sample_s: sample_s / n,
-                    score_s: score_s / n,
-                };
-                text.push_str(&serde_json::to_string(&record)?);
-                text.push('\n');
-                samples.push(record);
+        let wave = next..(next + collective.world_size()).min(batches.len());
+        let mine = next + collective.rank();
+        let text = match wave.contains(&mine) {
+            true => sample_batch(
+                round,
+                config,
+                prompts,
+                encoded,
+                mine,
+                batches[mine],
+                policy,
+                rms,
+            )?,
+            false => String::new(),
+        };
+        let mut wave_text = String::new();
+        for part in collective.all_gather_bytes(text.as_bytes())? {
+            let part = String::from_utf8(part).map_err(|e| anyhow!("a worker's samples: {e}"))?;
+            for line in part.lines() {
+                samples.push(serde_json::from_str(line)?);
             }
+            wave_text.push_str(&part);
         }
-        file.write_all(text.as_bytes())
-            .and_then(|_| file.sync_data())
-            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
-        let rate = n / (sample_s + score_s).max(1e-9);
+        if let Some(file) = &mut file {
+            file.write_all(wave_text.as_bytes())
+                .and_then(|_| file.sync_data())
+                .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+        }
+        next = wave.end;
+        let n = wave.map(|b| batches[b].len() * r.k).sum::<usize>() as f64;
+        let rate = n / clock.elapsed().as_secs_f64().max(1e-9);
         progress.update(
-            ((b + 1) * r.batch_prompts).min(chosen.len()) as u64,
+            (next * r.batch_prompts).min(chosen.len()) as u64,
             &format!("round {round} | {rate:.1} samples/s"),
         );
-        if INTERRUPTED.load(Ordering::SeqCst) && b + 1 < batches.len() {
+        // Every worker stops after the same batch, whichever saw the Ctrl-C.
+        if collective.any(INTERRUPTED.load(Ordering::SeqCst))? && next < batches.len() {
             progress.message(&format!(
                 "interrupted: round {round}'s samples so far are saved; continue with --resume"
             ));
@@ -1063,12 +1105,69 @@ fn sample_round(
     Ok(Some(samples))
 }
 
+/// Batch `b` of a round (`batch`, prompt indices): K answers per prompt from `policy`, scored,
+/// as `samples.jsonl` lines.
+#[allow(clippy::too_many_arguments)]
+fn sample_batch(
+    round: usize,
+    config: &RsConfig,
+    prompts: &Prompts,
+    encoded: &[Vec<u32>],
+    b: usize,
+    batch: &[usize],
+    policy: &Policy,
+    rms: &RewardModels,
+) -> Result<String> {
+    let r = &config.rs;
+    let seed = batch_seed(r.seed, round, b);
+    let clock = Instant::now();
+    let ids: Vec<Vec<u32>> = batch.iter().map(|&i| encoded[i].clone()).collect();
+    let drawn = policy.sample(&ids, r.k, &config.sampling(), seed)?;
+    let sample_s = clock.elapsed().as_secs_f64();
+    let clock = Instant::now();
+    let batch_prompts: Vec<Turns> = batch.iter().map(|&i| prompts.prompts[i].clone()).collect();
+    let batch_safety: Vec<bool> = batch.iter().map(|&i| prompts.safety[i]).collect();
+    let answers = as_answers(&drawn);
+    let scores = rms.score(&batch_prompts, &batch_safety, &answers, &|j| {
+        prompts.sources[batch[j]].clone()
+    })?;
+    let score_s = clock.elapsed().as_secs_f64();
+    let n = (batch.len() * r.k) as f64;
+    let mut text = String::new();
+    for (j, (group, group_scores)) in drawn.into_iter().zip(scores).enumerate() {
+        for (k, ((answer, g), score)) in group.into_iter().zip(group_scores).enumerate() {
+            let record = SampleRecord {
+                round,
+                batch: b,
+                prompt_index: batch[j],
+                k,
+                prompt: batch_prompts[j].clone(),
+                safety: batch_safety[j],
+                answer,
+                finish: g.finish,
+                score,
+                temperature: r.temperature,
+                top_p: r.top_p,
+                seed,
+                tokens: g.tokens,
+                logprobs: g.logprobs,
+                sample_s: sample_s / n,
+                score_s: score_s / n,
+            };
+            text.push_str(&serde_json::to_string(&record)?);
+            text.push('\n');
+        }
+    }
+    Ok(text)
+}
+
 /// The complete batches of `samples.jsonl` (in order, each with all its answers), and how
 /// many there are. A torn or partial batch at the end (a killed run) is cut off the file.
 fn read_samples(
     path: &Path,
     chosen: &[usize],
     r: &RsSection,
+    truncate: bool,
 ) -> Result<(Vec<SampleRecord>, usize)> {
     if !path.exists() {
         return Ok((Vec::new(), 0));
@@ -1106,7 +1205,7 @@ fn read_samples(
             done += 1;
         }
     }
-    if kept_bytes < text.len() {
+    if kept_bytes < text.len() && truncate {
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(path)

@@ -33,6 +33,9 @@ pub trait Collective: Send + Sync {
         }
         Ok(())
     }
+    /// Every worker's `mine`, in rank order, on every worker (results of work split by rank:
+    /// rejection sampling's batches).
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
     /// Waits until every worker has reached this point.
     fn barrier(&self) -> Result<()> {
         self.all_reduce_sum(&mut [])
@@ -77,6 +80,9 @@ impl Collective for Solo {
     fn all_reduce_sum(&self, _: &mut [f64]) -> Result<()> {
         Ok(())
     }
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![mine.to_vec()])
+    }
     fn describe(&self) -> String {
         "one worker".into()
     }
@@ -93,6 +99,8 @@ struct Shared {
     world: usize,
     round: Mutex<Round>,
     changed: Condvar,
+    /// Each worker's part of the current all-gather.
+    gathered: Mutex<Vec<Vec<u8>>>,
 }
 
 /// One all-reduce in progress: each worker deposits its values, the last one to arrive sums
@@ -119,6 +127,7 @@ impl InProcess {
                 ..Round::default()
             }),
             changed: Condvar::new(),
+            gathered: Mutex::new(vec![Vec::new(); world]),
         });
         (0..world)
             .map(|rank| InProcess {
@@ -194,6 +203,16 @@ impl Collective for InProcess {
         Ok(())
     }
 
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.shared.gathered.lock().expect("lock")[self.rank] = mine.to_vec();
+        // After the first barrier every part is in; after the second every worker has its
+        // copy, so the next all-gather may overwrite the parts.
+        self.barrier()?;
+        let all = self.shared.gathered.lock().expect("lock").clone();
+        self.barrier()?;
+        Ok(all)
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} devices in this process, summed on the host",
@@ -221,7 +240,9 @@ mod mpi_world {
     use std::sync::Mutex;
 
     use anyhow::{Result, anyhow};
+    use mpi::Count;
     use mpi::collective::SystemOperation;
+    use mpi::datatype::PartitionMut;
     use mpi::topology::SimpleCommunicator;
     use mpi::traits::*;
 
@@ -282,6 +303,30 @@ mod mpi_world {
             let send = values.to_vec();
             world.all_reduce_into(&send[..], values, SystemOperation::sum());
             Ok(())
+        }
+        fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+            let world = self.world.lock().expect("lock");
+            let count = Count::try_from(mine.len())
+                .map_err(|_| anyhow!("cannot all-gather {} bytes at once", mine.len()))?;
+            let mut counts = vec![0 as Count; self.size];
+            world.all_gather_into(&count, &mut counts[..]);
+            let displs: Vec<Count> = counts
+                .iter()
+                .scan(0, |offset, &n| {
+                    let at = *offset;
+                    *offset += n;
+                    Some(at)
+                })
+                .collect();
+            let total: usize = counts.iter().map(|&n| n as usize).sum();
+            let mut all = vec![0u8; total];
+            let mut parts = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+            world.all_gather_varcount_into(mine, &mut parts);
+            Ok(counts
+                .iter()
+                .zip(&displs)
+                .map(|(&n, &at)| all[at as usize..(at + n) as usize].to_vec())
+                .collect())
         }
         fn describe(&self) -> String {
             let version = mpi::environment::library_version().unwrap_or_default();
@@ -365,6 +410,31 @@ mod tests {
                 [3.0 * round as f64 + 3.0, 30.0, 3.0],
                 "round {round}"
             );
+        }
+        assert!(results.iter().all(|r| r == &results[0]));
+    }
+
+    #[test]
+    fn in_process_all_gather_gives_every_part_in_rank_order() {
+        let results: Vec<Vec<Vec<u8>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = InProcess::group(3)
+                .into_iter()
+                .map(|worker| {
+                    scope.spawn(move || {
+                        let mut out = Vec::new();
+                        for round in 0..20u8 {
+                            let part = vec![worker.rank() as u8 + round; worker.rank() + 1];
+                            out.extend(worker.all_gather_bytes(&part).unwrap());
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, part) in results[0].iter().enumerate() {
+            let (round, rank) = ((i / 3) as u8, i % 3);
+            assert_eq!(part, &vec![rank as u8 + round; rank + 1]);
         }
         assert!(results.iter().all(|r| r == &results[0]));
     }

@@ -124,6 +124,11 @@ impl RunDir {
         checkpoint::write_atomic(&self.path.join(CONFIG_FILE), config_toml.as_bytes())
     }
 
+    /// Where the checkpoint of `step` is (or will be) written.
+    pub fn checkpoint_path(&self, step: u64) -> PathBuf {
+        checkpoints_dir(&self.path).join(checkpoint::step_dir_name(step))
+    }
+
     /// Writes a checkpoint atomically, keeping the newest `keep`.
     pub fn save(&self, data: &CheckpointData, keep: usize) -> Result<PathBuf> {
         checkpoint::save(&checkpoints_dir(&self.path), data, keep)

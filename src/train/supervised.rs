@@ -123,7 +123,7 @@ pub fn run<S: Stage>(
     let save = |model: &S::Model, optimizer: &AdamW, state: &TrainState| -> Result<PathBuf> {
         if !writer {
             collective.barrier()?;
-            return Ok(run.path.join("checkpoints"));
+            return Ok(run.checkpoint_path(state.step));
         }
         let data = CheckpointData {
             step: state.step,
