@@ -110,16 +110,6 @@ impl Workers {
         })
     }
 
-    /// For stages that do not run data-parallel yet: refuses several workers.
-    fn alone(&self, command: &str) -> Result<&Launch> {
-        if self.devices.len() > 1 || self.launch.collective.world_size() > 1 {
-            bail!(
-                "kiln {command} does not train data-parallel yet: run it as one process on one device (pretrain, sft, gatt, rm train and rs do)"
-            );
-        }
-        Ok(&self.launch)
-    }
-
     fn writer(&self) -> bool {
         self.launch.collective.is_writer()
     }
@@ -269,7 +259,10 @@ pub fn rs(args: RlhfArgs) -> Result<()> {
 pub fn ppo(args: RlhfArgs) -> Result<()> {
     let extra = reward_model_overrides(&args, "ppo");
     let workers = launch(args.stage, &extra)?;
-    let summary = in_out(workers.alone("ppo")?, ppo::run)?;
+    let summary = workers.run(ppo::run)?;
+    if !workers.writer() {
+        return Ok(());
+    }
     if summary.interrupted {
         eprintln!("interrupted: continue with --resume");
     }

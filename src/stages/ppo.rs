@@ -61,7 +61,7 @@ use crate::model::actions::{
 };
 use crate::model::reward::RewardModel;
 use crate::stages::rs::{self, Policy, Prompts};
-use crate::train::collective::Solo;
+use crate::train::collective::{Collective, Solo, map_shared, share};
 use crate::train::metrics::{MetricsLog, Stepped};
 use crate::train::optim::{self, AdamW};
 use crate::train::ppo_objective::{
@@ -75,7 +75,7 @@ use crate::train::step::{self, Accumulated, MicroBatchLoss};
 
 pub const ROLLOUT_FILE: &str = "rollout.jsonl";
 pub const BEST_DIR: &str = "best";
-const VALUE_MODEL_FILE: &str = "value_model.safetensors";
+pub const VALUE_MODEL_FILE: &str = "value_model.safetensors";
 const VALUE_OPTIMIZER_FILE: &str = "value_optimizer.safetensors";
 
 /// What rates the answers during training.
@@ -859,11 +859,13 @@ fn train(
                 value_moments,
                 &dir.join(VALUE_OPTIMIZER_FILE),
             )?;
-            eprintln!(
-                "resuming from {} (iteration {})",
-                dir.display(),
-                state.iteration
-            );
+            if launch.collective.is_writer() {
+                eprintln!(
+                    "resuming from {} (iteration {})",
+                    dir.display(),
+                    state.iteration
+                );
+            }
             let trained = Trained {
                 policy,
                 value,
@@ -918,21 +920,32 @@ fn train(
             (trained, state)
         }
     };
-    run.create()?;
+    // Data-parallel workers share each iteration's work (see `iteration`); worker 0 alone
+    // evaluates, writes the run and prints, and the others wait for it when it saves.
+    let collective = &*launch.collective;
+    let writer = collective.is_writer();
     let config_toml = config.to_toml();
-    run.write_config(&config_toml)?;
-    let mut metrics: MetricsLog<PpoRecord> =
-        MetricsLog::open(&run.path, run.resume_from.as_ref().map(|_| state.iteration))?;
+    let mut metrics: Option<MetricsLog<PpoRecord>> = None;
+    if writer {
+        run.create()?;
+        run.write_config(&config_toml)?;
+        metrics = Some(MetricsLog::open(
+            &run.path,
+            run.resume_from.as_ref().map(|_| state.iteration),
+        )?);
+    }
     let p = &inputs.prompts;
-    eprintln!(
-        "ppo: {}, {} per iteration, mini-batch {}, beta {}, {} iteration(s) | device: {}",
-        p.describe(),
-        config.ppo.rollout_batch,
-        config.ppo.mini_batch,
-        state.kl.beta,
-        config.ppo.iterations,
-        launch.device.describe()
-    );
+    if writer {
+        eprintln!(
+            "ppo: {}, {} per iteration, mini-batch {}, beta {}, {} iteration(s) | device: {}",
+            p.describe(),
+            config.ppo.rollout_batch,
+            config.ppo.mini_batch,
+            state.kl.beta,
+            config.ppo.iterations,
+            launch.device.describe()
+        );
+    }
     let tokenizer_json = inputs.tokenizer.to_json()?;
     let checkpoint_data = |trained: &Trained, state: &PpoState| -> Result<CheckpointData> {
         Ok(CheckpointData {
@@ -954,9 +967,9 @@ fn train(
     let best_dir = run.path.join(BEST_DIR);
     let evaluate_now = |trained: &Trained,
                         state: &mut PpoState,
-                        metrics: &mut MetricsLog<PpoRecord>|
+                        metrics: &mut Option<MetricsLog<PpoRecord>>|
      -> Result<Option<EvalRecord>> {
-        let Some((set, encoded)) = &inputs.eval else {
+        let (Some((set, encoded)), Some(metrics)) = (&inputs.eval, metrics) else {
             return Ok(None);
         };
         let mut record = evaluate(
@@ -996,7 +1009,23 @@ fn train(
     }
     let total = config.ppo.iterations;
     let mut stream = ShuffledIndices::new(p.len(), config.ppo.seed, state.prompts);
-    let mut progress = Progress::counter(state.iteration, total, "iterations");
+    let mut progress = match writer {
+        true => Progress::counter(state.iteration, total, "iterations"),
+        false => Progress::silent(),
+    };
+    // Worker 0 saves while the others wait, so none runs ahead of a checkpoint.
+    let save = |trained: &Trained, state: &PpoState| -> Result<PathBuf> {
+        if !writer {
+            collective.barrier()?;
+            return Ok(run.checkpoint_path(state.iteration));
+        }
+        let saved = run.save(
+            &checkpoint_data(trained, state)?,
+            config.train.keep_checkpoints,
+        )?;
+        collective.barrier()?;
+        Ok(saved)
+    };
     let started = Instant::now();
     let elapsed_before = state.elapsed_s;
     let mut last = None;
@@ -1012,6 +1041,7 @@ fn train(
             &indices,
             &config,
             rewarder,
+            collective,
         )?;
         state.prompts = stream.cursor();
         state.iteration += 1;
@@ -1021,8 +1051,10 @@ fn train(
             elapsed_s: state.elapsed_s,
             ..record
         };
-        write_rollout(&run.path, &answers)?;
-        metrics.write(&PpoRecord::Iteration(Box::new(record.clone())))?;
+        if let Some(metrics) = &mut metrics {
+            write_rollout(&run.path, &answers)?;
+            metrics.write(&PpoRecord::Iteration(Box::new(record.clone())))?;
+        }
         progress.update(state.iteration, &describe(&record));
         let done = state.iteration == total;
         let at = state.iteration;
@@ -1033,12 +1065,11 @@ fn train(
             progress.message(&describe_eval(&eval));
             evals.push(eval);
         }
-        interrupted = INTERRUPTED.load(Ordering::SeqCst) || launch.stop_after == Some(this_run);
+        // Every worker stops after the same iteration, whichever saw the Ctrl-C.
+        interrupted = collective.any(INTERRUPTED.load(Ordering::SeqCst))?
+            || launch.stop_after == Some(this_run);
         if done || interrupted || due(config.train.checkpoint_interval) {
-            last_checkpoint = Some(run.save(
-                &checkpoint_data(&trained, &state)?,
-                config.train.keep_checkpoints,
-            )?);
+            last_checkpoint = Some(save(&trained, &state)?);
         }
         last = Some(record);
         if interrupted {
@@ -1052,10 +1083,7 @@ fn train(
     progress.finish();
     let checkpoint = match last_checkpoint {
         Some(dir) => dir,
-        None => run.save(
-            &checkpoint_data(&trained, &state)?,
-            config.train.keep_checkpoints,
-        )?,
+        None => save(&trained, &state)?,
     };
     Ok(PpoSummary {
         iterations: state.iteration,
@@ -1098,6 +1126,7 @@ pub fn peak_rss_gib() -> Option<f64> {
 }
 
 /// Sampled answers of a rollout, one per prompt.
+#[derive(Default, Serialize, Deserialize)]
 struct Sampled {
     /// Answer tokens, the end token included when the answer finished.
     actions: Vec<Vec<u32>>,
@@ -1128,7 +1157,8 @@ impl Sampled {
 }
 
 /// Answers to `prompts` (token ids) in batches of `generation_batch`, batch `b` drawn with a
-/// generator seeded from (seed, iteration, b).
+/// generator seeded from (seed, iteration, b). Data-parallel workers draw the batches in
+/// turn ([`map_shared`]), and all get every answer.
 fn sample(
     policy: &Llama,
     inputs: &Inputs,
@@ -1136,17 +1166,37 @@ fn sample(
     params: &SamplingParams,
     generation_batch: usize,
     seed: impl Fn(usize) -> u64,
+    collective: &dyn Collective,
 ) -> Result<Sampled> {
     let (stop, pad) = (inputs.stop, inputs.pad);
-    let mut out = Sampled {
-        actions: Vec::new(),
-        logprobs: Vec::new(),
-        finish: Vec::new(),
-        texts: Vec::new(),
-    };
-    for (b, chunk) in prompts.chunks(generation_batch).enumerate() {
+    let batches: Vec<&[&Vec<u32>]> = prompts.chunks(generation_batch).collect();
+    let drawn = map_shared(collective, batches.len(), |b| {
+        sample_batch(policy, inputs, batches[b], params, seed(b), stop, pad)
+    })?;
+    let mut out = Sampled::default();
+    for batch in drawn {
+        out.actions.extend(batch.actions);
+        out.logprobs.extend(batch.logprobs);
+        out.finish.extend(batch.finish);
+        out.texts.extend(batch.texts);
+    }
+    Ok(out)
+}
+
+/// One generation batch of [`sample`].
+fn sample_batch(
+    policy: &Llama,
+    inputs: &Inputs,
+    chunk: &[&Vec<u32>],
+    params: &SamplingParams,
+    seed: u64,
+    stop: u32,
+    pad: u32,
+) -> Result<Sampled> {
+    let mut out = Sampled::default();
+    {
         let rows: Vec<Vec<u32>> = chunk.iter().map(|p| (*p).clone()).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(seed(b));
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let generated =
             generate::generate_with(policy, &rows, params, stop, pad, &mut rng, &mut |_, _| {
                 std::ops::ControlFlow::Continue(())
@@ -1207,11 +1257,15 @@ fn iteration(
     indices: &[usize],
     config: &PpoConfig,
     rewarder: &dyn Rewarder,
+    collective: &dyn Collective,
 ) -> Result<(IterationRecord, Vec<RolloutAnswer>)> {
     let p = &config.ppo;
     let it = state.iteration as usize;
     let started = Instant::now();
     let prompts: Vec<&Vec<u32>> = indices.iter().map(|&i| &inputs.encoded[i]).collect();
+    // Data-parallel workers split the generation batches, the scoring and the no-grad passes
+    // by chunks of rows (each result independent of who computes it), and every worker gets
+    // the whole rollout; the update splits each mini-batch and sums the gradients.
     let sampled = sample(
         &trained.policy.valid(),
         inputs,
@@ -1219,13 +1273,26 @@ fn iteration(
         &config.sampling(),
         p.generation_batch,
         |b| rs::batch_seed(p.seed, it, b),
+        collective,
     )?;
     let generation_s = started.elapsed().as_secs_f64();
+    let chunks: Vec<Vec<usize>> = (0..indices.len())
+        .collect::<Vec<_>>()
+        .chunks(p.generation_batch.max(config.micro_batch()))
+        .map(<[usize]>::to_vec)
+        .collect();
 
     // Rewards: R_c, its logit whitened over the answers that finished.
     let t = Instant::now();
     let answers = sampled.answers();
-    let rewards = rewarder.score(&inputs.prompts, indices, &answers, &sampled.actions)?;
+    let rewards: Vec<CombinedReward> = map_shared(collective, chunks.len(), |c| {
+        let rows = &chunks[c];
+        let pick = |v: &[Answer]| rows.iter().map(|&r| v[r].clone()).collect::<Vec<_>>();
+        let tokens: Vec<Vec<u32>> = rows.iter().map(|&r| sampled.actions[r].clone()).collect();
+        let prompts: Vec<usize> = rows.iter().map(|&r| indices[r]).collect();
+        rewarder.score(&inputs.prompts, &prompts, &pick(&answers), &tokens)
+    })?
+    .concat();
     let logits: Vec<f64> = rewards.iter().map(|r| r.logit).collect();
     let complete: Vec<bool> = answers.iter().map(|a| a.complete).collect();
     let missing_eos = p.missing_eos_penalty.then_some(p.missing_eos_score);
@@ -1239,13 +1306,16 @@ fn iteration(
     let value_model = trained.value.valid();
     let (mut ref_logprobs, mut values) = (Vec::new(), Vec::new());
     // Without gradients there are no activations to keep: generation-sized batches.
-    for rows in (0..indices.len())
-        .collect::<Vec<_>>()
-        .chunks(p.generation_batch.max(micro))
-    {
-        let batch = action_batch(rows, &prompts, &sampled.actions, pad);
-        ref_logprobs.extend(host(action_logprobs(&inputs.reference, &batch)));
-        values.extend(host(action_values(&value_model, &batch)));
+    let passes = map_shared(collective, chunks.len(), |c| {
+        let batch = action_batch(&chunks[c], &prompts, &sampled.actions, pad);
+        Ok((
+            host(action_logprobs(&inputs.reference, &batch)),
+            host(action_values(&value_model, &batch)),
+        ))
+    })?;
+    for (r, v) in passes {
+        ref_logprobs.extend(r);
+        values.extend(v);
     }
     let lengths: Vec<usize> = sampled.actions.iter().map(Vec::len).collect();
     let ref_logprobs = split_rows(&ref_logprobs, &lengths);
@@ -1288,7 +1358,8 @@ fn iteration(
         for mini in order.chunks(p.mini_batch) {
             let mut policy_acc = Accumulated::default();
             let mut value_acc = Accumulated::default();
-            for rows in mini.chunks(micro) {
+            let mine = share(mini, collective.rank(), collective.world_size());
+            for rows in mine.chunks(micro) {
                 let batch = action_batch(rows, &prompts, &sampled.actions, pad);
                 let pick = |v: &[Vec<f64>]| flat(rows, v);
                 let old_logprobs: Vec<f64> = rows
@@ -1334,15 +1405,19 @@ fn iteration(
             // The step owns the model it updates; a cheap placeholder stands in meanwhile
             // (a clone of the model itself would keep its old weights alive during the step).
             let policy = std::mem::replace(&mut trained.policy, inputs.reference.clone());
-            let (policy, result) =
-                step::apply(policy, &mut trained.policy_optim, policy_acc, lr, &Solo).map_err(
-                    |e| {
-                        anyhow!(
-                            "PPO diverged at iteration {}: policy {e}",
-                            state.iteration + 1
-                        )
-                    },
-                )?;
+            let (policy, result) = step::apply(
+                policy,
+                &mut trained.policy_optim,
+                policy_acc,
+                lr,
+                collective,
+            )
+            .map_err(|e| {
+                anyhow!(
+                    "PPO diverged at iteration {}: policy {e}",
+                    state.iteration + 1
+                )
+            })?;
             trained.policy = policy;
             state.policy_steps += 1;
             stats.policy_loss.push(result.loss);
@@ -1351,7 +1426,7 @@ fn iteration(
                 optim::learning_rate(&config.value_optim, state.value_steps, state.schedule_steps);
             let value = std::mem::replace(&mut trained.value, value_model.clone());
             let (value, result) =
-                step::apply(value, &mut trained.value_optim, value_acc, lr, &Solo).map_err(
+                step::apply(value, &mut trained.value_optim, value_acc, lr, collective).map_err(
                     |e| {
                         anyhow!(
                             "PPO diverged at iteration {}: value model {e}",
@@ -1365,6 +1440,7 @@ fn iteration(
             stats.value_grad_norm.push(result.grad_norm);
         }
     }
+    stats.gather(collective)?;
     let update_s = t.elapsed().as_secs_f64();
 
     // Metrics.
@@ -1450,7 +1526,7 @@ fn total_steps(config: &PpoConfig) -> u64 {
 }
 
 /// Statistics of an iteration's update, gathered per micro-batch.
-#[derive(Default)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct UpdateStats {
     tokens: usize,
     clipped: usize,
@@ -1464,6 +1540,32 @@ struct UpdateStats {
 }
 
 impl UpdateStats {
+    /// Every worker's per-token statistics (each saw its share of the mini-batches' rows);
+    /// the losses and gradient norms are the steps', the same on every worker.
+    fn gather(&mut self, collective: &dyn Collective) -> Result<()> {
+        if collective.world_size() == 1 {
+            return Ok(());
+        }
+        let mine = UpdateStats {
+            tokens: self.tokens,
+            clipped: self.clipped,
+            value_clipped: self.value_clipped,
+            entropy: std::mem::take(&mut self.entropy),
+            approx_kl: std::mem::take(&mut self.approx_kl),
+            ..UpdateStats::default()
+        };
+        let all = map_shared(collective, collective.world_size(), |_| Ok(mine.clone()))?;
+        (self.tokens, self.clipped, self.value_clipped) = (0, 0, 0);
+        for part in all {
+            self.tokens += part.tokens;
+            self.clipped += part.clipped;
+            self.value_clipped += part.value_clipped;
+            self.entropy.extend(part.entropy);
+            self.approx_kl.extend(part.approx_kl);
+        }
+        Ok(())
+    }
+
     fn policy(&mut self, logp: &[f64], old: &[f64], entropy: &[f64], clip: f64) {
         self.tokens += logp.len();
         for (&new, &old) in logp.iter().zip(old) {
@@ -1534,7 +1636,15 @@ fn evaluate(
         temperature: 0.0,
         ..config.sampling()
     };
-    let sampled = sample(policy, inputs, &prompts, &params, p.generation_batch, |_| 0)?;
+    let sampled = sample(
+        policy,
+        inputs,
+        &prompts,
+        &params,
+        p.generation_batch,
+        |_| 0,
+        &Solo,
+    )?;
     let rewards = rewarder.score(set, &indices, &sampled.answers(), &sampled.actions)?;
     let n = count as f64;
     let gold = gold_of(set, &indices, &sampled.texts);
@@ -1753,6 +1863,7 @@ pub fn benchmark(
             &indices,
             &config,
             &rewarder,
+            &Solo,
         )?;
         let seconds = start.elapsed().as_secs_f64();
         state.iteration += 1;

@@ -13,6 +13,8 @@
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{Result, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// The workers of one run. Every worker calls the same collective operations in the same
 /// order; a worker that stops makes the others' next call fail instead of hang.
@@ -54,6 +56,36 @@ pub trait Collective: Send + Sync {
         self.all_reduce_sum(&mut flag)?;
         Ok(flag[0] > 0.0)
     }
+}
+
+/// Items `0..n` computed by the workers in turn (worker `r` takes `r`, `r + N`, ...) and
+/// gathered: every worker returns all `n` in order. Each item must not depend on which worker
+/// made it (a generation batch with its own seed, a no-grad pass over some rows), so the
+/// result is the same for any number of workers.
+pub fn map_shared<T: Serialize + DeserializeOwned>(
+    collective: &dyn Collective,
+    n: usize,
+    mut item: impl FnMut(usize) -> Result<T>,
+) -> Result<Vec<T>> {
+    let (rank, world) = (collective.rank(), collective.world_size());
+    if world == 1 {
+        return (0..n).map(item).collect();
+    }
+    let mine = (rank..n)
+        .step_by(world)
+        .map(&mut item)
+        .collect::<Result<Vec<T>>>()?;
+    let mut parts = Vec::with_capacity(world);
+    for bytes in collective.all_gather_bytes(&serde_json::to_vec(&mine)?)? {
+        parts.push(serde_json::from_slice::<Vec<T>>(&bytes)?.into_iter());
+    }
+    (0..n)
+        .map(|i| {
+            parts[i % world]
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("worker {} sent too few items", i % world))
+        })
+        .collect()
 }
 
 /// Worker `rank`'s part of a global batch split among `world` workers: a contiguous slice,
@@ -437,6 +469,30 @@ mod tests {
             assert_eq!(part, &vec![rank as u8 + round; rank + 1]);
         }
         assert!(results.iter().all(|r| r == &results[0]));
+    }
+
+    #[test]
+    fn map_shared_gives_every_item_in_order_for_any_number_of_workers() {
+        for world in 1..=4 {
+            let results: Vec<Vec<(usize, f64)>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = InProcess::group(world)
+                    .into_iter()
+                    .map(|worker| {
+                        scope.spawn(move || {
+                            map_shared(&worker, 7, |i| Ok((worker.rank(), 1.0 / (i as f64 + 3.0))))
+                                .unwrap()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for got in &results {
+                let expected: Vec<(usize, f64)> = (0..7)
+                    .map(|i| (i % world, 1.0 / (i as f64 + 3.0)))
+                    .collect();
+                assert_eq!(got, &expected, "{world} workers");
+            }
+        }
     }
 
     #[test]
