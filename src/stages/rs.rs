@@ -50,7 +50,7 @@ use crate::model::Llama;
 use crate::stages::sft::{self, Sft, SftConfig, SftDataConfig};
 use std::sync::atomic::Ordering;
 
-use crate::train::collective::Collective;
+use crate::train::collective::{Collective, map_shared};
 use crate::train::progress::Progress;
 use crate::train::run_dir::INTERRUPTED;
 use crate::train::stage::{self, Launch, TrainingConfig};
@@ -1058,28 +1058,15 @@ fn sample_round(
     let mut next = done_batches;
     while next < batches.len() {
         let clock = Instant::now();
+        // One batch per worker, then all of them appended in order.
         let wave = next..(next + collective.world_size()).min(batches.len());
-        let mine = next + collective.rank();
-        let text = match wave.contains(&mine) {
-            true => sample_batch(
-                round,
-                config,
-                prompts,
-                encoded,
-                mine,
-                batches[mine],
-                policy,
-                rms,
-            )?,
-            false => String::new(),
-        };
-        let mut wave_text = String::new();
-        for part in collective.all_gather_bytes(text.as_bytes())? {
-            let part = String::from_utf8(part).map_err(|e| anyhow!("a worker's samples: {e}"))?;
-            for line in part.lines() {
-                samples.push(serde_json::from_str(line)?);
-            }
-            wave_text.push_str(&part);
+        let texts = map_shared(collective, wave.len(), |i| {
+            let b = wave.start + i;
+            sample_batch(round, config, prompts, encoded, b, batches[b], policy, rms)
+        })?;
+        let wave_text = texts.concat();
+        for line in wave_text.lines() {
+            samples.push(serde_json::from_str(line)?);
         }
         if let Some(file) = &mut file {
             file.write_all(wave_text.as_bytes())
