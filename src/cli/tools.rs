@@ -211,6 +211,8 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             warmup,
         } => {
             let device = device::select(device)?;
+            // Under mpirun, the ranks share each iteration (docs/distributed.md).
+            let collective = kiln::train::collective::from_launcher()?;
             let row = kiln::stages::ppo::benchmark(
                 &preset.model(),
                 &device,
@@ -220,8 +222,11 @@ pub fn bench(command: BenchCommand) -> Result<()> {
                 answer_tokens,
                 iterations,
                 warmup,
+                &*collective,
             )?;
-            println!("{}", serde_json::to_string(&row)?);
+            if collective.is_writer() {
+                println!("{}", serde_json::to_string(&row)?);
+            }
         }
         BenchCommand::Kernels {
             device,

@@ -308,7 +308,7 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
     use kiln::stages::pipeline;
     if collective::from_launcher()?.world_size() > 1 {
         bail!(
-            "kiln pipeline does not run data-parallel yet: run it as one process (its pretrain, sft, gatt and rm stages can be run under mpirun one by one)"
+            "kiln pipeline does not run data-parallel yet: run it as one process (its stages can be run under mpirun one by one)"
         );
     }
     let device = device::select(args.device)?;

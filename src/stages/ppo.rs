@@ -1675,6 +1675,8 @@ fn write_rollout(out: &Path, answers: &[RolloutAnswer]) -> Result<()> {
 #[derive(Debug, Clone, Serialize)]
 pub struct PpoBench {
     pub device: String,
+    /// Data-parallel workers (MPI ranks) sharing each iteration.
+    pub workers: usize,
     pub rollout_batch: usize,
     pub mini_batch: usize,
     pub prompt_tokens: usize,
@@ -1767,6 +1769,7 @@ pub fn benchmark(
     answer_tokens: usize,
     iterations: usize,
     warmup: usize,
+    collective: &dyn Collective,
 ) -> Result<PpoBench> {
     let mut config = PpoConfig {
         model: shape.clone(),
@@ -1774,8 +1777,10 @@ pub fn benchmark(
         ..PpoConfig::default()
     };
     let p = &mut config.ppo;
+    // One generation batch per worker, so that data-parallel workers share the sampling.
+    let workers = collective.world_size();
     (p.rollout_batch, p.mini_batch, p.generation_batch) =
-        (rollout_batch, mini_batch, rollout_batch);
+        (rollout_batch, mini_batch, rollout_batch.div_ceil(workers));
     p.max_new_tokens = answer_tokens;
     p.prompts = vec![PathBuf::from("random")];
     p.init = PathBuf::from("random");
@@ -1863,7 +1868,7 @@ pub fn benchmark(
             &indices,
             &config,
             &rewarder,
-            &Solo,
+            collective,
         )?;
         let seconds = start.elapsed().as_secs_f64();
         state.iteration += 1;
@@ -1875,6 +1880,7 @@ pub fn benchmark(
     let (seconds, median) = &timed[timed.len() / 2];
     Ok(PpoBench {
         device: device.describe(),
+        workers,
         rollout_batch,
         mini_batch,
         prompt_tokens,
