@@ -306,11 +306,6 @@ pub fn ppo(args: RlhfArgs) -> Result<()> {
 
 pub fn pipeline(args: PipelineArgs) -> Result<()> {
     use kiln::stages::pipeline;
-    if collective::from_launcher()?.world_size() > 1 {
-        bail!(
-            "kiln pipeline does not run data-parallel yet: run it as one process (its stages can be run under mpirun one by one)"
-        );
-    }
     let device = device::select(args.device)?;
     let args = pipeline::PipelineArgs {
         recipe: args.config,
@@ -319,14 +314,24 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
         rerun_from: args.rerun_from,
         device,
         plan: args.plan,
+        collective: collective::from_launcher()?,
     };
     if args.plan {
         println!("{}", pipeline::plan(&args)?);
         return Ok(());
     }
     run_dir::install_interrupt_handler()?;
-    eprintln!("device: {}", args.device.describe());
+    let writer = args.collective.is_writer();
+    if writer {
+        eprintln!("device: {}", args.device.describe());
+        if args.collective.world_size() > 1 {
+            eprintln!("data-parallel: {}", args.collective.describe());
+        }
+    }
     let summary = pipeline::run(&args)?;
+    if !writer {
+        return Ok(());
+    }
     println!("{}", summary.table);
     let report = args.out.join(kiln::stages::report::REPORT_FILE);
     match summary.interrupted {

@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -36,6 +37,7 @@ use crate::gym::eval::{EvalOptions, EvalSets, GymReport};
 use crate::infer::score::{self, PairSubset, RmReport};
 use crate::interop::checkpoint;
 use crate::stages::{gatt, ppo, pretrain, reward, rs, sft};
+use crate::train::collective::Collective;
 use crate::train::stage::Launch;
 
 pub const RECIPE_COPY: &str = "pipeline.toml";
@@ -278,6 +280,9 @@ pub struct PipelineArgs {
     pub device: ComputeDevice,
     /// Only print what would run.
     pub plan: bool,
+    /// The data-parallel workers running the recipe (an `mpirun` job): every stage trains on
+    /// all of them; worker 0 writes the pipeline's own files and evaluates.
+    pub collective: Arc<dyn Collective>,
 }
 
 const RESERVED: [&str; 6] = ["name", "kind", "init", "checkpoint", "config", "evaluate"];
@@ -999,8 +1004,10 @@ fn train_stage(
     recipe: &Recipe,
     stage: &PlannedStage,
     resume: bool,
-    device: &ComputeDevice,
+    args: &PipelineArgs,
 ) -> Result<Trained> {
+    let collective = &args.collective;
+    let writer = collective.is_writer();
     // A resumed stage reads the configuration its run stored (a stage may fix values when it
     // starts, such as the reward models' warm-up); the pipeline checked that its own is
     // unchanged (`STARTED_FILE`).
@@ -1008,7 +1015,7 @@ fn train_stage(
         table: stage.config.clone(),
         name: stage.source(&recipe.path),
     };
-    if !resume {
+    if !resume && writer {
         std::fs::create_dir_all(&stage.dir)
             .with_context(|| format!("cannot create {}", stage.dir.display()))?;
         checkpoint::write_atomic(
@@ -1022,10 +1029,9 @@ fn train_stage(
         init: stage.init.clone(),
         out_dir: stage.dir.clone(),
         resume,
-        device: device.clone(),
+        device: args.device.clone(),
         stop_after: None,
-
-        collective: std::sync::Arc::new(crate::train::collective::Solo),
+        collective: collective.clone(),
     };
     let supervised = |s: crate::train::supervised::RunSummary| Trained {
         interrupted: s.interrupted,
@@ -1036,12 +1042,18 @@ fn train_stage(
     Ok(match stage.kind {
         StageKind::GymData => {
             let c: GymDataConfig = config::load_from(Some(&given), &[])?;
-            let summary = crate::gym::generate(&stage.dir, c.gym.seed, &c.gym.sizes)?;
+            let details = match writer {
+                true => {
+                    let summary = crate::gym::generate(&stage.dir, c.gym.seed, &c.gym.sizes)?;
+                    serde_json::to_value(&summary.files)?
+                }
+                false => serde_json::Value::Null,
+            };
             Trained {
                 interrupted: false,
                 steps: None,
                 final_val_loss: None,
-                details: serde_json::to_value(&summary.files)?,
+                details,
             }
         }
         StageKind::Pretrain => supervised(pretrain::run(&launch, false)?.run),
@@ -1173,7 +1185,103 @@ pub fn duration(seconds: f64) -> String {
 pub fn run(args: &PipelineArgs) -> Result<PipelineSummary> {
     let recipe = read_recipe(&args.recipe, &args.out)?;
     check_out(&recipe, args)?;
-    // The run's directory: the recipe's copy and plan, then stages.
+    // Data-parallel workers: every one has checked the run before worker 0 changes it, and
+    // worker 0 alone writes the pipeline's own files; a barrier after each change.
+    let collective = &*args.collective;
+    let writer = collective.is_writer();
+    collective.barrier()?;
+    if writer {
+        prepare_out(&recipe, args)?;
+    }
+    collective.barrier()?;
+    let states = progress(&recipe)?;
+    let total = recipe.stages.len();
+    let say = |line: &str| {
+        if writer {
+            eprintln!("{line}");
+        }
+    };
+    for (i, (stage, state)) in recipe.stages.iter().zip(states).enumerate() {
+        let header = format!("[{}/{total}] {} ({})", i + 1, stage.name, stage.kind.name());
+        let resume = match state {
+            Progress::Done(_) => {
+                say(&format!("{header}: done, skipped"));
+                continue;
+            }
+            Progress::Resumable(from) => {
+                say(&format!("{header}: resuming from {from}"));
+                true
+            }
+            Progress::Restart => {
+                say(&format!(
+                    "{header}: starting over (interrupted before its first checkpoint)"
+                ));
+                if writer {
+                    std::fs::remove_dir_all(&stage.dir)
+                        .with_context(|| format!("cannot clear {}", stage.dir.display()))?;
+                }
+                false
+            }
+            Progress::NotStarted => {
+                say(&header);
+                false
+            }
+        };
+        // Ctrl-C during a step that does not check for it (an evaluation, the gym's files)
+        // stops the run before the next stage, on every worker.
+        if collective
+            .any(crate::train::run_dir::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst))?
+        {
+            return summary(&recipe, Some(&stage.name), writer);
+        }
+        let started = Instant::now();
+        let trained = train_stage(&recipe, stage, resume, args)
+            .with_context(|| format!("stage `{}`", stage.name))?;
+        if trained.interrupted {
+            return summary(&recipe, Some(&stage.name), writer);
+        }
+        if !writer {
+            // Worker 0 evaluates and records the stage; the next stage starts together.
+            collective.barrier()?;
+            continue;
+        }
+        let eval_started = Instant::now();
+        if stage.evaluate {
+            eprintln!("{header}: evaluating on the held-out sets");
+            let eval = evaluate(&recipe, stage, &args.device)
+                .with_context(|| format!("stage `{}`: evaluation", stage.name))?;
+            std::fs::create_dir_all(&stage.dir)?;
+            checkpoint::write_atomic(
+                &stage.dir.join(EVAL_FILE),
+                serde_json::to_string_pretty(&eval)?.as_bytes(),
+            )?;
+        }
+        let record = StageRecord {
+            name: stage.name.clone(),
+            kind: stage.kind,
+            config: toml::to_string(&stage.fingerprint())?,
+            outputs: output_files(&recipe, stage)?,
+            wall_s: started.elapsed().as_secs_f64(),
+            eval_s: eval_started.elapsed().as_secs_f64(),
+            steps: trained.steps,
+            final_val_loss: trained.final_val_loss,
+            details: trained.details,
+        };
+        std::fs::create_dir_all(&stage.dir)?;
+        checkpoint::write_atomic(
+            &stage.dir.join(STAGE_FILE),
+            serde_json::to_string_pretty(&record)?.as_bytes(),
+        )?;
+        eprintln!("{header}: done in {}", duration(record.wall_s));
+        crate::stages::report::write(&recipe.out)?;
+        collective.barrier()?;
+    }
+    summary(&recipe, None, writer)
+}
+
+/// The run's directory before its stages: created, `--rerun-from`'s stages moved aside, the
+/// recipe's copy and plan written.
+fn prepare_out(recipe: &Recipe, args: &PipelineArgs) -> Result<()> {
     std::fs::create_dir_all(&recipe.out)
         .with_context(|| format!("cannot create {}", recipe.out.display()))?;
     if let Some(name) = &args.rerun_from {
@@ -1220,77 +1328,18 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineSummary> {
         &recipe.out.join(PLAN_FILE),
         serde_json::to_string_pretty(&plan)?.as_bytes(),
     )?;
-    let states = progress(&recipe)?;
-    let total = recipe.stages.len();
-    for (i, (stage, state)) in recipe.stages.iter().zip(states).enumerate() {
-        let header = format!("[{}/{total}] {} ({})", i + 1, stage.name, stage.kind.name());
-        let resume = match state {
-            Progress::Done(_) => {
-                eprintln!("{header}: done, skipped");
-                continue;
-            }
-            Progress::Resumable(from) => {
-                eprintln!("{header}: resuming from {from}");
-                true
-            }
-            Progress::Restart => {
-                eprintln!("{header}: starting over (interrupted before its first checkpoint)");
-                std::fs::remove_dir_all(&stage.dir)
-                    .with_context(|| format!("cannot clear {}", stage.dir.display()))?;
-                false
-            }
-            Progress::NotStarted => {
-                eprintln!("{header}");
-                false
-            }
-        };
-        // Ctrl-C during a step that does not check for it (an evaluation, the gym's files)
-        // stops the run before the next stage.
-        if crate::train::run_dir::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
-            return summary(&recipe, Some(&stage.name));
-        }
-        let started = Instant::now();
-        let trained = train_stage(&recipe, stage, resume, &args.device)
-            .with_context(|| format!("stage `{}`", stage.name))?;
-        if trained.interrupted {
-            return summary(&recipe, Some(&stage.name));
-        }
-        let eval_started = Instant::now();
-        if stage.evaluate {
-            eprintln!("{header}: evaluating on the held-out sets");
-            let eval = evaluate(&recipe, stage, &args.device)
-                .with_context(|| format!("stage `{}`: evaluation", stage.name))?;
-            std::fs::create_dir_all(&stage.dir)?;
-            checkpoint::write_atomic(
-                &stage.dir.join(EVAL_FILE),
-                serde_json::to_string_pretty(&eval)?.as_bytes(),
-            )?;
-        }
-        let record = StageRecord {
-            name: stage.name.clone(),
-            kind: stage.kind,
-            config: toml::to_string(&stage.fingerprint())?,
-            outputs: output_files(&recipe, stage)?,
-            wall_s: started.elapsed().as_secs_f64(),
-            eval_s: eval_started.elapsed().as_secs_f64(),
-            steps: trained.steps,
-            final_val_loss: trained.final_val_loss,
-            details: trained.details,
-        };
-        std::fs::create_dir_all(&stage.dir)?;
-        checkpoint::write_atomic(
-            &stage.dir.join(STAGE_FILE),
-            serde_json::to_string_pretty(&record)?.as_bytes(),
-        )?;
-        eprintln!("{header}: done in {}", duration(record.wall_s));
-        crate::stages::report::write(&recipe.out)?;
-    }
-    summary(&recipe, None)
+    Ok(())
 }
 
 /// The table to print, at the end or where the run was interrupted (the report, written
 /// after each completed stage, is redrawn then to show where it stopped).
-fn summary(recipe: &Recipe, interrupted: Option<&str>) -> Result<PipelineSummary> {
+fn summary(recipe: &Recipe, interrupted: Option<&str>, writer: bool) -> Result<PipelineSummary> {
+    if !writer {
+        return Ok(PipelineSummary {
+            interrupted: interrupted.map(String::from),
+            table: String::new(),
+        });
+    }
     if interrupted.is_some() {
         crate::stages::report::write(&recipe.out)?;
     }
