@@ -143,26 +143,12 @@ pub fn parse_list(list: &str) -> Result<Vec<ComputeDevice>> {
         devices.push(match (kind, index) {
             ("cpu", None) => ComputeDevice::cpu(),
             ("wgpu", None) => select(DeviceChoice::Wgpu)?,
-            ("wgpu", Some(n)) => {
-                let adapters = hardware_adapters();
-                let Some(info) = adapters.get(n) else {
-                    anyhow::bail!(
-                        "--devices: `{spec}` is not there: this machine has {} hardware GPU{} for wgpu",
-                        adapters.len(),
-                        if adapters.len() == 1 { "" } else { "s" }
-                    );
-                };
-                let kind = match info.device_type {
-                    wgpu::DeviceType::DiscreteGpu => DeviceKind::DiscreteGpu(n),
-                    wgpu::DeviceType::IntegratedGpu => DeviceKind::IntegratedGpu(n),
-                    _ => DeviceKind::VirtualGpu(n),
-                };
-                ComputeDevice {
-                    device: Device::wgpu(kind),
-                    backend: "wgpu",
-                    adapter: info.name.clone(),
-                }
-            }
+            ("wgpu", Some(n)) => hardware_gpu(n).map_err(|count| {
+                anyhow::anyhow!(
+                    "--devices: `{spec}` is not there: this machine has {count} hardware GPU{} for wgpu",
+                    if count == 1 { "" } else { "s" }
+                )
+            })?,
             ("cuda", n) => cuda(n.unwrap_or(0))?,
             _ => anyhow::bail!(
                 "--devices: `{spec}` is not a device: use cpu, wgpu, wgpu:N or cuda:N, separated by commas"
@@ -173,6 +159,46 @@ pub fn parse_list(list: &str) -> Result<Vec<ComputeDevice>> {
         anyhow::bail!("--devices takes two devices or more; for one, use --device");
     }
     Ok(devices)
+}
+
+/// The `n`-th hardware GPU of [`hardware_adapters`] (best first), or how many there are.
+fn hardware_gpu(n: usize) -> std::result::Result<ComputeDevice, usize> {
+    let adapters = hardware_adapters();
+    let info = adapters.get(n).ok_or(adapters.len())?;
+    // burn numbers adapters within their type.
+    let within_type = adapters[..n]
+        .iter()
+        .filter(|a| a.device_type == info.device_type)
+        .count();
+    let kind = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => DeviceKind::DiscreteGpu(within_type),
+        wgpu::DeviceType::IntegratedGpu => DeviceKind::IntegratedGpu(within_type),
+        _ => DeviceKind::VirtualGpu(within_type),
+    };
+    Ok(ComputeDevice {
+        device: Device::wgpu(kind),
+        backend: "wgpu",
+        adapter: info.name.clone(),
+    })
+}
+
+/// The device of one MPI rank: ranks on one machine take its GPUs in turn (`--device cuda`:
+/// CUDA device `local_rank`; `auto` or `wgpu` with several hardware GPUs: GPU `local_rank`
+/// modulo their number), so `mpirun -n 4` on a 4-GPU machine uses all four. The CPU is
+/// shared.
+pub fn select_for_local_rank(choice: DeviceChoice, local_rank: usize) -> Result<ComputeDevice> {
+    match choice {
+        DeviceChoice::Cuda => cuda(local_rank),
+        DeviceChoice::Auto | DeviceChoice::Wgpu if local_rank > 0 => {
+            let count = hardware_adapters().len();
+            match count {
+                0 | 1 => select(choice),
+                _ => hardware_gpu(local_rank % count)
+                    .map_err(|_| anyhow::anyhow!("the GPUs changed while kiln started")),
+            }
+        }
+        _ => select(choice),
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -151,9 +151,13 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             if steps == 0 {
                 bail!("--steps must be at least 1");
             }
-            let device = device::select(device)?;
-            // Under mpirun, the ranks share each step's batch (docs/distributed.md).
+            // Under mpirun, the ranks share each step's batch (docs/distributed.md),
+            // each on its machine's GPU of its local rank.
             let collective = kiln::train::collective::from_launcher()?;
+            let device = device::select_for_local_rank(
+                device,
+                kiln::train::collective::launcher_local_rank(),
+            )?;
             if collective.is_writer() {
                 eprintln!("device: {} | {}", device.describe(), collective.describe());
             }
@@ -210,9 +214,13 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             iterations,
             warmup,
         } => {
-            let device = device::select(device)?;
-            // Under mpirun, the ranks share each iteration (docs/distributed.md).
+            // Under mpirun, the ranks share each iteration (docs/distributed.md),
+            // each on its machine's GPU of its local rank.
             let collective = kiln::train::collective::from_launcher()?;
+            let device = device::select_for_local_rank(
+                device,
+                kiln::train::collective::launcher_local_rank(),
+            )?;
             let row = kiln::stages::ppo::benchmark(
                 &preset.model(),
                 &device,

@@ -28,14 +28,15 @@ fn launch(args: StageArgs, extra: &[String]) -> Result<Workers> {
         Some(list) => device::parse_list(list)?,
         None => Vec::new(),
     };
+    let collective = collective::from_launcher()?;
+    // Ranks of an MPI job on one machine take its GPUs in turn.
     let device = match devices.first() {
         Some(first) => first.clone(),
-        None => device::select(args.device)?,
+        None => device::select_for_local_rank(args.device, collective::launcher_local_rank())?,
     };
     run_dir::install_interrupt_handler()?;
     let mut overrides = args.overrides;
     overrides.extend_from_slice(extra);
-    let collective = collective::from_launcher()?;
     if collective.world_size() > 1 && devices.len() > 1 {
         bail!(
             "--devices takes several devices in one process; under mpirun give each rank one --device"
@@ -306,7 +307,7 @@ pub fn ppo(args: RlhfArgs) -> Result<()> {
 
 pub fn pipeline(args: PipelineArgs) -> Result<()> {
     use kiln::stages::pipeline;
-    let device = device::select(args.device)?;
+    let device = device::select_for_local_rank(args.device, collective::launcher_local_rank())?;
     let args = pipeline::PipelineArgs {
         recipe: args.config,
         out: args.out,
