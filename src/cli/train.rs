@@ -74,6 +74,10 @@ impl Workers {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        // CPU workers split the machine's threads: each runs in its own rayon pool, which
+        // burn's CPU backend then uses, instead of all contending for the global one.
+        let cpu_workers = self.devices.iter().filter(|d| d.backend == "flex").count();
+        let threads = (rayon::current_num_threads() / cpu_workers.max(1)).max(1);
         in_out(&self.launch, |launch| {
             let results: Vec<Result<T>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = InProcess::group(self.devices.len())
@@ -84,7 +88,14 @@ impl Workers {
                         launch.device = device.clone();
                         launch.collective = Arc::new(worker);
                         let stage = &stage;
-                        scope.spawn(move || stage(&launch))
+                        scope.spawn(move || match launch.device.backend {
+                            "flex" => rayon::ThreadPoolBuilder::new()
+                                .num_threads(threads)
+                                .build()
+                                .map_err(|e| anyhow::anyhow!("cannot start a CPU worker: {e}"))?
+                                .install(|| stage(&launch)),
+                            _ => stage(&launch),
+                        })
                     })
                     .collect();
                 handles
