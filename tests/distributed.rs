@@ -16,7 +16,7 @@ use kiln::interop::checkpoint::{self, NamedTensor};
 use kiln::train::metrics::{self, Record};
 
 mod common;
-use common::{pretrained, repo, tiny_model, write_sft_data};
+use common::{pretrained, relative_distance, repo, tiny_model, write_sft_data};
 
 const TOLERANCE: f64 = 1e-5;
 
@@ -89,20 +89,6 @@ fn final_weights(out: &Path) -> Vec<NamedTensor> {
     checkpoint::load(&checkpoint::resolve(out).unwrap())
         .unwrap()
         .model
-}
-
-/// Relative L2 distance of two sets of named tensors of the same names and shapes.
-fn relative_distance(a: &[NamedTensor], b: &[NamedTensor]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut diff, mut norm) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!((&x.name, &x.shape), (&y.name, &y.shape));
-        for (p, q) in x.values.iter().zip(&y.values) {
-            diff += (*p as f64 - *q as f64).powi(2);
-            norm += (*p as f64).powi(2);
-        }
-    }
-    (diff / norm).sqrt()
 }
 
 /// Asserts that the data-parallel run in `parallel` trained like the single run in `single`:
@@ -316,21 +302,10 @@ fn reward_models_and_gatt_train_on_two_devices_like_on_one() {
     );
     assert_same_training(&alone, &parallel, &initial);
 
-    let instructions = dir.path().join("instructions.jsonl");
-    std::fs::write(&instructions, "{\"text\": \"Be brief.\"}\n").unwrap();
-    let dialogues = dir.path().join("dialogues.jsonl");
-    let lines: Vec<String> = (0..8)
-        .map(|i| {
-            format!(
-                r#"{{"messages": [{{"role": "user", "content": "Tell me about {i}"}}, {{"role": "assistant", "content": "x"}}, {{"role": "user", "content": "And {}?"}}, {{"role": "assistant", "content": "y"}}]}}"#,
-                i + 1
-            )
-        })
-        .collect();
-    std::fs::write(&dialogues, lines.join("\n")).unwrap();
+    let [dialogues, instructions] = common::gatt_inputs(dir.path(), 8);
     let gatt = [
-        format!("gatt.dialogues=[\"{}\"]", dialogues.display()),
-        format!("gatt.instructions=\"{}\"", instructions.display()),
+        dialogues,
+        instructions,
         "gatt.max_answer_tokens=6".into(),
         "gatt.cut_answers=\"keep\"".into(),
         "gatt.batch_size=8".into(),
@@ -356,16 +331,19 @@ fn reward_models_and_gatt_train_on_two_devices_like_on_one() {
     assert_same_training(&alone, &parallel, &initial);
 }
 
+/// Runs a command line of one process on `--device cpu` on two CPU devices instead.
+fn on_two_cpu_devices(args: &[String]) -> Output {
+    let mut args = args.to_vec();
+    args.splice(1..3, ["--devices".to_string(), "cpu,cpu".to_string()]);
+    kiln().args(&args).output().unwrap()
+}
+
 /// Rejection sampling on two workers: each samples every other batch of prompts and worker
 /// 0 writes them all in order, so every round's samples and pool are those of one process
 /// (bit for bit: each batch has its own seed), and the fine-tuning rounds are data-parallel.
 #[test]
 fn rejection_sampling_on_two_devices_samples_and_trains_like_one() {
-    assert_rs_like_one_process(&|args| {
-        let mut args = args.to_vec();
-        args.splice(1..3, ["--devices".to_string(), "cpu,cpu".to_string()]);
-        kiln().args(&args).output().unwrap()
-    });
+    assert_rs_like_one_process(&on_two_cpu_devices);
 }
 
 /// Runs `kiln rs` (two rounds, 5 sampling batches) alone, and data-parallel through
@@ -453,11 +431,7 @@ fn assert_rs_like_one_process(parallel: &dyn Fn(&[String]) -> Output) {
 
 #[test]
 fn ppo_on_two_devices_trains_like_one() {
-    assert_ppo_like_one_process(&|args| {
-        let mut args = args.to_vec();
-        args.splice(1..3, ["--devices".to_string(), "cpu,cpu".to_string()]);
-        kiln().args(&args).output().unwrap()
-    });
+    assert_ppo_like_one_process(&on_two_cpu_devices);
 }
 
 /// Runs `kiln ppo` (3 iterations of 8 prompts: 2 generation batches, mini-batches of 4 split

@@ -15,7 +15,7 @@ use kiln::model::Llama;
 use kiln::stages::sft::{self, SftRows, TrainOn};
 
 mod common;
-use common::repo;
+use common::{relative_distance, repo};
 
 fn tokenizer() -> Tokenizer {
     Tokenizer::load(&repo("data/shakespeare/tokenizer.json")).unwrap()
@@ -369,23 +369,6 @@ fn sft_command_fine_tunes_resumes_and_rejects_bad_lines() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("skipped 1 malformed line(s)"), "{stderr}");
-}
-
-/// Relative L2 distance of two sets of named tensors of the same names and shapes.
-fn relative_distance(
-    a: &[kiln::interop::checkpoint::NamedTensor],
-    b: &[kiln::interop::checkpoint::NamedTensor],
-) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut diff, mut norm) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!((&x.name, &x.shape), (&y.name, &y.shape));
-        for (p, q) in x.values.iter().zip(&y.values) {
-            diff += (*p as f64 - *q as f64).powi(2);
-            norm += (*p as f64).powi(2);
-        }
-    }
-    (diff / norm).sqrt()
 }
 
 #[test]

@@ -214,29 +214,14 @@ fn reward_model_learns_and_resumes_exactly() {
 fn gatt_learns_and_resumes_exactly_from_its_own_config() {
     let dir = tempfile::tempdir().unwrap();
     let init = pretrained(dir.path());
-    let instructions = dir.path().join("instructions.jsonl");
-    std::fs::write(
-        &instructions,
-        "{\"text\": \"Answer in capital letters.\", \"short\": \"Capitals.\"}\n{\"text\": \"Be brief.\"}\n",
-    )
-    .unwrap();
-    let dialogues = dir.path().join("dialogues.jsonl");
-    let lines: Vec<String> = (0..12)
-        .map(|i| {
-            format!(
-                r#"{{"messages": [{{"role": "user", "content": "Tell me about {i}"}}, {{"role": "assistant", "content": "x"}}, {{"role": "user", "content": "And {}?"}}, {{"role": "assistant", "content": "y"}}]}}"#,
-                i + 1
-            )
-        })
-        .collect();
-    std::fs::write(&dialogues, lines.join("\n")).unwrap();
+    let [dialogues, instructions] = common::gatt_inputs(dir.path(), 12);
     let base = Launch {
         init: Some(init),
         ..Launch::new(
             Path::new("unused"),
             &[
-                format!("gatt.dialogues=[\"{}\"]", dialogues.display()),
-                format!("gatt.instructions=\"{}\"", instructions.display()),
+                dialogues,
+                instructions,
                 // A 2-step model never stops by itself: its answers are cut and kept
                 // without the end marker (with `drop` nothing would be left to train).
                 "gatt.max_answer_tokens=6".into(),

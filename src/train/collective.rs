@@ -394,10 +394,14 @@ pub fn from_launcher() -> Result<Arc<dyn Collective>> {
 /// This process's rank among the ranks of its machine, as an MPI launcher says (Open MPI,
 /// MPICH, Slurm); 0 outside a launcher.
 pub fn launcher_local_rank() -> usize {
-    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
-        .iter()
-        .find_map(|name| std::env::var(name).ok()?.parse().ok())
-        .unwrap_or(0)
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|name| std::env::var(name).ok()?.parse().ok())
+    .unwrap_or(0)
 }
 
 /// The number of ranks an MPI launcher says this process belongs to (Open MPI, MPICH and

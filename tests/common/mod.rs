@@ -185,3 +185,45 @@ pub fn sparse_tokenizer_json() -> String {
     vocab.insert(last, 99999.into());
     json.to_string()
 }
+
+/// Relative L2 distance of two sets of named tensors of the same names and shapes.
+pub fn relative_distance(
+    a: &[kiln::interop::checkpoint::NamedTensor],
+    b: &[kiln::interop::checkpoint::NamedTensor],
+) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((&x.name, &x.shape), (&y.name, &y.shape));
+        for (p, q) in x.values.iter().zip(&y.values) {
+            diff += (*p as f64 - *q as f64).powi(2);
+            norm += (*p as f64).powi(2);
+        }
+    }
+    (diff / norm).sqrt()
+}
+
+/// GAtt's inputs in `dir`: two instructions, and `count` two-turn dialogues. Returns the
+/// `--set` values naming them.
+pub fn gatt_inputs(dir: &Path, count: usize) -> [String; 2] {
+    let instructions = dir.join("instructions.jsonl");
+    std::fs::write(
+        &instructions,
+        "{\"text\": \"Answer in capital letters.\", \"short\": \"Capitals.\"}\n{\"text\": \"Be brief.\"}\n",
+    )
+    .unwrap();
+    let dialogues = dir.join("dialogues.jsonl");
+    let lines: Vec<String> = (0..count)
+        .map(|i| {
+            format!(
+                r#"{{"messages": [{{"role": "user", "content": "Tell me about {i}"}}, {{"role": "assistant", "content": "x"}}, {{"role": "user", "content": "And {}?"}}, {{"role": "assistant", "content": "y"}}]}}"#,
+                i + 1
+            )
+        })
+        .collect();
+    std::fs::write(&dialogues, lines.join("\n")).unwrap();
+    [
+        format!("gatt.dialogues=[\"{}\"]", dialogues.display()),
+        format!("gatt.instructions=\"{}\"", instructions.display()),
+    ]
+}
