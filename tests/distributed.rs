@@ -13,10 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kiln::interop::checkpoint::{self, NamedTensor};
-use kiln::train::metrics::{self, Record};
 
 mod common;
-use common::{pretrained, relative_distance, repo, tiny_model, write_sft_data};
+use common::{pretrained, relative_distance, repo, step_losses, tiny_model, write_sft_data};
 
 const TOLERANCE: f64 = 1e-5;
 
@@ -72,17 +71,6 @@ fn sft_overrides(dir: &Path) -> Vec<String> {
         "optim.warmup_steps=0".into(),
     ]
     .to_vec()
-}
-
-fn step_losses(out: &Path) -> Vec<f64> {
-    metrics::read(&out.join("metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .filter_map(|r| match r {
-            Record::Step { loss, .. } => Some(*loss),
-            _ => None,
-        })
-        .collect()
 }
 
 fn final_weights(out: &Path) -> Vec<NamedTensor> {

@@ -7,23 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use kiln::interop::checkpoint;
 use kiln::stages::{gatt, pretrain, reward, sft};
-use kiln::train::metrics::{self, Record};
 use kiln::train::stage::Launch;
 
 mod common;
-use common::{pretrained, repo};
-
-/// Training-step losses of a run, in order.
-fn step_losses(out: &Path) -> Vec<f64> {
-    metrics::read(&out.join("metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .filter_map(|r| match r {
-            Record::Step { loss, .. } => Some(*loss),
-            _ => None,
-        })
-        .collect()
-}
+use common::{pretrained, repo, step_losses};
 
 fn final_files(out: &Path) -> (Vec<u8>, Vec<u8>) {
     let dir = checkpoint::resolve(out).unwrap();

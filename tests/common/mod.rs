@@ -227,3 +227,16 @@ pub fn gatt_inputs(dir: &Path, count: usize) -> [String; 2] {
         format!("gatt.instructions=\"{}\"", instructions.display()),
     ]
 }
+
+/// Training-step losses of a run, in order.
+pub fn step_losses(out: &Path) -> Vec<f64> {
+    use kiln::train::metrics::{self, Record};
+    metrics::read(&out.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r| match r {
+            Record::Step { loss, .. } => Some(*loss),
+            _ => None,
+        })
+        .collect()
+}
