@@ -17,7 +17,7 @@ use crate::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
 use crate::model::Llama;
 use crate::model::ops::RopeTables;
 use crate::stages::pretrain::batch_tensors;
-use crate::train::collective::{Collective, Solo};
+use crate::train::collective::Collective;
 use crate::train::optim::AdamW;
 use crate::train::step::{self, Accumulated, MicroBatchLoss};
 
@@ -100,7 +100,7 @@ pub fn train(
         let reduce_start = Instant::now();
         let micro_batches = micro_batches.all_reduce(&model, collective)?;
         let reduce_s = reduce_start.elapsed().as_secs_f64();
-        let (updated, _) = step::apply(model, &mut optimizer, micro_batches, 3e-4, &Solo)?;
+        let (updated, _) = step::apply(model, &mut optimizer, micro_batches, 3e-4)?;
         model = updated;
         if i >= warmup {
             timed += start.elapsed().as_secs_f64();

@@ -75,7 +75,7 @@ fn ppo_raises_a_programmatic_reward_while_the_kl_stays_bounded() {
             &[
                 format!("ppo.prompts=[\"{}\"]", prompts.display()),
                 format!("ppo.value_init=\"{}\"", init.display()),
-                "ppo.iterations=20".into(),
+                "ppo.iterations=30".into(),
                 "ppo.rollout_batch=32".into(),
                 "ppo.mini_batch=8".into(),
                 "ppo.micro_batch=4".into(),
@@ -90,7 +90,7 @@ fn ppo_raises_a_programmatic_reward_while_the_kl_stays_bounded() {
         )
     };
     let summary = ppo::run_with_rewarder(&launch, &EvenTokens).unwrap();
-    assert_eq!(summary.iterations, 20);
+    assert_eq!(summary.iterations, 30);
     let records: Vec<PpoRecord> = read_lines(&out.join("metrics.jsonl"));
     let its: Vec<IterationRecord> = records
         .into_iter()
@@ -99,15 +99,16 @@ fn ppo_raises_a_programmatic_reward_while_the_kl_stays_bounded() {
             PpoRecord::Eval(_) => None,
         })
         .collect();
-    assert_eq!(its.len(), 20);
+    assert_eq!(its.len(), 30);
     let mean = |rs: &[IterationRecord]| rs.iter().map(|r| r.reward).sum::<f64>() / rs.len() as f64;
-    let (first, last) = (mean(&its[..3]), mean(&its[17..]));
+    let (first, last) = (mean(&its[..3]), mean(&its[25..]));
     eprintln!(
         "reward {first:.3} -> {last:.3}; kl/token {:?}",
         its.iter().map(|r| r.kl_per_token).collect::<Vec<_>>()
     );
-    // The rise seen over many seeds is 0.12 to 0.31; the noise of a 3-iteration mean of 256
-    // tokens is about 0.026 (a difference of two: 0.037).
+    // The rise seen over 20 seeds is 0.16 to 0.43 (with 20 iterations and the last 3 it was
+    // 0.07 to 0.36, and 1 seed in 20 failed); the noise of a 3-iteration mean of 256 tokens
+    // is about 0.026, of the difference of a 3- and a 5-iteration mean about 0.033.
     assert!(last > first + 0.08, "reward {first} -> {last}");
     for r in &its {
         // Bounded: the policy moved, but not far from the reference.

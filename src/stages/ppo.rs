@@ -1404,15 +1404,10 @@ fn iteration(
             let lr = optim::learning_rate(&config.optim, state.policy_steps, state.schedule_steps);
             // The step owns the model it updates; a cheap placeholder stands in meanwhile
             // (a clone of the model itself would keep its old weights alive during the step).
+            let policy_acc = policy_acc.all_reduce(&trained.policy, collective)?;
             let policy = std::mem::replace(&mut trained.policy, inputs.reference.clone());
-            let (policy, result) = step::apply(
-                policy,
-                &mut trained.policy_optim,
-                policy_acc,
-                lr,
-                collective,
-            )
-            .map_err(|e| {
+            let (policy, result) = step::apply(policy, &mut trained.policy_optim, policy_acc, lr)
+                .map_err(|e| {
                 anyhow!(
                     "PPO diverged at iteration {}: policy {e}",
                     state.iteration + 1
@@ -1424,16 +1419,15 @@ fn iteration(
             stats.policy_grad_norm.push(result.grad_norm);
             let lr =
                 optim::learning_rate(&config.value_optim, state.value_steps, state.schedule_steps);
+            let value_acc = value_acc.all_reduce(&trained.value, collective)?;
             let value = std::mem::replace(&mut trained.value, value_model.clone());
-            let (value, result) =
-                step::apply(value, &mut trained.value_optim, value_acc, lr, collective).map_err(
-                    |e| {
-                        anyhow!(
-                            "PPO diverged at iteration {}: value model {e}",
-                            state.iteration + 1
-                        )
-                    },
-                )?;
+            let (value, result) = step::apply(value, &mut trained.value_optim, value_acc, lr)
+                .map_err(|e| {
+                    anyhow!(
+                        "PPO diverged at iteration {}: value model {e}",
+                        state.iteration + 1
+                    )
+                })?;
             trained.value = value;
             state.value_steps += 1;
             stats.value_loss.push(result.loss);

@@ -1,6 +1,7 @@
 //! One optimizer step, the same for every stage: each micro-batch's loss summed over the
-//! tokens (or pairs) it counts, gradients accumulated, a hook where data-parallel training
-//! all-reduces them, then the global-norm clip and AdamW on the mean over every counted item.
+//! tokens (or pairs) it counts, gradients accumulated, summed over data-parallel workers
+//! ([`Accumulated::all_reduce`]), then the global-norm clip and AdamW on the mean over every
+//! counted item.
 //!
 //! The step's loss is `sum of per-item losses / number of items` over all its micro-batches,
 //! not the mean of micro-batch means: a micro-batch of short answers must not weigh as much
@@ -172,17 +173,15 @@ impl ModuleVisitor for Unflatten<'_> {
     }
 }
 
-/// The update of one step: all-reduce through `collective`, then AdamW at `lr` on the gradients of
-/// the mean loss, clipped to the global norm. A non-finite loss is an error and leaves the
-/// model as it was (the caller saves nothing).
+/// The update of one step (all-reduced first, [`Accumulated::all_reduce`], when workers share
+/// it): AdamW at `lr` on the gradients of the mean loss, clipped to the global norm. A
+/// non-finite loss is an error and leaves the model as it was (the caller saves nothing).
 pub fn apply<M: Module>(
     model: M,
     optimizer: &mut AdamW,
     step: Accumulated,
     lr: f64,
-    collective: &dyn Collective,
 ) -> Result<(M, StepResult)> {
-    let step = step.all_reduce(&model, collective)?;
     let loss = step.mean_loss();
     let Some(grads) = step.grads else {
         bail!("no trained token in this step's micro-batches");

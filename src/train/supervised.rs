@@ -151,9 +151,9 @@ pub fn run<S: Stage>(
             accumulated.add(&model, objective.loss(&model, indices));
         }
         let lr = optim::learning_rate(optim_config, state.step, state.schedule_steps);
-        let (updated, result) =
-            step::apply(model, &mut optimizer, accumulated, lr, &*collective)
-                .map_err(|e| anyhow!("training diverged at step {}: {e}", state.step + 1))?;
+        let accumulated = accumulated.all_reduce(&model, &*collective)?;
+        let (updated, result) = step::apply(model, &mut optimizer, accumulated, lr)
+            .map_err(|e| anyhow!("training diverged at step {}: {e}", state.step + 1))?;
         model = updated;
         state.step += 1;
         steps_this_run += 1;
