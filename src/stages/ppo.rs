@@ -945,6 +945,15 @@ fn train(
             config.ppo.iterations,
             launch.device.describe()
         );
+        let batches = config.ppo.rollout_batch.div_ceil(config.ppo.generation_batch);
+        if batches < collective.world_size() {
+            eprintln!(
+                "warning: ppo.generation_batch = {} makes {batches} generation batch(es) per iteration for {} workers, so some wait while others sample: set it to {} or less",
+                config.ppo.generation_batch,
+                collective.world_size(),
+                config.ppo.rollout_batch.div_ceil(collective.world_size())
+            );
+        }
     }
     let tokenizer_json = inputs.tokenizer.to_json()?;
     let checkpoint_data = |trained: &Trained, state: &PpoState| -> Result<CheckpointData> {
