@@ -945,7 +945,10 @@ fn train(
             config.ppo.iterations,
             launch.device.describe()
         );
-        let batches = config.ppo.rollout_batch.div_ceil(config.ppo.generation_batch);
+        let batches = config
+            .ppo
+            .rollout_batch
+            .div_ceil(config.ppo.generation_batch);
         if batches < collective.world_size() {
             eprintln!(
                 "warning: ppo.generation_batch = {} makes {batches} generation batch(es) per iteration for {} workers, so some wait while others sample: set it to {} or less",
