@@ -17,7 +17,7 @@ use crate::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
 use crate::model::Llama;
 use crate::model::ops::RopeTables;
 use crate::stages::pretrain::batch_tensors;
-use crate::train::collective::Collective;
+use crate::train::collective::{Collective, share_range};
 use crate::train::optim::AdamW;
 use crate::train::step::{self, Accumulated, MicroBatchLoss};
 
@@ -62,8 +62,7 @@ pub fn train(
     if global_batch < workers {
         anyhow::bail!("the preset's batch of {global_batch} cannot be shared by {workers} workers");
     }
-    let rank = collective.rank();
-    let batch_size = global_batch * (rank + 1) / workers - global_batch * rank / workers;
+    let batch_size = share_range(global_batch, collective.rank(), workers).len();
     let autodiff = device.device.clone().autodiff();
     let mut model = Llama::new(&config, 0, &autodiff);
     let kernels = model.kernels().name().to_string();

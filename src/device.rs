@@ -182,11 +182,12 @@ fn hardware_gpu(n: usize) -> std::result::Result<ComputeDevice, usize> {
     })
 }
 
-/// The device of one MPI rank: ranks on one machine take its GPUs in turn (`--device cuda`:
-/// CUDA device `local_rank`; `auto` or `wgpu` with several hardware GPUs: GPU `local_rank`
-/// modulo their number), so `mpirun -n 4` on a 4-GPU machine uses all four. The CPU is
-/// shared.
-pub fn select_for_local_rank(choice: DeviceChoice, local_rank: usize) -> Result<ComputeDevice> {
+/// [`select`] for this process as a rank of an MPI job: ranks on one machine take its GPUs in
+/// turn (`--device cuda`: CUDA device `local_rank`; `auto` or `wgpu` with several hardware
+/// GPUs: GPU `local_rank` modulo their number), so `mpirun -n 4` on a 4-GPU machine uses all
+/// four. The CPU is shared. Outside a launcher, the local rank is 0: [`select`] itself.
+pub fn select_for_this_rank(choice: DeviceChoice) -> Result<ComputeDevice> {
+    let local_rank = crate::train::collective::launcher_local_rank();
     match choice {
         DeviceChoice::Cuda => cuda(local_rank),
         DeviceChoice::Auto | DeviceChoice::Wgpu if local_rank > 0 => {

@@ -744,15 +744,7 @@ mod mpi {
             "one line per stage: {stderr}"
         );
         assert!(parallel.join("report.md").is_file());
-        for stage in [
-            "pretrain",
-            "sft",
-            "rm-helpful",
-            "rm-safety",
-            "rs/round-2",
-            "ppo",
-            "gatt",
-        ] {
+        for stage in common::TINY_RECIPE_MODELS {
             let distance = relative_distance(
                 &final_weights(&alone.join(stage)),
                 &final_weights(&parallel.join(stage)),

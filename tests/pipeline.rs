@@ -43,15 +43,7 @@ fn run(args: &[String]) -> (bool, String) {
 /// Every stage's output model, read back as bytes: (stage, the checkpoint's weights).
 fn weights(out: &Path) -> Vec<(String, Vec<u8>)> {
     let mut all = Vec::new();
-    for stage in [
-        "pretrain",
-        "sft",
-        "rm-helpful",
-        "rm-safety",
-        "rs/round-2",
-        "ppo",
-        "gatt",
-    ] {
+    for stage in common::TINY_RECIPE_MODELS {
         let dir = kiln::interop::checkpoint::resolve(&out.join(stage)).unwrap();
         let bytes = std::fs::read(dir.join(kiln::interop::checkpoint::MODEL_FILE)).unwrap();
         all.push((stage.to_string(), bytes));

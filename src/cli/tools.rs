@@ -151,16 +151,14 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             if steps == 0 {
                 bail!("--steps must be at least 1");
             }
-            // Under mpirun, the ranks share each step's batch (docs/distributed.md),
-            // each on its machine's GPU of its local rank.
+            // Under mpirun, the ranks share each step's batch (docs/distributed.md).
             let collective = kiln::train::collective::from_launcher()?;
-            let device = device::select_for_local_rank(
-                device,
-                kiln::train::collective::launcher_local_rank(),
-            )?;
-            if collective.is_writer() {
-                eprintln!("device: {} | {}", device.describe(), collective.describe());
-            }
+            let device = device::select_for_this_rank(device)?;
+            collective.say(&format!(
+                "device: {} | {}",
+                device.describe(),
+                collective.describe()
+            ));
             let result = kiln::bench::train(preset, &device, steps, warmup, kernels, &*collective)?;
             if collective.is_writer() {
                 println!("{}", serde_json::to_string(&result)?);
@@ -214,13 +212,9 @@ pub fn bench(command: BenchCommand) -> Result<()> {
             iterations,
             warmup,
         } => {
-            // Under mpirun, the ranks share each iteration (docs/distributed.md),
-            // each on its machine's GPU of its local rank.
+            // Under mpirun, the ranks share each iteration (docs/distributed.md).
             let collective = kiln::train::collective::from_launcher()?;
-            let device = device::select_for_local_rank(
-                device,
-                kiln::train::collective::launcher_local_rank(),
-            )?;
+            let device = device::select_for_this_rank(device)?;
             let row = kiln::stages::ppo::benchmark(
                 &preset.model(),
                 &device,

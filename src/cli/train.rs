@@ -29,10 +29,9 @@ fn launch(args: StageArgs, extra: &[String]) -> Result<Workers> {
         None => Vec::new(),
     };
     let collective = collective::from_launcher()?;
-    // Ranks of an MPI job on one machine take its GPUs in turn.
     let device = match devices.first() {
         Some(first) => first.clone(),
-        None => device::select_for_local_rank(args.device, collective::launcher_local_rank())?,
+        None => device::select_for_this_rank(args.device)?,
     };
     run_dir::install_interrupt_handler()?;
     let mut overrides = args.overrides;
@@ -61,10 +60,12 @@ fn launch(args: StageArgs, extra: &[String]) -> Result<Workers> {
 
 impl Workers {
     /// Runs `stage` on every worker and returns worker 0's result (the one that wrote the
-    /// run). With `--devices`, one thread per device, summing gradients on the host.
-    fn run<T: Send>(&self, stage: impl Fn(&Launch) -> Result<T> + Sync) -> Result<T> {
+    /// run) for this process to report, `None` in an MPI rank other than 0. With `--devices`,
+    /// one thread per device, summing gradients on the host.
+    fn run<T: Send>(&self, stage: impl Fn(&Launch) -> Result<T> + Sync) -> Result<Option<T>> {
         if self.devices.len() <= 1 {
-            return in_out(&self.launch, stage);
+            let result = in_out(&self.launch, stage)?;
+            return Ok(self.launch.collective.is_writer().then_some(result));
         }
         eprintln!(
             "devices: {}",
@@ -112,7 +113,7 @@ impl Workers {
             match first {
                 Ok(value) => {
                     results.collect::<Result<Vec<T>>>()?;
-                    Ok(value)
+                    Ok(Some(value))
                 }
                 Err(e) if e.to_string().contains(collective::STOPPED) => {
                     Err(results.filter_map(Result::err).next().unwrap_or(e))
@@ -120,10 +121,6 @@ impl Workers {
                 Err(e) => Err(e),
             }
         })
-    }
-
-    fn writer(&self) -> bool {
-        self.launch.collective.is_writer()
     }
 }
 
@@ -149,11 +146,9 @@ fn skip_bad_lines(on: bool) -> Vec<String> {
 }
 
 pub fn pretrain(args: StageArgs) -> Result<()> {
-    let workers = launch(args, &[])?;
-    let summary = workers.run(|l| pretrain::run(l, true))?;
-    if !workers.writer() {
+    let Some(summary) = launch(args, &[])?.run(|l| pretrain::run(l, true))? else {
         return Ok(());
-    }
+    };
     report(&summary.run, "validation loss", true);
     if let Some(sample) = summary.sample {
         println!("{sample}");
@@ -162,18 +157,14 @@ pub fn pretrain(args: StageArgs) -> Result<()> {
 }
 
 pub fn sft(args: StageArgs, skip_bad: bool) -> Result<()> {
-    let workers = launch(args, &skip_bad_lines(skip_bad))?;
-    let summary = workers.run(sft::run)?;
-    if workers.writer() {
+    if let Some(summary) = launch(args, &skip_bad_lines(skip_bad))?.run(sft::run)? {
         report_fine_tuning(&summary);
     }
     Ok(())
 }
 
 pub fn gatt(args: StageArgs) -> Result<()> {
-    let workers = launch(args, &[])?;
-    let summary = workers.run(gatt::run)?;
-    if workers.writer() {
+    if let Some(summary) = launch(args, &[])?.run(gatt::run)? {
         report_fine_tuning(&summary);
     }
     Ok(())
@@ -184,9 +175,7 @@ pub fn rm_train(kind: Option<reward::RmKind>, args: StageArgs, skip_bad: bool) -
     if let Some(kind) = kind {
         extra.push(format!("rm.kind={}", serde_json::to_string(&kind)?));
     }
-    let workers = launch(args, &extra)?;
-    let summary = workers.run(reward::train)?;
-    if workers.writer() {
+    if let Some(summary) = launch(args, &extra)?.run(reward::train)? {
         report(&summary, "validation ranking loss", false);
     }
     Ok(())
@@ -234,11 +223,9 @@ fn reward_model_overrides(args: &RlhfArgs, section: &str) -> Vec<String> {
 
 pub fn rs(args: RlhfArgs) -> Result<()> {
     let extra = reward_model_overrides(&args, "rs");
-    let workers = launch(args.stage, &extra)?;
-    let summary = workers.run(rs::run)?;
-    if !workers.writer() {
+    let Some(summary) = launch(args.stage, &extra)?.run(rs::run)? else {
         return Ok(());
-    }
+    };
     if summary.interrupted {
         eprintln!("interrupted: continue with --resume");
     }
@@ -270,11 +257,9 @@ pub fn rs(args: RlhfArgs) -> Result<()> {
 
 pub fn ppo(args: RlhfArgs) -> Result<()> {
     let extra = reward_model_overrides(&args, "ppo");
-    let workers = launch(args.stage, &extra)?;
-    let summary = workers.run(ppo::run)?;
-    if !workers.writer() {
+    let Some(summary) = launch(args.stage, &extra)?.run(ppo::run)? else {
         return Ok(());
-    }
+    };
     if summary.interrupted {
         eprintln!("interrupted: continue with --resume");
     }
@@ -318,7 +303,7 @@ pub fn ppo(args: RlhfArgs) -> Result<()> {
 
 pub fn pipeline(args: PipelineArgs) -> Result<()> {
     use kiln::stages::pipeline;
-    let device = device::select_for_local_rank(args.device, collective::launcher_local_rank())?;
+    let device = device::select_for_this_rank(args.device)?;
     let args = pipeline::PipelineArgs {
         recipe: args.config,
         out: args.out,
@@ -333,15 +318,13 @@ pub fn pipeline(args: PipelineArgs) -> Result<()> {
         return Ok(());
     }
     run_dir::install_interrupt_handler()?;
-    let writer = args.collective.is_writer();
-    if writer {
-        eprintln!("device: {}", args.device.describe());
-        if args.collective.world_size() > 1 {
-            eprintln!("data-parallel: {}", args.collective.describe());
-        }
+    let collective = &args.collective;
+    collective.say(&format!("device: {}", args.device.describe()));
+    if collective.world_size() > 1 {
+        collective.say(&format!("data-parallel: {}", collective.describe()));
     }
     let summary = pipeline::run(&args)?;
-    if !writer {
+    if !collective.is_writer() {
         return Ok(());
     }
     println!("{}", summary.table);

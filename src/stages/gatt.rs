@@ -274,9 +274,12 @@ pub fn run(launch: &Launch) -> Result<RunSummary> {
     let started = stage::launch::<Gatt>(launch)?;
     let samples_path = started.run.path.join(SAMPLES_FILE);
     let config = started.config.clone();
-    let collective = launch.collective.clone();
+    let resumed = started.run.resume_from.is_some();
+    if resumed && !samples_path.is_file() {
+        bail!("--resume: {} is missing", samples_path.display());
+    }
     // Worker 0 samples and writes the data; the others read it once it is there.
-    if started.run.resume_from.is_none() && collective.is_writer() {
+    if !resumed && launch.collective.is_writer() {
         // Every input is read and checked before sampling, and the samples go to a new file
         // renamed into place: a failed run leaves an earlier samples file as it was.
         let inputs = GattInputs::read(&config)?;
@@ -299,10 +302,8 @@ pub fn run(launch: &Launch) -> Result<RunSummary> {
             },
             sampled.ended_by_context
         );
-    } else if started.run.resume_from.is_some() && !samples_path.is_file() {
-        bail!("--resume: {} is missing", samples_path.display());
     }
-    collective.barrier()?;
+    launch.collective.barrier()?;
     let sft_started = started.with_config::<Sft>(config.sft(&samples_path));
     sft::train(sft_started, launch, config.to_toml())
 }

@@ -1196,11 +1196,7 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineSummary> {
     collective.barrier()?;
     let states = progress(&recipe)?;
     let total = recipe.stages.len();
-    let say = |line: &str| {
-        if writer {
-            eprintln!("{line}");
-        }
-    };
+    let say = |line: &str| collective.say(line);
     for (i, (stage, state)) in recipe.stages.iter().zip(states).enumerate() {
         let header = format!("[{}/{total}] {} ({})", i + 1, stage.name, stage.kind.name());
         let resume = match state {

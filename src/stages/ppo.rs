@@ -859,13 +859,11 @@ fn train(
                 value_moments,
                 &dir.join(VALUE_OPTIMIZER_FILE),
             )?;
-            if launch.collective.is_writer() {
-                eprintln!(
-                    "resuming from {} (iteration {})",
-                    dir.display(),
-                    state.iteration
-                );
-            }
+            launch.collective.say(&format!(
+                "resuming from {} (iteration {})",
+                dir.display(),
+                state.iteration
+            ));
             let trained = Trained {
                 policy,
                 value,
@@ -935,28 +933,26 @@ fn train(
         )?);
     }
     let p = &inputs.prompts;
-    if writer {
-        eprintln!(
-            "ppo: {}, {} per iteration, mini-batch {}, beta {}, {} iteration(s) | device: {}",
-            p.describe(),
-            config.ppo.rollout_batch,
-            config.ppo.mini_batch,
-            state.kl.beta,
-            config.ppo.iterations,
-            launch.device.describe()
-        );
-        let batches = config
-            .ppo
-            .rollout_batch
-            .div_ceil(config.ppo.generation_batch);
-        if batches < collective.world_size() {
-            eprintln!(
-                "warning: ppo.generation_batch = {} makes {batches} generation batch(es) per iteration for {} workers, so some wait while others sample: set it to {} or less",
-                config.ppo.generation_batch,
-                collective.world_size(),
-                config.ppo.rollout_batch.div_ceil(collective.world_size())
-            );
-        }
+    collective.say(&format!(
+        "ppo: {}, {} per iteration, mini-batch {}, beta {}, {} iteration(s) | device: {}",
+        p.describe(),
+        config.ppo.rollout_batch,
+        config.ppo.mini_batch,
+        state.kl.beta,
+        config.ppo.iterations,
+        launch.device.describe()
+    ));
+    let generation_batches = config
+        .ppo
+        .rollout_batch
+        .div_ceil(config.ppo.generation_batch);
+    if generation_batches < collective.world_size() {
+        collective.say(&format!(
+            "warning: ppo.generation_batch = {} makes {generation_batches} generation batch(es) per iteration for {} workers, so some wait while others sample: set it to {} or less",
+            config.ppo.generation_batch,
+            collective.world_size(),
+            config.ppo.rollout_batch.div_ceil(collective.world_size())
+        ));
     }
     let tokenizer_json = inputs.tokenizer.to_json()?;
     let checkpoint_data = |trained: &Trained, state: &PpoState| -> Result<CheckpointData> {
@@ -1021,10 +1017,9 @@ fn train(
     }
     let total = config.ppo.iterations;
     let mut stream = ShuffledIndices::new(p.len(), config.ppo.seed, state.prompts);
-    let mut progress = match writer {
-        true => Progress::counter(state.iteration, total, "iterations"),
-        false => Progress::silent(),
-    };
+    let mut progress = Progress::shown_if(writer, || {
+        Progress::counter(state.iteration, total, "iterations")
+    });
     // Worker 0 saves while the others wait, so none runs ahead of a checkpoint.
     let save = |trained: &Trained, state: &PpoState| -> Result<PathBuf> {
         if !writer {
@@ -1180,10 +1175,9 @@ fn sample(
     seed: impl Fn(usize) -> u64,
     collective: &dyn Collective,
 ) -> Result<Sampled> {
-    let (stop, pad) = (inputs.stop, inputs.pad);
     let batches: Vec<&[&Vec<u32>]> = prompts.chunks(generation_batch).collect();
     let drawn = map_shared(collective, batches.len(), |b| {
-        sample_batch(policy, inputs, batches[b], params, seed(b), stop, pad)
+        sample_batch(policy, inputs, batches[b], params, seed(b))
     })?;
     let mut out = Sampled::default();
     for batch in drawn {
@@ -1202,29 +1196,26 @@ fn sample_batch(
     chunk: &[&Vec<u32>],
     params: &SamplingParams,
     seed: u64,
-    stop: u32,
-    pad: u32,
 ) -> Result<Sampled> {
+    let (stop, pad) = (inputs.stop, inputs.pad);
+    let rows: Vec<Vec<u32>> = chunk.iter().map(|p| (*p).clone()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let generated =
+        generate::generate_with(policy, &rows, params, stop, pad, &mut rng, &mut |_, _| {
+            std::ops::ControlFlow::Continue(())
+        })?;
     let mut out = Sampled::default();
-    {
-        let rows: Vec<Vec<u32>> = chunk.iter().map(|p| (*p).clone()).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let generated =
-            generate::generate_with(policy, &rows, params, stop, pad, &mut rng, &mut |_, _| {
-                std::ops::ControlFlow::Continue(())
-            })?;
-        for g in generated {
-            let mut actions = g.tokens.clone();
-            if g.finish == FinishReason::Eos {
-                actions.push(stop);
-            }
-            debug_assert_eq!(actions.len(), g.logprobs.len());
-            out.texts
-                .push(inputs.tokenizer.decode(&g.tokens)?.trim().to_string());
-            out.actions.push(actions);
-            out.logprobs.push(g.logprobs);
-            out.finish.push(g.finish);
+    for g in generated {
+        let mut actions = g.tokens.clone();
+        if g.finish == FinishReason::Eos {
+            actions.push(stop);
         }
+        debug_assert_eq!(actions.len(), g.logprobs.len());
+        out.texts
+            .push(inputs.tokenizer.decode(&g.tokens)?.trim().to_string());
+        out.actions.push(actions);
+        out.logprobs.push(g.logprobs);
+        out.finish.push(g.finish);
     }
     Ok(out)
 }
@@ -1414,9 +1405,9 @@ fn iteration(
                 );
             }
             let lr = optim::learning_rate(&config.optim, state.policy_steps, state.schedule_steps);
+            let policy_acc = policy_acc.all_reduce(&trained.policy, collective)?;
             // The step owns the model it updates; a cheap placeholder stands in meanwhile
             // (a clone of the model itself would keep its old weights alive during the step).
-            let policy_acc = policy_acc.all_reduce(&trained.policy, collective)?;
             let policy = std::mem::replace(&mut trained.policy, inputs.reference.clone());
             let (policy, result) = step::apply(policy, &mut trained.policy_optim, policy_acc, lr)
                 .map_err(|e| {

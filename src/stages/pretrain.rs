@@ -77,16 +77,14 @@ pub fn run(launch: &Launch, print_sample: bool) -> Result<PretrainSummary> {
             seq_len
         );
     }
-    if launch.collective.is_writer() {
-        eprintln!(
-            "device: {} | model: {:.2}M parameters | data: {} train / {} val sequences of {} tokens",
-            launch.device.describe(),
-            config.model.num_params() as f64 / 1e6,
-            objective.train.len(),
-            objective.val.len(),
-            seq_len
-        );
-    }
+    launch.collective.say(&format!(
+        "device: {} | model: {:.2}M parameters | data: {} train / {} val sequences of {} tokens",
+        launch.device.describe(),
+        config.model.num_params() as f64 / 1e6,
+        objective.train.len(),
+        objective.val.len(),
+        seq_len
+    ));
     let outcome = supervised::run(started, config.to_toml(), &objective, launch.stop_after)?;
 
     let sample = if print_sample && !outcome.summary.interrupted {

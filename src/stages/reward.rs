@@ -354,20 +354,18 @@ pub fn train(launch: &Launch) -> Result<RunSummary> {
             .max(5)
             .min(total.saturating_sub(1));
     }
-    if launch.collective.is_writer() {
-        eprintln!(
-            "device: {} | {} reward model, margin {} | {} train / {} val pairs{}",
-            launch.device.describe(),
-            crate::config::name_of(&r.kind),
-            crate::config::name_of(&r.margin),
-            train_pairs.len(),
-            val_pairs.len(),
-            match long_train + long_val {
-                0 => String::new(),
-                n => format!(" | {n} pairs over {max_len} tokens skipped"),
-            }
-        );
-    }
+    launch.collective.say(&format!(
+        "device: {} | {} reward model, margin {} | {} train / {} val pairs{}",
+        launch.device.describe(),
+        crate::config::name_of(&r.kind),
+        crate::config::name_of(&r.margin),
+        train_pairs.len(),
+        val_pairs.len(),
+        match long_train + long_val {
+            0 => String::new(),
+            n => format!(" | {n} pairs over {max_len} tokens skipped"),
+        }
+    ));
     let objective = RankingObjective {
         train: train_pairs,
         val: val_pairs,

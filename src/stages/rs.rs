@@ -775,18 +775,15 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
             .map_err(|e| anyhow!("cannot create output directory {}: {e}", out.display()))?;
         checkpoint::write_atomic(&config_path, config.to_toml().as_bytes())?;
     }
-    let p = &inputs.prompts;
-    if writer {
-        eprintln!(
-            "rejection sampling: {}, K = {}, T = {}, {} round(s), pool = {} | device: {}",
-            p.describe(),
-            config.rs.k,
-            config.rs.temperature,
-            config.rs.iterations,
-            crate::config::name_of(&config.rs.pool),
-            launch.device.describe()
-        );
-    }
+    collective.say(&format!(
+        "rejection sampling: {}, K = {}, T = {}, {} round(s), pool = {} | device: {}",
+        inputs.prompts.describe(),
+        config.rs.k,
+        config.rs.temperature,
+        config.rs.iterations,
+        crate::config::name_of(&config.rs.pool),
+        launch.device.describe()
+    ));
 
     let mut rounds = Vec::new();
     let mut init = Some(inputs.policy);
@@ -813,14 +810,10 @@ pub fn run(launch: &Launch) -> Result<RsSummary> {
         )?;
         match outcome {
             Some(summary) => {
-                if writer {
-                    checkpoint::write_atomic(
-                        &summary_path,
-                        (serde_json::to_string_pretty(&summary)? + "\n").as_bytes(),
-                    )?;
-                }
+                let text = serde_json::to_string_pretty(&summary)? + "\n";
                 rounds.push(summary);
                 if writer {
+                    checkpoint::write_atomic(&summary_path, text.as_bytes())?;
                     write_rounds(out, &rounds)?;
                 }
             }
@@ -876,7 +869,7 @@ fn run_round(
             .map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
     }
     let device = launch.device.device.clone();
-    let (pool_path, train_path) = (dir.join(POOL_FILE), dir.join(TRAIN_FILE));
+    let pool_path = dir.join(POOL_FILE);
     let chosen = round_prompts(prompts.len(), r.prompts_per_round, r.seed, round);
     let pooled = pool_path.is_file();
     // Every worker has seen where the round stands before worker 0 changes it.
@@ -906,44 +899,63 @@ fn run_round(
             return Ok(None);
         };
         // Worker 0 pools and writes the fine-tuning data; the others read the pool it wrote.
-        if !writer {
-            collective.barrier()?;
-            let pool = read_pool(&pool_path)?;
-            return finetune(round, config, out, &chosen, samples, pool, launch);
-        }
-        let round_best: Vec<PoolEntry> = samples
-            .chunk_by(|a, b| a.prompt_index == b.prompt_index)
-            .filter_map(|answers| best_of(answers, r.keep_unfinished))
-            .map(PoolEntry::from_sample)
-            .collect();
-        let previous = match (round, r.pool) {
-            (1, _) | (_, PoolMode::Latest) => Vec::new(),
-            _ => read_pool(&round_dir(out, round - 1).join(POOL_FILE))?,
+        let written = match writer {
+            true => Some(pool_round(round, config, out, prompts, rms, &samples)?),
+            false => None,
         };
-        let pool = build_pool(previous, round_best, r.pool, &mut |entries| {
-            rescore(entries, rms, prompts)
-        })?;
-        let train: Vec<String> = pool
-            .iter()
-            .filter(|e| e.selected)
-            .map(|e| serde_json::json!({ "messages": e.dialogue() }).to_string())
-            .collect();
-        if train.is_empty() {
-            bail!(
-                "round {round}: no answer to train on (none finished: raise rs.max_answer_tokens, or set rs.keep_unfinished = true)"
-            );
-        }
-        checkpoint::write_atomic(&train_path, (train.join("\n") + "\n").as_bytes())?;
-        let lines: Vec<String> = pool
-            .iter()
-            .map(serde_json::to_string)
-            .collect::<std::result::Result<_, _>>()?;
-        // Written last: its presence says sampling and pooling are done.
-        checkpoint::write_atomic(&pool_path, (lines.join("\n") + "\n").as_bytes())?;
         collective.barrier()?;
+        let pool = match written {
+            Some(pool) => pool,
+            None => read_pool(&pool_path)?,
+        };
         (samples, pool)
     };
     finetune(round, config, out, &chosen, samples, pool, launch)
+}
+
+/// The round's pool (its best answers, with the earlier rounds' under `pool = "all"`), written
+/// with the fine-tuning data it selects: `train.jsonl`, then `pool.jsonl` last.
+fn pool_round(
+    round: usize,
+    config: &RsConfig,
+    out: &Path,
+    prompts: &Prompts,
+    rms: &RewardModels,
+    samples: &[SampleRecord],
+) -> Result<Vec<PoolEntry>> {
+    let r = &config.rs;
+    let dir = round_dir(out, round);
+    let (pool_path, train_path) = (dir.join(POOL_FILE), dir.join(TRAIN_FILE));
+    let round_best: Vec<PoolEntry> = samples
+        .chunk_by(|a, b| a.prompt_index == b.prompt_index)
+        .filter_map(|answers| best_of(answers, r.keep_unfinished))
+        .map(PoolEntry::from_sample)
+        .collect();
+    let previous = match (round, r.pool) {
+        (1, _) | (_, PoolMode::Latest) => Vec::new(),
+        _ => read_pool(&round_dir(out, round - 1).join(POOL_FILE))?,
+    };
+    let pool = build_pool(previous, round_best, r.pool, &mut |entries| {
+        rescore(entries, rms, prompts)
+    })?;
+    let train: Vec<String> = pool
+        .iter()
+        .filter(|e| e.selected)
+        .map(|e| serde_json::json!({ "messages": e.dialogue() }).to_string())
+        .collect();
+    if train.is_empty() {
+        bail!(
+            "round {round}: no answer to train on (none finished: raise rs.max_answer_tokens, or set rs.keep_unfinished = true)"
+        );
+    }
+    checkpoint::write_atomic(&train_path, (train.join("\n") + "\n").as_bytes())?;
+    let lines: Vec<String> = pool
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<std::result::Result<_, _>>()?;
+    // Written last: its presence says sampling and pooling are done.
+    checkpoint::write_atomic(&pool_path, (lines.join("\n") + "\n").as_bytes())?;
+    Ok(pool)
 }
 
 /// Fine-tunes round `round`'s policy on its pool (the round's directory is its SFT run), and
@@ -1040,14 +1052,13 @@ fn sample_round(
         false => None,
     };
     let batches: Vec<&[usize]> = chosen.chunks(r.batch_prompts).collect();
-    let mut progress = match writer {
-        true => Progress::counter(
+    let mut progress = Progress::shown_if(writer, || {
+        Progress::counter(
             (done_batches * r.batch_prompts).min(chosen.len()) as u64,
             chosen.len() as u64,
             "prompts",
-        ),
-        false => Progress::silent(),
-    };
+        )
+    });
     if done_batches > 0 {
         progress.message(&format!(
             "round {round}: resuming sampling after {} of {} prompts",

@@ -414,19 +414,17 @@ pub fn train(
     }
     let trained = train_rows.trained_tokens(&(0..train_rows.len()).collect::<Vec<_>>());
     let (truncated, dropped) = (train_rows.truncated, train_rows.dropped);
-    if launch.collective.is_writer() {
-        eprintln!(
-            "device: {} | model: {:.2}M parameters | data: {n_train} dialogues in {} rows of {seq_len} tokens ({trained} trained tokens), {} val rows{}",
-            launch.device.describe(),
-            config.model.num_params() as f64 / 1e6,
-            train_rows.len(),
-            val_rows.len(),
-            match truncated + dropped {
-                0 => String::new(),
-                _ => format!(" | {truncated} cut at {seq_len} tokens, {dropped} dropped"),
-            }
-        );
-    }
+    launch.collective.say(&format!(
+        "device: {} | model: {:.2}M parameters | data: {n_train} dialogues in {} rows of {seq_len} tokens ({trained} trained tokens), {} val rows{}",
+        launch.device.describe(),
+        config.model.num_params() as f64 / 1e6,
+        train_rows.len(),
+        val_rows.len(),
+        match truncated + dropped {
+            0 => String::new(),
+            _ => format!(" | {truncated} cut at {seq_len} tokens, {dropped} dropped"),
+        }
+    ));
     let objective = AnswerLoss {
         train: train_rows,
         val: val_rows,

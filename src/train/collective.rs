@@ -2,7 +2,8 @@
 //!
 //! Each worker (an MPI rank, or a device in this process) holds a replica of the model and of
 //! its optimizer and takes its slice of the same shuffled global batch. Before each update
-//! the workers sum their gradients, loss sums and counts ([`crate::train::step::apply`]), so
+//! the workers sum their gradients, loss sums and counts
+//! ([`crate::train::step::Accumulated::all_reduce`]), so
 //! every replica applies the same update to the same weights and they stay equal. Worker 0
 //! alone writes checkpoints, metrics and progress; the others wait for it at a barrier.
 //!
@@ -22,8 +23,8 @@ pub trait Collective: Send + Sync {
     /// This worker's index, 0 to `world_size - 1`.
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    /// Replaces `values` on every worker by their elementwise sum over all workers, summed in
-    /// rank order (the same bits on every worker).
+    /// Replaces `values` on every worker by their elementwise sum over all workers (the same
+    /// bits on every worker).
     fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()>;
     /// [`Collective::all_reduce_sum`] of `f32` values (gradients): summed in `f64`, rounded
     /// once.
@@ -35,8 +36,7 @@ pub trait Collective: Send + Sync {
         }
         Ok(())
     }
-    /// Every worker's `mine`, in rank order, on every worker (results of work split by rank:
-    /// rejection sampling's batches).
+    /// Every worker's `mine`, in rank order, on every worker (what [`map_shared`] gathers).
     fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
     /// Waits until every worker has reached this point.
     fn barrier(&self) -> Result<()> {
@@ -48,6 +48,13 @@ pub trait Collective: Send + Sync {
     /// Whether this worker writes the run's files and prints its progress (worker 0).
     fn is_writer(&self) -> bool {
         self.rank() == 0
+    }
+
+    /// Prints `line` to stderr once for the run: on worker 0.
+    fn say(&self, line: &str) {
+        if self.is_writer() {
+            eprintln!("{line}");
+        }
     }
 
     /// Whether any worker says `yes` (a Ctrl-C seen by one rank stops all at the same step).
@@ -92,8 +99,12 @@ pub fn map_shared<T: Serialize + DeserializeOwned>(
 /// the sizes differing by at most one. The loss is normalised by the count over all workers,
 /// so an uneven split changes nothing.
 pub fn share<T>(global: &[T], rank: usize, world: usize) -> &[T] {
-    let n = global.len();
-    &global[n * rank / world..n * (rank + 1) / world]
+    &global[share_range(global.len(), rank, world)]
+}
+
+/// The positions of worker `rank`'s part (see [`share`]) of `n` items.
+pub fn share_range(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    n * rank / world..n * (rank + 1) / world
 }
 
 /// How a worker's error says that it stopped because another one did.
@@ -274,7 +285,7 @@ mod mpi_world {
     use anyhow::{Result, anyhow};
     use mpi::Count;
     use mpi::collective::SystemOperation;
-    use mpi::datatype::PartitionMut;
+    use mpi::datatype::{Equivalence, PartitionMut};
     use mpi::topology::SimpleCommunicator;
     use mpi::traits::*;
 
@@ -295,6 +306,14 @@ mod mpi_world {
     unsafe impl Sync for Mpi {}
 
     impl Mpi {
+        /// MPI's elementwise sum over the ranks (its own reduction order, the same on every
+        /// rank).
+        fn sum_in_place<T: Equivalence + Clone>(&self, values: &mut [T]) {
+            let send = values.to_vec();
+            let world = self.world.lock().expect("lock");
+            world.all_reduce_into(&send[..], values, SystemOperation::sum());
+        }
+
         /// Joins the job when this process was started by `mpirun` (or another MPI
         /// launcher) with more than one rank; `None` otherwise.
         pub fn join() -> Result<Option<Mpi>> {
@@ -321,19 +340,15 @@ mod mpi_world {
             self.size
         }
         fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()> {
-            let world = self.world.lock().expect("lock");
             if values.is_empty() {
-                world.barrier();
+                self.world.lock().expect("lock").barrier();
                 return Ok(());
             }
-            let send = values.to_vec();
-            world.all_reduce_into(&send[..], values, SystemOperation::sum());
+            self.sum_in_place(values);
             Ok(())
         }
         fn all_reduce_sum_f32(&self, values: &mut [f32]) -> Result<()> {
-            let world = self.world.lock().expect("lock");
-            let send = values.to_vec();
-            world.all_reduce_into(&send[..], values, SystemOperation::sum());
+            self.sum_in_place(values);
             Ok(())
         }
         fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {

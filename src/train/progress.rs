@@ -39,12 +39,16 @@ impl Progress {
         }
     }
 
-    /// Prints nothing at all (a data-parallel worker other than worker 0).
-    pub fn silent() -> Self {
-        Self {
-            bar: Some(ProgressBar::hidden()),
-            log_interval: 1,
-            logged: 0,
+    /// The progress `make` builds where `show` holds; otherwise one that prints nothing at all
+    /// (a data-parallel worker other than worker 0), without drawing a bar first.
+    pub fn shown_if(show: bool, make: impl FnOnce() -> Self) -> Self {
+        match show {
+            true => make(),
+            false => Self {
+                bar: Some(ProgressBar::hidden()),
+                log_interval: 1,
+                logged: 0,
+            },
         }
     }
 

@@ -217,14 +217,17 @@ pub fn launch_with<S: Stage>(launch: &Launch, config: Option<S::Config>) -> Resu
                 saved.optimizer,
                 &dir.join(checkpoint::OPTIMIZER_FILE),
             )?;
-            if launch.collective.is_writer() {
-                eprintln!("resuming from {} (step {})", dir.display(), state.step);
-            }
-            if let (Some(init), true) = (&launch.init, launch.collective.is_writer()) {
-                eprintln!(
+            let say = |line: String| launch.collective.say(&line);
+            say(format!(
+                "resuming from {} (step {})",
+                dir.display(),
+                state.step
+            ));
+            if let Some(init) = &launch.init {
+                say(format!(
                     "note: --init {} is not used: a resumed run continues from its checkpoint",
                     init.display()
-                );
+                ));
             }
             (config, model, optimizer, tokenizer, state)
         }

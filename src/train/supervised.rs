@@ -98,10 +98,10 @@ pub fn run<S: Stage>(
         false => None,
     };
     let tokenizer_json = tokenizer.to_json()?;
-    let mut progress = Progress::new(state.step, max_steps, train.log_interval);
-    if !writer {
-        progress = Progress::silent();
-    } else if collective.world_size() > 1 {
+    let mut progress = Progress::shown_if(writer, || {
+        Progress::new(state.step, max_steps, train.log_interval)
+    });
+    if collective.world_size() > 1 {
         progress.message(&format!("data-parallel: {}", collective.describe()));
     }
     if state.step == 0 && optim_config.warmup_steps >= state.schedule_steps {

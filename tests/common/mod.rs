@@ -240,3 +240,15 @@ pub fn step_losses(out: &Path) -> Vec<f64> {
         })
         .collect()
 }
+
+/// Where each model-making stage of `configs/tiny.toml` keeps its model, under the run's
+/// directory.
+pub const TINY_RECIPE_MODELS: [&str; 7] = [
+    "pretrain",
+    "sft",
+    "rm-helpful",
+    "rm-safety",
+    "rs/round-2",
+    "ppo",
+    "gatt",
+];
