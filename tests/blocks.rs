@@ -2,16 +2,23 @@
 //! loops for the forward pass, central finite differences for the gradients. This test binary
 //! runs burn's CPU device in f64 so that finite differences are meaningful (tolerances below).
 //! Inputs are fresh random values on every run; shapes are odd on purpose.
+//!
+//! RMSNorm, SwiGLU, RoPE, attention and the cross-entropy run twice: the reference Burn ops and
+//! the fused CPU kernels (`Kernels::Custom` on the CPU), each against the same loops and
+//! differences.
 
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln::config::ModelConfig;
+use kiln::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
 use kiln::model::ops::{self, AttentionBias, RopeTables};
 use kiln::model::{KvCache, Llama};
 use rand::Rng;
 
 /// Relative tolerance of f64 forward passes against the loop references.
 const FORWARD_TOL: f64 = 1e-10;
+
+const BOTH: [Kernels; 2] = [Kernels::Reference, Kernels::Custom];
 
 mod common;
 use common::numeric::{assert_close, check_gradients, device, randn, tensor, values};
@@ -23,11 +30,6 @@ fn rms_norm_matches_reference_and_finite_differences() {
     let (rows, dim, eps) = (5, 7, 1e-5);
     let x = randn(&mut rng, rows * dim);
     let w = randn(&mut rng, dim);
-    let out = values(ops::rms_norm(
-        tensor(&x, [rows, dim]),
-        tensor(&w, [dim]),
-        eps,
-    ));
     let mut expected = Vec::new();
     for r in 0..rows {
         let row = &x[r * dim..(r + 1) * dim];
@@ -35,14 +37,23 @@ fn rms_norm_matches_reference_and_finite_differences() {
         let inv = 1.0 / (ms + eps).sqrt();
         expected.extend(row.iter().zip(&w).map(|(v, g)| v * inv * g));
     }
-    assert_close(&out, &expected, FORWARD_TOL, "rms_norm");
-    // Input and weight gradients (weight passed as a [1, dim] tensor, reshaped inside).
-    check_gradients(
-        &[(x, [rows, dim]), (w, [1, dim])],
-        |t| ops::rms_norm(t[0].clone(), t[1].clone().reshape([dim]), eps),
-        &mut rng,
-        "rms_norm",
-    );
+    for k in BOTH {
+        let what = format!("rms_norm ({})", k.name());
+        let out = values(kernels::rms_norm(
+            tensor(&x, [rows, dim]),
+            tensor(&w, [dim]),
+            eps,
+            k,
+        ));
+        assert_close(&out, &expected, FORWARD_TOL, &what);
+        // Input and weight gradients (weight passed as a [1, dim] tensor, reshaped inside).
+        check_gradients(
+            &[(x.clone(), [rows, dim]), (w.clone(), [1, dim])],
+            |t| kernels::rms_norm(t[0].clone(), t[1].clone().reshape([dim]), eps, k),
+            &mut rng,
+            &what,
+        );
+    }
 }
 
 #[test]
@@ -51,19 +62,22 @@ fn swiglu_matches_reference_and_finite_differences() {
     let n = 11;
     let a = randn(&mut rng, n);
     let b = randn(&mut rng, n);
-    let out = values(ops::swiglu(tensor(&a, [n]), tensor(&b, [n])));
     let expected: Vec<f64> = a
         .iter()
         .zip(&b)
         .map(|(a, b)| a / (1.0 + (-a).exp()) * b)
         .collect();
-    assert_close(&out, &expected, FORWARD_TOL, "swiglu");
-    check_gradients(
-        &[(a, [n]), (b, [n])],
-        |t| ops::swiglu(t[0].clone(), t[1].clone()),
-        &mut rng,
-        "swiglu",
-    );
+    for k in BOTH {
+        let what = format!("swiglu ({})", k.name());
+        let out = values(kernels::swiglu(tensor(&a, [n]), tensor(&b, [n]), k));
+        assert_close(&out, &expected, FORWARD_TOL, &what);
+        check_gradients(
+            &[(a.clone(), [n]), (b.clone(), [n])],
+            |t| kernels::swiglu(t[0].clone(), t[1].clone(), k),
+            &mut rng,
+            &what,
+        );
+    }
 }
 
 #[test]
@@ -220,20 +234,87 @@ fn cross_entropy_matches_reference_and_finite_differences() {
         }
         total / mask.iter().sum::<f64>()
     };
-    let all: f64 = ops::cross_entropy(tensor(&logits, [n, vocab]), targets_t(), None).into_scalar();
-    assert!((all - reference(&vec![1.0; n])).abs() < 1e-12);
-    let masked: f64 = ops::cross_entropy(
-        tensor(&logits, [n, vocab]),
-        targets_t(),
-        Some(tensor(&weights, [n])),
-    )
-    .into_scalar();
-    assert!((masked - reference(&weights)).abs() < 1e-12);
+    for k in BOTH {
+        let what = format!("cross_entropy ({})", k.name());
+        let all: f64 =
+            kernels::cross_entropy(tensor(&logits, [n, vocab]), targets_t(), None, k).into_scalar();
+        assert!((all - reference(&vec![1.0; n])).abs() < 1e-12, "{what}");
+        let masked: f64 = kernels::cross_entropy(
+            tensor(&logits, [n, vocab]),
+            targets_t(),
+            Some(tensor(&weights, [n])),
+            k,
+        )
+        .into_scalar();
+        assert!((masked - reference(&weights)).abs() < 1e-12, "{what}");
+        check_gradients(
+            &[(logits.clone(), [n, vocab])],
+            |ts| kernels::cross_entropy(ts[0].clone(), targets_t(), Some(tensor(&weights, [n])), k),
+            &mut rng,
+            &what,
+        );
+    }
+}
+
+/// The CPU's flash attention and RoPE (token-major, through [`PreparedLayout`]) in f64: the
+/// forward pass against the loops, gradients against central differences, with GQA and a
+/// sequence longer than one 64-key tile, so tiles are skipped and merged.
+#[test]
+fn cpu_flash_attention_and_rope_match_loops_and_finite_differences() {
+    let mut rng = rng();
+    let (b, h, kvh, d) = (2, 4, 2, 3);
+    for t in [7, 70] {
+        let q = randn(&mut rng, b * h * t * d);
+        let k = randn(&mut rng, b * kvh * t * d);
+        let v = randn(&mut rng, b * kvh * t * d);
+        let rope = RopeTables::new(t + 3, d + 1, 10_000.0, &device());
+        let layout = PreparedLayout::new(
+            &SequenceLayout::causal(b, t),
+            Kernels::Custom,
+            &rope,
+            h / kvh,
+            &device(),
+        );
+        // Inputs head-major like the loops; the kernels take token-major.
+        let attend = |ts: Vec<Tensor<4>>| {
+            let tm = |x: &Tensor<4>| x.clone().swap_dims(1, 2);
+            layout
+                .attention(tm(&ts[0]), tm(&ts[1]), tm(&ts[2]))
+                .swap_dims(1, 2)
+        };
+        let inputs = [(q, [b, h, t, d]), (k, [b, kvh, t, d]), (v, [b, kvh, t, d])];
+        let out = values(attend(inputs.iter().map(|(x, s)| tensor(x, *s)).collect()));
+        let expected =
+            attention_reference(&inputs[0].0, &inputs[1].0, &inputs[2].0, b, h, kvh, t, d);
+        // The kernel interface carries the softmax scale as f32 (1/sqrt(3) rounded: relative
+        // error 3e-8), so the f64 result is that close to the loops, not 1e-10.
+        assert_close(&out, &expected, 1e-7, &format!("cpu attention t{t}"));
+        if t < 10 {
+            // Each gradient coordinate costs two forward passes: the short sequence only.
+            check_gradients(&inputs, attend, &mut rng, "cpu attention");
+        }
+    }
+
+    // RoPE at positions 3.. against the reference op, and its gradient (the inverse rotation).
+    let (t, d) = (5, 6);
+    let tables = RopeTables::new(16, d, 10_000.0, &device());
+    let x = randn(&mut rng, b * t * h * d);
+    let (cos, sin) = tables.window(3, t);
+    let expected = values(ops::rope(tensor(&x, [b, t, h, d]), cos, sin));
+    let layout = PreparedLayout::new(
+        &SequenceLayout::cached(&vec![0; b], 3, t),
+        Kernels::Custom,
+        &tables,
+        1,
+        &device(),
+    );
+    let out = values(layout.rope(tensor(&x, [b, t, h, d])));
+    assert_close(&out, &expected, FORWARD_TOL, "cpu rope");
     check_gradients(
-        &[(logits, [n, vocab])],
-        |ts| ops::cross_entropy(ts[0].clone(), targets_t(), Some(tensor(&weights, [n]))),
+        &[(x, [b, t, h, d])],
+        |ts| layout.rope(ts[0].clone()),
         &mut rng,
-        "cross_entropy",
+        "cpu rope",
     );
 }
 

@@ -1,12 +1,12 @@
-//! The custom WGSL kernels against the reference Burn ops.
+//! The custom kernels against the reference Burn ops.
 //!
-//! Every shader is parsed and validated by naga. Each kernel then runs on wgpu (in CI:
-//! lavapipe, software Vulkan) with fresh random inputs, its outputs poisoned with NaN before
-//! every launch, and is compared with the reference ops on the CPU device, forward and every
-//! gradient. Tolerance: max |custom - reference| / max |reference| <= 1e-4 (f32 arithmetic in
-//! a different order).
+//! Every shader is parsed and validated by naga. Each kernel then runs on the CPU (kiln's host
+//! kernels) and on wgpu (the WGSL shaders; in CI: lavapipe, software Vulkan) with fresh random
+//! inputs, its outputs poisoned with NaN before every launch, and is compared with the
+//! reference ops on the CPU device, forward and every gradient. Tolerance: max |custom -
+//! reference| / max |reference| <= 1e-4 (f32 arithmetic in a different order).
 //!
-//! Needs a Vulkan driver; without one the wgpu tests say so and pass, except under CI.
+//! The wgpu half needs a Vulkan driver; without one it says so and is skipped, except under CI.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
@@ -18,9 +18,12 @@ mod common;
 
 const TOL: f32 = 1e-4;
 
-fn wgpu() -> Option<Device> {
+/// Where the custom kernels run: the CPU always, wgpu where there is an adapter.
+fn custom_devices() -> Vec<(&'static str, Device)> {
     kernels::poison_outputs(true);
-    common::wgpu_device().map(|d| d.device)
+    let mut devices = vec![("cpu", cpu())];
+    devices.extend(common::wgpu_device().map(|d| ("wgpu", d.device)));
+    devices
 }
 
 fn cpu() -> Device {
@@ -175,7 +178,7 @@ fn attention_run(
 
 #[test]
 fn flash_attention_matches_reference_forward_and_backward() {
-    let Some(gpu) = wgpu() else { return };
+    let devices = custom_devices();
     let mut rng = rng();
     let cases = [
         // MHA (ratio 1), head dim 32, sequence not a multiple of any tile.
@@ -260,11 +263,14 @@ fn flash_attention_matches_reference_forward_and_backward() {
             "attention b{b} t{t} h{h} kv{kv} d{d} packed {:?}",
             case.packed
         );
-        compare(
-            &what,
-            &attention_run(&gpu, Kernels::Custom, case, &data),
-            &attention_run(&cpu(), Kernels::Reference, case, &data),
-        );
+        let reference = attention_run(&cpu(), Kernels::Reference, case, &data);
+        for (name, device) in &devices {
+            compare(
+                &format!("{name} {what}"),
+                &attention_run(device, Kernels::Custom, case, &data),
+                &reference,
+            );
+        }
     }
 }
 
@@ -273,7 +279,7 @@ fn flash_attention_matches_reference_forward_and_backward() {
 /// into the cached keys and values too).
 #[test]
 fn flash_attention_over_a_kv_cache_matches_reference() {
-    let Some(gpu) = wgpu() else { return };
+    let devices = custom_devices();
     let mut rng = rng();
     // (batch, cached, new, heads, kv heads, head dim, left padding per row)
     // Up to 8 new queries run flash_attention_decode (a workgroup per query), more run
@@ -312,30 +318,42 @@ fn flash_attention_over_a_kv_cache_matches_reference() {
                 ("dv", values(vt.grad(&grads).unwrap())),
             ]
         };
-        compare(
-            &format!("cached attention b{b} cached {start} new {tq} h{h}/{kv} d{d}"),
-            &run(&gpu, Kernels::Custom),
-            &run(&cpu(), Kernels::Reference),
-        );
+        let reference = run(&cpu(), Kernels::Reference);
+        for (name, device) in &devices {
+            compare(
+                &format!("{name} cached attention b{b} cached {start} new {tq} h{h}/{kv} d{d}"),
+                &run(device, Kernels::Custom),
+                &reference,
+            );
+        }
     }
 }
 
-/// Runs `check` once per layout of the row kernels (a workgroup per row, as on GPUs; one
-/// invocation per row, as on CPU adapters), whatever the adapter. Serialised, because the
-/// layout is a process-wide setting.
-fn for_each_row_layout(mut check: impl FnMut(usize)) {
+/// Runs `check` on each custom device; on wgpu once per layout of the row kernels (a
+/// workgroup per row, as on GPUs; one invocation per row, as on CPU adapters), whatever the
+/// adapter. Serialised, because the layout is a process-wide setting.
+fn for_each_device_and_row_layout(
+    devices: &[(&str, Device)],
+    mut check: impl FnMut(String, &Device),
+) {
     static LAYOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
-    for &threads in kernels::THREADS_PER_ROW {
-        kernels::force_threads_per_row(Some(threads));
-        check(threads);
+    for (name, device) in devices {
+        if *name != "wgpu" {
+            check(name.to_string(), device);
+            continue;
+        }
+        for &threads in kernels::THREADS_PER_ROW {
+            kernels::force_threads_per_row(Some(threads));
+            check(format!("{name}, {threads} threads per row"), device);
+        }
+        kernels::force_threads_per_row(None);
     }
-    kernels::force_threads_per_row(None);
 }
 
 #[test]
 fn rms_norm_matches_reference_forward_and_backward() {
-    let Some(gpu) = wgpu() else { return };
+    let devices = custom_devices();
     let mut rng = rng();
     // 30 is not a multiple of 4: the custom path falls back to the reference.
     for (rows, dim) in [(37, 100), (300, 64), (5, 1000), (3, 30)] {
@@ -357,10 +375,10 @@ fn rms_norm_matches_reference_forward_and_backward() {
             ]
         };
         let reference = run(&cpu(), Kernels::Reference);
-        for_each_row_layout(|threads| {
+        for_each_device_and_row_layout(&devices, |what, device| {
             compare(
-                &format!("rms_norm {rows}x{dim} ({threads} threads per row)"),
-                &run(&gpu, Kernels::Custom),
+                &format!("rms_norm {rows}x{dim} ({what})"),
+                &run(device, Kernels::Custom),
                 &reference,
             )
         });
@@ -369,7 +387,7 @@ fn rms_norm_matches_reference_forward_and_backward() {
 
 #[test]
 fn rope_matches_reference_forward_and_backward_with_packed_positions() {
-    let Some(gpu) = wgpu() else { return };
+    let devices = custom_devices();
     let mut rng = rng();
     for (case, d) in [
         (
@@ -410,17 +428,20 @@ fn rope_matches_reference_forward_and_backward_with_packed_positions() {
                 .backward();
             vec![("y", values(y)), ("dx", values(xt.grad(&grads).unwrap()))]
         };
-        compare(
-            &format!("rope b{b} t{t} h{h} d{d} packed {:?}", case.packed),
-            &run(&gpu, Kernels::Custom),
-            &run(&cpu(), Kernels::Reference),
-        );
+        let reference = run(&cpu(), Kernels::Reference);
+        for (name, device) in &devices {
+            compare(
+                &format!("{name} rope b{b} t{t} h{h} d{d} packed {:?}", case.packed),
+                &run(device, Kernels::Custom),
+                &reference,
+            );
+        }
     }
 }
 
 #[test]
 fn swiglu_matches_reference_forward_and_backward() {
-    let Some(gpu) = wgpu() else { return };
+    let devices = custom_devices();
     let mut rng = rng();
     // 177 is not a multiple of 4: the custom path falls back to the reference.
     for (rows, dim) in [(33, 176), (5, 177)] {
@@ -441,17 +462,20 @@ fn swiglu_matches_reference_forward_and_backward() {
                 ("d_up", values(u.grad(&grads).unwrap())),
             ]
         };
-        compare(
-            &format!("swiglu {rows}x{dim}"),
-            &run(&gpu, Kernels::Custom),
-            &run(&cpu(), Kernels::Reference),
-        );
+        let reference = run(&cpu(), Kernels::Reference);
+        for (name, device) in &devices {
+            compare(
+                &format!("{name} swiglu {rows}x{dim}"),
+                &run(device, Kernels::Custom),
+                &reference,
+            );
+        }
     }
 }
 
 #[test]
 fn cross_entropy_matches_reference_forward_and_backward_with_ignored_rows() {
-    let Some(gpu) = wgpu() else { return };
+    let devices = custom_devices();
     let mut rng = rng();
     // 997 is not a multiple of 4: the custom path falls back to the reference.
     for (rows, vocab, masked) in [
@@ -483,12 +507,10 @@ fn cross_entropy_matches_reference_forward_and_backward_with_ignored_rows() {
             ]
         };
         let reference = run(&cpu(), Kernels::Reference);
-        for_each_row_layout(|threads| {
+        for_each_device_and_row_layout(&devices, |what, device| {
             compare(
-                &format!(
-                    "cross_entropy {rows}x{vocab} masked {masked} ({threads} threads per row)"
-                ),
-                &run(&gpu, Kernels::Custom),
+                &format!("cross_entropy {rows}x{vocab} masked {masked} ({what})"),
+                &run(device, Kernels::Custom),
                 &reference,
             )
         });

@@ -2,7 +2,8 @@
 //!
 //! `#[backend_extension]` generates the routing from `Tensor::into_dispatch()` values to the
 //! backend implementations: [`CubeBackend`](super::wgsl) launches the WGSL kernels, the
-//! generated `Fusion<B>` implementation defers them inside burn's fusion streams, and the
+//! generated `Fusion<B>` implementation defers them inside burn's fusion streams, [`Flex`](super::cpu)
+//! runs them on the host, and the
 //! [`Autodiff`](super::autodiff) implementation records the backward passes. Tensors use the
 //! layouts documented in `shaders/`.
 
@@ -11,7 +12,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, backend_extension};
 use burn::tensor::Shape;
 
-#[backend_extension(Cube, Autodiff, Fusion)]
+#[backend_extension(Cube, Flex, Autodiff, Fusion)]
 pub trait KilnKernels: Backend {
     /// Flash attention. `q`: `[batch, q_len, heads, head_dim]`; `k`, `v`:
     /// `[batch, k_len, kv_heads, head_dim]`; `segments`: `[batch, k_len]`.

@@ -1,18 +1,19 @@
 //! The operations of a Llama block, each in two implementations behind one function:
 //!
-//! - `custom`: the fused WGSL kernels in `shaders/` (flash attention, RMSNorm, RoPE, SwiGLU,
-//!   cross-entropy), each a Burn autodiff operation with its own backward kernels. They run on
-//!   wgpu devices only.
+//! - `custom`: fused kernels (flash attention, RMSNorm, RoPE, SwiGLU, cross-entropy), each a
+//!   Burn autodiff operation with its own backward kernels: the WGSL shaders in `shaders/` on
+//!   wgpu devices, host code parallel over rows on the CPU ([`cpu`]).
 //! - `reference`: the plain Burn compositions of [`crate::model::ops`], which run on every device and
 //!   are the oracle the custom kernels are tested against.
 //!
 //! `model.kernels` in the config chooses (default `custom`); [`Kernels::resolve`] falls back
-//! to `reference` on devices the WGSL kernels cannot run on (cpu, cuda).
+//! to `reference` on devices neither runs on (cuda).
 //!
 //! Attention and RoPE tensors are token-major, `[batch, seq, heads, head_dim]`, the layout the
 //! projections produce, so no transposes are needed around the custom kernels.
 
 mod autodiff;
+pub mod cpu;
 pub mod extension;
 mod wgsl;
 
@@ -32,7 +33,7 @@ pub use wgsl::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Kernels {
-    /// The WGSL kernels on wgpu devices, the reference elsewhere.
+    /// The WGSL kernels on wgpu devices, the CPU kernels on the CPU, the reference on CUDA.
     #[default]
     Custom,
     /// Plain Burn operations everywhere.
@@ -40,10 +41,11 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    /// `custom` where the kernels can run: a wgpu device and a head dimension that is a
-    /// multiple of 8 (at most 256); `reference` everywhere else.
+    /// `custom` where the kernels can run: the CPU, or a wgpu device and a head dimension that
+    /// is a multiple of 8 (at most 256); `reference` everywhere else.
     pub fn resolve(self, device: &Device, head_dim: usize) -> Self {
         match self {
+            Kernels::Custom if is_cpu(device) => Kernels::Custom,
             Kernels::Custom if is_wgpu(device) && wgsl::supports_head_dim(head_dim) => {
                 Kernels::Custom
             }
@@ -75,6 +77,12 @@ pub fn is_wgpu(device: &Device) -> bool {
     )
 }
 
+/// Whether `device` (or the device an autodiff device wraps) is burn's flex CPU backend.
+pub fn is_cpu(device: &Device) -> bool {
+    let inner = device.clone().without_autodiff();
+    matches!(inner.as_dispatch(), DispatchDevice::Flex(_))
+}
+
 /// Says once per process and op that `op` runs the reference instead of its custom kernel,
 /// and why: a run on wgpu never falls back silently.
 fn note_fallback(op: &'static str, why: String) {
@@ -86,9 +94,11 @@ fn note_fallback(op: &'static str, why: String) {
     }
 }
 
-/// The custom row kernels read rows as vec4; other widths run the reference (noted once).
-fn custom_rows(op: &'static str, width: usize) -> bool {
-    let ok = supports_row_width(width);
+/// The WGSL row kernels read rows as vec4; other widths run the reference there (noted once).
+/// The CPU kernels take any width.
+fn custom_rows<const D: usize>(op: &'static str, x: &Tensor<D>) -> bool {
+    let width = x.dims()[D - 1];
+    let ok = supports_row_width(width) || is_cpu(&x.device());
     if !ok {
         note_fallback(op, format!("width {width} is not a multiple of 4"));
     }
@@ -104,7 +114,7 @@ pub fn rms_norm<const D: usize>(
     kernels: Kernels,
 ) -> Tensor<D> {
     match kernels {
-        Kernels::Custom if custom_rows("rms_norm", x.dims()[D - 1]) => {
+        Kernels::Custom if custom_rows("rms_norm", &x) => {
             let dims = x.dims();
             let rows = dims[..D - 1].iter().product();
             let x = x.reshape([rows, dims[D - 1]]);
@@ -119,7 +129,7 @@ pub fn rms_norm<const D: usize>(
 /// `silu(gate) * up`.
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>, kernels: Kernels) -> Tensor<D> {
     match kernels {
-        Kernels::Custom if custom_rows("swiglu", gate.dims()[D - 1]) => {
+        Kernels::Custom if custom_rows("swiglu", &gate) => {
             Tensor::from_dispatch(Dispatch::swiglu(gate.into_dispatch(), up.into_dispatch()))
         }
         _ => ops::swiglu(gate, up),
@@ -135,7 +145,7 @@ pub fn cross_entropy(
     kernels: Kernels,
 ) -> Tensor<1> {
     match kernels {
-        Kernels::Custom if custom_rows("cross_entropy", logits.dims()[1]) => {
+        Kernels::Custom if custom_rows("cross_entropy", &logits) => {
             let (loss, _lse) =
                 Dispatch::cross_entropy(logits.into_dispatch(), targets.into_dispatch());
             ops::masked_mean(Tensor::from_dispatch(loss), weights)

@@ -238,6 +238,11 @@ pub fn poison_outputs(on: bool) {
     POISON_OUTPUTS.store(on, Ordering::Relaxed);
 }
 
+/// Whether outputs are poisoned (the CPU kernels read it too).
+pub(crate) fn poisoning() -> bool {
+    POISON_OUTPUTS.load(Ordering::Relaxed)
+}
+
 fn empty_like(reference: &CubeTensor, shape: Shape) -> CubeTensor {
     let n = shape.num_elements();
     let handle = if POISON_OUTPUTS.load(Ordering::Relaxed) {

@@ -1,0 +1,876 @@
+//! The custom operations on burn's CPU backend (flex): the same contracts as the WGSL kernels
+//! (see `extension.rs` and `shaders/`), computed on host slices.
+//!
+//! Why they exist: burn-flex runs every elementwise op on one thread and evaluates `exp` with
+//! the scalar libm function, and under autodiff softmax, SiLU and the cross-entropy are chains of
+//! such ops, each writing a full tensor. Here each operation is one pass, parallel over rows
+//! with rayon, with a polynomial `exp` that the compiler vectorises, and the bodies are compiled
+//! for AVX2 + FMA where the CPU has them (checked once at run time).
+//!
+//! Attention is flash attention: key tiles of [`BLOCK_KEYS`] go through an online softmax, so no
+//! `[q_len, k_len]` matrix exists; tiles wholly above the causal diagonal or outside a query's
+//! segment are skipped; the query heads sharing a KV head read its tiles once (no repeated K/V).
+//!
+//! f32 and f64 are supported (f64 is what the finite-difference tests use); f64 takes the libm
+//! `exp`.
+
+use std::borrow::Cow;
+
+use burn::backend::Flex;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Element, Shape, TensorData};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use super::extension::KilnKernels;
+
+type Host = FloatTensor<Flex>;
+
+/// Keys per tile in flash attention: one tile's scores of one query are 64 values, eight AVX2
+/// registers of f32.
+pub const BLOCK_KEYS: usize = 64;
+/// Queries per forward task (times the query heads of one KV head).
+const BLOCK_QUERIES: usize = 32;
+/// Rows per rayon task in the row kernels: enough work to amortise the task, few enough to
+/// balance two to a few dozen cores.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+/// f32 or f64, with the `exp` each uses.
+pub trait Real:
+    Float + Element + bytemuck::Pod + Send + Sync + std::ops::AddAssign + std::ops::MulAssign
+{
+    fn exp_fast(self) -> Self;
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        exp_f32(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        self.exp()
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// `e^x` for f32 without branches, so a loop over it vectorises: Cephes' `expf` (x = n ln2 + r,
+/// |r| <= ln2/2, a degree-5 polynomial for e^r, 2^n built in the exponent bits). Relative error
+/// about 2e-7 (tested against f64 `exp`); 0 below -87.3 (where 2^n would be subnormal),
+/// infinity above 88.3, NaN stays NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOW: f32 = -87.3;
+    const HIGH: f32 = 88.3;
+    let xc = x.clamp(LOW, HIGH);
+    let n = (xc * std::f32::consts::LOG2_E).round_ties_even();
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.0e-1;
+    let y = p * (r * r) + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let v = y * scale;
+    if x < LOW {
+        0.0
+    } else if x > HIGH {
+        f32::INFINITY
+    } else {
+        v
+    }
+}
+
+/// Runs `f` compiled for AVX2 + FMA when the CPU has them (the closure and everything it
+/// inlines are then vectorised with 256-bit registers), else as compiled for the baseline.
+#[inline(always)]
+fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *AVX2.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        }) {
+            // SAFETY: the CPU has both features (checked above).
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
+/// Sum of `a[i] * b[i]` in eight independent lanes, so it vectorises (a single running sum is
+/// a dependency chain the compiler may not reorder).
+#[inline(always)]
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::zero(); 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: T = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .fold(T::zero(), |s, (&x, &y)| s + x * y);
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().fold(tail, |s, &v| s + v)
+}
+
+/// `y += a * x`.
+#[inline(always)]
+fn axpy<T: Real>(y: &mut [T], a: T, x: &[T]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+#[inline(always)]
+fn max_of<T: Real>(x: &[T]) -> T {
+    let mut lanes = [T::neg_infinity(); 8];
+    let x8 = x.chunks_exact(8);
+    let tail = x8
+        .remainder()
+        .iter()
+        .fold(T::neg_infinity(), |m, &v| m.max(v));
+    for c in x8 {
+        for l in 0..8 {
+            lanes[l] = lanes[l].max(c[l]);
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// `sum(exp(x - shift))`.
+#[inline(always)]
+fn sum_exp<T: Real>(x: &[T], shift: T) -> T {
+    let mut lanes = [T::zero(); 8];
+    let x8 = x.chunks_exact(8);
+    let tail = x8
+        .remainder()
+        .iter()
+        .fold(T::zero(), |s, &v| s + (v - shift).exp_fast());
+    for c in x8 {
+        for l in 0..8 {
+            lanes[l] += (c[l] - shift).exp_fast();
+        }
+    }
+    lanes.iter().fold(tail, |s, &v| s + v)
+}
+
+/// The tensor's values in row-major order (borrowed when it is already contiguous).
+fn host<T: Real>(t: &Host) -> Cow<'_, [T]> {
+    match t.as_slice::<T>() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(
+            t.to_contiguous()
+                .as_slice::<T>()
+                .expect("contiguous")
+                .to_vec(),
+        ),
+    }
+}
+
+fn host_ints(t: IntTensor<Flex>) -> Vec<i64> {
+    t.into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .expect("integer tensor")
+}
+
+fn dims(t: &Host) -> &[usize] {
+    t.layout().shape()
+}
+
+/// A fresh output buffer: NaN when the tests poison outputs (an element a kernel forgets to
+/// write then fails the comparison), else zeros.
+fn output<T: Real>(n: usize) -> Vec<T> {
+    let fill = if super::wgsl::poisoning() {
+        T::nan()
+    } else {
+        T::zero()
+    };
+    vec![fill; n]
+}
+
+fn tensor<T: Real>(values: Vec<T>, shape: &[usize]) -> Host {
+    Host::from_data(TensorData::new(values, Shape::from(shape.to_vec())))
+}
+
+/// Calls `$body` with `T` bound to the float type of `$dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $op:literal, $body:ident ( $($arg:expr),* )) => {
+        match $dtype {
+            DType::F32 => $body::<f32>($($arg),*),
+            DType::F64 => $body::<f64>($($arg),*),
+            other => panic!("{}: kiln's CPU kernels take f32 or f64, not {other:?}", $op),
+        }
+    };
+}
+
+impl KilnKernels for Flex {
+    fn flash_attention(
+        q: Host,
+        k: Host,
+        v: Host,
+        segments: IntTensor<Self>,
+        scale: f32,
+    ) -> (Host, Host) {
+        let segments = host_ints(segments);
+        by_dtype!(
+            q.dtype(),
+            "flash_attention",
+            attention_forward(&q, &k, &v, &segments, scale)
+        )
+    }
+
+    fn flash_attention_backward(
+        q: Host,
+        k: Host,
+        v: Host,
+        out: Host,
+        lse: Host,
+        d_out: Host,
+        segments: IntTensor<Self>,
+        scale: f32,
+    ) -> (Host, Host, Host) {
+        let segments = host_ints(segments);
+        by_dtype!(
+            q.dtype(),
+            "flash_attention_backward",
+            attention_backward(&q, &k, &v, &out, &lse, &d_out, &segments, scale)
+        )
+    }
+
+    fn rms_norm(x: Host, weight: Host, eps: f32) -> (Host, Host) {
+        by_dtype!(x.dtype(), "rms_norm", rms_norm_forward(&x, &weight, eps))
+    }
+
+    fn rms_norm_backward(x: Host, weight: Host, rstd: Host, dy: Host) -> (Host, Host) {
+        by_dtype!(
+            x.dtype(),
+            "rms_norm_backward",
+            rms_norm_backward(&x, &weight, &rstd, &dy)
+        )
+    }
+
+    fn rope(x: Host, positions: IntTensor<Self>, cos: Host, sin: Host, inverse: bool) -> Host {
+        let positions = host_ints(positions);
+        by_dtype!(x.dtype(), "rope", rope(&x, &positions, &cos, &sin, inverse))
+    }
+
+    fn swiglu(gate: Host, up: Host) -> Host {
+        by_dtype!(gate.dtype(), "swiglu", swiglu_forward(&gate, &up))
+    }
+
+    fn swiglu_backward(gate: Host, up: Host, dy: Host) -> (Host, Host) {
+        by_dtype!(
+            gate.dtype(),
+            "swiglu_backward",
+            swiglu_backward(&gate, &up, &dy)
+        )
+    }
+
+    fn cross_entropy(logits: Host, targets: IntTensor<Self>) -> (Host, Host) {
+        let targets = host_ints(targets);
+        by_dtype!(
+            logits.dtype(),
+            "cross_entropy",
+            cross_entropy_forward(&logits, &targets)
+        )
+    }
+
+    fn cross_entropy_backward(
+        logits: Host,
+        targets: IntTensor<Self>,
+        lse: Host,
+        d_loss: Host,
+    ) -> Host {
+        let targets = host_ints(targets);
+        by_dtype!(
+            logits.dtype(),
+            "cross_entropy_backward",
+            cross_entropy_backward(&logits, &targets, &lse, &d_loss)
+        )
+    }
+}
+
+// ---- RMSNorm ---------------------------------------------------------------------------
+
+fn rms_norm_forward<T: Real>(x: &Host, weight: &Host, eps: f32) -> (Host, Host) {
+    let shape = dims(x).to_vec();
+    let dim = shape[1];
+    let (xs, w) = (host::<T>(x), host::<T>(weight));
+    let mut y = output::<T>(xs.len());
+    let mut rstd = output::<T>(shape[0]);
+    let eps = T::from_f64(eps as f64);
+    y.par_chunks_mut(dim)
+        .zip(rstd.par_iter_mut())
+        .zip(xs.par_chunks(dim))
+        .with_min_len(MIN_ROWS_PER_TASK)
+        .for_each(|((y, r), x)| {
+            vectorized(|| {
+                let inv = (dot(x, x) / T::from_f64(dim as f64) + eps).sqrt().recip();
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w.iter()) {
+                    *y = x * inv * w;
+                }
+                *r = inv;
+            })
+        });
+    (tensor(y, &shape), tensor(rstd, &shape[..1]))
+}
+
+/// With `r` the row's rstd and `g = dy * weight`: `dx = r * g - x * r^3 * mean(x * g)`,
+/// `d_weight = sum over rows of dy * x * r`.
+fn rms_norm_backward<T: Real>(x: &Host, weight: &Host, rstd: &Host, dy: &Host) -> (Host, Host) {
+    let shape = dims(x).to_vec();
+    let (rows, dim) = (shape[0], shape[1]);
+    let (xs, w, rs, dys) = (
+        host::<T>(x),
+        host::<T>(weight),
+        host::<T>(rstd),
+        host::<T>(dy),
+    );
+    let mut dx = output::<T>(xs.len());
+    // The weight gradient: one partial sum per task, added at the end.
+    let rows_per_task = rows
+        .div_ceil(4 * rayon::current_num_threads())
+        .max(MIN_ROWS_PER_TASK);
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(dim * rows_per_task)
+        .enumerate()
+        .map(|(task, dx)| {
+            vectorized(|| {
+                let mut dw = vec![T::zero(); dim];
+                for (i, dx) in dx.chunks_mut(dim).enumerate() {
+                    let row = task * rows_per_task + i;
+                    let (x, dy, r) = (&xs[row * dim..][..dim], &dys[row * dim..][..dim], rs[row]);
+                    let mut xg = T::zero();
+                    let mut lanes = [T::zero(); 8];
+                    for (c, ((&x, &dy), &w)) in x.iter().zip(dy).zip(w.iter()).enumerate() {
+                        lanes[c % 8] += x * dy * w;
+                    }
+                    for l in lanes {
+                        xg += l;
+                    }
+                    let k = r * r * r * xg / T::from_f64(dim as f64);
+                    for ((((dx, &x), &dy), &w), dw) in dx
+                        .iter_mut()
+                        .zip(x)
+                        .zip(dy)
+                        .zip(w.iter())
+                        .zip(dw.iter_mut())
+                    {
+                        *dx = r * dy * w - x * k;
+                        *dw += dy * x * r;
+                    }
+                }
+                dw
+            })
+        })
+        .collect();
+    let mut dw = vec![T::zero(); dim];
+    for p in partials {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    (tensor(dx, &shape), tensor(dw, &[dim]))
+}
+
+// ---- SwiGLU ----------------------------------------------------------------------------
+
+fn swiglu_forward<T: Real>(gate: &Host, up: &Host) -> Host {
+    let shape = dims(gate).to_vec();
+    let (g, u) = (host::<T>(gate), host::<T>(up));
+    let mut y = output::<T>(g.len());
+    let chunk = 4096;
+    y.par_chunks_mut(chunk)
+        .zip(g.par_chunks(chunk).zip(u.par_chunks(chunk)))
+        .for_each(|(y, (g, u))| {
+            vectorized(|| {
+                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g / (T::one() + (-g).exp_fast()) * u;
+                }
+            })
+        });
+    tensor(y, &shape)
+}
+
+/// With `s = sigmoid(g)`: `d_up = dy * g * s`, `d_gate = dy * u * s * (1 + g * (1 - s))`.
+fn swiglu_backward<T: Real>(gate: &Host, up: &Host, dy: &Host) -> (Host, Host) {
+    let shape = dims(gate).to_vec();
+    let (g, u, dys) = (host::<T>(gate), host::<T>(up), host::<T>(dy));
+    let mut d_gate = output::<T>(g.len());
+    let mut d_up = output::<T>(g.len());
+    let chunk = 4096;
+    d_gate
+        .par_chunks_mut(chunk)
+        .zip(d_up.par_chunks_mut(chunk))
+        .zip(
+            g.par_chunks(chunk)
+                .zip(u.par_chunks(chunk))
+                .zip(dys.par_chunks(chunk)),
+        )
+        .for_each(|((dg, du), ((g, u), dy))| {
+            vectorized(|| {
+                for ((((dg, du), &g), &u), &dy) in
+                    dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy)
+                {
+                    let s = T::one() / (T::one() + (-g).exp_fast());
+                    *du = dy * g * s;
+                    *dg = dy * u * s * (T::one() + g * (T::one() - s));
+                }
+            })
+        });
+    (tensor(d_gate, &shape), tensor(d_up, &shape))
+}
+
+// ---- RoPE ------------------------------------------------------------------------------
+
+/// `y = x * cos + rotate_half(x) * sin` per token at its position; `inverse` rotates by the
+/// opposite angle (the backward pass).
+fn rope<T: Real>(x: &Host, positions: &[i64], cos: &Host, sin: &Host, inverse: bool) -> Host {
+    let shape = dims(x).to_vec();
+    let (heads, d) = (shape[2], shape[3]);
+    let half = d / 2;
+    let (xs, cos, sin) = (host::<T>(x), host::<T>(cos), host::<T>(sin));
+    let mut y = output::<T>(xs.len());
+    let sign = if inverse { -T::one() } else { T::one() };
+    y.par_chunks_mut(heads * d)
+        .zip(xs.par_chunks(heads * d))
+        .zip(positions.par_iter())
+        .with_min_len(MIN_ROWS_PER_TASK)
+        .for_each(|((y, x), &p)| {
+            vectorized(|| {
+                let (c, s) = (&cos[p as usize * d..][..d], &sin[p as usize * d..][..d]);
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    for i in 0..half {
+                        y[i] = x[i] * c[i] - sign * x[i + half] * s[i];
+                        y[i + half] = x[i + half] * c[i + half] + sign * x[i] * s[i + half];
+                    }
+                }
+            })
+        });
+    tensor(y, &shape)
+}
+
+// ---- Cross-entropy ---------------------------------------------------------------------
+
+fn cross_entropy_forward<T: Real>(logits: &Host, targets: &[i64]) -> (Host, Host) {
+    let shape = dims(logits).to_vec();
+    let vocab = shape[1];
+    let z = host::<T>(logits);
+    let mut loss = output::<T>(shape[0]);
+    let mut lse = output::<T>(shape[0]);
+    loss.par_iter_mut()
+        .zip(lse.par_iter_mut())
+        .zip(z.par_chunks(vocab).zip(targets.par_iter()))
+        .for_each(|((loss, lse), (z, &target))| {
+            vectorized(|| {
+                let max = max_of(z);
+                *lse = max + sum_exp(z, max).ln();
+                *loss = if target < 0 {
+                    T::zero()
+                } else {
+                    *lse - z[target as usize]
+                };
+            })
+        });
+    (tensor(loss, &shape[..1]), tensor(lse, &shape[..1]))
+}
+
+/// `d_logits = d_loss * (softmax(logits) - onehot(target))`; 0 on ignored rows.
+fn cross_entropy_backward<T: Real>(
+    logits: &Host,
+    targets: &[i64],
+    lse: &Host,
+    d_loss: &Host,
+) -> Host {
+    let shape = dims(logits).to_vec();
+    let vocab = shape[1];
+    let (z, lse, dl) = (host::<T>(logits), host::<T>(lse), host::<T>(d_loss));
+    let mut dz = output::<T>(z.len());
+    dz.par_chunks_mut(vocab)
+        .zip(z.par_chunks(vocab))
+        .enumerate()
+        .for_each(|(row, (dz, z))| {
+            vectorized(|| {
+                let target = targets[row];
+                if target < 0 {
+                    dz.fill(T::zero());
+                    return;
+                }
+                let (shift, scale) = (lse[row], dl[row]);
+                for (dz, &z) in dz.iter_mut().zip(z) {
+                    *dz = scale * (z - shift).exp_fast();
+                }
+                dz[target as usize] = dz[target as usize] - scale;
+            })
+        });
+    tensor(dz, &shape)
+}
+
+// ---- Flash attention -------------------------------------------------------------------
+
+/// Sizes and the per-position visibility of one attention call.
+struct AttentionShape {
+    batch: usize,
+    q_len: usize,
+    k_len: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    /// `[batch, k_len]`: the first key of each key position's segment; position `p` sees keys
+    /// `first[p] ..= p`.
+    first: Vec<usize>,
+}
+
+impl AttentionShape {
+    fn new(q: &Host, k: &Host, segments: &[i64]) -> Self {
+        let [batch, q_len, heads, d] = [dims(q)[0], dims(q)[1], dims(q)[2], dims(q)[3]];
+        let [k_len, kv_heads] = [dims(k)[1], dims(k)[2]];
+        let mut first = vec![0; batch * k_len];
+        for b in 0..batch {
+            let seg = &segments[b * k_len..][..k_len];
+            for j in 1..k_len {
+                first[b * k_len + j] = if seg[j] == seg[j - 1] {
+                    first[b * k_len + j - 1]
+                } else {
+                    j
+                };
+            }
+        }
+        Self {
+            batch,
+            q_len,
+            k_len,
+            heads,
+            kv_heads,
+            d,
+            first,
+        }
+    }
+
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// The keys query `i` of row `b` sees: `first ..= p` as a half-open range.
+    fn visible(&self, b: usize, i: usize) -> (usize, usize) {
+        let p = self.k_len - self.q_len + i;
+        (self.first[b * self.k_len + p], p + 1)
+    }
+
+    fn q_at(&self, b: usize, i: usize, h: usize) -> usize {
+        ((b * self.q_len + i) * self.heads + h) * self.d
+    }
+
+    fn k_at(&self, b: usize, j: usize, g: usize) -> usize {
+        ((b * self.k_len + j) * self.kv_heads + g) * self.d
+    }
+}
+
+/// A key tile transposed, `[d][BLOCK_KEYS]` (zero past the last key), so that one query's
+/// scores over the tile are `d` multiply-adds of 64-wide rows.
+fn transpose_tile<T: Real>(
+    src: &[T],
+    shape: &AttentionShape,
+    b: usize,
+    g: usize,
+    k0: usize,
+    n: usize,
+    tile: &mut [T],
+) {
+    tile.fill(T::zero());
+    for j in 0..n {
+        let row = &src[shape.k_at(b, k0 + j, g)..][..shape.d];
+        for (c, &v) in row.iter().enumerate() {
+            tile[c * BLOCK_KEYS + j] = v;
+        }
+    }
+}
+
+/// `scores[j] = sum_c q[c] * tile[c][j]` for the 64 keys of a transposed tile.
+#[inline(always)]
+fn tile_scores<T: Real>(q: &[T], tile: &[T], scores: &mut [T; BLOCK_KEYS]) {
+    *scores = [T::zero(); BLOCK_KEYS];
+    for (c, &qc) in q.iter().enumerate() {
+        let col = &tile[c * BLOCK_KEYS..][..BLOCK_KEYS];
+        for j in 0..BLOCK_KEYS {
+            scores[j] += qc * col[j];
+        }
+    }
+}
+
+/// Output and row log-sum-exp (of the scaled scores) of one task's queries.
+struct ForwardBlock<T> {
+    b: usize,
+    g: usize,
+    i0: usize,
+    rows: usize,
+    out: Vec<T>,
+    lse: Vec<T>,
+}
+
+fn attention_forward<T: Real>(
+    q: &Host,
+    k: &Host,
+    v: &Host,
+    segments: &[i64],
+    scale: f32,
+) -> (Host, Host) {
+    let shape = AttentionShape::new(q, k, segments);
+    let (qs, ks, vs) = (host::<T>(q), host::<T>(k), host::<T>(v));
+    let (group, d) = (shape.group(), shape.d);
+    let scale = T::from_f64(scale as f64);
+    let blocks = shape.q_len.div_ceil(BLOCK_QUERIES);
+    let tasks: Vec<(usize, usize, usize)> = (0..shape.batch)
+        .flat_map(|b| (0..shape.kv_heads).flat_map(move |g| (0..blocks).map(move |qb| (b, g, qb))))
+        .collect();
+    let results: Vec<ForwardBlock<T>> = tasks
+        .into_par_iter()
+        .map(|(b, g, qb)| {
+            vectorized(|| {
+                let i0 = qb * BLOCK_QUERIES;
+                let rows = BLOCK_QUERIES.min(shape.q_len - i0);
+                let n_rows = group * rows;
+                // Row r * rows + i: query head g * group + r, query i0 + i, pre-scaled.
+                let mut qbuf = vec![T::zero(); n_rows * d];
+                for r in 0..group {
+                    for i in 0..rows {
+                        let src = &qs[shape.q_at(b, i0 + i, g * group + r)..][..d];
+                        for (dst, &s) in qbuf[(r * rows + i) * d..][..d].iter_mut().zip(src) {
+                            *dst = s * scale;
+                        }
+                    }
+                }
+                let mut out = vec![T::zero(); n_rows * d];
+                let mut max = vec![T::neg_infinity(); n_rows];
+                let mut sum = vec![T::zero(); n_rows];
+                let lo = (0..rows)
+                    .map(|i| shape.visible(b, i0 + i).0)
+                    .min()
+                    .unwrap_or(0);
+                let hi = shape.visible(b, i0 + rows - 1).1;
+                let mut tile = vec![T::zero(); d * BLOCK_KEYS];
+                let mut scores = [T::zero(); BLOCK_KEYS];
+                for k0 in (lo..hi).step_by(BLOCK_KEYS) {
+                    let n = BLOCK_KEYS.min(hi - k0);
+                    transpose_tile(&ks, &shape, b, g, k0, n, &mut tile);
+                    for i in 0..rows {
+                        let (first, end) = shape.visible(b, i0 + i);
+                        let (j_lo, j_hi) = (first.max(k0) - k0, end.min(k0 + n).saturating_sub(k0));
+                        if j_lo >= j_hi {
+                            continue;
+                        }
+                        for r in 0..group {
+                            let row = r * rows + i;
+                            tile_scores(&qbuf[row * d..][..d], &tile, &mut scores);
+                            let m = scores[j_lo..j_hi].iter().fold(max[row], |m, &s| m.max(s));
+                            let correction = (max[row] - m).exp_fast();
+                            let o = &mut out[row * d..][..d];
+                            if correction != T::one() {
+                                o.iter_mut().for_each(|o| *o *= correction);
+                            }
+                            let mut s = sum[row] * correction;
+                            for j in j_lo..j_hi {
+                                let p = (scores[j] - m).exp_fast();
+                                s += p;
+                                axpy(o, p, &vs[shape.k_at(b, k0 + j, g)..][..d]);
+                            }
+                            sum[row] = s;
+                            max[row] = m;
+                        }
+                    }
+                }
+                let mut lse = vec![T::zero(); n_rows];
+                for row in 0..n_rows {
+                    let inv = sum[row].recip();
+                    out[row * d..][..d].iter_mut().for_each(|o| *o *= inv);
+                    lse[row] = max[row] + sum[row].ln();
+                }
+                ForwardBlock {
+                    b,
+                    g,
+                    i0,
+                    rows,
+                    out,
+                    lse,
+                }
+            })
+        })
+        .collect();
+    let mut out = output::<T>(qs.len());
+    let mut lse = output::<T>(shape.batch * shape.heads * shape.q_len);
+    for blk in results {
+        for r in 0..group {
+            let h = blk.g * group + r;
+            for i in 0..blk.rows {
+                let row = r * blk.rows + i;
+                out[shape.q_at(blk.b, blk.i0 + i, h)..][..d]
+                    .copy_from_slice(&blk.out[row * d..][..d]);
+                lse[(blk.b * shape.heads + h) * shape.q_len + blk.i0 + i] = blk.lse[row];
+            }
+        }
+    }
+    let lse_shape = [shape.batch, shape.heads, shape.q_len];
+    (tensor(out, dims(q)), tensor(lse, &lse_shape))
+}
+
+/// Gradients of one (batch row, KV head): dq of its query heads, dk and dv of its keys.
+struct BackwardBlock<T> {
+    b: usize,
+    g: usize,
+    dq: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+}
+
+/// One task per (batch row, KV head), which owns every gradient it writes: the dq rows of its
+/// query heads and the dk/dv rows of its KV head. Per key tile and query, scores and
+/// probabilities are recomputed from the saved log-sum-exp (FlashAttention-2's backward):
+/// `p = exp(scale q.k - lse)`, `dv += p do`, `dp = do.v`, `ds = p (dp - sum(do * out))`,
+/// `dq += scale ds k`, `dk += scale ds q`.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward<T: Real>(
+    q: &Host,
+    k: &Host,
+    v: &Host,
+    out: &Host,
+    lse: &Host,
+    d_out: &Host,
+    segments: &[i64],
+    scale: f32,
+) -> (Host, Host, Host) {
+    let shape = AttentionShape::new(q, k, segments);
+    let (qs, ks, vs) = (host::<T>(q), host::<T>(k), host::<T>(v));
+    let (os, lses, dos) = (host::<T>(out), host::<T>(lse), host::<T>(d_out));
+    let (group, d, tq, tk) = (shape.group(), shape.d, shape.q_len, shape.k_len);
+    let scale = T::from_f64(scale as f64);
+    let tasks: Vec<(usize, usize)> = (0..shape.batch)
+        .flat_map(|b| (0..shape.kv_heads).map(move |g| (b, g)))
+        .collect();
+    let results: Vec<BackwardBlock<T>> = tasks
+        .into_par_iter()
+        .map(|(b, g)| {
+            vectorized(|| {
+                let mut dq = vec![T::zero(); group * tq * d];
+                let mut dk = vec![T::zero(); tk * d];
+                let mut dv = vec![T::zero(); tk * d];
+                // sum(do * out) per query row of each head.
+                let delta: Vec<T> = (0..group)
+                    .flat_map(|r| (0..tq).map(move |i| (r, i)))
+                    .map(|(r, i)| {
+                        let at = shape.q_at(b, i, g * group + r);
+                        dot(&dos[at..][..d], &os[at..][..d])
+                    })
+                    .collect();
+                let mut k_tile = vec![T::zero(); d * BLOCK_KEYS];
+                let mut v_tile = vec![T::zero(); d * BLOCK_KEYS];
+                let mut scores = [T::zero(); BLOCK_KEYS];
+                let mut dp = [T::zero(); BLOCK_KEYS];
+                let offset = tk - tq;
+                for k0 in (0..tk).step_by(BLOCK_KEYS) {
+                    let n = BLOCK_KEYS.min(tk - k0);
+                    // Queries at positions before the tile see none of it.
+                    let i_start = k0.saturating_sub(offset);
+                    if i_start >= tq {
+                        break;
+                    }
+                    transpose_tile(&ks, &shape, b, g, k0, n, &mut k_tile);
+                    transpose_tile(&vs, &shape, b, g, k0, n, &mut v_tile);
+                    for i in i_start..tq {
+                        let (first, end) = shape.visible(b, i);
+                        let (j_lo, j_hi) = (first.max(k0) - k0, end.min(k0 + n).saturating_sub(k0));
+                        if j_lo >= j_hi {
+                            continue;
+                        }
+                        for r in 0..group {
+                            let h = g * group + r;
+                            let at = shape.q_at(b, i, h);
+                            let (q_row, do_row) = (&qs[at..][..d], &dos[at..][..d]);
+                            let lse_row = lses[(b * shape.heads + h) * tq + i];
+                            tile_scores(q_row, &k_tile, &mut scores);
+                            tile_scores(do_row, &v_tile, &mut dp);
+                            let dq_row = &mut dq[(r * tq + i) * d..][..d];
+                            let delta_row = delta[r * tq + i];
+                            for j in j_lo..j_hi {
+                                let p = (scores[j] * scale - lse_row).exp_fast();
+                                let key = k0 + j;
+                                axpy(&mut dv[key * d..][..d], p, do_row);
+                                let ds = p * (dp[j] - delta_row) * scale;
+                                axpy(dq_row, ds, &ks[shape.k_at(b, key, g)..][..d]);
+                                axpy(&mut dk[key * d..][..d], ds, q_row);
+                            }
+                        }
+                    }
+                }
+                BackwardBlock { b, g, dq, dk, dv }
+            })
+        })
+        .collect();
+    let mut dq = output::<T>(qs.len());
+    let mut dk = output::<T>(ks.len());
+    let mut dv = output::<T>(vs.len());
+    for blk in results {
+        for r in 0..group {
+            for i in 0..tq {
+                dq[shape.q_at(blk.b, i, blk.g * group + r)..][..d]
+                    .copy_from_slice(&blk.dq[(r * tq + i) * d..][..d]);
+            }
+        }
+        for j in 0..tk {
+            let at = shape.k_at(blk.b, j, blk.g);
+            dk[at..][..d].copy_from_slice(&blk.dk[j * d..][..d]);
+            dv[at..][..d].copy_from_slice(&blk.dv[j * d..][..d]);
+        }
+    }
+    (
+        tensor(dq, dims(q)),
+        tensor(dk, dims(k)),
+        tensor(dv, dims(v)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The polynomial exp against f64's, over the range softmax and SiLU feed it.
+    /// Tolerance: 4e-7 relative (f32's epsilon is 1.2e-7).
+    #[test]
+    fn exp_f32_matches_f64_exp() {
+        let seed: u64 = rand::rng().random();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for _ in 0..200_000 {
+            let x: f32 = rng.random_range(-87.0..88.0);
+            let want = (x as f64).exp();
+            let got = vectorized(|| exp_f32(x)) as f64;
+            assert!(
+                ((got - want) / want).abs() < 4e-7,
+                "seed {seed}: exp({x}) = {got}, want {want}"
+            );
+        }
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(100.0).is_infinite());
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+}
