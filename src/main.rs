@@ -15,7 +15,17 @@ use cli::{models, tools, train};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (index 15 of `mi_option_e` in mimalloc v2 and v3; the
+/// -sys crate names no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> ExitCode {
+    // mimalloc returns freed memory to the OS 10 ms after it is freed, and the next step's
+    // tensors page-fault it back in, zeroed by the kernel: 20% of a CPU training step went to
+    // clearing pages (perf, bench-5m). A training process reuses the same sizes every step, so
+    // it keeps its freed memory instead (docs/benchmarks.md).
+    // SAFETY: sets a plain integer option; mimalloc reads it at its next purge decision.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     // On headless machines libwayland, probed by Vulkan drivers, prints an error for every
     // instance when XDG_RUNTIME_DIR is unset; a directory without a socket makes it quiet.
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {

@@ -92,6 +92,8 @@ pub fn exp_f32(x: f32) -> f32 {
 
 /// Runs `f` compiled for AVX2 + FMA when the CPU has them (the closure and everything it
 /// inlines are then vectorised with 256-bit registers), else as compiled for the baseline.
+/// Callers mark the closure `#[inline(always)]`: a closure left out of line is compiled for
+/// the baseline (SSE2, `round` through libm), which perf showed.
 #[inline(always)]
 fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -323,13 +325,16 @@ fn rms_norm_forward<T: Real>(x: &Host, weight: &Host, eps: f32) -> (Host, Host) 
         .zip(xs.par_chunks(dim))
         .with_min_len(MIN_ROWS_PER_TASK)
         .for_each(|((y, r), x)| {
-            vectorized(|| {
-                let inv = (dot(x, x) / T::from_f64(dim as f64) + eps).sqrt().recip();
-                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w.iter()) {
-                    *y = x * inv * w;
-                }
-                *r = inv;
-            })
+            vectorized(
+                #[inline(always)]
+                || {
+                    let inv = (dot(x, x) / T::from_f64(dim as f64) + eps).sqrt().recip();
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w.iter()) {
+                        *y = x * inv * w;
+                    }
+                    *r = inv;
+                },
+            )
         });
     (tensor(y, &shape), tensor(rstd, &shape[..1]))
 }
@@ -354,33 +359,37 @@ fn rms_norm_backward<T: Real>(x: &Host, weight: &Host, rstd: &Host, dy: &Host) -
         .par_chunks_mut(dim * rows_per_task)
         .enumerate()
         .map(|(task, dx)| {
-            vectorized(|| {
-                let mut dw = vec![T::zero(); dim];
-                for (i, dx) in dx.chunks_mut(dim).enumerate() {
-                    let row = task * rows_per_task + i;
-                    let (x, dy, r) = (&xs[row * dim..][..dim], &dys[row * dim..][..dim], rs[row]);
-                    let mut xg = T::zero();
-                    let mut lanes = [T::zero(); 8];
-                    for (c, ((&x, &dy), &w)) in x.iter().zip(dy).zip(w.iter()).enumerate() {
-                        lanes[c % 8] += x * dy * w;
+            vectorized(
+                #[inline(always)]
+                || {
+                    let mut dw = vec![T::zero(); dim];
+                    for (i, dx) in dx.chunks_mut(dim).enumerate() {
+                        let row = task * rows_per_task + i;
+                        let (x, dy, r) =
+                            (&xs[row * dim..][..dim], &dys[row * dim..][..dim], rs[row]);
+                        let mut xg = T::zero();
+                        let mut lanes = [T::zero(); 8];
+                        for (c, ((&x, &dy), &w)) in x.iter().zip(dy).zip(w.iter()).enumerate() {
+                            lanes[c % 8] += x * dy * w;
+                        }
+                        for l in lanes {
+                            xg += l;
+                        }
+                        let k = r * r * r * xg / T::from_f64(dim as f64);
+                        for ((((dx, &x), &dy), &w), dw) in dx
+                            .iter_mut()
+                            .zip(x)
+                            .zip(dy)
+                            .zip(w.iter())
+                            .zip(dw.iter_mut())
+                        {
+                            *dx = r * dy * w - x * k;
+                            *dw += dy * x * r;
+                        }
                     }
-                    for l in lanes {
-                        xg += l;
-                    }
-                    let k = r * r * r * xg / T::from_f64(dim as f64);
-                    for ((((dx, &x), &dy), &w), dw) in dx
-                        .iter_mut()
-                        .zip(x)
-                        .zip(dy)
-                        .zip(w.iter())
-                        .zip(dw.iter_mut())
-                    {
-                        *dx = r * dy * w - x * k;
-                        *dw += dy * x * r;
-                    }
-                }
-                dw
-            })
+                    dw
+                },
+            )
         })
         .collect();
     let mut dw = vec![T::zero(); dim];
@@ -402,11 +411,14 @@ fn swiglu_forward<T: Real>(gate: &Host, up: &Host) -> Host {
     y.par_chunks_mut(chunk)
         .zip(g.par_chunks(chunk).zip(u.par_chunks(chunk)))
         .for_each(|(y, (g, u))| {
-            vectorized(|| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g / (T::one() + (-g).exp_fast()) * u;
-                }
-            })
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                        *y = g / (T::one() + (-g).exp_fast()) * u;
+                    }
+                },
+            )
         });
     tensor(y, &shape)
 }
@@ -427,15 +439,18 @@ fn swiglu_backward<T: Real>(gate: &Host, up: &Host, dy: &Host) -> (Host, Host) {
                 .zip(dys.par_chunks(chunk)),
         )
         .for_each(|((dg, du), ((g, u), dy))| {
-            vectorized(|| {
-                for ((((dg, du), &g), &u), &dy) in
-                    dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy)
-                {
-                    let s = T::one() / (T::one() + (-g).exp_fast());
-                    *du = dy * g * s;
-                    *dg = dy * u * s * (T::one() + g * (T::one() - s));
-                }
-            })
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((((dg, du), &g), &u), &dy) in
+                        dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy)
+                    {
+                        let s = T::one() / (T::one() + (-g).exp_fast());
+                        *du = dy * g * s;
+                        *dg = dy * u * s * (T::one() + g * (T::one() - s));
+                    }
+                },
+            )
         });
     (tensor(d_gate, &shape), tensor(d_up, &shape))
 }
@@ -456,15 +471,18 @@ fn rope<T: Real>(x: &Host, positions: &[i64], cos: &Host, sin: &Host, inverse: b
         .zip(positions.par_iter())
         .with_min_len(MIN_ROWS_PER_TASK)
         .for_each(|((y, x), &p)| {
-            vectorized(|| {
-                let (c, s) = (&cos[p as usize * d..][..d], &sin[p as usize * d..][..d]);
-                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                    for i in 0..half {
-                        y[i] = x[i] * c[i] - sign * x[i + half] * s[i];
-                        y[i + half] = x[i + half] * c[i + half] + sign * x[i] * s[i + half];
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (c, s) = (&cos[p as usize * d..][..d], &sin[p as usize * d..][..d]);
+                    for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                        for i in 0..half {
+                            y[i] = x[i] * c[i] - sign * x[i + half] * s[i];
+                            y[i + half] = x[i + half] * c[i + half] + sign * x[i] * s[i + half];
+                        }
                     }
-                }
-            })
+                },
+            )
         });
     tensor(y, &shape)
 }
@@ -481,15 +499,18 @@ fn cross_entropy_forward<T: Real>(logits: &Host, targets: &[i64]) -> (Host, Host
         .zip(lse.par_iter_mut())
         .zip(z.par_chunks(vocab).zip(targets.par_iter()))
         .for_each(|((loss, lse), (z, &target))| {
-            vectorized(|| {
-                let max = max_of(z);
-                *lse = max + sum_exp(z, max).ln();
-                *loss = if target < 0 {
-                    T::zero()
-                } else {
-                    *lse - z[target as usize]
-                };
-            })
+            vectorized(
+                #[inline(always)]
+                || {
+                    let max = max_of(z);
+                    *lse = max + sum_exp(z, max).ln();
+                    *loss = if target < 0 {
+                        T::zero()
+                    } else {
+                        *lse - z[target as usize]
+                    };
+                },
+            )
         });
     (tensor(loss, &shape[..1]), tensor(lse, &shape[..1]))
 }
@@ -509,18 +530,21 @@ fn cross_entropy_backward<T: Real>(
         .zip(z.par_chunks(vocab))
         .enumerate()
         .for_each(|(row, (dz, z))| {
-            vectorized(|| {
-                let target = targets[row];
-                if target < 0 {
-                    dz.fill(T::zero());
-                    return;
-                }
-                let (shift, scale) = (lse[row], dl[row]);
-                for (dz, &z) in dz.iter_mut().zip(z) {
-                    *dz = scale * (z - shift).exp_fast();
-                }
-                dz[target as usize] = dz[target as usize] - scale;
-            })
+            vectorized(
+                #[inline(always)]
+                || {
+                    let target = targets[row];
+                    if target < 0 {
+                        dz.fill(T::zero());
+                        return;
+                    }
+                    let (shift, scale) = (lse[row], dl[row]);
+                    for (dz, &z) in dz.iter_mut().zip(z) {
+                        *dz = scale * (z - shift).exp_fast();
+                    }
+                    dz[target as usize] = dz[target as usize] - scale;
+                },
+            )
         });
     tensor(dz, &shape)
 }
@@ -645,74 +669,78 @@ fn attention_forward<T: Real>(
     let results: Vec<ForwardBlock<T>> = tasks
         .into_par_iter()
         .map(|(b, g, qb)| {
-            vectorized(|| {
-                let i0 = qb * BLOCK_QUERIES;
-                let rows = BLOCK_QUERIES.min(shape.q_len - i0);
-                let n_rows = group * rows;
-                // Row r * rows + i: query head g * group + r, query i0 + i, pre-scaled.
-                let mut qbuf = vec![T::zero(); n_rows * d];
-                for r in 0..group {
-                    for i in 0..rows {
-                        let src = &qs[shape.q_at(b, i0 + i, g * group + r)..][..d];
-                        for (dst, &s) in qbuf[(r * rows + i) * d..][..d].iter_mut().zip(src) {
-                            *dst = s * scale;
+            vectorized(
+                #[inline(always)]
+                || {
+                    let i0 = qb * BLOCK_QUERIES;
+                    let rows = BLOCK_QUERIES.min(shape.q_len - i0);
+                    let n_rows = group * rows;
+                    // Row r * rows + i: query head g * group + r, query i0 + i, pre-scaled.
+                    let mut qbuf = vec![T::zero(); n_rows * d];
+                    for r in 0..group {
+                        for i in 0..rows {
+                            let src = &qs[shape.q_at(b, i0 + i, g * group + r)..][..d];
+                            for (dst, &s) in qbuf[(r * rows + i) * d..][..d].iter_mut().zip(src) {
+                                *dst = s * scale;
+                            }
                         }
                     }
-                }
-                let mut out = vec![T::zero(); n_rows * d];
-                let mut max = vec![T::neg_infinity(); n_rows];
-                let mut sum = vec![T::zero(); n_rows];
-                let lo = (0..rows)
-                    .map(|i| shape.visible(b, i0 + i).0)
-                    .min()
-                    .unwrap_or(0);
-                let hi = shape.visible(b, i0 + rows - 1).1;
-                let mut tile = vec![T::zero(); d * BLOCK_KEYS];
-                let mut scores = [T::zero(); BLOCK_KEYS];
-                for k0 in (lo..hi).step_by(BLOCK_KEYS) {
-                    let n = BLOCK_KEYS.min(hi - k0);
-                    transpose_tile(&ks, &shape, b, g, k0, n, &mut tile);
-                    for i in 0..rows {
-                        let (first, end) = shape.visible(b, i0 + i);
-                        let (j_lo, j_hi) = (first.max(k0) - k0, end.min(k0 + n).saturating_sub(k0));
-                        if j_lo >= j_hi {
-                            continue;
-                        }
-                        for r in 0..group {
-                            let row = r * rows + i;
-                            tile_scores(&qbuf[row * d..][..d], &tile, &mut scores);
-                            let m = scores[j_lo..j_hi].iter().fold(max[row], |m, &s| m.max(s));
-                            let correction = (max[row] - m).exp_fast();
-                            let o = &mut out[row * d..][..d];
-                            if correction != T::one() {
-                                o.iter_mut().for_each(|o| *o *= correction);
+                    let mut out = vec![T::zero(); n_rows * d];
+                    let mut max = vec![T::neg_infinity(); n_rows];
+                    let mut sum = vec![T::zero(); n_rows];
+                    let lo = (0..rows)
+                        .map(|i| shape.visible(b, i0 + i).0)
+                        .min()
+                        .unwrap_or(0);
+                    let hi = shape.visible(b, i0 + rows - 1).1;
+                    let mut tile = vec![T::zero(); d * BLOCK_KEYS];
+                    let mut scores = [T::zero(); BLOCK_KEYS];
+                    for k0 in (lo..hi).step_by(BLOCK_KEYS) {
+                        let n = BLOCK_KEYS.min(hi - k0);
+                        transpose_tile(&ks, &shape, b, g, k0, n, &mut tile);
+                        for i in 0..rows {
+                            let (first, end) = shape.visible(b, i0 + i);
+                            let (j_lo, j_hi) =
+                                (first.max(k0) - k0, end.min(k0 + n).saturating_sub(k0));
+                            if j_lo >= j_hi {
+                                continue;
                             }
-                            let mut s = sum[row] * correction;
-                            for j in j_lo..j_hi {
-                                let p = (scores[j] - m).exp_fast();
-                                s += p;
-                                axpy(o, p, &vs[shape.k_at(b, k0 + j, g)..][..d]);
+                            for r in 0..group {
+                                let row = r * rows + i;
+                                tile_scores(&qbuf[row * d..][..d], &tile, &mut scores);
+                                let m = scores[j_lo..j_hi].iter().fold(max[row], |m, &s| m.max(s));
+                                let correction = (max[row] - m).exp_fast();
+                                let o = &mut out[row * d..][..d];
+                                if correction != T::one() {
+                                    o.iter_mut().for_each(|o| *o *= correction);
+                                }
+                                let mut s = sum[row] * correction;
+                                for j in j_lo..j_hi {
+                                    let p = (scores[j] - m).exp_fast();
+                                    s += p;
+                                    axpy(o, p, &vs[shape.k_at(b, k0 + j, g)..][..d]);
+                                }
+                                sum[row] = s;
+                                max[row] = m;
                             }
-                            sum[row] = s;
-                            max[row] = m;
                         }
                     }
-                }
-                let mut lse = vec![T::zero(); n_rows];
-                for row in 0..n_rows {
-                    let inv = sum[row].recip();
-                    out[row * d..][..d].iter_mut().for_each(|o| *o *= inv);
-                    lse[row] = max[row] + sum[row].ln();
-                }
-                ForwardBlock {
-                    b,
-                    g,
-                    i0,
-                    rows,
-                    out,
-                    lse,
-                }
-            })
+                    let mut lse = vec![T::zero(); n_rows];
+                    for row in 0..n_rows {
+                        let inv = sum[row].recip();
+                        out[row * d..][..d].iter_mut().for_each(|o| *o *= inv);
+                        lse[row] = max[row] + sum[row].ln();
+                    }
+                    ForwardBlock {
+                        b,
+                        g,
+                        i0,
+                        rows,
+                        out,
+                        lse,
+                    }
+                },
+            )
         })
         .collect();
     let mut out = output::<T>(qs.len());
@@ -768,60 +796,64 @@ fn attention_backward<T: Real>(
     let results: Vec<BackwardBlock<T>> = tasks
         .into_par_iter()
         .map(|(b, g)| {
-            vectorized(|| {
-                let mut dq = vec![T::zero(); group * tq * d];
-                let mut dk = vec![T::zero(); tk * d];
-                let mut dv = vec![T::zero(); tk * d];
-                // sum(do * out) per query row of each head.
-                let delta: Vec<T> = (0..group)
-                    .flat_map(|r| (0..tq).map(move |i| (r, i)))
-                    .map(|(r, i)| {
-                        let at = shape.q_at(b, i, g * group + r);
-                        dot(&dos[at..][..d], &os[at..][..d])
-                    })
-                    .collect();
-                let mut k_tile = vec![T::zero(); d * BLOCK_KEYS];
-                let mut v_tile = vec![T::zero(); d * BLOCK_KEYS];
-                let mut scores = [T::zero(); BLOCK_KEYS];
-                let mut dp = [T::zero(); BLOCK_KEYS];
-                let offset = tk - tq;
-                for k0 in (0..tk).step_by(BLOCK_KEYS) {
-                    let n = BLOCK_KEYS.min(tk - k0);
-                    // Queries at positions before the tile see none of it.
-                    let i_start = k0.saturating_sub(offset);
-                    if i_start >= tq {
-                        break;
-                    }
-                    transpose_tile(&ks, &shape, b, g, k0, n, &mut k_tile);
-                    transpose_tile(&vs, &shape, b, g, k0, n, &mut v_tile);
-                    for i in i_start..tq {
-                        let (first, end) = shape.visible(b, i);
-                        let (j_lo, j_hi) = (first.max(k0) - k0, end.min(k0 + n).saturating_sub(k0));
-                        if j_lo >= j_hi {
-                            continue;
+            vectorized(
+                #[inline(always)]
+                || {
+                    let mut dq = vec![T::zero(); group * tq * d];
+                    let mut dk = vec![T::zero(); tk * d];
+                    let mut dv = vec![T::zero(); tk * d];
+                    // sum(do * out) per query row of each head.
+                    let delta: Vec<T> = (0..group)
+                        .flat_map(|r| (0..tq).map(move |i| (r, i)))
+                        .map(|(r, i)| {
+                            let at = shape.q_at(b, i, g * group + r);
+                            dot(&dos[at..][..d], &os[at..][..d])
+                        })
+                        .collect();
+                    let mut k_tile = vec![T::zero(); d * BLOCK_KEYS];
+                    let mut v_tile = vec![T::zero(); d * BLOCK_KEYS];
+                    let mut scores = [T::zero(); BLOCK_KEYS];
+                    let mut dp = [T::zero(); BLOCK_KEYS];
+                    let offset = tk - tq;
+                    for k0 in (0..tk).step_by(BLOCK_KEYS) {
+                        let n = BLOCK_KEYS.min(tk - k0);
+                        // Queries at positions before the tile see none of it.
+                        let i_start = k0.saturating_sub(offset);
+                        if i_start >= tq {
+                            break;
                         }
-                        for r in 0..group {
-                            let h = g * group + r;
-                            let at = shape.q_at(b, i, h);
-                            let (q_row, do_row) = (&qs[at..][..d], &dos[at..][..d]);
-                            let lse_row = lses[(b * shape.heads + h) * tq + i];
-                            tile_scores(q_row, &k_tile, &mut scores);
-                            tile_scores(do_row, &v_tile, &mut dp);
-                            let dq_row = &mut dq[(r * tq + i) * d..][..d];
-                            let delta_row = delta[r * tq + i];
-                            for j in j_lo..j_hi {
-                                let p = (scores[j] * scale - lse_row).exp_fast();
-                                let key = k0 + j;
-                                axpy(&mut dv[key * d..][..d], p, do_row);
-                                let ds = p * (dp[j] - delta_row) * scale;
-                                axpy(dq_row, ds, &ks[shape.k_at(b, key, g)..][..d]);
-                                axpy(&mut dk[key * d..][..d], ds, q_row);
+                        transpose_tile(&ks, &shape, b, g, k0, n, &mut k_tile);
+                        transpose_tile(&vs, &shape, b, g, k0, n, &mut v_tile);
+                        for i in i_start..tq {
+                            let (first, end) = shape.visible(b, i);
+                            let (j_lo, j_hi) =
+                                (first.max(k0) - k0, end.min(k0 + n).saturating_sub(k0));
+                            if j_lo >= j_hi {
+                                continue;
+                            }
+                            for r in 0..group {
+                                let h = g * group + r;
+                                let at = shape.q_at(b, i, h);
+                                let (q_row, do_row) = (&qs[at..][..d], &dos[at..][..d]);
+                                let lse_row = lses[(b * shape.heads + h) * tq + i];
+                                tile_scores(q_row, &k_tile, &mut scores);
+                                tile_scores(do_row, &v_tile, &mut dp);
+                                let dq_row = &mut dq[(r * tq + i) * d..][..d];
+                                let delta_row = delta[r * tq + i];
+                                for j in j_lo..j_hi {
+                                    let p = (scores[j] * scale - lse_row).exp_fast();
+                                    let key = k0 + j;
+                                    axpy(&mut dv[key * d..][..d], p, do_row);
+                                    let ds = p * (dp[j] - delta_row) * scale;
+                                    axpy(dq_row, ds, &ks[shape.k_at(b, key, g)..][..d]);
+                                    axpy(&mut dk[key * d..][..d], ds, q_row);
+                                }
                             }
                         }
                     }
-                }
-                BackwardBlock { b, g, dq, dk, dv }
-            })
+                    BackwardBlock { b, g, dq, dk, dv }
+                },
+            )
         })
         .collect();
     let mut dq = output::<T>(qs.len());
@@ -861,7 +893,10 @@ mod tests {
         for _ in 0..200_000 {
             let x: f32 = rng.random_range(-87.0..88.0);
             let want = (x as f64).exp();
-            let got = vectorized(|| exp_f32(x)) as f64;
+            let got = vectorized(
+                #[inline(always)]
+                || exp_f32(x),
+            ) as f64;
             assert!(
                 ((got - want) / want).abs() < 4e-7,
                 "seed {seed}: exp({x}) = {got}, want {want}"
