@@ -351,6 +351,38 @@ fn for_each_device_and_row_layout(
     }
 }
 
+/// The linear layer (`x · weightᵀ`) against burn's matmul on the CPU, without autodiff (where
+/// the few-row kernel runs: up to 32 rows; 33 and 64 take the matmul). Odd widths exercise the
+/// tails of the 8-lane loop and of the blocks of four outputs.
+#[test]
+fn linear_matches_matmul() {
+    kernels::poison_outputs(true);
+    let mut rng = rng();
+    let device = cpu();
+    for (rows, k, n) in [
+        (1, 576, 192),
+        (2, 37, 13),
+        (7, 100, 130),
+        (32, 1536, 576),
+        (33, 64, 9),
+        (64, 19, 4),
+    ] {
+        let x = randn(&mut rng, rows * k, 2.0);
+        let w = randn(&mut rng, n * k, 1.0);
+        let got = values(kernels::linear(
+            tensor(&x, [rows, k], &device),
+            tensor(&w, [n, k], &device),
+        ));
+        let want =
+            values(tensor(&x, [rows, k], &device).matmul(tensor(&w, [n, k], &device).transpose()));
+        compare(
+            &format!("linear {rows}x{k} · ({n}x{k})ᵀ"),
+            &[("y", got)],
+            &[("y", want)],
+        );
+    }
+}
+
 #[test]
 fn rms_norm_matches_reference_forward_and_backward() {
     let devices = custom_devices();

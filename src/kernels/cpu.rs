@@ -17,6 +17,7 @@
 use std::borrow::Cow;
 
 use burn::backend::Flex;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Element, Shape, TensorData};
 use num_traits::Float;
@@ -41,12 +42,28 @@ pub trait Real:
 {
     fn exp_fast(self) -> Self;
     fn from_f64(v: f64) -> Self;
+
+    /// The eight dot products of four weight rows with two input rows (all of one length).
+    #[inline(always)]
+    fn dot_4x2(w: [&[Self]; 4], x: [&[Self]; 2]) -> [[Self; 2]; 4] {
+        dot_4x2(w, x)
+    }
 }
 
 impl Real for f32 {
     #[inline(always)]
     fn exp_fast(self) -> Self {
         exp_f32(self)
+    }
+
+    #[inline(always)]
+    fn dot_4x2(w: [&[Self]; 4], x: [&[Self]; 2]) -> [[Self; 2]; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA; every row has x[0].len() elements (asserted).
+            return unsafe { avx2::dot_4x2(w, x) };
+        }
+        dot_4x2(w, x)
     }
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -102,16 +119,69 @@ fn vectorized<R>(f: impl FnOnce() -> R) -> R {
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *AVX2.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }) {
+        if has_avx2() {
             // SAFETY: the CPU has both features (checked above).
             return unsafe { avx2(f) };
         }
     }
     f()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+/// The few-row linear layer's inner product in AVX2 intrinsics: written out because the
+/// compiler left the portable version's 64 accumulators in memory (46 GFLOP/s at 32 rows).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Eight accumulators of 8 lanes in registers; each weight vector loaded serves two rows,
+    /// each input vector four weight rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_4x2(w: [&[f32]; 4], x: [&[f32]; 2]) -> [[f32; 2]; 4] {
+        let k = x[0].len();
+        assert!(x[1].len() == k && w.iter().all(|w| w.len() == k));
+        let body = k - k % 8;
+        let mut out = [[0f32; 2]; 4];
+        // SAFETY: every load reads 8 elements at i < body <= len of each row.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut i = 0;
+            while i < body {
+                let x0 = _mm256_loadu_ps(x[0].as_ptr().add(i));
+                let x1 = _mm256_loadu_ps(x[1].as_ptr().add(i));
+                for a in 0..4 {
+                    let wv = _mm256_loadu_ps(w[a].as_ptr().add(i));
+                    acc[a][0] = _mm256_fmadd_ps(wv, x0, acc[a][0]);
+                    acc[a][1] = _mm256_fmadd_ps(wv, x1, acc[a][1]);
+                }
+                i += 8;
+            }
+            // The eight horizontal sums at once: pairwise adds, then the two 128-bit halves.
+            let h = |p: __m256, q: __m256| _mm256_hadd_ps(p, q);
+            let s0 = h(h(acc[0][0], acc[0][1]), h(acc[1][0], acc[1][1]));
+            let s1 = h(h(acc[2][0], acc[2][1]), h(acc[3][0], acc[3][1]));
+            let sums = _mm256_add_ps(
+                _mm256_permute2f128_ps(s0, s1, 0x20),
+                _mm256_permute2f128_ps(s0, s1, 0x31),
+            );
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), sums);
+            for a in 0..4 {
+                for b in 0..2 {
+                    let tail = (body..k).fold(0.0, |s, i| s + w[a][i] * x[b][i]);
+                    out[a][b] = lanes[a * 2 + b] + tail;
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Sum of `a[i] * b[i]` in eight independent lanes, so it vectorises (a single running sum is
@@ -225,6 +295,15 @@ macro_rules! by_dtype {
 }
 
 impl KilnKernels for Flex {
+    fn linear(x: Host, weight: Host) -> Host {
+        let rows = dims(&x)[0];
+        if rows <= FEW_ROWS && weight.is_contiguous() {
+            by_dtype!(x.dtype(), "linear", linear_few_rows(&x, &weight))
+        } else {
+            Self::float_matmul(x, Self::float_transpose(weight))
+        }
+    }
+
     fn flash_attention(
         q: Host,
         k: Host,
@@ -309,6 +388,99 @@ impl KilnKernels for Flex {
             cross_entropy_backward(&logits, &targets, &lse, &d_loss)
         )
     }
+}
+
+// ---- Linear layers with few rows ---------------------------------------------------------
+
+/// Up to this many rows, [`linear_few_rows`] replaces the matmul. Above it, burn-flex's gemm,
+/// which packs the weight into panels on every call, amortises the packing over enough rows:
+/// decoding SmolLM2-135M took 26 against 39 ms per step at batch 1, 52 against 99 at batch 8,
+/// and the same (166 against 169) at batch 32 (docs/benchmarks.md).
+const FEW_ROWS: usize = 32;
+
+/// `x · weightᵀ` for few rows of `x`, reading `weight` (`[out, in]`, contiguous) where it lies:
+/// every output is a dot product of a weight row with an input row, four weight rows by two
+/// input rows at a time (eight 8-lane accumulators), so each weight element loaded serves two
+/// rows and each input element four outputs. Parallel over blocks of outputs; each task writes
+/// `yᵀ` rows, transposed into `y` at the end.
+fn linear_few_rows<T: Real>(x: &Host, weight: &Host) -> Host {
+    let [rows, k] = [dims(x)[0], dims(x)[1]];
+    let n = dims(weight)[0];
+    let (xs, w) = (host::<T>(x), host::<T>(weight));
+    let mut yt = output::<T>(n * rows);
+    // About four tasks per thread, in whole blocks of four outputs, at most 64 outputs each.
+    let per_task = (n / (4 * rayon::current_num_threads()) / 4 * 4).clamp(4, 64);
+    yt.par_chunks_mut(per_task * rows)
+        .zip(w.par_chunks(per_task * k))
+        .for_each(|(yt, w)| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    let outputs = w.len() / k;
+                    let mut o = 0;
+                    while o + 4 <= outputs {
+                        let wr = [0, 1, 2, 3].map(|a| &w[(o + a) * k..][..k]);
+                        let mut r = 0;
+                        while r + 2 <= rows {
+                            let xr = [&xs[r * k..][..k], &xs[(r + 1) * k..][..k]];
+                            let sums = T::dot_4x2(wr, xr);
+                            for a in 0..4 {
+                                yt[(o + a) * rows + r] = sums[a][0];
+                                yt[(o + a) * rows + r + 1] = sums[a][1];
+                            }
+                            r += 2;
+                        }
+                        if r < rows {
+                            for a in 0..4 {
+                                yt[(o + a) * rows + r] = dot(wr[a], &xs[r * k..][..k]);
+                            }
+                        }
+                        o += 4;
+                    }
+                    for o in o..outputs {
+                        for r in 0..rows {
+                            yt[o * rows + r] = dot(&w[o * k..][..k], &xs[r * k..][..k]);
+                        }
+                    }
+                },
+            )
+        });
+    let mut y = output::<T>(rows * n);
+    for (o, col) in yt.chunks(rows).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            y[r * n + o] = v;
+        }
+    }
+    tensor(y, &[rows, n])
+}
+
+/// The eight dot products of four weight rows with two input rows, portable.
+#[inline(always)]
+fn dot_4x2<T: Real>(w: [&[T]; 4], x: [&[T]; 2]) -> [[T; 2]; 4] {
+    let k = x[0].len();
+    let body = k - k % 8;
+    let mut acc = [[[T::zero(); 8]; 2]; 4];
+    let mut i = 0;
+    while i < body {
+        let xv = [&x[0][i..i + 8], &x[1][i..i + 8]];
+        for a in 0..4 {
+            let wv = &w[a][i..i + 8];
+            for b in 0..2 {
+                for l in 0..8 {
+                    acc[a][b][l] += wv[l] * xv[b][l];
+                }
+            }
+        }
+        i += 8;
+    }
+    let mut out = [[T::zero(); 2]; 4];
+    for a in 0..4 {
+        for b in 0..2 {
+            let tail = (body..k).fold(T::zero(), |s, i| s + w[a][i] * x[b][i]);
+            out[a][b] = acc[a][b].iter().fold(tail, |s, &v| s + v);
+        }
+    }
+    out
 }
 
 // ---- RMSNorm ---------------------------------------------------------------------------

@@ -14,6 +14,14 @@ use burn::tensor::Shape;
 
 #[backend_extension(Cube, Flex, Autodiff, Fusion)]
 pub trait KilnKernels: Backend {
+    /// A linear layer, `x · weightᵀ`: `x` `[rows, in]`, `weight` `[out, in]`. A matmul
+    /// everywhere (and under autodiff) except on the CPU, where few rows (decoding) read the
+    /// weight in place instead of packing it for the matmul (see `cpu.rs`).
+    #[fusion(default)]
+    fn linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(x, Self::float_transpose(weight))
+    }
+
     /// Flash attention. `q`: `[batch, q_len, heads, head_dim]`; `k`, `v`:
     /// `[batch, k_len, kv_heads, head_dim]`; `segments`: `[batch, k_len]`.
     /// Returns the output (shaped like `q`) and the row log-sum-exp `[batch, heads, q_len]`.

@@ -105,6 +105,13 @@ fn custom_rows<const D: usize>(op: &'static str, x: &Tensor<D>) -> bool {
     ok
 }
 
+/// `x · weightᵀ` (`x` `[rows, in]`, `weight` `[out, in]`): a linear layer. Not behind
+/// `model.kernels`: the CPU's few-row kernel is exact up to summation order and only replaces
+/// the matmul where it is faster.
+pub fn linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::linear(x.into_dispatch(), weight.into_dispatch()))
+}
+
 /// RMSNorm over the last dimension. The custom kernel reads rows as vec4: a last dimension
 /// that is not a multiple of 4 runs the reference (as do `swiglu` and `cross_entropy`).
 pub fn rms_norm<const D: usize>(

@@ -30,10 +30,9 @@ impl Linear {
         let dims = x.dims();
         let rows: usize = dims[..D - 1].iter().product();
         let [out_features, in_features] = self.weight.dims();
-        // One 2-D matmul over all rows; the transpose is a stride swap, not a copy.
-        let y = x
-            .reshape([rows, in_features])
-            .matmul(self.weight.val().transpose());
+        // One 2-D product over all rows (kernels::linear: a matmul with the transpose as a
+        // stride swap, or on the CPU for few rows a kernel that reads the weight in place).
+        let y = kernels::linear(x.reshape([rows, in_features]), self.weight.val());
         let mut out = dims;
         out[D - 1] = out_features;
         y.reshape(out)
