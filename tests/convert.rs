@@ -238,7 +238,7 @@ fn kiln_to_hf_to_kiln_is_identical() {
     // On to a kiln checkpoint, which loads as the model we started from.
     let kiln_dir = dir.path().join("kiln");
     convert::write(&back, Format::Kiln, &kiln_dir).unwrap();
-    let loaded = convert::load_model(&kiln_dir, &cpu(), Default::default()).unwrap();
+    let loaded = convert::load_model(&kiln_dir, &cpu(), kiln::kernels::Kernels::Reference).unwrap();
     assert_eq!(
         by_name(&kiln::interop::params::export(&loaded.loaded.model)),
         by_name(&foreign.tensors)
@@ -249,7 +249,7 @@ fn kiln_to_hf_to_kiln_is_identical() {
         logits(&model, &tokens)
     );
     // And the Hugging Face directory itself loads too.
-    let from_hf = convert::load_model(&hf, &cpu(), Default::default()).unwrap();
+    let from_hf = convert::load_model(&hf, &cpu(), kiln::kernels::Kernels::Reference).unwrap();
     assert_eq!(
         logits(&from_hf.loaded.model, &tokens),
         logits(&model, &tokens)
@@ -527,7 +527,7 @@ fn gguf_llama_model_imports_exactly() {
 
     let imported = convert::read(&path).unwrap();
     assert_same_model(&imported, &foreign, "GGUF import (Q/K rows back in order)");
-    let loaded = convert::load_model(&path, &cpu(), Default::default()).unwrap();
+    let loaded = convert::load_model(&path, &cpu(), kiln::kernels::Kernels::Reference).unwrap();
     let tokens: Vec<i64> = (0..13).map(|_| rng.random_range(0..2048)).collect();
     assert_eq!(
         logits(&loaded.loaded.model, &tokens),
@@ -801,7 +801,7 @@ fn smollm2_knows_the_capital_of_france() {
     let Some(path) = common::smollm2() else {
         return;
     };
-    let loaded = convert::load_model(&path, &cpu(), Default::default()).unwrap();
+    let loaded = convert::load_model(&path, &cpu(), kiln::kernels::Kernels::Reference).unwrap();
     let c = &loaded.loaded.model_config;
     assert_eq!(
         (

@@ -515,7 +515,7 @@ fn rms_norm_forward<T: Real>(x: &Host, weight: &Host, eps: f32) -> (Host, Host) 
 /// `d_weight = sum over rows of dy * x * r`.
 fn rms_norm_backward<T: Real>(x: &Host, weight: &Host, rstd: &Host, dy: &Host) -> (Host, Host) {
     let shape = dims(x).to_vec();
-    let (rows, dim) = (shape[0], shape[1]);
+    let dim = shape[1];
     let (xs, w, rs, dys) = (
         host::<T>(x),
         host::<T>(weight),
@@ -523,10 +523,9 @@ fn rms_norm_backward<T: Real>(x: &Host, weight: &Host, rstd: &Host, dy: &Host) -
         host::<T>(dy),
     );
     let mut dx = output::<T>(xs.len());
-    // The weight gradient: one partial sum per task, added at the end.
-    let rows_per_task = rows
-        .div_ceil(4 * rayon::current_num_threads())
-        .max(MIN_ROWS_PER_TASK);
+    // The weight gradient: one partial sum per block of rows, added in order at the end. The
+    // blocks do not depend on the number of threads, so neither do the bits of the result.
+    let rows_per_task = 64;
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(dim * rows_per_task)
         .enumerate()
