@@ -295,9 +295,12 @@ fn flash_attention_over_a_kv_cache_matches_reference() {
     ];
     for (b, start, tq, h, kv, d, left_pad) in cases {
         let tk = start + tq;
+        // Keys and values are views of longer buffers, as a KV cache holds them (batch rows
+        // `room` positions apart): the kernels must read them in place or copy them right.
+        let room = tk + 3;
         let q = randn(&mut rng, b * tq * h * d, 2.0);
-        let k = randn(&mut rng, b * tk * kv * d, 2.0);
-        let v = randn(&mut rng, b * tk * kv * d, 1.0);
+        let k = randn(&mut rng, b * room * kv * d, 2.0);
+        let v = randn(&mut rng, b * room * kv * d, 1.0);
         let probe = randn(&mut rng, b * tq * h * d, 1.0);
         let run = |device: &Device, kernels: Kernels| {
             let device = device.clone().autodiff();
@@ -305,9 +308,14 @@ fn flash_attention_over_a_kv_cache_matches_reference() {
             let layout = SequenceLayout::cached(left_pad, start, tq);
             let prepared = PreparedLayout::new(&layout, kernels, &rope, h / kv, &device);
             let qt = tensor(&q, [b, tq, h, d], &device).require_grad();
-            let kt = tensor(&k, [b, tk, kv, d], &device).require_grad();
-            let vt = tensor(&v, [b, tk, kv, d], &device).require_grad();
-            let out = prepared.attention(qt.clone(), kt.clone(), vt.clone());
+            let kt = tensor(&k, [b, room, kv, d], &device).require_grad();
+            let vt = tensor(&v, [b, room, kv, d], &device).require_grad();
+            let filled = [0..b, 0..tk, 0..kv, 0..d];
+            let out = prepared.attention(
+                qt.clone(),
+                kt.clone().slice(filled.clone()),
+                vt.clone().slice(filled),
+            );
             let grads = (out.clone() * tensor(&probe, [b, tq, h, d], &device))
                 .sum()
                 .backward();

@@ -257,6 +257,39 @@ fn host<T: Real>(t: &Host) -> Cow<'_, [T]> {
     }
 }
 
+/// Keys or values `[batch, len, kv_heads, d]` whose positions are contiguous within each batch
+/// row, as a KV cache's views of its buffers are: the storage from the first element and the
+/// distance between batch rows, without a copy. Anything else is made contiguous.
+fn batch_strided<T: Real>(t: &Host) -> (Cow<'_, [T]>, usize) {
+    let layout = t.layout();
+    let (shape, strides) = (layout.shape(), layout.strides());
+    let row = (shape[2] * shape[3]) as isize;
+    let rows_contiguous = strides[3] == 1
+        && strides[2] == shape[3] as isize
+        && (shape[1] == 1 || strides[1] == row)
+        && (shape[0] == 1 || strides[0] >= shape[1] as isize * row);
+    if rows_contiguous && t.dtype() == T::dtype() {
+        let stride = if shape[0] == 1 {
+            shape[1] * row as usize
+        } else {
+            strides[0] as usize
+        };
+        return (Cow::Borrowed(&t.storage::<T>()[layout.start_offset()..]), stride);
+    }
+    (host(t), shape[1] * row as usize)
+}
+
+/// Keys and values read in place when both have one batch stride (a KV cache's buffers), else
+/// contiguous copies.
+fn keys_and_values<'a, T: Real>(k: &'a Host, v: &'a Host) -> (Cow<'a, [T]>, Cow<'a, [T]>, usize) {
+    let ((ks, k_stride), (vs, v_stride)) = (batch_strided::<T>(k), batch_strided::<T>(v));
+    if k_stride == v_stride {
+        return (ks, vs, k_stride);
+    }
+    let [len, kv_heads, d] = [dims(k)[1], dims(k)[2], dims(k)[3]];
+    (host(k), host(v), len * kv_heads * d)
+}
+
 fn host_ints(t: IntTensor<Flex>) -> Vec<i64> {
     t.into_data()
         .convert::<i64>()
@@ -733,10 +766,12 @@ struct AttentionShape {
     /// `[batch, k_len]`: the first key of each key position's segment; position `p` sees keys
     /// `first[p] ..= p`.
     first: Vec<usize>,
+    /// Elements between batch rows of the key and value inputs.
+    kv_stride: usize,
 }
 
 impl AttentionShape {
-    fn new(q: &Host, k: &Host, segments: &[i64]) -> Self {
+    fn new(q: &Host, k: &Host, segments: &[i64], kv_stride: usize) -> Self {
         let [batch, q_len, heads, d] = [dims(q)[0], dims(q)[1], dims(q)[2], dims(q)[3]];
         let [k_len, kv_heads] = [dims(k)[1], dims(k)[2]];
         let mut first = vec![0; batch * k_len];
@@ -758,6 +793,7 @@ impl AttentionShape {
             kv_heads,
             d,
             first,
+            kv_stride,
         }
     }
 
@@ -775,6 +811,12 @@ impl AttentionShape {
         ((b * self.q_len + i) * self.heads + h) * self.d
     }
 
+    /// Where key/value row `j` of KV head `g` starts in the inputs (batch rows `kv_stride` apart).
+    fn kv_at(&self, b: usize, j: usize, g: usize) -> usize {
+        b * self.kv_stride + (j * self.kv_heads + g) * self.d
+    }
+
+    /// Where it starts in a contiguous `[batch, k_len, kv_heads, d]` output (dk, dv).
     fn k_at(&self, b: usize, j: usize, g: usize) -> usize {
         ((b * self.k_len + j) * self.kv_heads + g) * self.d
     }
@@ -793,7 +835,7 @@ fn transpose_tile<T: Real>(
 ) {
     tile.fill(T::zero());
     for j in 0..n {
-        let row = &src[shape.k_at(b, k0 + j, g)..][..shape.d];
+        let row = &src[shape.kv_at(b, k0 + j, g)..][..shape.d];
         for (c, &v) in row.iter().enumerate() {
             tile[c * BLOCK_KEYS + j] = v;
         }
@@ -829,8 +871,9 @@ fn attention_forward<T: Real>(
     segments: &[i64],
     scale: f32,
 ) -> (Host, Host) {
-    let shape = AttentionShape::new(q, k, segments);
-    let (qs, ks, vs) = (host::<T>(q), host::<T>(k), host::<T>(v));
+    let (ks, vs, kv_stride) = keys_and_values::<T>(k, v);
+    let shape = AttentionShape::new(q, k, segments, kv_stride);
+    let qs = host::<T>(q);
     let (group, d) = (shape.group(), shape.d);
     let scale = T::from_f64(scale as f64);
     let blocks = shape.q_len.div_ceil(BLOCK_QUERIES);
@@ -889,7 +932,7 @@ fn attention_forward<T: Real>(
                                 for j in j_lo..j_hi {
                                     let p = (scores[j] - m).exp_fast();
                                     s += p;
-                                    axpy(o, p, &vs[shape.k_at(b, k0 + j, g)..][..d]);
+                                    axpy(o, p, &vs[shape.kv_at(b, k0 + j, g)..][..d]);
                                 }
                                 sum[row] = s;
                                 max[row] = m;
@@ -956,8 +999,9 @@ fn attention_backward<T: Real>(
     segments: &[i64],
     scale: f32,
 ) -> (Host, Host, Host) {
-    let shape = AttentionShape::new(q, k, segments);
-    let (qs, ks, vs) = (host::<T>(q), host::<T>(k), host::<T>(v));
+    let (ks, vs, kv_stride) = keys_and_values::<T>(k, v);
+    let shape = AttentionShape::new(q, k, segments, kv_stride);
+    let qs = host::<T>(q);
     let (os, lses, dos) = (host::<T>(out), host::<T>(lse), host::<T>(d_out));
     let (group, d, tq, tk) = (shape.group(), shape.d, shape.q_len, shape.k_len);
     let scale = T::from_f64(scale as f64);
@@ -1016,7 +1060,7 @@ fn attention_backward<T: Real>(
                                     let key = k0 + j;
                                     axpy(&mut dv[key * d..][..d], p, do_row);
                                     let ds = p * (dp[j] - delta_row) * scale;
-                                    axpy(dq_row, ds, &ks[shape.k_at(b, key, g)..][..d]);
+                                    axpy(dq_row, ds, &ks[shape.kv_at(b, key, g)..][..d]);
                                     axpy(&mut dk[key * d..][..d], ds, q_row);
                                 }
                             }
@@ -1028,8 +1072,8 @@ fn attention_backward<T: Real>(
         })
         .collect();
     let mut dq = output::<T>(qs.len());
-    let mut dk = output::<T>(ks.len());
-    let mut dv = output::<T>(vs.len());
+    let mut dk = output::<T>(shape.batch * tk * shape.kv_heads * d);
+    let mut dv = output::<T>(shape.batch * tk * shape.kv_heads * d);
     for blk in results {
         for r in 0..group {
             for i in 0..tq {

@@ -84,15 +84,11 @@ impl Attention {
         let k = heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
         let v = heads(self.v_proj.forward(x), self.n_kv_heads);
         let q = layout.rope(q);
-        let mut k = layout.rope(k);
-        let mut v = v;
-        if let Some(cache) = cache {
-            if let Some((k_past, v_past)) = cache.take() {
-                k = Tensor::cat(vec![k_past, k], 1);
-                v = Tensor::cat(vec![v_past, v], 1);
-            }
-            *cache = Some((k.clone(), v.clone()));
-        }
+        let k = layout.rope(k);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v),
+            None => (k, v),
+        };
         let out = layout.attention(q, k, v);
         self.o_proj.forward(out.reshape([b, t, dim]))
     }
@@ -145,8 +141,55 @@ pub struct Llama {
     kernels: Kernels,
 }
 
-/// Keys and values of one layer, `[batch, cached_len, kv_heads, head_dim]` each.
-pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
+/// Positions a layer's cache buffer grows by when it is full.
+const CACHE_BLOCK: usize = 64;
+
+/// Keys and values of one layer: buffers `[batch, capacity, kv_heads, head_dim]` whose first
+/// `len` positions are filled. A new token is written into the room after them, in place when
+/// nothing else holds the buffer, so a decoding step copies only its own keys, not the whole
+/// cache; the buffers grow by [`CACHE_BLOCK`] positions when full.
+#[derive(Clone, Debug, Default)]
+pub struct LayerCache {
+    buffers: Option<(Tensor<4>, Tensor<4>)>,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Appends `k` and `v` (`[batch, new, kv_heads, head_dim]`) and returns every cached key
+    /// and value so far, `[batch, len, kv_heads, head_dim]` views of the buffers.
+    fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let [b, t, h, d] = k.dims();
+        let (start, end) = (self.len, self.len + t);
+        let (keys, values) = match self.buffers.take() {
+            Some((keys, values)) if end <= keys.dims()[1] => {
+                let place = [0..b, start..end, 0..h, 0..d];
+                (
+                    keys.slice_assign(place.clone(), k),
+                    values.slice_assign(place, v),
+                )
+            }
+            buffers => {
+                let room = (end + CACHE_BLOCK).next_multiple_of(CACHE_BLOCK) - end;
+                let grow = |old: Option<Tensor<4>>, new: Tensor<4>| {
+                    let zeros = Tensor::zeros([b, room, h, d], &new.device());
+                    let mut parts: Vec<Tensor<4>> = old
+                        .map(|old| old.slice([0..b, 0..start, 0..h, 0..d]))
+                        .into_iter()
+                        .collect();
+                    parts.extend([new, zeros]);
+                    Tensor::cat(parts, 1)
+                };
+                let (old_k, old_v) = buffers.unzip();
+                (grow(old_k, k), grow(old_v, v))
+            }
+        };
+        let filled = [0..b, 0..end, 0..h, 0..d];
+        let views = (keys.clone().slice(filled.clone()), values.clone().slice(filled));
+        self.buffers = Some((keys, values));
+        self.len = end;
+        views
+    }
+}
 
 /// Cached keys and values of every layer, for generation one token at a time.
 pub struct KvCache {
@@ -159,7 +202,7 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(n_layers: usize, left_pad: Vec<usize>) -> Self {
         Self {
-            layers: (0..n_layers).map(|_| None).collect(),
+            layers: vec![LayerCache::default(); n_layers],
             len: 0,
             left_pad,
         }
@@ -177,14 +220,9 @@ impl KvCache {
     /// (a chat's earlier turns), so that only what differs is computed again.
     pub fn truncate(&mut self, len: usize) {
         assert!(len <= self.len, "cannot grow a cache by truncating it");
+        // The positions after `len` are overwritten by the next append.
         for layer in self.layers.iter_mut() {
-            if let Some((k, v)) = layer.take() {
-                let [b, _, h, d] = k.dims();
-                *layer = Some((
-                    k.slice([0..b, 0..len, 0..h, 0..d]),
-                    v.slice([0..b, 0..len, 0..h, 0..d]),
-                ));
-            }
+            layer.len = len;
         }
         self.len = len;
     }
@@ -196,13 +234,14 @@ impl KvCache {
         let layers = self
             .layers
             .iter()
-            .map(|layer| {
-                layer.as_ref().map(|(k, v)| {
+            .map(|layer| LayerCache {
+                buffers: layer.buffers.as_ref().map(|(k, v)| {
                     (
                         Tensor::cat(vec![k.clone(); times], 0),
                         Tensor::cat(vec![v.clone(); times], 0),
                     )
-                })
+                }),
+                len: layer.len,
             })
             .collect();
         Self {
