@@ -184,7 +184,10 @@ impl LayerCache {
             }
         };
         let filled = [0..b, 0..end, 0..h, 0..d];
-        let views = (keys.clone().slice(filled.clone()), values.clone().slice(filled));
+        let views = (
+            keys.clone().slice(filled.clone()),
+            values.clone().slice(filled),
+        );
         self.buffers = Some((keys, values));
         self.len = end;
         views
