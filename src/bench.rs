@@ -392,8 +392,8 @@ pub fn kernels(
     only: &[String],
 ) -> Result<Vec<KernelBench>> {
     anyhow::ensure!(
-        device.is_wgpu(),
-        "the custom kernels run on wgpu devices only (--device wgpu)"
+        device.is_wgpu() || device.backend == "flex",
+        "the custom kernels run on wgpu devices and the CPU (--device wgpu or cpu)"
     );
     let mut rows = Vec::new();
     let cases = kernel_cases(&device.device, quick)
