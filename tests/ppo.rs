@@ -111,8 +111,10 @@ fn ppo_raises_a_programmatic_reward_while_the_kl_stays_bounded() {
     // is about 0.026, of the difference of a 3- and a 5-iteration mean about 0.033.
     assert!(last > first + 0.08, "reward {first} -> {last}");
     for r in &its {
-        // Bounded: the policy moved, but not far from the reference.
-        assert!(r.kl_per_token.abs() < 2.0, "{r:?}");
+        // Bounded: the policy moved, but not far from the reference. Over 12 seeds the largest
+        // per-token KL of a run was 0.6 to 2.4 (the reward rising by 0.2 to 0.43); a policy
+        // that ran away would be far above 4 (the bound was 2.0 with 20 iterations).
+        assert!(r.kl_per_token.abs() < 4.0, "{r:?}");
         assert!(r.entropy > 0.0 && r.clip_fraction <= 1.0);
         assert!(r.answer_tokens >= 1.0 && r.answer_tokens <= 8.0);
         assert_eq!(r.beta, 0.05);
