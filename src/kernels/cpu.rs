@@ -961,9 +961,9 @@ fn attention_forward<T: Real>(
                                     o.iter_mut().for_each(|o| *o *= correction);
                                 }
                                 let mut s = sum[row] * correction;
-                                for j in j_lo..j_hi {
-                                    scores[j] = (scores[j] - m).exp_fast();
-                                    s += scores[j];
+                                for p in &mut scores[j_lo..j_hi] {
+                                    *p = (*p - m).exp_fast();
+                                    s += *p;
                                 }
                                 let first = shape.kv_at(b, k0 + j_lo, g);
                                 add_rows(o, &vs, first, kv_row, &scores[j_lo..j_hi]);
@@ -1065,8 +1065,8 @@ fn attention_backward<T: Real>(
                     // One block of queries' probabilities and score gradients for the tile,
                     // [BLOCK_QUERIES][BLOCK_KEYS], so that dk and dv rows accumulate over the
                     // block's queries in registers.
-                    let mut p_blk = vec![T::zero(); BLOCK_QUERIES * BLOCK_KEYS];
-                    let mut ds_blk = vec![T::zero(); BLOCK_QUERIES * BLOCK_KEYS];
+                    let mut p_blk = [T::zero(); BLOCK_QUERIES * BLOCK_KEYS];
+                    let mut ds_blk = [T::zero(); BLOCK_QUERIES * BLOCK_KEYS];
                     let (kv_row, q_row) = (shape.kv_heads * d, shape.heads * d);
                     let mut column = [T::zero(); BLOCK_QUERIES];
                     let offset = tk - tq;
