@@ -392,7 +392,7 @@ pub fn kernels(
     only: &[String],
 ) -> Result<Vec<KernelBench>> {
     anyhow::ensure!(
-        device.is_wgpu() || device.backend == "flex",
+        device.is_wgpu() || kernels::is_cpu(&device.device),
         "the custom kernels run on wgpu devices and the CPU (--device wgpu or cpu)"
     );
     let mut rows = Vec::new();

@@ -65,6 +65,23 @@ fn max_rel_err(actual: &[f32], expected: &[f32]) -> f32 {
     }) / scale
 }
 
+/// Runs `run` with the reference ops on the CPU and with the custom kernels on each device,
+/// and compares their named outputs.
+fn compare_on_devices(
+    devices: &[(&str, Device)],
+    what: &str,
+    run: impl Fn(&Device, Kernels) -> Vec<(&'static str, Vec<f32>)>,
+) {
+    let reference = run(&cpu(), Kernels::Reference);
+    for (name, device) in devices {
+        compare(
+            &format!("{name} {what}"),
+            &run(device, Kernels::Custom),
+            &reference,
+        );
+    }
+}
+
 /// Compares named outputs (forward, then gradients) of the custom and reference runs.
 fn compare(what: &str, custom: &[(&str, Vec<f32>)], reference: &[(&str, Vec<f32>)]) {
     for ((name, c), (_, r)) in custom.iter().zip(reference) {
@@ -263,14 +280,9 @@ fn flash_attention_matches_reference_forward_and_backward() {
             "attention b{b} t{t} h{h} kv{kv} d{d} packed {:?}",
             case.packed
         );
-        let reference = attention_run(&cpu(), Kernels::Reference, case, &data);
-        for (name, device) in &devices {
-            compare(
-                &format!("{name} {what}"),
-                &attention_run(device, Kernels::Custom, case, &data),
-                &reference,
-            );
-        }
+        compare_on_devices(&devices, &what, |device, kernels| {
+            attention_run(device, kernels, case, &data)
+        });
     }
 }
 
@@ -326,14 +338,11 @@ fn flash_attention_over_a_kv_cache_matches_reference() {
                 ("dv", values(vt.grad(&grads).unwrap())),
             ]
         };
-        let reference = run(&cpu(), Kernels::Reference);
-        for (name, device) in &devices {
-            compare(
-                &format!("{name} cached attention b{b} cached {start} new {tq} h{h}/{kv} d{d}"),
-                &run(device, Kernels::Custom),
-                &reference,
-            );
-        }
+        compare_on_devices(
+            &devices,
+            &format!("cached attention b{b} cached {start} new {tq} h{h}/{kv} d{d}"),
+            run,
+        );
     }
 }
 
@@ -468,14 +477,11 @@ fn rope_matches_reference_forward_and_backward_with_packed_positions() {
                 .backward();
             vec![("y", values(y)), ("dx", values(xt.grad(&grads).unwrap()))]
         };
-        let reference = run(&cpu(), Kernels::Reference);
-        for (name, device) in &devices {
-            compare(
-                &format!("{name} rope b{b} t{t} h{h} d{d} packed {:?}", case.packed),
-                &run(device, Kernels::Custom),
-                &reference,
-            );
-        }
+        compare_on_devices(
+            &devices,
+            &format!("rope b{b} t{t} h{h} d{d} packed {:?}", case.packed),
+            run,
+        );
     }
 }
 
@@ -502,14 +508,7 @@ fn swiglu_matches_reference_forward_and_backward() {
                 ("d_up", values(u.grad(&grads).unwrap())),
             ]
         };
-        let reference = run(&cpu(), Kernels::Reference);
-        for (name, device) in &devices {
-            compare(
-                &format!("{name} swiglu {rows}x{dim}"),
-                &run(device, Kernels::Custom),
-                &reference,
-            );
-        }
+        compare_on_devices(&devices, &format!("swiglu {rows}x{dim}"), run);
     }
 }
 

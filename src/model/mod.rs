@@ -74,7 +74,7 @@ impl Attention {
         &self,
         x: Tensor<3>,
         layout: &PreparedLayout,
-        cache: Option<&mut LayerCache>,
+        cache: Option<(&mut LayerCache, usize)>,
     ) -> Tensor<3> {
         let [b, t, dim] = x.dims();
         let head_dim = dim / self.n_heads;
@@ -86,7 +86,7 @@ impl Attention {
         let q = layout.rope(q);
         let k = layout.rope(k);
         let (k, v) = match cache {
-            Some(cache) => cache.append(k, v),
+            Some((cache, cached)) => cache.append(cached, k, v),
             None => (k, v),
         };
         let out = layout.attention(q, k, v);
@@ -145,21 +145,21 @@ pub struct Llama {
 const CACHE_BLOCK: usize = 64;
 
 /// Keys and values of one layer: buffers `[batch, capacity, kv_heads, head_dim]` whose first
-/// `len` positions are filled. A new token is written into the room after them, in place when
-/// nothing else holds the buffer, so a decoding step copies only its own keys, not the whole
-/// cache; the buffers grow by [`CACHE_BLOCK`] positions when full.
+/// positions (as many as the [`KvCache`] holds) are filled. A new token is written into the
+/// room after them, in place when nothing else holds the buffer, so a decoding step copies only
+/// its own keys, not the whole cache; the buffers grow by [`CACHE_BLOCK`] positions when full.
 #[derive(Clone, Debug, Default)]
 pub struct LayerCache {
     buffers: Option<(Tensor<4>, Tensor<4>)>,
-    len: usize,
 }
 
 impl LayerCache {
-    /// Appends `k` and `v` (`[batch, new, kv_heads, head_dim]`) and returns every cached key
-    /// and value so far, `[batch, len, kv_heads, head_dim]` views of the buffers.
-    fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    /// Appends `k` and `v` (`[batch, new, kv_heads, head_dim]`) after the first `start`
+    /// positions and returns every key and value up to them, `[batch, start + new, kv_heads,
+    /// head_dim]` views of the buffers.
+    fn append(&mut self, start: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let [b, t, h, d] = k.dims();
-        let (start, end) = (self.len, self.len + t);
+        let end = start + t;
         let (keys, values) = match self.buffers.take() {
             Some((keys, values)) if end <= keys.dims()[1] => {
                 let place = [0..b, start..end, 0..h, 0..d];
@@ -189,7 +189,6 @@ impl LayerCache {
             values.clone().slice(filled),
         );
         self.buffers = Some((keys, values));
-        self.len = end;
         views
     }
 }
@@ -223,10 +222,7 @@ impl KvCache {
     /// (a chat's earlier turns), so that only what differs is computed again.
     pub fn truncate(&mut self, len: usize) {
         assert!(len <= self.len, "cannot grow a cache by truncating it");
-        // The positions after `len` are overwritten by the next append.
-        for layer in self.layers.iter_mut() {
-            layer.len = len;
-        }
+        // The buffers stay; the positions after `len` are overwritten by the next append.
         self.len = len;
     }
 
@@ -244,7 +240,6 @@ impl KvCache {
                         Tensor::cat(vec![v.clone(); times], 0),
                     )
                 }),
-                len: layer.len,
             })
             .collect();
         Self {
@@ -427,7 +422,7 @@ impl Llama {
             PreparedLayout::new(layout, self.kernels, &self.rope, group, &tokens.device());
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), tokens);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = cache.as_mut().map(|c| (&mut c.layers[i], c.len));
             let h = layer.input_layernorm.forward(x.clone(), self.kernels);
             x = x + layer.self_attn.forward(h, &prepared, layer_cache);
             let h = layer
