@@ -318,26 +318,30 @@ fn cpu_flash_attention_and_rope_match_loops_and_finite_differences() {
     );
 }
 
-/// The linear layer without autodiff (the CPU's few-row kernel) against an f64 loop.
+/// The linear layer against an f64 loop: without autodiff at few rows (the CPU's few-row
+/// kernel) and more (its direct gemm call), and its gradients (the CPU's `linear_backward`)
+/// by finite differences.
 #[test]
-fn linear_matches_a_loop() {
+fn linear_matches_a_loop_and_finite_differences() {
     let mut rng = rng();
     let device = device().without_autodiff();
-    for (rows, k, n) in [(1, 13, 9), (5, 16, 4), (3, 40, 7)] {
+    for (rows, k, n) in [(1, 13, 9), (5, 16, 4), (3, 40, 7), (37, 11, 6), (70, 5, 3)] {
         let x = randn(&mut rng, rows * k);
         let w = randn(&mut rng, n * k);
         let t = |v: &[f64], shape: [usize; 2]| {
             Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), &device)
         };
+        let what = format!("linear {rows}x{k}x{n}");
         let out = values(kernels::linear(t(&x, [rows, k]), t(&w, [n, k])));
         let expected: Vec<f64> = (0..rows * n)
             .map(|i| (0..k).map(|c| x[i / n * k + c] * w[i % n * k + c]).sum())
             .collect();
-        assert_close(
-            &out,
-            &expected,
-            FORWARD_TOL,
-            &format!("linear {rows}x{k}x{n}"),
+        assert_close(&out, &expected, FORWARD_TOL, &what);
+        check_gradients(
+            &[(x.clone(), [rows, k]), (w.clone(), [n, k])],
+            |t| kernels::linear(t[0].clone(), t[1].clone()),
+            &mut rng,
+            &what,
         );
     }
 }

@@ -25,6 +25,50 @@ macro_rules! register {
 }
 
 impl<B: Backend + KilnKernels, C: CheckpointStrategy> KilnKernels for Autodiff<B, C> {
+    fn linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LinearBackward;
+
+        impl<B: Backend + KilnKernels> Backward<B, 2> for LinearBackward {
+            type State = (Inner<B>, Inner<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let (x, weight) = ops.state;
+                let dy = grads.consume::<B>(&ops.node);
+                let (dx, dw) = B::linear_backward(x, weight, dy);
+                let [px, pw] = &ops.parents;
+                register!(grads, px, dx);
+                register!(grads, pw, dw);
+            }
+        }
+
+        let guards = [x.node(), weight.node()];
+        let (x, weight) = (x.into_primitive(), weight.into_primitive());
+        let y = <B as KilnKernels>::linear(x.clone(), weight.clone());
+        match LinearBackward
+            .prepare::<C>(guards)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x, weight), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dw) = B::linear_backward(Self::inner(x), Self::inner(weight), Self::inner(dy));
+        (Self::from_inner(dx), Self::from_inner(dw))
+    }
+
     fn flash_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

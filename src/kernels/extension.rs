@@ -15,11 +15,26 @@ use burn::tensor::Shape;
 #[backend_extension(Cube, Flex, Autodiff, Fusion)]
 pub trait KilnKernels: Backend {
     /// A linear layer, `x · weightᵀ`: `x` `[rows, in]`, `weight` `[out, in]`. A matmul
-    /// everywhere (and under autodiff) except on the CPU, where few rows (decoding) read the
-    /// weight in place instead of packing it for the matmul (see `cpu.rs`).
+    /// everywhere except on the CPU, where few rows (decoding) read the weight in place
+    /// instead of packing it for the matmul, and more rows call gemm without flex's zero-fill
+    /// and copy of the output (see `cpu.rs`).
     #[fusion(default)]
     fn linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(x, Self::float_transpose(weight))
+    }
+
+    /// Gradients of [`linear`](Self::linear) for `dy` `[rows, out]`: `(dx, d_weight)` =
+    /// `(dy · weight, dyᵀ · x)`. Two matmuls everywhere except on the CPU, where they write
+    /// their outputs without flex's zero-fill and realigning copy (see `cpu.rs`).
+    #[fusion(default)]
+    fn linear_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let dx = Self::float_matmul(dy.clone(), weight);
+        let d_weight = Self::float_matmul(Self::float_transpose(dy), x);
+        (dx, d_weight)
     }
 
     /// Flash attention. `q`: `[batch, q_len, heads, head_dim]`; `k`, `v`:
