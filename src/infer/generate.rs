@@ -420,12 +420,7 @@ fn draw_with(logits: &[f32], params: &SamplingParams, u: f64) -> Draw {
 }
 
 /// Temperature and top-p: the drawn index and its log-probability in the nucleus.
-fn nucleus_draw(
-    logits: &[f32],
-    max: f64,
-    params: &SamplingParams,
-    u: f64,
-) -> (usize, f32) {
+fn nucleus_draw(logits: &[f32], max: f64, params: &SamplingParams, u: f64) -> (usize, f32) {
     let mut probs: Vec<(usize, f64)> = logits
         .iter()
         .enumerate()
