@@ -69,9 +69,11 @@ pub trait Real:
         sigmoid_into(out, x)
     }
 
-    /// The eight dot products of four weight rows with two input rows (all of one length).
+    /// The eight dot products of four weight rows with two input rows (all of one length),
+    /// asking the cache for the start of `ahead` meanwhile (see [`linear_few_rows`]).
     #[inline(always)]
-    fn dot_4x2(w: [&[Self]; 4], x: [&[Self]; 2]) -> [[Self; 2]; 4] {
+    fn dot_4x2(w: [&[Self]; 4], x: [&[Self]; 2], ahead: &[Self]) -> [[Self; 2]; 4] {
+        let _ = ahead;
         dot_4x2(w, x)
     }
 }
@@ -83,12 +85,13 @@ impl Real for f32 {
     }
 
     #[inline(always)]
-    fn dot_4x2(w: [&[Self]; 4], x: [&[Self]; 2]) -> [[Self; 2]; 4] {
+    fn dot_4x2(w: [&[Self]; 4], x: [&[Self]; 2], ahead: &[Self]) -> [[Self; 2]; 4] {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has AVX2 and FMA; every row has x[0].len() elements (asserted).
-            return unsafe { avx2::dot_4x2(w, x) };
+            return unsafe { avx2::dot_4x2(w, x, ahead) };
         }
+        let _ = ahead;
         dot_4x2(w, x)
     }
     fn from_f64(v: f64) -> Self {
@@ -348,18 +351,25 @@ mod avx2 {
     }
 
     /// Eight accumulators of 8 lanes in registers; each weight vector loaded serves two rows,
-    /// each input vector four weight rows.
+    /// each input vector four weight rows. Every 8 elements it prefetches one cache line of
+    /// `ahead` (up to 2k elements of it).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_4x2(w: [&[f32]; 4], x: [&[f32]; 2]) -> [[f32; 2]; 4] {
+    pub unsafe fn dot_4x2(w: [&[f32]; 4], x: [&[f32]; 2], ahead: &[f32]) -> [[f32; 2]; 4] {
         let k = x[0].len();
         assert!(x[1].len() == k && w.iter().all(|w| w.len() == k));
         let body = k - k % 8;
+        let lines = ahead.len() / 16;
         let mut out = [[0f32; 2]; 4];
-        // SAFETY: every load reads 8 elements at i < body <= len of each row.
+        // SAFETY: every load reads 8 elements at i < body <= len of each row; each prefetch
+        // address lies in `ahead` (line < lines), and a prefetch never faults anyway.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 2]; 4];
             let mut i = 0;
             while i < body {
+                let line = i / 8;
+                if line < lines {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.as_ptr().add(line * 16).cast());
+                }
                 let x0 = _mm256_loadu_ps(x[0].as_ptr().add(i));
                 let x1 = _mm256_loadu_ps(x[1].as_ptr().add(i));
                 for a in 0..4 {
@@ -706,13 +716,23 @@ fn linear_few_rows<T: Real>(x: &Host, weight: &Host) -> Host {
                 #[inline(always)]
                 || {
                     let outputs = w.len() / k;
+                    let pairs = rows / 2;
                     let mut o = 0;
                     while o + 4 <= outputs {
                         let wr = [0, 1, 2, 3].map(|a| &w[(o + a) * k..][..k]);
+                        // The next four weight rows, a share of them fetched during each row
+                        // pair's pass: the block's first pass reads its weights from memory
+                        // and the others from L1, so without this the memory sat idle for
+                        // most of the block (the hardware prefetcher runs only a few lines
+                        // ahead of demand).
+                        let next = &w[((o + 4) * k).min(w.len())..((o + 8) * k).min(w.len())];
+                        let share = next.len().div_ceil(pairs.max(1)).next_multiple_of(16);
                         let mut r = 0;
                         while r + 2 <= rows {
                             let xr = [&xs[r * k..][..k], &xs[(r + 1) * k..][..k]];
-                            let sums = T::dot_4x2(wr, xr);
+                            let start = (r / 2 * share).min(next.len());
+                            let ahead = &next[start..(start + share).min(next.len())];
+                            let sums = T::dot_4x2(wr, xr, ahead);
                             for a in 0..4 {
                                 yt[(o + a) * rows + r] = sums[a][0];
                                 yt[(o + a) * rows + r + 1] = sums[a][1];
