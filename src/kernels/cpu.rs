@@ -687,11 +687,13 @@ impl KilnKernels for Flex {
 
 // ---- Linear layers with few rows ---------------------------------------------------------
 
-/// Up to this many rows, [`linear_few_rows`] replaces the matmul. Above it, burn-flex's gemm,
-/// which packs the weight into panels on every call, amortises the packing over enough rows:
-/// decoding SmolLM2-135M took 26 against 39 ms per step at batch 1, 52 against 99 at batch 8,
-/// and the same (166 against 169) at batch 32 (docs/benchmarks.md).
-const FEW_ROWS: usize = 32;
+/// Up to this many rows, [`linear_few_rows`] replaces the matmul. Above it gemm, which packs
+/// the weight into panels on every call, amortises the packing over enough rows and blocks the
+/// rows for the cache. Decoding SmolLM2-135M per step (docs/benchmarks.md): at batch 1 26
+/// against 39 ms, at batch 8 52 against 99; with prefetching and in-place writes, at batch 48
+/// 89 against 116 ms, at 64 117 against 131, at 96 169 against 174-184, at 128 234 against
+/// 190-198 (there each weight block re-reads 128 input rows from L2).
+const FEW_ROWS: usize = 64;
 
 /// `x · weightᵀ` for few rows of `x`, reading `weight` (`[out, in]`, contiguous) where it lies:
 /// every output is a dot product of a weight row with an input row, four weight rows by two
