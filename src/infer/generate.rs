@@ -395,14 +395,9 @@ fn uniform(params: &SamplingParams, rng: &mut impl Rng) -> f64 {
 
 /// [`draw`] with its uniform given.
 fn draw_with(logits: &[f32], params: &SamplingParams, u: f64) -> Draw {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_z = max
-        + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    let raw = |token: usize| (logits[token] as f64 - log_z) as f32;
+    let (max, log_z) = crate::kernels::cpu::max_and_log_sum_exp(logits);
+    let max = max as f64;
+    let raw = |token: usize| logits[token] - log_z;
     if params.temperature <= 0.0 {
         let token = argmax(logits);
         return Draw {
