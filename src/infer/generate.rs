@@ -416,10 +416,15 @@ fn draw_with(logits: &[f32], params: &SamplingParams, u: f64) -> Draw {
 
 /// Temperature and top-p: the drawn index and its log-probability in the nucleus.
 fn nucleus_draw(logits: &[f32], max: f64, params: &SamplingParams, u: f64) -> (usize, f32) {
-    let mut probs: Vec<(usize, f64)> = logits
-        .iter()
+    // exp((l - max) / T) in f32 lanes (libm's f64 exp per logit was as costly as a layer's
+    // attention at batch 64); the weights are summed and drawn from in f64.
+    let inverse_t = (1.0 / params.temperature) as f32;
+    let mut weights = logits.to_vec();
+    crate::kernels::cpu::exp_scaled_in_place(&mut weights, inverse_t, max as f32 * inverse_t);
+    let mut probs: Vec<(usize, f64)> = weights
+        .into_iter()
         .enumerate()
-        .map(|(i, &l)| (i, ((l as f64 - max) / params.temperature).exp()))
+        .map(|(i, w)| (i, w as f64))
         .collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     if params.top_p >= 1.0 && params.min_p <= 0.0 {

@@ -512,6 +512,12 @@ pub fn max_and_log_sum_exp(x: &[f32]) -> (f32, f32) {
     (max, max + f32::sum_exp(x, max).ln())
 }
 
+/// `x[i] = exp(x[i] * scale - shift)` in f32 lanes; returns their sum. Generation's sampling
+/// weights at a temperature.
+pub fn exp_scaled_in_place(x: &mut [f32], scale: f32, shift: f32) -> f32 {
+    f32::exp_in_place(x, scale, shift)
+}
+
 // The portable forms of `Real`'s slice functions (f64, and f32 without AVX2).
 
 #[inline(always)]
