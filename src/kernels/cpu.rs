@@ -6,7 +6,8 @@
 //! such ops, each writing a full tensor. Here each operation is one pass, parallel over rows
 //! with rayon, with a polynomial `exp` (AVX2 intrinsics over slices), and the bodies are compiled
 //! for AVX2 + FMA where the CPU has them (checked once at run time). The linear layer calls
-//! gemm itself, forward and backward, or reads the weight in place for few rows.
+//! gemm itself, forward and backward, or reads the weight in place for few rows (AVX-512 where
+//! the CPU has it).
 //!
 //! Attention is flash attention: key tiles of [`BLOCK_KEYS`] go through an online softmax, so no
 //! `[q_len, k_len]` matrix exists; tiles wholly above the causal diagonal or outside a query's
