@@ -1286,6 +1286,7 @@ impl AttentionShape {
 
 /// A key tile transposed, `[d][BLOCK_KEYS]` (zero past the last key), so that one query's
 /// scores over the tile are `d` multiply-adds of 64-wide rows.
+#[allow(clippy::too_many_arguments)]
 fn transpose_tile<T: Real>(
     src: &[T],
     shape: &AttentionShape,
