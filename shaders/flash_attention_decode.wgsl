@@ -19,7 +19,8 @@ const NEG: f32 = -3.0e38;
 @group(0) @binding(3) var<storage, read_write> segments: array<i32>;
 @group(0) @binding(4) var<storage, read_write> out: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
-// heads, kv_heads, q_len, k_len, bitcast(scale)
+// heads, kv_heads, q_len, k_len, bitcast(scale), the batch stride of k and v in vec4s (that
+// of the KV cache's longer buffers, which the kernel reads in place)
 @group(0) @binding(6) var<storage, read_write> params: array<u32>;
 
 var<workgroup> red: array<f32, WG>;
@@ -81,6 +82,7 @@ fn main(
     let q_len = params[2];
     let k_len = params[3];
     let scale = bitcast<f32>(params[4]);
+    let kv_batch = params[5];
     let i = wg.x;
     let b = wg.y / heads;
     let h = wg.y % heads;
@@ -109,7 +111,7 @@ fn main(
     var m = NEG;
     var l = 0.0;
     for (var j = first + lid; j <= p; j += WG) {
-        let kv_base = ((b * k_len + j) * kv_heads + kvh) * D4;
+        let kv_base = b * kv_batch + (j * kv_heads + kvh) * D4;
         var s = 0.0;
         for (var d = 0u; d < D4; d++) {
             s = s + dot(qv[d], k[kv_base + d]);

@@ -49,15 +49,23 @@ impl<B: Backend + KilnKernels, C: CheckpointStrategy> KilnKernels for Autodiff<B
 
         let guards = [x.node(), weight.node()];
         let (x, weight) = (x.into_primitive(), weight.into_primitive());
-        let y = <B as KilnKernels>::linear(x.clone(), weight.clone());
         match LinearBackward
             .prepare::<C>(guards)
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((x, weight), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
+            // Training takes the matmul whatever the number of rows, so that a data-parallel
+            // worker's half batch computes each row as one process computes it.
+            OpsKind::Tracked(prep) => {
+                let y = <B as KilnKernels>::linear_matmul(x.clone(), weight.clone());
+                prep.finish((x, weight), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<B as KilnKernels>::linear(x, weight)),
         }
+    }
+
+    fn linear_matmul(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::linear(x, weight)
     }
 
     fn linear_backward(

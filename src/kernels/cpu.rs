@@ -661,9 +661,13 @@ impl KilnKernels for Flex {
         if rows <= FEW_ROWS && weight.is_contiguous() {
             by_dtype!(x.dtype(), "linear", linear_few_rows(&x, &weight))
         } else {
-            let wt = Self::float_transpose(weight);
-            by_dtype!(x.dtype(), "linear", matmul(&x, &wt))
+            Self::linear_matmul(x, weight)
         }
+    }
+
+    fn linear_matmul(x: Host, weight: Host) -> Host {
+        let wt = Self::float_transpose(weight);
+        by_dtype!(x.dtype(), "linear_matmul", matmul(&x, &wt))
     }
 
     fn linear_backward(x: Host, weight: Host, dy: Host) -> (Host, Host) {

@@ -23,6 +23,14 @@ pub trait KilnKernels: Backend {
         Self::float_matmul(x, Self::float_transpose(weight))
     }
 
+    /// [`linear`](Self::linear) by the matmul whatever the number of rows (on the CPU, gemm):
+    /// what training runs, so that each row's result does not depend on how many rows share
+    /// the call (a data-parallel worker's half batch computes what one process computes).
+    #[fusion(default)]
+    fn linear_matmul(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(x, Self::float_transpose(weight))
+    }
+
     /// Gradients of [`linear`](Self::linear) for `dy` `[rows, out]`: `(dx, d_weight)` =
     /// `(dy · weight, dyᵀ · x)`. Two matmuls everywhere except on the CPU, where they write
     /// their outputs without flex's zero-fill and realigning copy (see `cpu.rs`).

@@ -221,6 +221,27 @@ fn float_input(t: CubeTensor, what: &str) -> CubeTensor {
     into_contiguous(t)
 }
 
+/// The batch stride of K or V if the decode kernel can read it in place: f32 `[b, len, kv, d]`
+/// with rows, positions and heads contiguous, starting at its buffer's start, and a batch
+/// stride (a multiple of 4) that may be the longer one of the buffer it is a view of. The
+/// KV cache hands its keys and values over so; making them contiguous copied the whole cache
+/// on every decoding step.
+fn cache_input(t: &CubeTensor) -> Option<usize> {
+    let (shape, strides) = (t.meta.shape(), t.meta.strides());
+    if shape.num_dims() != 4 || t.meta.is_tiled() {
+        return None;
+    }
+    let [_, len, kv, d] = [shape[0], shape[1], shape[2], shape[3]];
+    let in_place = t.dtype == DType::F32
+        && t.handle.offset_start.unwrap_or(0) == 0
+        && strides[3] == 1
+        && strides[2] == d
+        && strides[1] == kv * d
+        && strides[0] >= len * kv * d
+        && strides[0] % 4 == 0;
+    in_place.then_some(strides[0])
+}
+
 fn int_input(t: CubeTensor, what: &str) -> CubeTensor {
     assert_eq!(
         t.dtype,
@@ -319,19 +340,23 @@ impl KilnKernels for CubeBackend {
         segments: IntTensor<Self>,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (q, k, v) = (
-            float_input(q, "attention q"),
-            float_input(k, "attention k"),
-            float_input(v, "attention v"),
-        );
+        let q = float_input(q, "attention q");
+        let decode = dims::<4>(&q, "attention q")[1] <= DECODE_MAX_QUERIES;
+        // Decoding reads K and V where the KV cache holds them (views of longer buffers, see
+        // `cache_input`); the forward kernel takes them contiguous.
+        let (k, v) = match (decode, cache_input(&k), cache_input(&v)) {
+            (true, Some(sk), Some(sv)) if sk == sv => (k, v),
+            _ => (float_input(k, "attention k"), float_input(v, "attention v")),
+        };
         let segments = int_input(segments, "attention segments");
         let [b, tq, h, d] = dims::<4>(&q, "attention q");
         let [_, tk, kv, _] = dims::<4>(&k, "attention k");
         check_head_dim(d);
         assert!(tq <= tk && h % kv == 0, "attention: bad shapes");
+        let kv_batch_stride = k.meta.strides()[0];
         let out = empty_like(&q, Shape::from([b, tq, h, d]));
         let lse = empty_like(&q, Shape::from([b, h, tq]));
-        let (kernel, count) = if tq <= DECODE_MAX_QUERIES {
+        let (kernel, count) = if decode {
             let count = CubeCount::Static(tq as u32, (b * h) as u32, 1);
             (wgsl_kernel("flash_attention_decode", d, 0), count)
         } else {
@@ -342,7 +367,14 @@ impl KilnKernels for CubeBackend {
             kernel,
             count,
             &[&q, &k, &v, &segments, &out, &lse],
-            &[h as u32, kv as u32, tq as u32, tk as u32, scale.to_bits()],
+            &[
+                h as u32,
+                kv as u32,
+                tq as u32,
+                tk as u32,
+                scale.to_bits(),
+                (kv_batch_stride / 4) as u32,
+            ],
         );
         (out, lse)
     }
