@@ -1,8 +1,9 @@
 //! Launches of the WGSL kernels in `shaders/` on burn's wgpu runtime: the `CubeBackend`
 //! implementation of [`KilnKernels`].
 //!
-//! Every launch makes its inputs contiguous, allocates fresh outputs, and passes its sizes in a
-//! small `params` buffer of u32 (floats bit-cast). Template placeholders (`{{ head_dim }}`, ...)
+//! Every launch makes its inputs contiguous (except decoding's K and V, read where the KV cache
+//! holds them), allocates fresh outputs, and passes its sizes in a small `params` buffer of u32
+//! (floats bit-cast). Template placeholders (`{{ head_dim }}`, ...)
 //! are compile-time constants of the shader; each distinct value is its own pipeline.
 
 use burn::backend::ops::FloatTensorOps;
