@@ -239,7 +239,7 @@ fn cache_input(t: &CubeTensor) -> Option<usize> {
         && strides[2] == d
         && strides[1] == kv * d
         && strides[0] >= len * kv * d
-        && strides[0] % 4 == 0;
+        && strides[0].is_multiple_of(4);
     in_place.then_some(strides[0])
 }
 
@@ -324,13 +324,13 @@ fn check_vec4_rows(width: usize, what: &str) {
 /// Whether the RMSNorm, SwiGLU and cross-entropy kernels take rows of this width (the last
 /// dimension; for SwiGLU any element count divisible by 4 would do).
 pub fn supports_row_width(width: usize) -> bool {
-    width % 4 == 0
+    width.is_multiple_of(4)
 }
 
 /// Head dimensions the attention and RoPE kernels handle: rows are read as vec4s, and RoPE
 /// rotates a vec4 of each half of the row.
 pub fn supports_head_dim(d: usize) -> bool {
-    d % 8 == 0 && d <= MAX_HEAD_DIM
+    d.is_multiple_of(8) && d <= MAX_HEAD_DIM
 }
 
 impl KilnKernels for CubeBackend {
