@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::chat::{ChatTemplate, Message};
 use crate::data::tokenizer::Tokenizer;
+use crate::kernels::cpu::{Real, max_and_log_sum_exp};
 use crate::model::{KvCache, Llama};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -208,17 +209,17 @@ fn decode(
         // Each drawing row takes its one uniform from `rng` in row order, as a loop of `draw`
         // would; the draws themselves (two passes of exp over the vocabulary) then run in
         // parallel: one row after another they were 10% of a batch-32 decode step.
-        let active: Vec<usize> = (0..batch).filter(|&row| !done[row]).collect();
-        let uniforms: Vec<f64> = active.iter().map(|_| uniform(params, rng)).collect();
-        let mut draws = vec![None; batch];
-        active
+        let uniforms: Vec<Option<f64>> = done
+            .iter()
+            .map(|&done| (!done).then(|| uniform(params, rng)))
+            .collect();
+        let draws: Vec<Option<Draw>> = uniforms
             .par_iter()
-            .zip(&uniforms)
-            .map(|(&row, &u)| draw_with(&values[row * vocab..(row + 1) * vocab], params, u))
-            .collect::<Vec<Draw>>()
-            .into_iter()
-            .zip(&active)
-            .for_each(|(drawn, &row)| draws[row] = Some(drawn));
+            .enumerate()
+            .map(|(row, u)| {
+                u.map(|u| draw_with(&values[row * vocab..(row + 1) * vocab], params, u))
+            })
+            .collect();
         let mut next = Vec::with_capacity(batch);
         for (row, out) in outputs.iter_mut().enumerate() {
             let Some(drawn) = draws[row] else {
@@ -395,7 +396,7 @@ fn uniform(params: &SamplingParams, rng: &mut impl Rng) -> f64 {
 
 /// [`draw`] with its uniform given.
 fn draw_with(logits: &[f32], params: &SamplingParams, u: f64) -> Draw {
-    let (max, log_z) = crate::kernels::cpu::max_and_log_sum_exp(logits);
+    let (max, log_z) = max_and_log_sum_exp(logits);
     let max = max as f64;
     let raw = |token: usize| logits[token] - log_z;
     if params.temperature <= 0.0 {
@@ -420,7 +421,7 @@ fn nucleus_draw(logits: &[f32], max: f64, params: &SamplingParams, u: f64) -> (u
     // attention at batch 64); the weights are summed and drawn from in f64.
     let inverse_t = (1.0 / params.temperature) as f32;
     let mut weights = logits.to_vec();
-    crate::kernels::cpu::exp_scaled_in_place(&mut weights, inverse_t, max as f32 * inverse_t);
+    f32::exp_in_place(&mut weights, inverse_t, max as f32 * inverse_t);
     let mut probs: Vec<(usize, f64)> = weights
         .into_iter()
         .enumerate()

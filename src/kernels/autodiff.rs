@@ -64,10 +64,6 @@ impl<B: Backend + KilnKernels, C: CheckpointStrategy> KilnKernels for Autodiff<B
         }
     }
 
-    fn linear_matmul(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::linear(x, weight)
-    }
-
     fn linear_backward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

@@ -502,21 +502,18 @@ fn max_of<T: Real>(x: &[T]) -> T {
     lanes.iter().fold(tail, |m, &v| m.max(v))
 }
 
-/// The largest of `x` and `ln(sum(exp(x)))`, in f32 lanes as the cross-entropy kernel sums:
-/// generation's log-probabilities over a 49k-token vocabulary, where libm's f64 `exp` per
-/// logit was 6% of a batch-64 decoding step.
-pub fn max_and_log_sum_exp(x: &[f32]) -> (f32, f32) {
-    let max = vectorized(
+/// The largest of `x` and `ln(sum(exp(x)))`, summed in fixed lanes: the cross-entropy's
+/// log-normaliser, and generation's over a 49k-token vocabulary (where libm's f64 `exp` per
+/// logit was 6% of a batch-64 decoding step).
+#[inline(always)]
+pub fn max_and_log_sum_exp<T: Real>(x: &[T]) -> (T, T) {
+    vectorized(
         #[inline(always)]
-        || max_of(x),
-    );
-    (max, max + f32::sum_exp(x, max).ln())
-}
-
-/// `x[i] = exp(x[i] * scale - shift)` in f32 lanes; returns their sum. Generation's sampling
-/// weights at a temperature.
-pub fn exp_scaled_in_place(x: &mut [f32], scale: f32, shift: f32) -> f32 {
-    f32::exp_in_place(x, scale, shift)
+        || {
+            let max = max_of(x);
+            (max, max + T::sum_exp(x, max).ln())
+        },
+    )
 }
 
 // The portable forms of `Real`'s slice functions (f64, and f32 without AVX2).
@@ -1172,18 +1169,12 @@ fn cross_entropy_forward<T: Real>(logits: &Host, targets: &[i64]) -> (Host, Host
         .zip(lse.par_iter_mut())
         .zip(z.par_chunks(vocab).zip(targets.par_iter()))
         .for_each(|((loss, lse), (z, &target))| {
-            vectorized(
-                #[inline(always)]
-                || {
-                    let max = max_of(z);
-                    *lse = max + T::sum_exp(z, max).ln();
-                    *loss = if target < 0 {
-                        T::zero()
-                    } else {
-                        *lse - z[target as usize]
-                    };
-                },
-            )
+            *lse = max_and_log_sum_exp(z).1;
+            *loss = if target < 0 {
+                T::zero()
+            } else {
+                *lse - z[target as usize]
+            };
         });
     (tensor(loss, &shape[..1]), tensor(lse, &shape[..1]))
 }
