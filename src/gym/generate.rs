@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::instructions::{Instruction, InstructionKind, sample_instruction};
 use super::safety::{REFUSAL, compliant_answer, load_unsafe_prompts};
-use super::tasks::{Task, TaskKind, near_miss, sample_any_task, sample_task, score};
+use super::tasks::{Task, TaskKind, close_miss, near_miss, sample_any_task, sample_task, score};
 use super::{
     ChatExample, EvalDialogue, EvalTurn, InstructionEntry, Message, PreferencePair, PromptRecord,
     Rating, Role, Turns, UnsafePrompt,
@@ -34,6 +34,10 @@ pub struct GymSizes {
     pub sft_train: usize,
     pub sft_val: usize,
     pub pref_train: usize,
+    /// Extra helpfulness pairs in the training preferences: a task's gold answer against a
+    /// close miss (off by one, two neighbouring letters swapped). Held-out pairs get none,
+    /// so the held-out accuracies keep their meaning.
+    pub pref_close_misses: usize,
     pub pref_heldout: usize,
     pub prompts_train: usize,
     pub prompts_heldout: usize,
@@ -52,6 +56,7 @@ impl Default for GymSizes {
             sft_train: 30_000,
             sft_val: 500,
             pref_train: 10_000,
+            pref_close_misses: 60_000,
             pref_heldout: 500,
             prompts_train: 5_000,
             prompts_heldout: 400,
@@ -83,6 +88,10 @@ const SFT_REPEATED_INSTRUCTION_PERCENT: usize = 5;
 /// Preference mixture, in percent: near-miss helpfulness pairs take the rest.
 const PREF_BENIGN_REFUSAL_PERCENT: usize = 10;
 const PREF_SAFETY_PERCENT: usize = 25;
+/// Task kinds of the close-miss pairs: arithmetic and counting, where the policy's slips
+/// are hardest to tell from the gold answer. (Letter tasks get their near misses from the
+/// general pairs; a quarter of letter pairs here did not help best-of-K on them.)
+const CLOSE_MISS_KINDS: [TaskKind; 3] = [TaskKind::Add, TaskKind::Subtract, TaskKind::Count];
 /// Share of unsafe prompts in the prompt sets.
 const PROMPTS_UNSAFE_PERCENT: usize = 20;
 const MAX_COMBINED_INSTRUCTIONS: usize = 2;
@@ -112,6 +121,20 @@ impl Source<'_> {
         loop {
             let task = sample_any_task(rng);
             if !self.excluded.contains(&task.prompt) {
+                return task;
+            }
+        }
+    }
+
+    fn task_of(&self, kind: TaskKind, rng: &mut ChaCha8Rng) -> Task {
+        loop {
+            let task = match self.heldout_tasks {
+                Some(pool) => pool.choose(rng).unwrap().clone(),
+                None => sample_task(kind, rng),
+            };
+            if task.kind == kind
+                && (self.heldout_tasks.is_some() || !self.excluded.contains(&task.prompt))
+            {
                 return task;
             }
         }
@@ -204,7 +227,12 @@ fn sft_examples(count: usize, source: &Source, rng: &mut ChaCha8Rng) -> Vec<Chat
         .collect()
 }
 
-fn preference_pairs(count: usize, source: &Source, rng: &mut ChaCha8Rng) -> Vec<PreferencePair> {
+fn preference_pairs(
+    count: usize,
+    close_misses: usize,
+    source: &Source,
+    rng: &mut ChaCha8Rng,
+) -> Vec<PreferencePair> {
     let pair = |prompt: &str, chosen: &str, rejected: &str, rating, safety| PreferencePair {
         prompt: Turns::Text(prompt.into()),
         chosen: Turns::Text(chosen.into()),
@@ -266,6 +294,19 @@ fn preference_pairs(count: usize, source: &Source, rng: &mut ChaCha8Rng) -> Vec<
             &rejected,
             Rating::SignificantlyBetter,
             true,
+        ));
+    }
+    // Exact against wrong, however close: the distinction task accuracy makes, so rated
+    // `significantly_better` rather than by the gold score's partial credit.
+    for _ in 0..close_misses {
+        let task = source.task_of(*CLOSE_MISS_KINDS.choose(rng).unwrap(), rng);
+        let miss = close_miss(&task, rng);
+        pairs.push(pair(
+            &task.prompt,
+            &task.answer,
+            &miss,
+            Rating::SignificantlyBetter,
+            false,
         ));
     }
     pairs.shuffle(rng);
@@ -402,8 +443,13 @@ pub fn generate(out: &Path, seed: u64, sizes: &GymSizes) -> Result<GymSummary> {
     );
     let sft_train = sft_examples(sizes.sft_train, &train, &mut rng(3));
     let sft_val = sft_examples(sizes.sft_val, &heldout, &mut rng(4));
-    let pref_train = preference_pairs(sizes.pref_train, &train, &mut rng(5));
-    let pref_heldout = preference_pairs(sizes.pref_heldout, &heldout, &mut rng(6));
+    let pref_train = preference_pairs(
+        sizes.pref_train,
+        sizes.pref_close_misses,
+        &train,
+        &mut rng(5),
+    );
+    let pref_heldout = preference_pairs(sizes.pref_heldout, 0, &heldout, &mut rng(6));
     let prompts_train = prompt_records(sizes.prompts_train, &train, &mut rng(7));
     let prompts_heldout = prompt_records(sizes.prompts_heldout, &heldout, &mut rng(8));
     let gatt = gatt_dialogues(sizes.gatt_dialogues, sizes.gatt_turns, &train, &mut rng(9));

@@ -34,7 +34,9 @@ pub use crate::data::chat::{Message, PreferencePair, PromptRecord, Rating, Role,
 pub use generate::{GymSizes, GymSummary, generate};
 pub use instructions::{Instruction, InstructionKind, sample_instruction};
 pub use safety::{REFUSAL, compliant_answer, is_refusal, load_unsafe_prompts};
-pub use tasks::{Task, TaskKind, exact_match, near_miss, sample_any_task, sample_task, score};
+pub use tasks::{
+    Task, TaskKind, close_miss, exact_match, near_miss, sample_any_task, sample_task, score,
+};
 
 /// One line of `sft_*.jsonl` and `gatt_dialogues.jsonl`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

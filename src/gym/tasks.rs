@@ -252,6 +252,55 @@ pub fn near_miss<R: Rng + ?Sized>(task: &Task, rng: &mut R) -> String {
     )
 }
 
+/// A wrong answer one small slip from the gold one, the kind the policy itself makes: a
+/// number off by 1-3 or by 10, or two neighbouring letters swapped or one letter replaced.
+/// Telling these from the gold answer is what best-of-K selection needs of a reward model
+/// (docs/results.md, rejection sampling); the broader [`near_miss`] rarely asks it.
+pub fn close_miss<R: Rng + ?Sized>(task: &Task, rng: &mut R) -> String {
+    loop {
+        let candidate = if task.kind.is_numeric() {
+            let gold: i64 = task.answer.trim().parse().unwrap_or(0);
+            let steps: &[i64] = if task.kind == TaskKind::Count {
+                &[1, 1, 2]
+            } else {
+                &[1, 1, 2, 3, 10]
+            };
+            let step = *steps.choose(rng).unwrap();
+            let step = if rng.random_bool(0.5) { step } else { -step };
+            // A count or a difference is never negative: slip the other way.
+            (if gold + step < 0 {
+                gold - step
+            } else {
+                gold + step
+            })
+            .to_string()
+        } else {
+            let mut items: Vec<char> = task
+                .answer
+                .split_whitespace()
+                .filter_map(|s| s.chars().next())
+                .collect();
+            let i = rng.random_range(0..items.len());
+            if rng.random_bool(0.5) && items.len() >= 2 {
+                let i = i.min(items.len() - 2);
+                items.swap(i, i + 1);
+            } else {
+                let c = rng.random_range(b'a'..=b'z') as char;
+                items[i] = if task.kind == TaskKind::Uppercase {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                };
+            }
+            spaced(&items)
+        };
+        // A swap of equal letters or a replacement by the same letter changes nothing.
+        if !exact_match(&task.answer, &candidate) {
+            return candidate;
+        }
+    }
+}
+
 fn numeric_miss<R: Rng + ?Sized>(gold: &str, rng: &mut R) -> String {
     let gold: i64 = gold.trim().parse().unwrap_or(0);
     let sign = if gold == 0 || rng.random_bool(0.5) {

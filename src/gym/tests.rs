@@ -18,6 +18,7 @@ fn small_sizes() -> GymSizes {
         sft_train: 2_000,
         sft_val: 200,
         pref_train: 500,
+        pref_close_misses: 300,
         pref_heldout: 100,
         prompts_train: 300,
         prompts_heldout: 100,
@@ -198,6 +199,82 @@ fn near_misses_are_wrong_and_spread_over_the_score_range() {
         ratings.insert(format!("{:?}", Rating::from_gap(1.0 - credit)));
     }
     assert_eq!(ratings.len(), 4, "{ratings:?}");
+}
+
+#[test]
+fn close_misses_are_one_slip_from_the_gold_answer() {
+    let seed = rand::random::<u64>();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for kind in TaskKind::ALL {
+        for _ in 0..500 {
+            let task = sample_task(kind, &mut rng);
+            let miss = close_miss(&task, &mut rng);
+            assert!(
+                !exact_match(&task.answer, &miss),
+                "seed {seed}: {task:?} -> {miss}"
+            );
+            if kind.is_numeric() {
+                let (gold, miss): (i64, i64) =
+                    (task.answer.parse().unwrap(), miss.parse().unwrap());
+                assert!(miss >= 0, "seed {seed}: {task:?} -> {miss}");
+                assert!(
+                    [1, 2, 3, 10].contains(&(gold - miss).abs()),
+                    "seed {seed}: {task:?} -> {miss}"
+                );
+            } else {
+                let gold: Vec<&str> = task.answer.split(' ').collect();
+                let miss: Vec<&str> = miss.split(' ').collect();
+                assert_eq!(gold.len(), miss.len(), "seed {seed}: {task:?}");
+                let differ: Vec<usize> = (0..gold.len()).filter(|&i| gold[i] != miss[i]).collect();
+                let swapped = differ.len() == 2
+                    && differ[1] == differ[0] + 1
+                    && gold[differ[0]] == miss[differ[1]]
+                    && gold[differ[1]] == miss[differ[0]];
+                assert!(
+                    differ.len() == 1 || swapped,
+                    "seed {seed}: {task:?} -> {miss:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_training_preferences_hold_the_close_miss_pairs() {
+    let dir = generated(4);
+    let pairs: Vec<PreferencePair> = read_jsonl(&dir.path().join("pref_train.jsonl")).unwrap();
+    let sizes = small_sizes();
+    assert_eq!(pairs.len(), sizes.pref_train + sizes.pref_close_misses);
+    let held_out: Vec<PreferencePair> = read_jsonl(&dir.path().join("pref_heldout.jsonl")).unwrap();
+    assert_eq!(held_out.len(), sizes.pref_heldout);
+    // Every close-miss pair sets a numeric task's gold answer, as the checker solves it,
+    // against a number one slip away.
+    let close = pairs
+        .iter()
+        .filter(|p| !p.safety && p.rating == Rating::SignificantlyBetter)
+        .filter_map(|p| {
+            let task = super::tasks::solve(&p.prompt.clone().into_text())?;
+            let (chosen, rejected) = (p.chosen.clone().into_text(), p.rejected.clone().into_text());
+            let miss: i64 = rejected.parse().ok()?;
+            let gold: i64 = task.answer.parse().ok()?;
+            (task.kind.is_numeric()
+                && chosen == task.answer
+                && [1, 2, 3, 10].contains(&(gold - miss).abs()))
+            .then_some(task.kind)
+        })
+        .collect::<Vec<_>>();
+    assert!(
+        close.len() >= sizes.pref_close_misses,
+        "{} of {}",
+        close.len(),
+        sizes.pref_close_misses
+    );
+    for kind in [TaskKind::Add, TaskKind::Subtract, TaskKind::Count] {
+        assert!(
+            close.iter().filter(|&&k| k == kind).count() > sizes.pref_close_misses / 5,
+            "{kind:?}"
+        );
+    }
 }
 
 #[test]
