@@ -14,7 +14,7 @@ kiln() { cargo run --release --quiet -- "$@"; }
 D=runs/gym/data
 RMS=(--rm-helpful runs/gym/rm-helpful --rm-safety runs/gym/rm-safety)
 
-# The training prompts without the uppercase task: 4,200 of 5,000 (20% of them unsafe).
+# The training prompts without the uppercase task: 4,317 of 5,000 (1,000 of them unsafe).
 [ -f runs/gym-ablations/rs-prompts.jsonl ] ||
   grep -v '"prompt":"Write in capitals' "$D/prompts_train.jsonl" > runs/gym-ablations/rs-prompts.jsonl
 
