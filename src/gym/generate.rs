@@ -34,9 +34,9 @@ pub struct GymSizes {
     pub sft_train: usize,
     pub sft_val: usize,
     pub pref_train: usize,
-    /// Extra helpfulness pairs in the training preferences: a task's gold answer against a
-    /// close miss (off by one, two neighbouring letters swapped). Held-out pairs get none,
-    /// so the held-out accuracies keep their meaning.
+    /// Extra helpfulness pairs in the training preferences: an add, subtract or count task's
+    /// gold answer against a number off by 1, 2, 3 or 10 ([`close_miss`]). Held-out pairs
+    /// get none, so the held-out accuracies keep their meaning.
     pub pref_close_misses: usize,
     pub pref_heldout: usize,
     pub prompts_train: usize,
