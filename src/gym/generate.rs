@@ -115,26 +115,28 @@ struct Source<'a> {
 
 impl Source<'_> {
     fn task(&self, rng: &mut ChaCha8Rng) -> Task {
-        if let Some(pool) = self.heldout_tasks {
-            return pool.choose(rng).unwrap().clone();
-        }
+        self.drawn(rng, sample_any_task)
+    }
+
+    fn task_of(&self, kind: TaskKind, rng: &mut ChaCha8Rng) -> Task {
         loop {
-            let task = sample_any_task(rng);
-            if !self.excluded.contains(&task.prompt) {
+            // Training tasks are of `kind` at once; the held-out pool is drawn from until one is.
+            let task = self.drawn(rng, |rng| sample_task(kind, rng));
+            if task.kind == kind {
                 return task;
             }
         }
     }
 
-    fn task_of(&self, kind: TaskKind, rng: &mut ChaCha8Rng) -> Task {
+    /// A task from the held-out pool where there is one, else one of `sample`'s that is not a
+    /// held-out prompt.
+    fn drawn(&self, rng: &mut ChaCha8Rng, sample: impl Fn(&mut ChaCha8Rng) -> Task) -> Task {
+        if let Some(pool) = self.heldout_tasks {
+            return pool.choose(rng).unwrap().clone();
+        }
         loop {
-            let task = match self.heldout_tasks {
-                Some(pool) => pool.choose(rng).unwrap().clone(),
-                None => sample_task(kind, rng),
-            };
-            if task.kind == kind
-                && (self.heldout_tasks.is_some() || !self.excluded.contains(&task.prompt))
-            {
+            let task = sample(rng);
+            if !self.excluded.contains(&task.prompt) {
                 return task;
             }
         }

@@ -275,22 +275,13 @@ pub fn close_miss<R: Rng + ?Sized>(task: &Task, rng: &mut R) -> String {
             })
             .to_string()
         } else {
-            let mut items: Vec<char> = task
-                .answer
-                .split_whitespace()
-                .filter_map(|s| s.chars().next())
-                .collect();
+            let mut items = answer_letters(task);
             let i = rng.random_range(0..items.len());
             if rng.random_bool(0.5) && items.len() >= 2 {
                 let i = i.min(items.len() - 2);
                 items.swap(i, i + 1);
             } else {
-                let c = rng.random_range(b'a'..=b'z') as char;
-                items[i] = if task.kind == TaskKind::Uppercase {
-                    c.to_ascii_uppercase()
-                } else {
-                    c
-                };
+                items[i] = random_letter_for(task, rng);
             }
             spaced(&items)
         };
@@ -317,17 +308,27 @@ fn numeric_miss<R: Rng + ?Sized>(gold: &str, rng: &mut R) -> String {
     }
 }
 
-fn letter_miss<R: Rng + ?Sized>(task: &Task, rng: &mut R) -> String {
-    let mut items: Vec<char> = task
-        .answer
+/// The letters of a letter task's gold answer.
+fn answer_letters(task: &Task) -> Vec<char> {
+    task.answer
         .split_whitespace()
         .filter_map(|s| s.chars().next())
-        .collect();
-    let upper = task.kind == TaskKind::Uppercase;
-    let random_letter = |rng: &mut R| {
-        let c = rng.random_range(b'a'..=b'z') as char;
-        if upper { c.to_ascii_uppercase() } else { c }
-    };
+        .collect()
+}
+
+/// A random letter in the case of `task`'s answers.
+fn random_letter_for<R: Rng + ?Sized>(task: &Task, rng: &mut R) -> char {
+    let c = rng.random_range(b'a'..=b'z') as char;
+    if task.kind == TaskKind::Uppercase {
+        c.to_ascii_uppercase()
+    } else {
+        c
+    }
+}
+
+fn letter_miss<R: Rng + ?Sized>(task: &Task, rng: &mut R) -> String {
+    let mut items = answer_letters(task);
+    let random_letter = |rng: &mut R| random_letter_for(task, rng);
     match rng.random_range(0..6) {
         0 if items.len() >= 2 => {
             let i = rng.random_range(0..items.len() - 1);
