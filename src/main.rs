@@ -90,8 +90,15 @@ fn run(command: Command) -> Result<()> {
             GymCommand::Check {
                 input,
                 selected,
+                baseline: None,
                 json,
             } => tools::gym_check(&input, selected, json),
+            GymCommand::Check {
+                input,
+                selected,
+                baseline: Some(baseline),
+                json,
+            } => tools::gym_compare(&baseline, &input, selected, json),
         },
         Command::Eval {
             command:

@@ -316,6 +316,10 @@ pub enum GymCommand {
         /// Only lines with `"selected": true` (a pool's trained answers).
         #[arg(long)]
         selected: bool,
+        /// Another answers file on the same prompts (e.g. the starting model's): prints the
+        /// change from it to --input prompt by prompt, with its paired standard error.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },

@@ -58,6 +58,53 @@ pub fn gym_check(input: &Path, selected: bool, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `kiln gym check --baseline A --input B`: B's change from A, prompt by prompt.
+pub fn gym_compare(baseline: &Path, input: &Path, selected: bool, json: bool) -> Result<()> {
+    let cmp = kiln::gym::eval::compare_answers(baseline, input, selected)?;
+    if json {
+        println!("{}", serde_json::to_string(&cmp)?);
+        return Ok(());
+    }
+    println!(
+        "{} against {} (means over prompts; SE of the paired difference)",
+        input.display(),
+        baseline.display()
+    );
+    println!(
+        "{:<11} {:>7} {:>8} {:>8} {:>14} {:>8} {:>8} {:>16}",
+        "task", "prompts", "exact A", "exact B", "change (SE)", "gold A", "gold B", "change (SE)"
+    );
+    let rows = cmp.by_kind.iter().map(|(k, c)| (k.as_str(), c));
+    for (name, c) in rows.chain([("all tasks", &cmp.tasks)]) {
+        let (e, g) = (&c.exact, &c.gold_score);
+        println!(
+            "{:<11} {:>7} {:>7.1}% {:>7.1}% {:>+8.2} ({:.2}) {:>8.3} {:>8.3} {:>+9.4} ({:.4})",
+            name,
+            e.prompts,
+            100.0 * e.baseline,
+            100.0 * e.candidate,
+            100.0 * e.difference,
+            100.0 * e.standard_error,
+            g.baseline,
+            g.candidate,
+            g.difference,
+            g.standard_error
+        );
+    }
+    let u = &cmp.unsafe_refused;
+    if u.prompts > 0 {
+        println!(
+            "unsafe prompts: {}, refused {:.1}% -> {:.1}% ({:+.2} points, SE {:.2})",
+            u.prompts,
+            100.0 * u.baseline,
+            100.0 * u.candidate,
+            100.0 * u.difference,
+            100.0 * u.standard_error
+        );
+    }
+    Ok(())
+}
+
 pub fn tokenizer_train(input: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()> {
     let documents = corpus::read_corpus(input)?;
     let tok = tokenizer::train_bpe(documents.iter().map(|d| d.text.as_str()), vocab_size)?;

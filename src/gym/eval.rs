@@ -302,20 +302,7 @@ pub struct KindCheck {
 /// ([`super::tasks::solve`]); a prompt that is no task counts as unsafe, its answer as
 /// refused or not.
 pub fn check_answers(path: &Path, selected_only: bool) -> Result<AnswerCheck> {
-    use crate::data::chat::Turns;
-    #[derive(serde::Deserialize)]
-    struct Line {
-        prompt: Turns,
-        answer: String,
-        #[serde(default)]
-        reward: Option<f64>,
-        #[serde(default)]
-        selected: Option<bool>,
-    }
-    let lines = crate::data::chat::read_jsonl(path, false, |line| {
-        serde_json::from_str::<Line>(line).map_err(|e| anyhow::anyhow!("{e}"))
-    })?
-    .records;
+    let lines = read_answers(path, selected_only)?;
     #[derive(Default)]
     struct Sums {
         check: KindCheck,
@@ -327,11 +314,7 @@ pub fn check_answers(path: &Path, selected_only: bool) -> Result<AnswerCheck> {
     let mut out = AnswerCheck::default();
     let (mut other_reward, mut other_rewarded) = (0.0, 0usize);
     for line in lines {
-        if selected_only && line.selected != Some(true) {
-            continue;
-        }
-        let prompt = last_user_text(&line.prompt);
-        let (task, gold) = match judge(&prompt, &line.answer) {
+        let (task, gold) = match judge(&line.prompt, &line.answer) {
             Gold::Task { task, score } => (task, score),
             Gold::Other { refused } => {
                 out.other += 1;
@@ -371,4 +354,176 @@ pub fn check_answers(path: &Path, selected_only: bool) -> Result<AnswerCheck> {
         anyhow::bail!("{}: no answers to check", path.display());
     }
     Ok(out)
+}
+
+/// One answer of an answers file: the prompt's last user text, the answer, its reward.
+struct AnswerLine {
+    prompt: String,
+    answer: String,
+    reward: Option<f64>,
+}
+
+/// The `{"prompt", "answer"}` lines of `path` (only `"selected": true` ones with
+/// `selected_only`).
+fn read_answers(path: &Path, selected_only: bool) -> Result<Vec<AnswerLine>> {
+    use crate::data::chat::Turns;
+    #[derive(serde::Deserialize)]
+    struct Line {
+        prompt: Turns,
+        answer: String,
+        #[serde(default)]
+        reward: Option<f64>,
+        #[serde(default)]
+        selected: Option<bool>,
+    }
+    let lines = crate::data::chat::read_jsonl(path, false, |line| {
+        serde_json::from_str::<Line>(line).map_err(|e| anyhow::anyhow!("{e}"))
+    })?
+    .records;
+    Ok(lines
+        .into_iter()
+        .filter(|line| !selected_only || line.selected == Some(true))
+        .map(|line| AnswerLine {
+            prompt: last_user_text(&line.prompt),
+            answer: line.answer,
+            reward: line.reward,
+        })
+        .collect())
+}
+
+/// Two answer files on the same prompts compared with the gold checker, prompt by prompt:
+/// each prompt's mean over its answers in either file, then the mean over the prompts both
+/// files answer of candidate minus baseline, with the standard error of that paired
+/// difference. Pairing by prompt removes the prompts' own difficulty from the noise, so a
+/// difference of a few standard errors is a change of the model, not of the draw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PairedComparison {
+    pub by_kind: BTreeMap<String, PairedKind>,
+    pub tasks: PairedKind,
+    /// Unsafe prompts (no gym task): the share of answers refused.
+    pub unsafe_refused: PairedMean,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PairedKind {
+    pub exact: PairedMean,
+    pub gold_score: PairedMean,
+}
+
+/// Means over the paired prompts of a per-prompt value in each file, and of their difference.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PairedMean {
+    pub prompts: usize,
+    pub baseline: f64,
+    pub candidate: f64,
+    /// candidate - baseline.
+    pub difference: f64,
+    /// Sample standard deviation of the per-prompt differences over sqrt(prompts); 0 for
+    /// fewer than two prompts.
+    pub standard_error: f64,
+}
+
+impl PairedMean {
+    /// `pairs`: (baseline, candidate) per prompt.
+    pub fn of(pairs: &[(f64, f64)]) -> Self {
+        let n = pairs.len();
+        if n == 0 {
+            return Self::default();
+        }
+        let mean = |f: &dyn Fn(&(f64, f64)) -> f64| pairs.iter().map(f).sum::<f64>() / n as f64;
+        let difference = mean(&|p| p.1 - p.0);
+        let standard_error = if n < 2 {
+            0.0
+        } else {
+            let ss: f64 = pairs.iter().map(|p| (p.1 - p.0 - difference).powi(2)).sum();
+            (ss / (n - 1) as f64).sqrt() / (n as f64).sqrt()
+        };
+        Self {
+            prompts: n,
+            baseline: mean(&|p| p.0),
+            candidate: mean(&|p| p.1),
+            difference,
+            standard_error,
+        }
+    }
+}
+
+/// Per prompt of one answers file: the task kind (None for an unsafe prompt) and the means
+/// of (exact, gold score) or (refused, refused) over its answers.
+fn per_prompt_means(
+    path: &Path,
+    selected_only: bool,
+) -> Result<BTreeMap<String, (Option<String>, f64, f64)>> {
+    let mut sums: BTreeMap<String, (Option<String>, f64, f64, usize)> = BTreeMap::new();
+    for line in read_answers(path, selected_only)? {
+        let (kind, a, b) = match judge(&line.prompt, &line.answer) {
+            Gold::Task { task, score } => {
+                let kind = serde_json::to_value(task.kind)?
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                (
+                    Some(kind),
+                    exact_match(&task.answer, &line.answer) as u8 as f64,
+                    score,
+                )
+            }
+            Gold::Other { refused } => (None, refused as u8 as f64, refused as u8 as f64),
+        };
+        let entry = sums.entry(line.prompt).or_insert((kind, 0.0, 0.0, 0));
+        entry.1 += a;
+        entry.2 += b;
+        entry.3 += 1;
+    }
+    if sums.is_empty() {
+        anyhow::bail!("{}: no answers to check", path.display());
+    }
+    Ok(sums
+        .into_iter()
+        .map(|(prompt, (kind, a, b, n))| (prompt, (kind, a / n as f64, b / n as f64)))
+        .collect())
+}
+
+/// Compares `candidate`'s answers with `baseline`'s ([`PairedComparison`]). An error if the
+/// two files share no prompt.
+pub fn compare_answers(
+    baseline: &Path,
+    candidate: &Path,
+    selected_only: bool,
+) -> Result<PairedComparison> {
+    let base = per_prompt_means(baseline, selected_only)?;
+    let cand = per_prompt_means(candidate, selected_only)?;
+    type Pairs = (Vec<(f64, f64)>, Vec<(f64, f64)>);
+    let mut kinds: BTreeMap<String, Pairs> = BTreeMap::new();
+    let (mut all, mut unsafe_refused): (Pairs, Vec<(f64, f64)>) = Default::default();
+    for (prompt, (kind, a0, b0)) in &base {
+        let Some((_, a1, b1)) = cand.get(prompt) else {
+            continue;
+        };
+        match kind {
+            Some(kind) => {
+                for pairs in [kinds.entry(kind.clone()).or_default(), &mut all] {
+                    pairs.0.push((*a0, *a1));
+                    pairs.1.push((*b0, *b1));
+                }
+            }
+            None => unsafe_refused.push((*a0, *a1)),
+        }
+    }
+    if all.0.is_empty() && unsafe_refused.is_empty() {
+        anyhow::bail!(
+            "{} and {} share no prompt: nothing to compare",
+            baseline.display(),
+            candidate.display()
+        );
+    }
+    let paired = |p: &Pairs| PairedKind {
+        exact: PairedMean::of(&p.0),
+        gold_score: PairedMean::of(&p.1),
+    };
+    Ok(PairedComparison {
+        by_kind: kinds.iter().map(|(k, p)| (k.clone(), paired(p))).collect(),
+        tasks: paired(&all),
+        unsafe_refused: PairedMean::of(&unsafe_refused),
+    })
 }
