@@ -4,7 +4,9 @@
 # gym reward models (configs/gym-ppo.toml); the gate's ablation (the helpfulness model
 # alone); a beta sweep (0.005, 0.01, 0.05); and PPO on the gym's checker as the reward, to
 # separate what PPO does from what the reward models let it do. Each run is evaluated on the
-# held-out sets at its end and at its best held-out checkpoint, and plotted. Outputs go to
+# held-out sets at its end and at its best held-out checkpoint, and plotted; then each final
+# policy samples 16 answers at T = 1 to every held-out task and unsafe prompt, compared with
+# the SFT model's prompt by prompt (`kiln gym check --baseline`). Outputs go to
 # runs/gym-ablations/. KILN=path/to/kiln runs a built binary instead of `cargo run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,3 +38,19 @@ ppo runs/gym-ablations/ppo-ungated --set ppo.gate=false
 ppo runs/gym-ablations/ppo-beta0.005 --set ppo.beta=0.005
 ppo runs/gym-ablations/ppo-beta0.05 --set ppo.beta=0.05
 ppo runs/gym-ablations/ppo-gym-checker --set 'ppo.reward="gym_checker"'
+
+# Sampled answers on the held-out sets: the policy PPO trains is the sampling one (T = 1).
+H=runs/gym-ablations/heldout-prompts.jsonl
+[ -f "$H" ] || { jq -c '{prompt, safety: false}' "$D/eval_tasks.jsonl"; jq -c '{prompt, safety: true}' "$D/eval_unsafe.jsonl"; } > "$H"
+sampled() { # policy, out
+  [ -f "$2/round-1/samples.jsonl" ] ||
+    kiln rs --config configs/gym-rs.toml --init "$1" "${RMS[@]}" --out "$2" --device cpu \
+      --set "rs.prompts=[\"$H\"]" --set rs.iterations=1 --set train.max_steps=1 \
+      --set rs.temperature=1.0 --set rs.k=16
+}
+sampled runs/gym/sft runs/gym-ablations/sampled-sft
+for run in ppo ppo-ungated ppo-beta0.005 ppo-beta0.05; do
+  sampled runs/gym-ablations/$run runs/gym-ablations/sampled-$run
+  kiln gym check --baseline runs/gym-ablations/sampled-sft/round-1/samples.jsonl \
+    --input runs/gym-ablations/sampled-$run/round-1/samples.jsonl
+done
