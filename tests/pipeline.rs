@@ -294,7 +294,25 @@ fn refused(args: &[String]) -> String {
 fn bad_recipes_are_refused_before_anything_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let text = read(&common::repo(TINY));
+    let no_prompts = tmp.path().join("no-unsafe-prompts");
+    std::fs::create_dir(&no_prompts).unwrap();
     let cases: Vec<(&str, String, &[&str])> = vec![
+        (
+            "a directory without unsafe prompts",
+            text.replace(
+                "[stage.gym]\n",
+                &format!(
+                    "[stage.gym]\nunsafe_dir = {:?}\n",
+                    no_prompts.display().to_string()
+                ),
+            ),
+            &[
+                "stage `data`",
+                "gym.unsafe_dir",
+                "no-unsafe-prompts",
+                "no *.jsonl files",
+            ],
+        ),
         (
             "a reference to no stage",
             text.replace("init = \"@pretrain\"", "init = \"@pretrian\""),

@@ -147,6 +147,10 @@ impl StageConfig for GymDataConfig {
         if !(0.0..1.0).contains(&s.heldout_unsafe_fraction) {
             bail!("gym.heldout_unsafe_fraction must be in [0, 1)");
         }
+        // Read before the run's directory is made: a bad directory of unsafe prompts would
+        // otherwise fail the stage and leave an --out that only --resume reopens.
+        crate::gym::load_unsafe_prompts(&s.unsafe_dir)
+            .with_context(|| "gym.unsafe_dir".to_string())?;
         Ok(())
     }
 }
