@@ -115,21 +115,21 @@ impl ModelConfig {
                 "model shape has more than {MAX_PARAMS} parameters (model.dim, model.n_layers, model.ffn_dim, model.vocab_size)"
             ),
         }
-        if self.dim % self.n_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) {
             bail!(
                 "model.dim ({}) must be a multiple of model.n_heads ({})",
                 self.dim,
                 self.n_heads
             );
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             bail!(
                 "model.n_kv_heads ({}) must divide model.n_heads ({})",
                 self.n_kv_heads,
                 self.n_heads
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!("model.dim / model.n_heads must be even for RoPE");
         }
         // Weights are f32: each value must be finite as an f32 too.
@@ -721,7 +721,7 @@ fn check_known_keys(known: &toml::Table, table: &toml::Table, source: &str) -> R
 
 /// " (did you mean `section.key`?)" when a known key is a likely typo of `name`, else "".
 fn did_you_mean(known: &toml::Table, name: &str) -> String {
-    let keys: Vec<String> = flatten(known).into_iter().map(|(k, _)| k).collect();
+    let keys: Vec<String> = flatten(known).into_keys().collect();
     nearest(name, keys.iter().map(String::as_str))
         .map_or(String::new(), |k| format!(" (did you mean {k}?)"))
 }

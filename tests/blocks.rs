@@ -439,7 +439,7 @@ fn kv_cache_gives_the_same_logits_as_a_full_forward_pass() {
         None,
     ));
     let mut cache = KvCache::new(config.n_layers, vec![0, 0]);
-    let mut stepwise = vec![Vec::new(), Vec::new()];
+    let mut stepwise = [Vec::new(), Vec::new()];
     // A prompt of 4 tokens, then one token at a time.
     let mut start = 0;
     for len in [4, 1, 1, 1, 1, 1] {

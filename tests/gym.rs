@@ -136,7 +136,7 @@ fn generate_fine_tune_evaluate_and_ghost_attention() {
     gatt.extend(sets(&[
         format!("gatt.dialogues=[\"{}\"]", d("gatt.jsonl")),
         format!("gatt.instructions=\"{}\"", d("data/instructions.jsonl")),
-        format!("data.train=[]"),
+        "data.train=[]".to_string(),
         format!("data.val=[\"{}\"]", d("data/sft_val.jsonl")),
         "gatt.max_answer_tokens=4".into(),
         // Answers cut at 4 tokens are kept without their end marker (the default drops them).

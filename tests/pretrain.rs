@@ -249,7 +249,7 @@ fn sigint_saves_a_checkpoint_and_exits_cleanly() {
     assert!(*step >= 3 && *step < 100_000, "step {step}");
     checkpoint::load(dir).expect("the checkpoint verifies");
     // The validation loss it reports is called final only if measured at the last step.
-    let measured_now = stderr.contains(&format!("final validation loss"))
+    let measured_now = stderr.contains(&"final validation loss".to_string())
         && stderr.contains(&format!("(step {step})"));
     let measured_before = stderr.contains("measured at step")
         && stderr.contains(&format!("the run stopped at step {step}"));

@@ -443,7 +443,7 @@ impl GgufFile {
                 info.ggml_type.name()
             )
         })?;
-        if info.ggml_type.is_blocked() && info.dims[0] as usize % QK != 0 {
+        if info.ggml_type.is_blocked() && !(info.dims[0] as usize).is_multiple_of(QK) {
             bail!(
                 "{}: tensor {} has rows of {} values, not a multiple of the block size {QK}",
                 self.path,
@@ -647,7 +647,11 @@ impl GgufFile {
             tie_embeddings: self.tensor("output.weight").is_none(),
             ..ModelConfig::default()
         };
-        if n_heads == 0 || dim % n_heads != 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0
+            || !dim.is_multiple_of(n_heads)
+            || n_kv_heads == 0
+            || !n_heads.is_multiple_of(n_kv_heads)
+        {
             bail!(
                 "{}: {n_heads} heads and {n_kv_heads} KV heads do not fit dimension {dim}",
                 self.path

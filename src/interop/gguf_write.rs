@@ -19,7 +19,7 @@ const ALIGNMENT: usize = 32;
 /// Quantises `values` (a multiple of 32 long for the block types) as ggml's reference
 /// quantisers do.
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
-    if ty.is_blocked() && values.len() % QK != 0 {
+    if ty.is_blocked() && !values.len().is_multiple_of(QK) {
         bail!("{} needs a multiple of {QK} values", ty.name());
     }
     let mut out = Vec::new();

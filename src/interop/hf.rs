@@ -108,9 +108,9 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
         ..ModelConfig::default()
     };
     if model.n_heads == 0
-        || model.dim % model.n_heads != 0
+        || !model.dim.is_multiple_of(model.n_heads)
         || model.n_kv_heads == 0
-        || model.n_heads % model.n_kv_heads != 0
+        || !model.n_heads.is_multiple_of(model.n_kv_heads)
     {
         bail!(
             "{}: {} heads and {} KV heads do not fit hidden_size {}",

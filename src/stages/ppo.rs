@@ -287,7 +287,7 @@ impl StageConfig for PpoConfig {
                 bail!("{key} must be at least 1");
             }
         }
-        if p.rollout_batch % p.mini_batch != 0 {
+        if !p.rollout_batch.is_multiple_of(p.mini_batch) {
             bail!(
                 "ppo.rollout_batch ({}) is not divisible by ppo.mini_batch ({}): every gradient step takes a whole mini-batch",
                 p.rollout_batch,

@@ -52,19 +52,19 @@ impl<R: Stepped> MetricsLog<R> {
     /// checkpoint (written by the interrupted run) are dropped so the log reads as one run.
     pub fn open(out_dir: &Path, resumed_step: Option<u64>) -> Result<Self> {
         let path = out_dir.join("metrics.jsonl");
-        if let Some(resumed) = resumed_step {
-            if path.exists() {
-                let kept: Vec<R> = read_records(&path)?
-                    .into_iter()
-                    .filter(|r: &R| r.step() <= resumed)
-                    .collect();
-                let mut text = String::new();
-                for r in &kept {
-                    text.push_str(&serde_json::to_string(r)?);
-                    text.push('\n');
-                }
-                crate::interop::checkpoint::write_atomic(&path, text.as_bytes())?;
+        if let Some(resumed) = resumed_step
+            && path.exists()
+        {
+            let kept: Vec<R> = read_records(&path)?
+                .into_iter()
+                .filter(|r: &R| r.step() <= resumed)
+                .collect();
+            let mut text = String::new();
+            for r in &kept {
+                text.push_str(&serde_json::to_string(r)?);
+                text.push('\n');
             }
+            crate::interop::checkpoint::write_atomic(&path, text.as_bytes())?;
         }
         let file = OpenOptions::new()
             .create(true)

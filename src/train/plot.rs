@@ -192,10 +192,11 @@ fn draw_panel(
                 format!("{x:.0}")
             } else {
                 let i = x.round() as usize;
-                (1..=panel.x_names.len())
-                    .contains(&i)
-                    .then(|| panel.x_names[i - 1].clone())
-                    .unwrap_or_default()
+                if (1..=panel.x_names.len()).contains(&i) {
+                    panel.x_names[i - 1].clone()
+                } else {
+                    Default::default()
+                }
             }
         })
         .y_desc(panel.y_label)

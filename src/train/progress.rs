@@ -96,7 +96,7 @@ impl Progress {
                 bar.set_position(step);
                 bar.set_message(line);
             }
-            None if step % self.log_interval == 0 => eprintln!("step {step:>6} | {line}"),
+            None if step.is_multiple_of(self.log_interval) => eprintln!("step {step:>6} | {line}"),
             None => {}
         }
     }
