@@ -89,15 +89,22 @@ fn run(command: Command) -> Result<()> {
             } => tools::gym_generate(&out, seed, unsafe_prompts),
             GymCommand::Check {
                 input,
+                annotate: Some(out),
+                ..
+            } => tools::gym_annotate(&input, &out),
+            GymCommand::Check {
+                input,
                 selected,
                 baseline: None,
                 json,
+                ..
             } => tools::gym_check(&input, selected, json),
             GymCommand::Check {
                 input,
                 selected,
                 baseline: Some(baseline),
                 json,
+                ..
             } => tools::gym_compare(&baseline, &input, selected, json),
         },
         Command::Eval {

@@ -320,6 +320,10 @@ pub enum GymCommand {
         /// change from it to --input prompt by prompt, with its paired standard error.
         #[arg(long)]
         baseline: Option<PathBuf>,
+        /// Write every line of --input with the checker's verdict added (`gold_kind`,
+        /// `gold_answer`, `exact`, `gold_score`; `refused` for other prompts) to this file.
+        #[arg(long, conflicts_with_all = ["baseline", "selected", "json"])]
+        annotate: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },

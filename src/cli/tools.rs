@@ -58,6 +58,25 @@ pub fn gym_check(input: &Path, selected: bool, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `kiln gym check --input F --annotate OUT`: F's lines with the gold checker's verdict.
+pub fn gym_annotate(input: &Path, out: &Path) -> Result<()> {
+    if out == input {
+        anyhow::bail!(
+            "{}: --annotate would overwrite --input; name another file",
+            out.display()
+        );
+    }
+    let lines = kiln::gym::eval::annotate_answers(input)?;
+    let mut text = String::new();
+    for line in &lines {
+        text.push_str(&serde_json::to_string(line)?);
+        text.push('\n');
+    }
+    checkpoint::write_atomic(out, text.as_bytes())?;
+    eprintln!("{} lines checked: {}", lines.len(), out.display());
+    Ok(())
+}
+
 /// `kiln gym check --baseline A --input B`: B's change from A, prompt by prompt.
 pub fn gym_compare(baseline: &Path, input: &Path, selected: bool, json: bool) -> Result<()> {
     let cmp = kiln::gym::eval::compare_answers(baseline, input, selected)?;

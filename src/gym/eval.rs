@@ -356,6 +356,42 @@ pub fn check_answers(path: &Path, selected_only: bool) -> Result<AnswerCheck> {
     Ok(out)
 }
 
+/// Every line of an answers file (`{"prompt", "answer", ...}`) with the gold checker's view
+/// added: for a gym task `"gold_kind"`, `"gold_answer"`, `"exact"` and `"gold_score"`; for
+/// any other prompt `"refused"`. The line's own fields are kept, so a script can put the
+/// checker's verdict next to a sample's reward and log-probs without re-implementing it.
+pub fn annotate_answers(path: &Path) -> Result<Vec<serde_json::Value>> {
+    use crate::data::chat::Turns;
+    let records = crate::data::chat::read_jsonl(path, false, |line| {
+        let mut value: serde_json::Value = serde_json::from_str(line)?;
+        let object = value
+            .as_object_mut()
+            .ok_or_else(|| anyhow::anyhow!("not a JSON object"))?;
+        let field = |key: &str| {
+            object
+                .get(key)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("no `{key}` field"))
+        };
+        let prompt: Turns = serde_json::from_value(field("prompt")?)?;
+        let answer: String = serde_json::from_value(field("answer")?)?;
+        match judge(&last_user_text(&prompt), &answer) {
+            Gold::Task { task, score } => {
+                object.insert("gold_kind".into(), serde_json::to_value(task.kind)?);
+                let exact = exact_match(&task.answer, &answer);
+                object.insert("gold_answer".into(), task.answer.into());
+                object.insert("exact".into(), exact.into());
+                object.insert("gold_score".into(), score.into());
+            }
+            Gold::Other { refused } => {
+                object.insert("refused".into(), refused.into());
+            }
+        }
+        Ok(value)
+    })?;
+    Ok(records.records)
+}
+
 /// One answer of an answers file: the prompt's last user text, the answer, its reward.
 struct AnswerLine {
     prompt: String,
