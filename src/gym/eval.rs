@@ -163,11 +163,7 @@ pub fn evaluate(
         correct += hit as usize;
         total_score += score(task.kind, &task.answer, got);
         benign_refused += is_refusal(got) as usize;
-        let kind = serde_json::to_value(task.kind)?
-            .as_str()
-            .unwrap_or("?")
-            .to_string();
-        let entry = by_kind.entry(kind).or_default();
+        let entry = by_kind.entry(task.kind.name().to_string()).or_default();
         entry.0 += hit as usize;
         entry.1 += 1;
     }
@@ -326,11 +322,10 @@ pub fn check_answers(path: &Path, selected_only: bool) -> Result<AnswerCheck> {
                 continue;
             }
         };
-        let name = serde_json::to_value(task.kind)?
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        for sums in [kinds.entry(name).or_default(), &mut all] {
+        for sums in [
+            kinds.entry(task.kind.name().to_string()).or_default(),
+            &mut all,
+        ] {
             sums.check.answers += 1;
             sums.check.exact += exact_match(&task.answer, &line.answer) as usize;
             sums.check.gold_score += gold;
@@ -377,7 +372,7 @@ pub fn annotate_answers(path: &Path) -> Result<Vec<serde_json::Value>> {
         let answer: String = serde_json::from_value(field("answer")?)?;
         match judge(&last_user_text(&prompt), &answer) {
             Gold::Task { task, score } => {
-                object.insert("gold_kind".into(), serde_json::to_value(task.kind)?);
+                object.insert("gold_kind".into(), task.kind.name().into());
                 let exact = exact_match(&task.answer, &answer);
                 object.insert("gold_answer".into(), task.answer.into());
                 object.insert("exact".into(), exact.into());
@@ -493,17 +488,11 @@ fn per_prompt_means(
     let mut sums: BTreeMap<String, (Option<String>, f64, f64, usize)> = BTreeMap::new();
     for line in read_answers(path, selected_only)? {
         let (kind, a, b) = match judge(&line.prompt, &line.answer) {
-            Gold::Task { task, score } => {
-                let kind = serde_json::to_value(task.kind)?
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                (
-                    Some(kind),
-                    exact_match(&task.answer, &line.answer) as u8 as f64,
-                    score,
-                )
-            }
+            Gold::Task { task, score } => (
+                Some(task.kind.name().to_string()),
+                exact_match(&task.answer, &line.answer) as u8 as f64,
+                score,
+            ),
             Gold::Other { refused } => (None, refused as u8 as f64, refused as u8 as f64),
         };
         let entry = sums.entry(line.prompt).or_insert((kind, 0.0, 0.0, 0));

@@ -44,6 +44,18 @@ impl TaskKind {
     pub fn is_numeric(self) -> bool {
         matches!(self, TaskKind::Add | TaskKind::Subtract | TaskKind::Count)
     }
+
+    /// The kind's name in files and reports (its serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Add => "add",
+            TaskKind::Subtract => "subtract",
+            TaskKind::Reverse => "reverse",
+            TaskKind::Sort => "sort",
+            TaskKind::Count => "count",
+            TaskKind::Uppercase => "uppercase",
+        }
+    }
 }
 
 /// One task: the user prompt and its only correct answer.

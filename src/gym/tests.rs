@@ -625,3 +625,10 @@ fn annotated_answers_carry_the_checkers_verdict() {
         "{error}"
     );
 }
+
+#[test]
+fn task_kind_names_are_their_serde_names() {
+    for kind in TaskKind::ALL {
+        assert_eq!(serde_json::to_value(kind).unwrap(), kind.name());
+    }
+}
