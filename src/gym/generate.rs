@@ -34,9 +34,10 @@ pub struct GymSizes {
     pub sft_train: usize,
     pub sft_val: usize,
     pub pref_train: usize,
-    /// Extra helpfulness pairs in the training preferences: an add, subtract or count task's
-    /// gold answer against a number off by 1, 2, 3 or 10 ([`close_miss`]). Held-out pairs
-    /// get none, so the held-out accuracies keep their meaning.
+    /// Extra helpfulness pairs in the training preferences: a task's gold answer against one
+    /// slip ([`close_miss`]): a number off by 1, 2, 3 or 10 (add, subtract, count), or one
+    /// swapped or replaced letter (reverse, sort). Held-out pairs get none, so the held-out
+    /// accuracies keep their meaning.
     pub pref_close_misses: usize,
     pub pref_heldout: usize,
     pub prompts_train: usize,
@@ -56,7 +57,7 @@ impl Default for GymSizes {
             sft_train: 30_000,
             sft_val: 500,
             pref_train: 10_000,
-            pref_close_misses: 60_000,
+            pref_close_misses: 90_000,
             pref_heldout: 500,
             prompts_train: 5_000,
             prompts_heldout: 400,
@@ -88,10 +89,17 @@ const SFT_REPEATED_INSTRUCTION_PERCENT: usize = 5;
 /// Preference mixture, in percent: near-miss helpfulness pairs take the rest.
 const PREF_BENIGN_REFUSAL_PERCENT: usize = 10;
 const PREF_SAFETY_PERCENT: usize = 25;
-/// Task kinds of the close-miss pairs: arithmetic and counting, where the policy's slips
-/// are hardest to tell from the gold answer. (Letter tasks get their near misses from the
-/// general pairs; a quarter of letter pairs here did not help best-of-K on them.)
-const CLOSE_MISS_KINDS: [TaskKind; 3] = [TaskKind::Add, TaskKind::Subtract, TaskKind::Count];
+/// Task kinds of the close-miss pairs: those where the policy slips. Without reverse and
+/// sort here, best-of-8 by the reward model picked a right letter answer no more often than
+/// a random sample, and RS lost letter skills round by round (docs/results.md).
+/// Uppercase, which the policy gets right, is left to the general pairs.
+pub(crate) const CLOSE_MISS_KINDS: [TaskKind; 5] = [
+    TaskKind::Add,
+    TaskKind::Subtract,
+    TaskKind::Count,
+    TaskKind::Reverse,
+    TaskKind::Sort,
+];
 /// Share of unsafe prompts in the prompt sets.
 const PROMPTS_UNSAFE_PERCENT: usize = 20;
 const MAX_COMBINED_INSTRUCTIONS: usize = 2;

@@ -201,6 +201,31 @@ fn near_misses_are_wrong_and_spread_over_the_score_range() {
     assert_eq!(ratings.len(), 4, "{ratings:?}");
 }
 
+/// `miss` is one slip from `task`'s gold answer: a number off by 1, 2, 3 or 10 (and not
+/// negative), or the letters with one adjacent pair swapped or one letter replaced.
+fn one_slip(task: &Task, miss: &str) -> bool {
+    if exact_match(&task.answer, miss) {
+        return false;
+    }
+    if task.kind.is_numeric() {
+        let (Ok(gold), Ok(miss)) = (task.answer.parse::<i64>(), miss.parse::<i64>()) else {
+            return false;
+        };
+        return miss >= 0 && [1, 2, 3, 10].contains(&(gold - miss).abs());
+    }
+    let gold: Vec<&str> = task.answer.split(' ').collect();
+    let miss: Vec<&str> = miss.split(' ').collect();
+    if gold.len() != miss.len() {
+        return false;
+    }
+    let differ: Vec<usize> = (0..gold.len()).filter(|&i| gold[i] != miss[i]).collect();
+    let swapped = differ.len() == 2
+        && differ[1] == differ[0] + 1
+        && gold[differ[0]] == miss[differ[1]]
+        && gold[differ[1]] == miss[differ[0]];
+    differ.len() == 1 || swapped
+}
+
 #[test]
 fn close_misses_are_one_slip_from_the_gold_answer() {
     let seed = rand::random::<u64>();
@@ -209,32 +234,7 @@ fn close_misses_are_one_slip_from_the_gold_answer() {
         for _ in 0..500 {
             let task = sample_task(kind, &mut rng);
             let miss = close_miss(&task, &mut rng);
-            assert!(
-                !exact_match(&task.answer, &miss),
-                "seed {seed}: {task:?} -> {miss}"
-            );
-            if kind.is_numeric() {
-                let (gold, miss): (i64, i64) =
-                    (task.answer.parse().unwrap(), miss.parse().unwrap());
-                assert!(miss >= 0, "seed {seed}: {task:?} -> {miss}");
-                assert!(
-                    [1, 2, 3, 10].contains(&(gold - miss).abs()),
-                    "seed {seed}: {task:?} -> {miss}"
-                );
-            } else {
-                let gold: Vec<&str> = task.answer.split(' ').collect();
-                let miss: Vec<&str> = miss.split(' ').collect();
-                assert_eq!(gold.len(), miss.len(), "seed {seed}: {task:?}");
-                let differ: Vec<usize> = (0..gold.len()).filter(|&i| gold[i] != miss[i]).collect();
-                let swapped = differ.len() == 2
-                    && differ[1] == differ[0] + 1
-                    && gold[differ[0]] == miss[differ[1]]
-                    && gold[differ[1]] == miss[differ[0]];
-                assert!(
-                    differ.len() == 1 || swapped,
-                    "seed {seed}: {task:?} -> {miss:?}"
-                );
-            }
+            assert!(one_slip(&task, &miss), "seed {seed}: {task:?} -> {miss}");
         }
     }
 }
@@ -247,20 +247,15 @@ fn the_training_preferences_hold_the_close_miss_pairs() {
     assert_eq!(pairs.len(), sizes.pref_train + sizes.pref_close_misses);
     let held_out: Vec<PreferencePair> = read_jsonl(&dir.path().join("pref_heldout.jsonl")).unwrap();
     assert_eq!(held_out.len(), sizes.pref_heldout);
-    // Every close-miss pair sets a numeric task's gold answer, as the checker solves it,
-    // against a number one slip away.
+    // Every close-miss pair sets a task's gold answer, as the checker solves it, against an
+    // answer one slip away.
     let close = pairs
         .iter()
         .filter(|p| !p.safety && p.rating == Rating::SignificantlyBetter)
         .filter_map(|p| {
             let task = super::tasks::solve(&p.prompt.clone().into_text())?;
             let (chosen, rejected) = (p.chosen.clone().into_text(), p.rejected.clone().into_text());
-            let miss: i64 = rejected.parse().ok()?;
-            let gold: i64 = task.answer.parse().ok()?;
-            (task.kind.is_numeric()
-                && chosen == task.answer
-                && [1, 2, 3, 10].contains(&(gold - miss).abs()))
-            .then_some(task.kind)
+            (chosen == task.answer && one_slip(&task, &rejected)).then_some(task.kind)
         })
         .collect::<Vec<_>>();
     assert!(
@@ -269,9 +264,10 @@ fn the_training_preferences_hold_the_close_miss_pairs() {
         close.len(),
         sizes.pref_close_misses
     );
-    for kind in [TaskKind::Add, TaskKind::Subtract, TaskKind::Count] {
+    // Five kinds in equal shares: each well above an eighth.
+    for kind in generate::CLOSE_MISS_KINDS {
         assert!(
-            close.iter().filter(|&&k| k == kind).count() > sizes.pref_close_misses / 5,
+            close.iter().filter(|&&k| k == kind).count() > sizes.pref_close_misses / 8,
             "{kind:?}"
         );
     }
