@@ -67,12 +67,7 @@ pub fn gym_annotate(input: &Path, out: &Path) -> Result<()> {
         );
     }
     let lines = kiln::gym::eval::annotate_answers(input)?;
-    let mut text = String::new();
-    for line in &lines {
-        text.push_str(&serde_json::to_string(line)?);
-        text.push('\n');
-    }
-    checkpoint::write_atomic(out, text.as_bytes())?;
+    checkpoint::write_jsonl_atomic(out, &lines)?;
     eprintln!("{} lines checked: {}", lines.len(), out.display());
     Ok(())
 }

@@ -356,24 +356,17 @@ pub fn check_answers(path: &Path, selected_only: bool) -> Result<AnswerCheck> {
 /// any other prompt `"refused"`. The line's own fields are kept, so a script can put the
 /// checker's verdict next to a sample's reward and log-probs without re-implementing it.
 pub fn annotate_answers(path: &Path) -> Result<Vec<serde_json::Value>> {
-    use crate::data::chat::Turns;
-    let records = crate::data::chat::read_jsonl(path, false, |line| {
-        let mut value: serde_json::Value = serde_json::from_str(line)?;
+    use serde::Deserialize;
+    let records = crate::data::chat::read_jsonl(path, false, |text| {
+        let mut value: serde_json::Value = serde_json::from_str(text)?;
+        let line = AnswerFileLine::deserialize(&value)?;
         let object = value
             .as_object_mut()
             .ok_or_else(|| anyhow::anyhow!("not a JSON object"))?;
-        let field = |key: &str| {
-            object
-                .get(key)
-                .cloned()
-                .ok_or_else(|| anyhow::anyhow!("no `{key}` field"))
-        };
-        let prompt: Turns = serde_json::from_value(field("prompt")?)?;
-        let answer: String = serde_json::from_value(field("answer")?)?;
-        match judge(&last_user_text(&prompt), &answer) {
+        match judge(&last_user_text(&line.prompt), &line.answer) {
             Gold::Task { task, score } => {
                 object.insert("gold_kind".into(), task.kind.name().into());
-                let exact = exact_match(&task.answer, &answer);
+                let exact = exact_match(&task.answer, &line.answer);
                 object.insert("gold_answer".into(), task.answer.into());
                 object.insert("exact".into(), exact.into());
                 object.insert("gold_score".into(), score.into());
@@ -387,6 +380,17 @@ pub fn annotate_answers(path: &Path) -> Result<Vec<serde_json::Value>> {
     Ok(records.records)
 }
 
+/// A line of an answers file (RS samples and pools, PPO rollouts): what the checks read.
+#[derive(serde::Deserialize)]
+struct AnswerFileLine {
+    prompt: crate::data::chat::Turns,
+    answer: String,
+    #[serde(default)]
+    reward: Option<f64>,
+    #[serde(default)]
+    selected: Option<bool>,
+}
+
 /// One answer of an answers file: the prompt's last user text, the answer, its reward.
 struct AnswerLine {
     prompt: String,
@@ -397,18 +401,8 @@ struct AnswerLine {
 /// The `{"prompt", "answer"}` lines of `path` (only `"selected": true` ones with
 /// `selected_only`).
 fn read_answers(path: &Path, selected_only: bool) -> Result<Vec<AnswerLine>> {
-    use crate::data::chat::Turns;
-    #[derive(serde::Deserialize)]
-    struct Line {
-        prompt: Turns,
-        answer: String,
-        #[serde(default)]
-        reward: Option<f64>,
-        #[serde(default)]
-        selected: Option<bool>,
-    }
     let lines = crate::data::chat::read_jsonl(path, false, |line| {
-        serde_json::from_str::<Line>(line).map_err(|e| anyhow::anyhow!("{e}"))
+        serde_json::from_str::<AnswerFileLine>(line).map_err(|e| anyhow::anyhow!("{e}"))
     })?
     .records;
     Ok(lines

@@ -69,6 +69,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Writes `records` to `path` as JSON lines, atomically ([`write_atomic`]).
+pub fn write_jsonl_atomic<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for record in records {
+        text.push_str(&serde_json::to_string(record)?);
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }

@@ -1660,12 +1660,7 @@ fn evaluate(
 
 /// `OUT/rollout.jsonl`: the latest iteration's answers (replaced atomically each iteration).
 fn write_rollout(out: &Path, answers: &[RolloutAnswer]) -> Result<()> {
-    let mut text = String::new();
-    for a in answers {
-        text.push_str(&serde_json::to_string(a)?);
-        text.push('\n');
-    }
-    checkpoint::write_atomic(&out.join(ROLLOUT_FILE), text.as_bytes())
+    checkpoint::write_jsonl_atomic(&out.join(ROLLOUT_FILE), answers)
 }
 
 /// What `kiln bench ppo` measured: seconds per iteration and where they went.

@@ -839,12 +839,7 @@ fn toml_string(path: &Path) -> String {
 }
 
 fn write_rounds(out: &Path, rounds: &[RoundSummary]) -> Result<()> {
-    let mut text = String::new();
-    for r in rounds {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
-    }
-    checkpoint::write_atomic(&out.join(ROUNDS_FILE), text.as_bytes())
+    checkpoint::write_jsonl_atomic(&out.join(ROUNDS_FILE), rounds)
 }
 
 /// One round: sampling (resumed from `samples.jsonl`), the pool, fine-tuning. `None` when

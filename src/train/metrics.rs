@@ -59,12 +59,7 @@ impl<R: Stepped> MetricsLog<R> {
                 .into_iter()
                 .filter(|r: &R| r.step() <= resumed)
                 .collect();
-            let mut text = String::new();
-            for r in &kept {
-                text.push_str(&serde_json::to_string(r)?);
-                text.push('\n');
-            }
-            crate::interop::checkpoint::write_atomic(&path, text.as_bytes())?;
+            crate::interop::checkpoint::write_jsonl_atomic(&path, &kept)?;
         }
         let file = OpenOptions::new()
             .create(true)
