@@ -106,6 +106,11 @@ fn run(command: Command) -> Result<()> {
                 json,
                 ..
             } => tools::gym_compare(&baseline, &input, selected, json),
+            GymCommand::Pairs {
+                input,
+                out,
+                per_prompt,
+            } => tools::gym_pairs(&input, &out, per_prompt),
         },
         Command::Eval {
             command:

@@ -327,6 +327,20 @@ pub enum GymCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Preference pairs from a policy's own answers (`kiln rs` samples, `kiln ppo` rollouts,
+    /// several per prompt), labelled by the checker: per prompt, its most frequent right
+    /// answer over each of its most frequent wrong ones; a refusal over a compliant answer to
+    /// an unsafe prompt. For retraining the reward models on the newest policy's answers.
+    Pairs {
+        #[arg(long)]
+        input: PathBuf,
+        /// The pairs (`{"prompt", "chosen", "rejected", "rating", "safety"}` lines).
+        #[arg(long)]
+        out: PathBuf,
+        /// Wrong answers paired per prompt, most frequent first.
+        #[arg(long, default_value_t = 2)]
+        per_prompt: usize,
+    },
 }
 
 #[derive(Subcommand)]

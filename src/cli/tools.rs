@@ -72,6 +72,34 @@ pub fn gym_annotate(input: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `kiln gym pairs`: the checker's preference pairs from a policy's answers.
+pub fn gym_pairs(input: &Path, out: &Path, per_prompt: usize) -> Result<()> {
+    if out == input {
+        anyhow::bail!(
+            "{}: --out would overwrite --input; name another file",
+            out.display()
+        );
+    }
+    let made = kiln::gym::policy_pairs::pairs_from_answers(input, per_prompt)?;
+    if made.pairs.is_empty() {
+        anyhow::bail!(
+            "{}: no prompt has both an answer the checker accepts and one it rejects; no pairs written",
+            input.display()
+        );
+    }
+    checkpoint::write_jsonl_atomic(out, &made.pairs)?;
+    eprintln!(
+        "{} answers to {} prompts: {} prompts with a right and a wrong answer, {} task pairs and {} safety pairs -> {}",
+        made.answers,
+        made.prompts,
+        made.prompts_with_pairs,
+        made.task_pairs,
+        made.safety_pairs,
+        out.display()
+    );
+    Ok(())
+}
+
 /// `kiln gym check --baseline A --input B`: B's change from A, prompt by prompt.
 pub fn gym_compare(baseline: &Path, input: &Path, selected: bool, json: bool) -> Result<()> {
     let cmp = kiln::gym::eval::compare_answers(baseline, input, selected)?;

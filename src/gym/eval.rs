@@ -382,13 +382,13 @@ pub fn annotate_answers(path: &Path) -> Result<Vec<serde_json::Value>> {
 
 /// A line of an answers file (RS samples and pools, PPO rollouts): what the checks read.
 #[derive(serde::Deserialize)]
-struct AnswerFileLine {
-    prompt: crate::data::chat::Turns,
-    answer: String,
+pub(crate) struct AnswerFileLine {
+    pub prompt: crate::data::chat::Turns,
+    pub answer: String,
     #[serde(default)]
-    reward: Option<f64>,
+    pub reward: Option<f64>,
     #[serde(default)]
-    selected: Option<bool>,
+    pub selected: Option<bool>,
 }
 
 /// One answer of an answers file: the prompt's last user text, the answer, its reward.

@@ -13,12 +13,15 @@
 //!   compliance is checkable turn by turn.
 //! - [`generate`]: writes the JSON Lines files (SFT, preference pairs, prompts, held-out
 //!   evaluation sets) with held-out prompts never used for training.
+//! - [`policy_pairs`]: preference pairs from a policy's own sampled answers, labelled by the
+//!   gold checker (the paper's fresh comparisons of the newest model's answers).
 //!
 //! Everything is deterministic for a seed (`ChaCha8Rng::seed_from_u64`).
 
 pub mod eval;
 pub mod generate;
 pub mod instructions;
+pub mod policy_pairs;
 pub mod safety;
 pub mod tasks;
 #[cfg(test)]

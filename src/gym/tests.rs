@@ -628,3 +628,67 @@ fn task_kind_names_are_their_serde_names() {
         assert_eq!(serde_json::to_value(kind).unwrap(), kind.name());
     }
 }
+
+/// `kiln gym pairs`: per prompt, the most frequent right answer over each of the most
+/// frequent wrong ones (up to `per_prompt`); a refusal over a compliant answer to an unsafe
+/// prompt is a safety pair; all-right and all-wrong prompts give none. By hand.
+#[test]
+fn policy_pairs_prefer_the_checkers_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.jsonl");
+    let line = |prompt: &str, answer: &str| serde_json::json!({"prompt": prompt, "answer": answer});
+    let add = "What is 12 + 30?";
+    let lines = [
+        line(add, "43"),
+        line(add, "42"),
+        line(add, "41"),
+        line(add, "41"),
+        line(add, "40"),
+        line(add, "42"),
+        line(add, "42 "), // exact after trimming, but less frequent than "42"
+        line("What is 1 + 1?", "2"), // all right: no pair
+        line("What is 2 + 2?", "5"), // all wrong: no pair
+        line("How do I pick a lock?", "First, insert a tension wrench."),
+        line("How do I pick a lock?", REFUSAL),
+    ];
+    let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+    std::fs::write(&path, &text).unwrap();
+    let got = super::policy_pairs::pairs_from_answers(&path, 2).unwrap();
+    assert_eq!(
+        (got.answers, got.prompts, got.prompts_with_pairs),
+        (11, 4, 2)
+    );
+    assert_eq!((got.task_pairs, got.safety_pairs), (2, 1));
+    let shown: Vec<_> = got
+        .pairs
+        .iter()
+        .map(|p| (p.chosen.clone(), p.rejected.clone(), p.safety, p.rating))
+        .collect();
+    let text = |s: &str| Turns::Text(s.into());
+    assert_eq!(
+        shown,
+        [
+            // "41" twice, then "43" before "40" (file order among equal counts).
+            (text("42"), text("41"), false, Rating::SignificantlyBetter),
+            (text("42"), text("43"), false, Rating::SignificantlyBetter),
+            (
+                text(REFUSAL),
+                text("First, insert a tension wrench."),
+                true,
+                Rating::SignificantlyBetter
+            ),
+        ]
+    );
+    assert_eq!(got.pairs[0].prompt, text(add));
+    // Every pair reads back as the reward models' training format.
+    let written: String = got
+        .pairs
+        .iter()
+        .map(|p| serde_json::to_string(p).unwrap() + "\n")
+        .collect();
+    for l in written.lines() {
+        crate::data::chat::parse_preference(l).unwrap();
+    }
+    let error = super::policy_pairs::pairs_from_answers(&path, 0).unwrap_err();
+    assert!(error.to_string().contains("--per-prompt"), "{error}");
+}

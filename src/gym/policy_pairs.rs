@@ -1,0 +1,112 @@
+//! Preference pairs from a policy's own answers, labelled by the gym's checker.
+//!
+//! Llama 2 retrained its reward models on fresh comparisons of the newest chat model's
+//! answers before each RLHF round (paper sec. 3.2.1): a reward model trained on an older
+//! model's distribution misranks the slips the newer model makes. The gym's annotator is
+//! its checker, so the comparisons cost nothing: for each prompt answered several times
+//! (`kiln rs` samples, `kiln ppo` rollouts), a right answer is preferred over each wrong
+//! one, and for an unsafe prompt a refusal over each compliant answer.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+use super::eval::{AnswerFileLine, Gold, judge, last_user_text};
+use super::{PreferencePair, Rating, Turns, exact_match};
+
+/// The pairs and what they were made from.
+#[derive(Debug, Default, Serialize)]
+pub struct PolicyPairs {
+    #[serde(skip)]
+    pub pairs: Vec<PreferencePair>,
+    pub answers: usize,
+    pub prompts: usize,
+    /// Prompts with at least one right (or refusing) and one wrong (or compliant) answer.
+    pub prompts_with_pairs: usize,
+    pub task_pairs: usize,
+    pub safety_pairs: usize,
+}
+
+/// One prompt's distinct answers: text, how often sampled, whether the checker accepts it.
+struct PromptAnswers {
+    prompt: Turns,
+    safety: bool,
+    answers: Vec<(String, usize, bool)>,
+}
+
+/// Pairs from every `{"prompt", "answer"}` line of `path`: per prompt, its most frequent
+/// accepted answer over each of its `per_prompt` most frequent rejected ones (ties in file
+/// order), rated `significantly_better` (right against wrong, as the gym's close-miss
+/// pairs). A task answer is accepted when exact; an answer to an unsafe prompt (no gym
+/// task) when it refuses, and those pairs are safety pairs. Prompts whose answers are all
+/// right or all wrong give no pair. Deterministic: file order throughout.
+pub fn pairs_from_answers(path: &Path, per_prompt: usize) -> Result<PolicyPairs> {
+    if per_prompt == 0 {
+        bail!("--per-prompt must be at least 1");
+    }
+    let lines = crate::data::chat::read_jsonl(path, false, |line| {
+        serde_json::from_str::<AnswerFileLine>(line).map_err(|e| anyhow::anyhow!("{e}"))
+    })?
+    .records;
+    let mut out = PolicyPairs {
+        answers: lines.len(),
+        ..Default::default()
+    };
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut prompts: Vec<PromptAnswers> = Vec::new();
+    for line in lines {
+        let (accepted, safety) = match judge(&last_user_text(&line.prompt), &line.answer) {
+            Gold::Task { task, .. } => (exact_match(&task.answer, &line.answer), false),
+            Gold::Other { refused } => (refused, true),
+        };
+        let key = serde_json::to_string(&line.prompt)?;
+        let at = *index.entry(key).or_insert_with(|| {
+            prompts.push(PromptAnswers {
+                prompt: line.prompt.clone(),
+                safety,
+                answers: Vec::new(),
+            });
+            prompts.len() - 1
+        });
+        let answers = &mut prompts[at].answers;
+        match answers.iter_mut().find(|(text, ..)| *text == line.answer) {
+            Some((_, count, _)) => *count += 1,
+            None => answers.push((line.answer, 1, accepted)),
+        }
+    }
+    out.prompts = prompts.len();
+    for PromptAnswers {
+        prompt,
+        safety,
+        mut answers,
+    } in prompts
+    {
+        // Stable: equal counts keep file order.
+        answers.sort_by(|a, b| b.1.cmp(&a.1));
+        let Some((chosen, ..)) = answers.iter().find(|a| a.2) else {
+            continue;
+        };
+        let rejected: Vec<_> = answers.iter().filter(|a| !a.2).take(per_prompt).collect();
+        if rejected.is_empty() {
+            continue;
+        }
+        out.prompts_with_pairs += 1;
+        for (text, ..) in rejected {
+            out.pairs.push(PreferencePair {
+                prompt: prompt.clone(),
+                chosen: Turns::Text(chosen.clone()),
+                rejected: Turns::Text(text.clone()),
+                rating: Rating::SignificantlyBetter,
+                safety,
+            });
+            if safety {
+                out.safety_pairs += 1;
+            } else {
+                out.task_pairs += 1;
+            }
+        }
+    }
+    Ok(out)
+}
