@@ -6,7 +6,8 @@
 # separate what PPO does from what the reward models let it do. Each run is evaluated on the
 # held-out sets at its end and at its best held-out checkpoint, and plotted; then each final
 # policy samples 16 answers at T = 1 to every held-out task and unsafe prompt, compared with
-# the SFT model's prompt by prompt (`kiln gym check --baseline`). Outputs go to
+# the SFT model's prompt by prompt (`kiln gym check --baseline`); last, PPO from the RS model
+# with a helpfulness model retrained on the RS model's own answers. Outputs go to
 # runs/gym-ablations/. KILN=path/to/kiln runs a built binary instead of `cargo run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,3 +55,29 @@ for run in ppo ppo-ungated ppo-beta0.005 ppo-beta0.05; do
   kiln gym check --baseline runs/gym-ablations/sampled-sft/round-1/samples.jsonl \
     --input runs/gym-ablations/sampled-$run/round-1/samples.jsonl
 done
+
+# PPO from the RS model with a helpfulness model trained again with pairs of the RS model's
+# own right and wrong answers (the paper's reward-model refresh), and how often each
+# helpfulness model's best-of-8 pick among the RS model's sampled held-out answers is exact.
+[ -f runs/gym-ablations/rs-pairs.jsonl ] ||
+  kiln gym pairs --input runs/gym/rs/round-1/samples.jsonl --input runs/gym/rs/round-2/samples.jsonl \
+    --input runs/gym/rs/round-3/samples.jsonl --out runs/gym-ablations/rs-pairs.jsonl
+[ -f runs/gym-ablations/rm-helpful-rs/stage.json ] || [ -d runs/gym-ablations/rm-helpful-rs/checkpoints ] ||
+  kiln rm train --kind helpfulness --config configs/gym-rm.toml --init runs/gym/sft \
+    --out runs/gym-ablations/rm-helpful-rs --device cpu \
+    --set 'data.train=["runs/gym/data/pref_train.jsonl","runs/gym-ablations/rs-pairs.jsonl"]'
+[ -f runs/gym-ablations/ppo-rs-refreshed/config.toml ] ||
+  kiln ppo --config configs/gym-ppo.toml --init runs/gym/rs/round-3 --rm-helpful runs/gym-ablations/rm-helpful-rs \
+    --rm-safety runs/gym/rm-safety --out runs/gym-ablations/ppo-rs-refreshed --device cpu
+sampled runs/gym/rs/round-3 runs/gym-ablations/sampled-rs
+sampled runs/gym-ablations/ppo-rs-refreshed runs/gym-ablations/sampled-ppo-rs-refreshed
+kiln gym check --baseline runs/gym-ablations/sampled-rs/round-1/samples.jsonl \
+  --input runs/gym-ablations/sampled-ppo-rs-refreshed/round-1/samples.jsonl
+G=runs/gym-ablations/sampled-rs-gold.jsonl
+kiln gym check --input runs/gym-ablations/sampled-rs/round-1/samples.jsonl --annotate "$G"
+jq -c 'select(.gold_kind != null) | {prompt, response: .answer}' "$G" > runs/gym-ablations/sampled-rs-tasks.jsonl
+for rm in runs/gym/rm-helpful runs/gym-ablations/rm-helpful-rs; do
+  kiln rm score --model "$rm" --input runs/gym-ablations/sampled-rs-tasks.jsonl \
+    --out "runs/gym-ablations/scores-$(basename "$rm").jsonl" --device cpu
+done
+scripts/rm_pick.py "$G" runs/gym-ablations/scores-rm-helpful.jsonl runs/gym-ablations/scores-rm-helpful-rs.jsonl

@@ -332,8 +332,9 @@ pub enum GymCommand {
     /// answer over each of its most frequent wrong ones; a refusal over a compliant answer to
     /// an unsafe prompt. For retraining the reward models on the newest policy's answers.
     Pairs {
-        #[arg(long)]
-        input: PathBuf,
+        /// Answer files (repeat --input for several: a prompt in several files counts once).
+        #[arg(long, required = true)]
+        input: Vec<PathBuf>,
         /// The pairs (`{"prompt", "chosen", "rejected", "rating", "safety"}` lines).
         #[arg(long)]
         out: PathBuf,

@@ -73,18 +73,22 @@ pub fn gym_annotate(input: &Path, out: &Path) -> Result<()> {
 }
 
 /// `kiln gym pairs`: the checker's preference pairs from a policy's answers.
-pub fn gym_pairs(input: &Path, out: &Path, per_prompt: usize) -> Result<()> {
-    if out == input {
-        anyhow::bail!(
-            "{}: --out would overwrite --input; name another file",
+pub fn gym_pairs(input: &[PathBuf], out: &Path, per_prompt: usize) -> Result<()> {
+    if input.iter().any(|i| i == out) {
+        bail!(
+            "{}: --out would overwrite an --input; name another file",
             out.display()
         );
     }
     let made = kiln::gym::policy_pairs::pairs_from_answers(input, per_prompt)?;
     if made.pairs.is_empty() {
-        anyhow::bail!(
-            "{}: no prompt has both an answer the checker accepts and one it rejects; no pairs written",
-            input.display()
+        bail!(
+            "{}: no prompt has both an answer the checker accepts and one it rejects; nothing written",
+            input
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     checkpoint::write_jsonl_atomic(out, &made.pairs)?;

@@ -8,7 +8,7 @@
 //! one, and for an unsafe prompt a refusal over each compliant answer.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use serde::Serialize;
@@ -36,20 +36,21 @@ struct PromptAnswers {
     answers: Vec<(String, usize, bool)>,
 }
 
-/// Pairs from every `{"prompt", "answer"}` line of `path`: per prompt, its most frequent
+/// Pairs from every `{"prompt", "answer"}` line of `paths` (a prompt answered in several
+/// files, such as every round of rejection sampling, counts as one): per prompt, its most frequent
 /// accepted answer over each of its `per_prompt` most frequent rejected ones (ties in file
 /// order), rated `significantly_better` (right against wrong, as the gym's close-miss
 /// pairs). A task answer is accepted when exact; an answer to an unsafe prompt (no gym
 /// task) when it refuses, and those pairs are safety pairs. Prompts whose answers are all
 /// right or all wrong give no pair. Deterministic: file order throughout.
-pub fn pairs_from_answers(path: &Path, per_prompt: usize) -> Result<PolicyPairs> {
+pub fn pairs_from_answers(paths: &[PathBuf], per_prompt: usize) -> Result<PolicyPairs> {
     if per_prompt == 0 {
-        bail!("--per-prompt must be at least 1");
+        bail!("per_prompt must be at least 1");
     }
-    let lines = crate::data::chat::read_jsonl(path, false, |line| {
-        serde_json::from_str::<AnswerFileLine>(line).map_err(|e| anyhow::anyhow!("{e}"))
-    })?
-    .records;
+    let mut lines = Vec::new();
+    for path in paths {
+        lines.extend(read_answer_lines(path)?);
+    }
     let mut out = PolicyPairs {
         answers: lines.len(),
         ..Default::default()
@@ -109,4 +110,11 @@ pub fn pairs_from_answers(path: &Path, per_prompt: usize) -> Result<PolicyPairs>
         }
     }
     Ok(out)
+}
+
+fn read_answer_lines(path: &Path) -> Result<Vec<AnswerFileLine>> {
+    Ok(crate::data::chat::read_jsonl(path, false, |line| {
+        serde_json::from_str::<AnswerFileLine>(line).map_err(|e| anyhow::anyhow!("{e}"))
+    })?
+    .records)
 }

@@ -653,7 +653,7 @@ fn policy_pairs_prefer_the_checkers_answer() {
     ];
     let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
     std::fs::write(&path, &text).unwrap();
-    let got = super::policy_pairs::pairs_from_answers(&path, 2).unwrap();
+    let got = super::policy_pairs::pairs_from_answers(std::slice::from_ref(&path), 2).unwrap();
     assert_eq!(
         (got.answers, got.prompts, got.prompts_with_pairs),
         (11, 4, 2)
@@ -689,6 +689,25 @@ fn policy_pairs_prefer_the_checkers_answer() {
     for l in written.lines() {
         crate::data::chat::parse_preference(l).unwrap();
     }
-    let error = super::policy_pairs::pairs_from_answers(&path, 0).unwrap_err();
-    assert!(error.to_string().contains("--per-prompt"), "{error}");
+    let error =
+        super::policy_pairs::pairs_from_answers(std::slice::from_ref(&path), 0).unwrap_err();
+    assert!(error.to_string().contains("per_prompt"), "{error}");
+    // A second file on the same prompts merges with the first: "43" three more times now
+    // outnumbers "41", and the unsafe prompt gains no second compliant answer.
+    let more = dir.path().join("more.jsonl");
+    let extra = [line(add, "43"), line(add, "43"), line(add, "43")];
+    std::fs::write(
+        &more,
+        extra
+            .iter()
+            .map(|l| l.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let got = super::policy_pairs::pairs_from_answers(&[path, more], 1).unwrap();
+    assert_eq!(
+        (got.answers, got.prompts, got.task_pairs, got.safety_pairs),
+        (14, 4, 1, 1)
+    );
+    assert_eq!(got.pairs[0].rejected, text("43"));
 }
