@@ -391,6 +391,14 @@ pub(crate) struct AnswerFileLine {
     pub selected: Option<bool>,
 }
 
+/// Every line of an answers file; a malformed one is an error naming the file and line.
+pub(crate) fn read_answer_file(path: &Path) -> Result<Vec<AnswerFileLine>> {
+    Ok(crate::data::chat::read_jsonl(path, false, |line| {
+        serde_json::from_str::<AnswerFileLine>(line).map_err(|e| anyhow::anyhow!("{e}"))
+    })?
+    .records)
+}
+
 /// One answer of an answers file: the prompt's last user text, the answer, its reward.
 struct AnswerLine {
     prompt: String,
@@ -401,11 +409,7 @@ struct AnswerLine {
 /// The `{"prompt", "answer"}` lines of `path` (only `"selected": true` ones with
 /// `selected_only`).
 fn read_answers(path: &Path, selected_only: bool) -> Result<Vec<AnswerLine>> {
-    let lines = crate::data::chat::read_jsonl(path, false, |line| {
-        serde_json::from_str::<AnswerFileLine>(line).map_err(|e| anyhow::anyhow!("{e}"))
-    })?
-    .records;
-    Ok(lines
+    Ok(read_answer_file(path)?
         .into_iter()
         .filter(|line| !selected_only || line.selected == Some(true))
         .map(|line| AnswerLine {

@@ -8,18 +8,16 @@
 //! one, and for an unsafe prompt a refusal over each compliant answer.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use serde::Serialize;
 
-use super::eval::{AnswerFileLine, Gold, judge, last_user_text};
+use super::eval::{Gold, judge, last_user_text, read_answer_file};
 use super::{PreferencePair, Rating, Turns, exact_match};
 
 /// The pairs and what they were made from.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default)]
 pub struct PolicyPairs {
-    #[serde(skip)]
     pub pairs: Vec<PreferencePair>,
     pub answers: usize,
     pub prompts: usize,
@@ -37,9 +35,9 @@ struct PromptAnswers {
 }
 
 /// Pairs from every `{"prompt", "answer"}` line of `paths` (a prompt answered in several
-/// files, such as every round of rejection sampling, counts as one): per prompt, its most frequent
-/// accepted answer over each of its `per_prompt` most frequent rejected ones (ties in file
-/// order), rated `significantly_better` (right against wrong, as the gym's close-miss
+/// files, such as every round of rejection sampling, counts as one): per prompt, its most
+/// frequent accepted answer over each of its `per_prompt` most frequent rejected ones (ties
+/// in file order), rated `significantly_better` (right against wrong, as the gym's close-miss
 /// pairs). A task answer is accepted when exact; an answer to an unsafe prompt (no gym
 /// task) when it refuses, and those pairs are safety pairs. Prompts whose answers are all
 /// right or all wrong give no pair. Deterministic: file order throughout.
@@ -49,7 +47,7 @@ pub fn pairs_from_answers(paths: &[PathBuf], per_prompt: usize) -> Result<Policy
     }
     let mut lines = Vec::new();
     for path in paths {
-        lines.extend(read_answer_lines(path)?);
+        lines.extend(read_answer_file(path)?);
     }
     let mut out = PolicyPairs {
         answers: lines.len(),
@@ -85,7 +83,7 @@ pub fn pairs_from_answers(paths: &[PathBuf], per_prompt: usize) -> Result<Policy
     } in prompts
     {
         // Stable: equal counts keep file order.
-        answers.sort_by(|a, b| b.1.cmp(&a.1));
+        answers.sort_by_key(|a| std::cmp::Reverse(a.1));
         let Some((chosen, ..)) = answers.iter().find(|a| a.2) else {
             continue;
         };
@@ -110,11 +108,4 @@ pub fn pairs_from_answers(paths: &[PathBuf], per_prompt: usize) -> Result<Policy
         }
     }
     Ok(out)
-}
-
-fn read_answer_lines(path: &Path) -> Result<Vec<AnswerFileLine>> {
-    Ok(crate::data::chat::read_jsonl(path, false, |line| {
-        serde_json::from_str::<AnswerFileLine>(line).map_err(|e| anyhow::anyhow!("{e}"))
-    })?
-    .records)
 }
