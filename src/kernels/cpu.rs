@@ -1707,12 +1707,23 @@ mod tests {
                 #[inline(always)]
                 || f32::exp_in_place(&mut got, scale, shift),
             );
+            // The kernels' contract (`exp_f32`): infinity above 88.3, although exp stays
+            // finite up to 88.72; within 1e-4 of 88.3 the argument's f32 rounding decides.
+            let contract_exp = |a: f64| match a - 88.3 {
+                d if d.abs() <= 1e-4 => None,
+                d if d > 0.0 => Some(f64::INFINITY),
+                _ => Some(a.exp()),
+            };
             for (&g, &a) in got.iter().zip(&args) {
-                close(g, a.exp(), a, "exp_in_place");
+                if let Some(want) = contract_exp(a) {
+                    close(g, want, a, "exp_in_place");
+                }
             }
             let largest = args.iter().fold(0f64, |m, a| m.max(a.abs()).min(100.0));
-            let want: f64 = args.iter().map(|a| a.exp()).sum();
-            close(sum, want, largest + 4.0, "exp_in_place's sum");
+            let want: Option<f64> = args.iter().map(|&a| contract_exp(a)).sum();
+            if let Some(want) = want {
+                close(sum, want, largest + 4.0, "exp_in_place's sum");
+            }
 
             let finite: Vec<f32> = x.iter().map(|v| v.clamp(-80.0, 80.0)).collect();
             let want: f64 = finite
