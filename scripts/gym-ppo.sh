@@ -62,7 +62,7 @@ done
 [ -f runs/gym-ablations/rs-pairs.jsonl ] ||
   kiln gym pairs --input runs/gym/rs/round-1/samples.jsonl --input runs/gym/rs/round-2/samples.jsonl \
     --input runs/gym/rs/round-3/samples.jsonl --out runs/gym-ablations/rs-pairs.jsonl
-[ -f runs/gym-ablations/rm-helpful-rs/stage.json ] || [ -d runs/gym-ablations/rm-helpful-rs/checkpoints ] ||
+[ -d runs/gym-ablations/rm-helpful-rs/checkpoints ] ||
   kiln rm train --kind helpfulness --config configs/gym-rm.toml --init runs/gym/sft \
     --out runs/gym-ablations/rm-helpful-rs --device cpu \
     --set 'data.train=["runs/gym/data/pref_train.jsonl","runs/gym-ablations/rs-pairs.jsonl"]'

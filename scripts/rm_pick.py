@@ -34,25 +34,25 @@ def row(name, picks):
     print(f"| {name} | {cells} | {100 * sum(every) / len(every):.1f}% |")
 
 
+# Each prompt's first K answers, as indices into `answers`.
+by_prompt = collections.defaultdict(list)
+for i, answer in enumerate(answers):
+    by_prompt[json.dumps(answer["prompt"])].append(i)
+firsts = [indices[: args.k] for indices in by_prompt.values()]
+
 print(f"| best of {args.k} by | " + " | ".join(KINDS) + " | all |")
 print("|---" * (len(KINDS) + 2) + "|")
 for path in args.scores:
     scores = [json.loads(line)["score"] for line in open(path)]
     if len(scores) != len(answers):
         raise SystemExit(f"{path}: {len(scores)} scores for {len(answers)} task answers")
-    by_prompt = collections.defaultdict(list)
-    for answer, score in zip(answers, scores):
-        by_prompt[json.dumps(answer["prompt"])].append((score, answer))
     picks = collections.defaultdict(list)
-    for items in by_prompt.values():
-        _, best = max(items[: args.k], key=lambda item: item[0])
+    for indices in firsts:
+        best = answers[max(indices, key=lambda i: scores[i])]
         picks[best["gold_kind"]].append(best["exact"])
     row(path, picks)
 picks = collections.defaultdict(list)
-by_prompt = collections.defaultdict(list)
-for answer in answers:
-    by_prompt[json.dumps(answer["prompt"])].append(answer)
-for items in by_prompt.values():
-    for answer in items[: args.k]:
-        picks[answer["gold_kind"]].append(answer["exact"])
+for indices in firsts:
+    for i in indices:
+        picks[answers[i]["gold_kind"]].append(answers[i]["exact"])
 row("a random one", picks)

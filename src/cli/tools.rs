@@ -97,8 +97,8 @@ pub fn gym_pairs(input: &[PathBuf], out: &Path, per_prompt: usize) -> Result<()>
         made.answers,
         made.prompts,
         made.prompts_with_pairs,
-        made.task_pairs,
-        made.safety_pairs,
+        made.task_pairs(),
+        made.safety_pairs(),
         out.display()
     );
     Ok(())

@@ -23,8 +23,16 @@ pub struct PolicyPairs {
     pub prompts: usize,
     /// Prompts with at least one right (or refusing) and one wrong (or compliant) answer.
     pub prompts_with_pairs: usize,
-    pub task_pairs: usize,
-    pub safety_pairs: usize,
+}
+
+impl PolicyPairs {
+    pub fn safety_pairs(&self) -> usize {
+        self.pairs.iter().filter(|p| p.safety).count()
+    }
+
+    pub fn task_pairs(&self) -> usize {
+        self.pairs.len() - self.safety_pairs()
+    }
 }
 
 /// One prompt's distinct answers: text, how often sampled, whether the checker accepts it.
@@ -100,11 +108,6 @@ pub fn pairs_from_answers(paths: &[PathBuf], per_prompt: usize) -> Result<Policy
                 rating: Rating::SignificantlyBetter,
                 safety,
             });
-            if safety {
-                out.safety_pairs += 1;
-            } else {
-                out.task_pairs += 1;
-            }
         }
     }
     Ok(out)

@@ -658,7 +658,7 @@ fn policy_pairs_prefer_the_checkers_answer() {
         (got.answers, got.prompts, got.prompts_with_pairs),
         (11, 4, 2)
     );
-    assert_eq!((got.task_pairs, got.safety_pairs), (2, 1));
+    assert_eq!((got.task_pairs(), got.safety_pairs()), (2, 1));
     let shown: Vec<_> = got
         .pairs
         .iter()
@@ -706,7 +706,12 @@ fn policy_pairs_prefer_the_checkers_answer() {
     .unwrap();
     let got = super::policy_pairs::pairs_from_answers(&[path, more], 1).unwrap();
     assert_eq!(
-        (got.answers, got.prompts, got.task_pairs, got.safety_pairs),
+        (
+            got.answers,
+            got.prompts,
+            got.task_pairs(),
+            got.safety_pairs()
+        ),
         (14, 4, 1, 1)
     );
     assert_eq!(got.pairs[0].rejected, text("43"));

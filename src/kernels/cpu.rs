@@ -160,15 +160,17 @@ impl Real for f64 {
     }
 }
 
+/// The range of [`exp_f32`] and its eight-lane twin: 0 below, infinity above.
+const EXP_LOW: f32 = -87.3;
+const EXP_HIGH: f32 = 88.3;
+
 /// `e^x` for f32 without branches, so a loop over it vectorises: Cephes' `expf` (x = n ln2 + r,
 /// |r| <= ln2/2, a degree-5 polynomial for e^r, 2^n built in the exponent bits). Relative error
 /// about 2e-7 (tested against f64 `exp`); 0 below -87.3 (where 2^n would be subnormal),
 /// infinity above 88.3, NaN stays NaN.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
-    const LOW: f32 = -87.3;
-    const HIGH: f32 = 88.3;
-    let xc = x.clamp(LOW, HIGH);
+    let xc = x.clamp(EXP_LOW, EXP_HIGH);
     let n = (xc * std::f32::consts::LOG2_E).round_ties_even();
     let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -178,9 +180,9 @@ pub fn exp_f32(x: f32) -> f32 {
     let y = p * (r * r) + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     let v = y * scale;
-    if x < LOW {
+    if x < EXP_LOW {
         0.0
-    } else if x > HIGH {
+    } else if x > EXP_HIGH {
         f32::INFINITY
     } else {
         v
@@ -276,12 +278,11 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp8(x: __m256) -> __m256 {
-        const LOW: f32 = -87.3;
-        const HIGH: f32 = 88.3;
+        use super::{EXP_HIGH, EXP_LOW};
         let set = _mm256_set1_ps;
-        // max/min return their second operand for NaN: a NaN lane computes exp(LOW), and is
+        // max/min return their second operand for NaN: a NaN lane computes exp(EXP_LOW), and is
         // put back at the end.
-        let xc = _mm256_min_ps(_mm256_max_ps(x, set(LOW)), set(HIGH));
+        let xc = _mm256_min_ps(_mm256_max_ps(x, set(EXP_LOW)), set(EXP_HIGH));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(xc, set(std::f32::consts::LOG2_E)),
         );
@@ -306,12 +307,12 @@ mod avx2 {
         let v = _mm256_blendv_ps(
             v,
             _mm256_setzero_ps(),
-            _mm256_cmp_ps::<_CMP_LT_OQ>(x, set(LOW)),
+            _mm256_cmp_ps::<_CMP_LT_OQ>(x, set(EXP_LOW)),
         );
         let v = _mm256_blendv_ps(
             v,
             set(f32::INFINITY),
-            _mm256_cmp_ps::<_CMP_GT_OQ>(x, set(HIGH)),
+            _mm256_cmp_ps::<_CMP_GT_OQ>(x, set(EXP_HIGH)),
         );
         _mm256_blendv_ps(v, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
     }
@@ -1707,9 +1708,9 @@ mod tests {
                 #[inline(always)]
                 || f32::exp_in_place(&mut got, scale, shift),
             );
-            // The kernels' contract (`exp_f32`): infinity above 88.3, although exp stays
-            // finite up to 88.72; within 1e-4 of 88.3 the argument's f32 rounding decides.
-            let contract_exp = |a: f64| match a - 88.3 {
+            // The kernels' contract (`exp_f32`): infinity above EXP_HIGH, although exp stays
+            // finite up to 88.72; within 1e-4 of it the argument's f32 rounding decides.
+            let contract_exp = |a: f64| match a - EXP_HIGH as f64 {
                 d if d.abs() <= 1e-4 => None,
                 d if d > 0.0 => Some(f64::INFINITY),
                 _ => Some(a.exp()),
