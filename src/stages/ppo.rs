@@ -1,11 +1,13 @@
 //! PPO (Llama 2 sec. 3.2.3), `kiln ppo`. Each iteration:
 //!
-//! 1. **rollout**: `rollout_batch` prompts from the shuffled prompt stream, one answer each,
-//!    sampled from the policy at temperature T; the log-probabilities of the sampled tokens
-//!    are kept from sampling (no second pass);
+//! 1. **rollout**: `rollout_batch` answers to prompts from the shuffled prompt stream,
+//!    `samples_per_prompt` answers each (the paper's: one), sampled from the policy at
+//!    temperature T; the log-probabilities of the sampled tokens are kept from sampling (no
+//!    second pass);
 //! 2. **reward**: R_c of the combined reward (the safety model on safety prompts and on
-//!    answers below the threshold, helpfulness otherwise), then `logit`, then whitened over
-//!    the rollout; an answer without its end token gets `missing_eos_score` instead;
+//!    answers below the threshold, helpfulness otherwise), then `logit` (with several
+//!    answers a prompt, minus the mean logit of its other answers), then whitened over the
+//!    rollout; an answer without its end token gets `missing_eos_score` instead;
 //! 3. **no-grad passes**: the frozen reference's log-probabilities, the value model's values;
 //!    per-token reward `-beta * KL_t`, the scalar added at the answer's last token;
 //! 4. **advantages**: GAE (gamma, lambda), returns = advantages + values, advantages whitened
@@ -66,7 +68,7 @@ use crate::train::metrics::{MetricsLog, Stepped};
 use crate::train::optim::{self, AdamW};
 use crate::train::ppo_objective::{
     KlController, KlEstimator, answer_scores, clipped_policy_loss, clipped_value_loss, gae,
-    mean_std, token_rewards, whiten_tokens,
+    group_baseline, mean_std, token_rewards, whiten_tokens,
 };
 use crate::train::progress::Progress;
 use crate::train::run_dir::{INTERRUPTED, RunDir};
@@ -121,8 +123,12 @@ pub struct PpoSection {
     /// (its backbone and a fresh head). Empty: the helpfulness reward model.
     pub value_init: PathBuf,
     pub iterations: u64,
-    /// Prompts (answers) per iteration.
+    /// Answers per iteration.
     pub rollout_batch: usize,
+    /// Answers sampled to each prompt (`rollout_batch / samples_per_prompt` prompts an
+    /// iteration). Above 1, each answer's logit is taken relative to the mean of its
+    /// prompt's other answers before whitening (RLOO's leave-one-out baseline).
+    pub samples_per_prompt: usize,
     /// Answers per gradient step.
     pub mini_batch: usize,
     /// Answers per forward pass within a mini-batch (memory; gradients are summed). 0: the
@@ -235,6 +241,7 @@ impl Default for PpoConfig {
                 value_init: PathBuf::new(),
                 iterations: 200,
                 rollout_batch: 512,
+                samples_per_prompt: 1,
                 mini_batch: 64,
                 micro_batch: 0,
                 epochs: 1,
@@ -276,6 +283,7 @@ impl StageConfig for PpoConfig {
         for (key, value) in [
             ("ppo.iterations", p.iterations as usize),
             ("ppo.rollout_batch", p.rollout_batch),
+            ("ppo.samples_per_prompt", p.samples_per_prompt),
             ("ppo.mini_batch", p.mini_batch),
             ("ppo.epochs", p.epochs),
             ("ppo.generation_batch", p.generation_batch),
@@ -292,6 +300,13 @@ impl StageConfig for PpoConfig {
                 "ppo.rollout_batch ({}) is not divisible by ppo.mini_batch ({}): every gradient step takes a whole mini-batch",
                 p.rollout_batch,
                 p.mini_batch
+            );
+        }
+        if !p.rollout_batch.is_multiple_of(p.samples_per_prompt) {
+            bail!(
+                "ppo.rollout_batch ({}) is not divisible by ppo.samples_per_prompt ({}): every prompt gets all its answers in one rollout",
+                p.rollout_batch,
+                p.samples_per_prompt
             );
         }
         if p.micro_batch > p.mini_batch {
@@ -461,6 +476,7 @@ pub struct IterationRecord {
     /// The reference and value passes without gradients.
     pub no_grad_s: f64,
     pub update_s: f64,
+    /// Distinct prompts (not answers) per second of the iteration.
     pub prompts_per_s: f64,
     pub elapsed_s: f64,
 }
@@ -936,7 +952,14 @@ fn train(
     collective.say(&format!(
         "ppo: {}, {} per iteration, mini-batch {}, beta {}, {} iteration(s) | device: {}",
         p.describe(),
-        config.ppo.rollout_batch,
+        match config.ppo.samples_per_prompt {
+            1 => format!("{} answers", config.ppo.rollout_batch),
+            n => format!(
+                "{} answers ({} prompts x {n}, group baseline)",
+                config.ppo.rollout_batch,
+                config.ppo.rollout_batch / n
+            ),
+        },
         config.ppo.mini_batch,
         state.kl.beta,
         config.ppo.iterations,
@@ -1040,7 +1063,13 @@ fn train(
     let mut interrupted = false;
     let mut this_run = 0u64;
     while state.iteration < total {
-        let indices = stream.next_batch(config.ppo.rollout_batch);
+        let n = config.ppo.samples_per_prompt;
+        // Each prompt's answers side by side: the group baseline takes them in runs of n.
+        let indices: Vec<usize> = stream
+            .next_batch(config.ppo.rollout_batch / n)
+            .into_iter()
+            .flat_map(|i| std::iter::repeat_n(i, n))
+            .collect();
         let (record, answers) = iteration(
             &mut trained,
             &mut state,
@@ -1299,6 +1328,15 @@ fn iteration(
     let logits: Vec<f64> = rewards.iter().map(|r| r.logit).collect();
     let complete: Vec<bool> = answers.iter().map(|a| a.complete).collect();
     let missing_eos = p.missing_eos_penalty.then_some(p.missing_eos_score);
+    let logits = if p.samples_per_prompt > 1 {
+        let scored: Vec<bool> = complete
+            .iter()
+            .map(|&c| c || missing_eos.is_none())
+            .collect();
+        group_baseline(&logits, &scored, p.samples_per_prompt)
+    } else {
+        logits
+    };
     let scores = answer_scores(&logits, &complete, missing_eos);
     let scoring_s = t.elapsed().as_secs_f64();
 
@@ -1494,7 +1532,7 @@ fn iteration(
         scoring_s,
         no_grad_s,
         update_s,
-        prompts_per_s: n / started.elapsed().as_secs_f64(),
+        prompts_per_s: n / p.samples_per_prompt as f64 / started.elapsed().as_secs_f64(),
         elapsed_s: 0.0,
     };
     let answers = indices
