@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 
 use kiln::device::{self, ComputeDevice};
 use kiln::stages::{gatt, ppo, pretrain, reward, rs, sft};
-use kiln::train::collective::{self, InProcess};
+use kiln::train::collective::{self, Collective, InProcess};
 use kiln::train::run_dir;
 use kiln::train::stage::Launch;
 use kiln::train::supervised::RunSummary;
@@ -61,19 +61,21 @@ fn launch(args: StageArgs, extra: &[String]) -> Result<Workers> {
 impl Workers {
     /// Runs `stage` on every worker and returns worker 0's result (the one that wrote the
     /// run) for this process to report, `None` in an MPI rank other than 0. With `--devices`,
-    /// one thread per device, summing gradients on the host.
+    /// one thread per device, summing gradients on the host (on CUDA devices: through NCCL).
     fn run<T: Send>(&self, stage: impl Fn(&Launch) -> Result<T> + Sync) -> Result<Option<T>> {
         if self.devices.len() <= 1 {
             let result = in_out(&self.launch, stage)?;
             return Ok(self.launch.collective.is_writer().then_some(result));
         }
+        let group = InProcess::group_on(&self.devices);
         eprintln!(
-            "devices: {}",
+            "devices: {} ({})",
             self.devices
                 .iter()
                 .map(|d| d.describe())
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            group[0].describe()
         );
         // CPU workers split the machine's threads: each runs in its own rayon pool, which
         // burn's CPU backend then uses, instead of all contending for the global one.
@@ -81,7 +83,7 @@ impl Workers {
         let threads = (rayon::current_num_threads() / cpu_workers.max(1)).max(1);
         in_out(&self.launch, |launch| {
             let results: Vec<Result<T>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = InProcess::group(self.devices.len())
+                let handles: Vec<_> = group
                     .into_iter()
                     .zip(&self.devices)
                     .map(|(worker, device)| {
@@ -95,6 +97,14 @@ impl Workers {
                                 .build()
                                 .map_err(|e| anyhow::anyhow!("cannot start a CPU worker: {e}"))?
                                 .install(|| stage(&launch)),
+                            #[cfg(feature = "cuda")]
+                            "cuda" => {
+                                kiln::train::step::check_nccl(
+                                    &*launch.collective,
+                                    &launch.device.device,
+                                )?;
+                                stage(&launch)
+                            }
                             _ => stage(&launch),
                         })
                     })

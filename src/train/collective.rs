@@ -9,7 +9,9 @@
 //!
 //! Burn 0.22's own `all_reduce` works only between CUDA devices of one process (NCCL), so
 //! the sum is taken on the host, which every backend can reach: MPI (feature `mpi`) across
-//! processes and machines, [`InProcess`] between devices of one process.
+//! processes and machines, [`InProcess`] between devices of one process. Between CUDA
+//! devices of one process (feature `cuda`) the gradients go through Burn's NCCL all-reduce
+//! instead ([`Collective::nccl_devices`]); the counts and the rest still go through the host.
 
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -44,6 +46,13 @@ pub trait Collective: Send + Sync {
     }
     /// How the workers are connected, for the start-up line.
     fn describe(&self) -> String;
+
+    /// The CUDA devices of an in-process group whose gradients Burn all-reduces on the
+    /// devices through NCCL (every worker's, in rank order); `None`: gradients are summed
+    /// on the host.
+    fn nccl_devices(&self) -> Option<&[burn::tensor::Device]> {
+        None
+    }
 
     /// Whether this worker writes the run's files and prints its progress (worker 0).
     fn is_writer(&self) -> bool {
@@ -136,6 +145,9 @@ impl Collective for Solo {
 pub struct InProcess {
     rank: usize,
     shared: Arc<Shared>,
+    /// Every worker's device when all are CUDA devices (feature `cuda`): gradients go through
+    /// NCCL.
+    nccl: Option<Arc<Vec<burn::tensor::Device>>>,
 }
 
 struct Shared {
@@ -176,8 +188,21 @@ impl InProcess {
             .map(|rank| InProcess {
                 rank,
                 shared: shared.clone(),
+                nccl: None,
             })
             .collect()
+    }
+
+    /// One worker per device, in order. When every device is a CUDA device (a build with
+    /// `cuda`), gradients are all-reduced on the devices through NCCL; otherwise on the host.
+    pub fn group_on(devices: &[crate::device::ComputeDevice]) -> Vec<InProcess> {
+        let nccl = (cfg!(feature = "cuda") && devices.iter().all(|d| d.backend == "cuda"))
+            .then(|| Arc::new(devices.iter().map(|d| d.device.clone()).collect::<Vec<_>>()));
+        let mut group = Self::group(devices.len());
+        for worker in &mut group {
+            worker.nccl = nccl.clone();
+        }
+        group
     }
 }
 
@@ -257,10 +282,20 @@ impl Collective for InProcess {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "{} devices in this process, summed on the host",
-            self.shared.world
-        )
+        match self.nccl {
+            Some(_) => format!(
+                "{} CUDA devices in this process, gradients summed by NCCL",
+                self.shared.world
+            ),
+            None => format!(
+                "{} devices in this process, summed on the host",
+                self.shared.world
+            ),
+        }
+    }
+
+    fn nccl_devices(&self) -> Option<&[burn::tensor::Device]> {
+        self.nccl.as_deref().map(Vec::as_slice)
     }
 }
 
@@ -497,6 +532,28 @@ mod tests {
             assert_eq!(part, &vec![rank as u8 + round; rank + 1]);
         }
         assert!(results.iter().all(|r| r == &results[0]));
+    }
+
+    #[test]
+    fn only_a_group_of_cuda_devices_sums_gradients_through_nccl() {
+        // CPU devices (or a mixed group) sum on the host; a CUDA-only group does so through
+        // NCCL, which needs the `cuda` feature and is not run here (no GPU in CI).
+        let cpu = crate::device::ComputeDevice::cpu();
+        let group = InProcess::group_on(&[cpu.clone(), cpu.clone()]);
+        assert_eq!(group.len(), 2);
+        assert!(group.iter().all(|w| w.nccl_devices().is_none()));
+        assert!(group[0].describe().contains("summed on the host"));
+        let cuda = crate::device::ComputeDevice {
+            backend: "cuda",
+            ..cpu.clone()
+        };
+        let mixed = InProcess::group_on(&[cuda.clone(), cpu]);
+        assert!(mixed[1].nccl_devices().is_none());
+        let all_cuda = InProcess::group_on(&[cuda.clone(), cuda]);
+        assert_eq!(
+            all_cuda[1].nccl_devices().map(<[_]>::len),
+            cfg!(feature = "cuda").then_some(2)
+        );
     }
 
     #[test]

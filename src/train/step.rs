@@ -107,6 +107,21 @@ impl Accumulated {
         let mut totals = [self.loss_sum, self.counted, self.tokens as f64];
         collective.all_reduce_sum(&mut totals)?;
         let [loss_sum, counted, tokens] = totals;
+        #[cfg(feature = "cuda")]
+        if let Some(devices) = collective.nccl_devices() {
+            let mut sum = nccl::SumOnDevices {
+                grads: self.grads.as_ref(),
+                devices,
+                out: GradientsParams::new(),
+            };
+            model.visit(&mut sum);
+            return Ok(Self {
+                grads: (counted > 0.0).then_some(sum.out),
+                loss_sum,
+                counted,
+                tokens: tokens as u64,
+            });
+        }
         // Every worker flattens the same parameters in the same order; one without a
         // gradient (every token of its share was padding) contributes zeros.
         let mut flat = Flatten {
@@ -131,6 +146,67 @@ impl Accumulated {
         })
     }
 }
+
+/// Gradients summed on the CUDA devices of one process by Burn's NCCL all-reduce: one call
+/// per parameter, in visiting order on every worker (NCCL pairs the calls by order).
+#[cfg(feature = "cuda")]
+mod nccl {
+    use anyhow::{Result, bail};
+    use burn::module::{ModuleVisitor, Param};
+    use burn::optim::GradientsParams;
+    use burn::tensor::distributed::{ReduceOperation, all_reduce};
+    use burn::tensor::{Device, Tensor, TensorData};
+
+    use crate::train::collective::Collective;
+
+    pub struct SumOnDevices<'a> {
+        pub grads: Option<&'a GradientsParams>,
+        pub devices: &'a [Device],
+        pub out: GradientsParams,
+    }
+
+    impl ModuleVisitor for SumOnDevices<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let weight = param.val().inner();
+            // A worker without this gradient (all its tokens were padding) adds zeros.
+            let grad = self
+                .grads
+                .and_then(|grads| grads.get::<D>(param.id))
+                .unwrap_or_else(|| Tensor::zeros(weight.dims(), &weight.device()));
+            let summed = all_reduce(grad, ReduceOperation::Sum, self.devices.to_vec()).resolve();
+            self.out.register(param.id, summed);
+        }
+    }
+
+    /// Before training: each worker all-reduces `rank + 1` on its device and checks the sum
+    /// against the host's, so a broken NCCL set-up stops the run with a message instead of
+    /// training replicas that drift apart.
+    pub fn check(collective: &dyn Collective, device: &Device) -> Result<()> {
+        let Some(devices) = collective.nccl_devices() else {
+            return Ok(());
+        };
+        let n = devices.len();
+        let mine = Tensor::<1>::from_data(
+            TensorData::new(vec![(collective.rank() + 1) as f32; 4], [4]),
+            device,
+        );
+        let sum: Vec<f32> = all_reduce(mine, ReduceOperation::Sum, devices.to_vec())
+            .resolve()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .map_err(|e| anyhow::anyhow!("reading the NCCL check's sum: {e:?}"))?;
+        let expected = (n * (n + 1) / 2) as f32;
+        if sum.iter().any(|&v| v != expected) {
+            bail!(
+                "NCCL all-reduce across {n} CUDA devices gave {sum:?}, not {expected}: check the NCCL installation (or train on one device)"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use nccl::check as check_nccl;
 
 /// The gradients of a model's parameters in visiting order, as one host vector.
 struct Flatten<'a> {
