@@ -134,69 +134,49 @@ fn ppo_raises_a_programmatic_reward_while_the_kl_stays_bounded() {
 }
 
 /// Several answers a prompt: the rollout holds each prompt's answers side by side, and each
-/// answer's score is its logit (or, best-of-group, 1 for the group's first choice and 0
-/// otherwise) minus the mean of its prompt's other finished answers, whitened over the
-/// rollout (recomputed here from the rollout file's own logits).
+/// answer's score is its logit minus the mean of its prompt's other finished answers,
+/// whitened over the rollout (recomputed here from the rollout file's own logits).
 #[test]
 fn several_answers_a_prompt_are_scored_against_their_siblings() {
     let dir = tempfile::tempdir().unwrap();
     let f = fixture(dir.path(), 6);
-    use kiln::train::ppo_objective::{answer_scores, best_of_group, group_baseline};
-    for best in [false, true] {
-        let out = dir.path().join(format!("grouped-{best}"));
-        let mut args = ppo_args(&f, &out);
-        let reward = if best { "best" } else { "logit" };
-        args.extend(
-            [
-                "ppo.iterations=2".to_string(),
-                "ppo.samples_per_prompt=4".into(),
-                "ppo.eval_interval=0".into(),
-                format!("ppo.group_reward=\"{reward}\""),
-            ]
-            .into_iter()
-            .flat_map(|s| ["--set".to_string(), s]),
-        );
-        let stderr = finish(kiln(&args));
-        assert!(stderr.contains("8 answers (2 prompts x 4"), "{stderr}");
-        let rollout: Vec<RolloutAnswer> = read_lines(&out.join(ppo::ROLLOUT_FILE));
-        assert_eq!(rollout.len(), 8);
-        for group in rollout.chunks(4) {
-            assert!(
-                group
-                    .iter()
-                    .all(|a| a.prompt_index == group[0].prompt_index)
-            );
-        }
-        assert_ne!(rollout[0].prompt_index, rollout[4].prompt_index);
-        let logits: Vec<f64> = rollout.iter().map(|a| a.reward.logit).collect();
-        let complete: Vec<bool> = rollout
-            .iter()
-            .map(|a| a.finish == kiln::infer::generate::FinishReason::Eos)
-            .collect();
-        let values = if best {
-            best_of_group(&logits, &complete, 4)
-        } else {
-            logits
-        };
-        let expected = answer_scores(
-            &group_baseline(&values, &complete, 4),
-            &complete,
-            Some(-2.0),
-        );
-        for (a, e) in rollout.iter().zip(&expected) {
-            assert!(
-                (a.score - e).abs() < 1e-9,
-                "{reward}: {} against {e}",
-                a.score
-            );
-        }
-    }
-    // Best-of-group needs a group.
-    let e = refused(
-        ppo_args(&f, &dir.path().join("best-alone")),
-        &["ppo.group_reward=\"best\"".into()],
+    let out = dir.path().join("grouped");
+    let mut args = ppo_args(&f, &out);
+    args.extend(
+        [
+            "ppo.iterations=2",
+            "ppo.samples_per_prompt=4",
+            "ppo.eval_interval=0",
+        ]
+        .iter()
+        .flat_map(|s| ["--set".to_string(), s.to_string()]),
     );
-    assert!(e.contains("needs ppo.samples_per_prompt"), "{e}");
+    let stderr = finish(kiln(&args));
+    assert!(stderr.contains("8 answers (2 prompts x 4"), "{stderr}");
+    let rollout: Vec<RolloutAnswer> = read_lines(&out.join(ppo::ROLLOUT_FILE));
+    assert_eq!(rollout.len(), 8);
+    for group in rollout.chunks(4) {
+        assert!(
+            group
+                .iter()
+                .all(|a| a.prompt_index == group[0].prompt_index)
+        );
+    }
+    assert_ne!(rollout[0].prompt_index, rollout[4].prompt_index);
+    let logits: Vec<f64> = rollout.iter().map(|a| a.reward.logit).collect();
+    let complete: Vec<bool> = rollout
+        .iter()
+        .map(|a| a.finish == kiln::infer::generate::FinishReason::Eos)
+        .collect();
+    use kiln::train::ppo_objective::{answer_scores, group_baseline};
+    let expected = answer_scores(
+        &group_baseline(&logits, &complete, 4),
+        &complete,
+        Some(-2.0),
+    );
+    for (a, e) in rollout.iter().zip(&expected) {
+        assert!((a.score - e).abs() < 1e-9, "{} against {e}", a.score);
+    }
     // A rollout that would split a prompt's answers is refused.
     let e = refused(
         ppo_args(&f, &dir.path().join("split")),

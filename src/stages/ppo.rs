@@ -67,8 +67,8 @@ use crate::train::collective::{Collective, Solo, map_shared, share};
 use crate::train::metrics::{MetricsLog, Stepped};
 use crate::train::optim::{self, AdamW};
 use crate::train::ppo_objective::{
-    KlController, KlEstimator, answer_scores, best_of_group, clipped_policy_loss,
-    clipped_value_loss, gae, group_baseline, mean_std, token_rewards, whiten_tokens,
+    KlController, KlEstimator, answer_scores, clipped_policy_loss, clipped_value_loss, gae,
+    group_baseline, mean_std, token_rewards, whiten_tokens,
 };
 use crate::train::progress::Progress;
 use crate::train::run_dir::{INTERRUPTED, RunDir};
@@ -90,17 +90,6 @@ pub enum RewardSource {
     /// 0 otherwise): what PPO reaches when its reward cannot be fooled, beside what the
     /// reward models lead it to.
     GymChecker,
-}
-
-/// What an answer's logit becomes within its prompt's group (`samples_per_prompt` > 1),
-/// before the leave-one-out baseline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GroupReward {
-    /// The logit itself.
-    Logit,
-    /// 1 for the group's highest logit, 0 for the others (best-of-K's choice).
-    Best,
 }
 
 /// What the held-out evaluation keeps the best checkpoint by.
@@ -140,8 +129,6 @@ pub struct PpoSection {
     /// iteration). Above 1, each answer's logit is taken relative to the mean of its
     /// prompt's other answers before whitening (RLOO's leave-one-out baseline).
     pub samples_per_prompt: usize,
-    /// With several answers a prompt: reward each by its logit or only the group's best.
-    pub group_reward: GroupReward,
     /// Answers per gradient step.
     pub mini_batch: usize,
     /// Answers per forward pass within a mini-batch (memory; gradients are summed). 0: the
@@ -255,7 +242,6 @@ impl Default for PpoConfig {
                 iterations: 200,
                 rollout_batch: 512,
                 samples_per_prompt: 1,
-                group_reward: GroupReward::Logit,
                 mini_batch: 64,
                 micro_batch: 0,
                 epochs: 1,
@@ -322,9 +308,6 @@ impl StageConfig for PpoConfig {
                 p.rollout_batch,
                 p.samples_per_prompt
             );
-        }
-        if p.group_reward == GroupReward::Best && p.samples_per_prompt < 2 {
-            bail!("ppo.group_reward = \"best\" needs ppo.samples_per_prompt of 2 or more");
         }
         if p.micro_batch > p.mini_batch {
             bail!(
@@ -972,13 +955,9 @@ fn train(
         match config.ppo.samples_per_prompt {
             1 => format!("{} answers", config.ppo.rollout_batch),
             n => format!(
-                "{} answers ({} prompts x {n}, {} against the group's mean)",
+                "{} answers ({} prompts x {n}, group baseline)",
                 config.ppo.rollout_batch,
-                config.ppo.rollout_batch / n,
-                match config.ppo.group_reward {
-                    GroupReward::Logit => "logit",
-                    GroupReward::Best => "best-of-group",
-                }
+                config.ppo.rollout_batch / n
             ),
         },
         config.ppo.mini_batch,
@@ -1354,11 +1333,7 @@ fn iteration(
             .iter()
             .map(|&c| c || missing_eos.is_none())
             .collect();
-        let values = match p.group_reward {
-            GroupReward::Logit => logits,
-            GroupReward::Best => best_of_group(&logits, &scored, p.samples_per_prompt),
-        };
-        group_baseline(&values, &scored, p.samples_per_prompt)
+        group_baseline(&logits, &scored, p.samples_per_prompt)
     } else {
         logits
     };

@@ -91,33 +91,6 @@ pub fn group_baseline(logits: &[f64], scored: &[bool], group: usize) -> Vec<f64>
     out
 }
 
-/// Best-of-group (`group` consecutive answers a prompt): 1 for each scored answer whose logit
-/// is its group's highest among the scored ones, 0 for the other scored ones; unscored
-/// answers keep their logit. Only the reward models' first choice counts, as in rejection
-/// sampling's best-of-K, not how far above the rest they put an answer.
-pub fn best_of_group(logits: &[f64], scored: &[bool], group: usize) -> Vec<f64> {
-    assert_eq!(logits.len(), scored.len(), "one flag per logit");
-    assert!(
-        group > 0 && logits.len().is_multiple_of(group),
-        "whole groups of {group}"
-    );
-    let mut out = logits.to_vec();
-    for (values, flags) in out.chunks_mut(group).zip(scored.chunks(group)) {
-        let best = values
-            .iter()
-            .zip(flags)
-            .filter(|(_, f)| **f)
-            .map(|(v, _)| *v)
-            .fold(f64::NEG_INFINITY, f64::max);
-        for (v, &f) in values.iter_mut().zip(flags) {
-            if f {
-                *v = if *v == best { 1.0 } else { 0.0 };
-            }
-        }
-    }
-    out
-}
-
 /// Per-token rewards of one answer: `-beta * kl_t` at every token, plus `score` at the last
 /// one (the end-of-answer token when the answer finished).
 pub fn token_rewards(kl: &[f64], beta: f64, score: f64) -> Vec<f64> {
@@ -282,25 +255,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn best_of_group_marks_each_groups_first_choice() {
-        // [1, 6, 2]: 6 first; [3, x, 5] with x unscored (9 would win): 5 first, x kept;
-        // [4, 4, 0]: a tie, both first; [x, x, x]: nothing scored, all kept.
-        let logits = [1.0, 6.0, 2.0, 3.0, 9.0, 5.0, 4.0, 4.0, 0.0, 7.0, 8.0, 9.0];
-        let scored = [
-            true, true, true, true, false, true, true, true, true, false, false, false,
-        ];
-        let b = best_of_group(&logits, &scored, 3);
-        assert_eq!(
-            b,
-            vec![0.0, 1.0, 0.0, 0.0, 9.0, 1.0, 1.0, 1.0, 0.0, 7.0, 8.0, 9.0]
-        );
-        // Then the leave-one-out baseline: the first choice of [1, 6, 2] gets 1, the others
-        // -1/2.
-        let centred = group_baseline(&b[..3], &scored[..3], 3);
-        assert_eq!(centred, vec![-0.5, 1.0, -0.5]);
     }
 
     #[test]
