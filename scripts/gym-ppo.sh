@@ -81,3 +81,29 @@ for rm in runs/gym/rm-helpful runs/gym-ablations/rm-helpful-rs; do
     --out "runs/gym-ablations/scores-$(basename "$rm").jsonl" --device cpu
 done
 scripts/rm_pick.py "$G" runs/gym-ablations/scores-rm-helpful.jsonl runs/gym-ablations/scores-rm-helpful-rs.jsonl
+
+# PPO from the RS model on fresh prompts (the gym's generator with seed 7, every prompt of
+# runs/gym/data removed, plus its unsafe training prompts; docs/results.md's longer run used
+# seeds 7-9 and ppo.iterations=200), with one or four answers a prompt (the leave-one-out
+# group baseline), and with the gym's checker as the reward.
+F=runs/gym-ablations/fresh-prompts.jsonl
+if [ ! -f "$F" ]; then
+  kiln gym generate --seed 7 --out runs/gym-ablations/data-seed7 > /dev/null
+  jq -r '.prompt | tostring' "$D"/prompts_train.jsonl "$D"/prompts_heldout.jsonl "$D"/eval_tasks.jsonl \
+    "$D"/eval_unsafe.jsonl | sort -u > runs/gym-ablations/seen-prompts.txt
+  jq -c 'select(.safety == false)' runs/gym-ablations/data-seed7/prompts_train.jsonl |
+    jq -c --rawfile seen runs/gym-ablations/seen-prompts.txt \
+      '(.prompt | tostring) as $p | select(($p | IN($seen | split("\n")[])) | not)' > "$F"
+  jq -c 'select(.safety == true)' "$D/prompts_train.jsonl" > runs/gym-ablations/unsafe-train.jsonl
+fi
+fresh() { # out, extra flags
+  [ -f "$1/config.toml" ] ||
+    kiln ppo --config configs/gym-ppo.toml --init runs/gym/rs/round-3 "${RMS[@]}" --out "$1" --device cpu \
+      --set "ppo.prompts=[\"$F\",\"runs/gym-ablations/unsafe-train.jsonl\"]" "${@:2}"
+  sampled "$1" "runs/gym-ablations/sampled-$(basename "$1")"
+  kiln gym check --baseline runs/gym-ablations/sampled-rs/round-1/samples.jsonl \
+    --input "runs/gym-ablations/sampled-$(basename "$1")/round-1/samples.jsonl"
+}
+fresh runs/gym-ablations/ppo-rs-fresh
+fresh runs/gym-ablations/ppo-rs-fresh-group4 --set ppo.samples_per_prompt=4
+fresh runs/gym-ablations/ppo-rs-fresh-group4-checker --set ppo.samples_per_prompt=4 --set 'ppo.reward="gym_checker"'
