@@ -107,3 +107,34 @@ fresh() { # out, extra flags
 fresh runs/gym-ablations/ppo-rs-fresh
 fresh runs/gym-ablations/ppo-rs-fresh-group4 --set ppo.samples_per_prompt=4
 fresh runs/gym-ablations/ppo-rs-fresh-group4-checker --set ppo.samples_per_prompt=4 --set 'ppo.reward="gym_checker"'
+
+# The reward-model refresh that worked: a longer run on more fresh prompts (seeds 7-9)
+# over-optimises the reward models on addition; its own answers to those prompts, labelled
+# by the checker, retrain the helpfulness model; PPO from the RS model with that model.
+F789=runs/gym-ablations/fresh-prompts-789.jsonl
+if [ ! -f "$F789" ]; then
+  for s in 8 9; do kiln gym generate --seed $s --out runs/gym-ablations/data-seed$s > /dev/null; done
+  for s in 7 8 9; do jq -c 'select(.safety == false)' runs/gym-ablations/data-seed$s/prompts_train.jsonl; done |
+    jq -c --rawfile seen runs/gym-ablations/seen-prompts.txt \
+      '(.prompt | tostring) as $p | select(($p | IN($seen | split("\n")[])) | not)' |
+    awk '!seen[$0]++' > "$F789"
+fi
+O=runs/gym-ablations/ppo-rs-fresh789-group4-200
+[ -f "$O/config.toml" ] ||
+  kiln ppo --config configs/gym-ppo.toml --init runs/gym/rs/round-3 "${RMS[@]}" --out "$O" --device cpu \
+    --set "ppo.prompts=[\"$F789\",\"runs/gym-ablations/unsafe-train.jsonl\"]" \
+    --set ppo.samples_per_prompt=4 --set ppo.iterations=200
+[ -f runs/gym-ablations/ppo-answers/round-1/samples.jsonl ] ||
+  kiln rs --config configs/gym-rs.toml --init "$O" "${RMS[@]}" --out runs/gym-ablations/ppo-answers \
+    --device cpu --set "rs.prompts=[\"$F789\"]" --set rs.iterations=1 --set train.max_steps=1 \
+    --set rs.temperature=1.0 --set rs.k=8
+PP=runs/gym-ablations/ppo-pairs.jsonl
+[ -f "$PP" ] ||
+  kiln gym pairs --input runs/gym-ablations/ppo-answers/round-1/samples.jsonl --out "$PP" --per-prompt 4
+[ -d runs/gym-ablations/rm-helpful-ppo/checkpoints ] ||
+  kiln rm train --kind helpfulness --config configs/gym-rm.toml --init runs/gym/sft \
+    --out runs/gym-ablations/rm-helpful-ppo --device cpu \
+    --set "data.train=[\"$D/pref_train.jsonl\",\"$PP\",\"$PP\",\"$PP\"]"
+RMS=(--rm-helpful runs/gym-ablations/rm-helpful-ppo --rm-safety runs/gym/rm-safety)
+fresh runs/gym-ablations/ppo-rs-fresh-group4-refreshed --set ppo.samples_per_prompt=4
+kiln eval gym --checkpoint runs/gym-ablations/ppo-rs-fresh-group4-refreshed --data "$D" --device cpu
