@@ -68,7 +68,7 @@ use crate::train::metrics::{MetricsLog, Stepped};
 use crate::train::optim::{self, AdamW};
 use crate::train::ppo_objective::{
     KlController, KlEstimator, answer_scores, clipped_policy_loss, clipped_value_loss, gae,
-    group_baseline, mean_std, token_rewards, whiten_tokens,
+    mean_std, token_rewards, whiten_tokens,
 };
 use crate::train::progress::Progress;
 use crate::train::run_dir::{INTERRUPTED, RunDir};
@@ -1328,16 +1328,7 @@ fn iteration(
     let logits: Vec<f64> = rewards.iter().map(|r| r.logit).collect();
     let complete: Vec<bool> = answers.iter().map(|a| a.complete).collect();
     let missing_eos = p.missing_eos_penalty.then_some(p.missing_eos_score);
-    let logits = if p.samples_per_prompt > 1 {
-        let scored: Vec<bool> = complete
-            .iter()
-            .map(|&c| c || missing_eos.is_none())
-            .collect();
-        group_baseline(&logits, &scored, p.samples_per_prompt)
-    } else {
-        logits
-    };
-    let scores = answer_scores(&logits, &complete, missing_eos);
+    let scores = answer_scores(&logits, &complete, missing_eos, p.samples_per_prompt);
     let scoring_s = t.elapsed().as_secs_f64();
 
     // The reference's log-probabilities and the values, without gradients.

@@ -34,12 +34,26 @@ impl KlEstimator {
 /// The scalar each answer's last token gets: `logit(R_c)` whitened over the rollout's
 /// finished answers; with `missing_eos = Some(score)`, an answer that did not finish gets
 /// `score` instead (and stays out of the whitening statistics), else it is whitened with
-/// the rest.
-pub fn answer_scores(logits: &[f64], complete: &[bool], missing_eos: Option<f64>) -> Vec<f64> {
+/// the rest. With `group` > 1 answers a prompt (consecutive), each scored logit is first
+/// taken against its prompt's other scored answers ([`group_baseline`]).
+pub fn answer_scores(
+    logits: &[f64],
+    complete: &[bool],
+    missing_eos: Option<f64>,
+    group: usize,
+) -> Vec<f64> {
     let penalised: Vec<bool> = complete
         .iter()
         .map(|&c| missing_eos.is_some() && !c)
         .collect();
+    let grouped;
+    let logits = if group > 1 {
+        let scored: Vec<bool> = penalised.iter().map(|&p| !p).collect();
+        grouped = group_baseline(logits, &scored, group);
+        &grouped
+    } else {
+        logits
+    };
     let scored: Vec<f64> = logits
         .iter()
         .zip(&penalised)
@@ -261,7 +275,7 @@ mod tests {
     fn unfinished_answers_get_the_penalty_and_stay_out_of_the_statistics() {
         let logits = [1.0, 5.0, 3.0, -40.0];
         let complete = [true, false, true, false];
-        let s = answer_scores(&logits, &complete, Some(-2.0));
+        let s = answer_scores(&logits, &complete, Some(-2.0), 1);
         // The finished answers 1.0 and 3.0 whiten to -/+ 1/sqrt(2) (unbiased variance 2).
         let w = 1.0 / (2.0f64 + 1e-8).sqrt();
         assert!(
@@ -270,7 +284,7 @@ mod tests {
         );
         assert_eq!((s[1], s[3]), (-2.0, -2.0));
         // Without the penalty every answer is whitened together.
-        let s = answer_scores(&logits, &complete, None);
+        let s = answer_scores(&logits, &complete, None, 1);
         assert!((s.iter().sum::<f64>()).abs() < 1e-9);
         assert!(s[3] < s[0] && s[0] < s[2] && s[2] < s[1]);
     }

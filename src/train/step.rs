@@ -107,39 +107,13 @@ impl Accumulated {
         let mut totals = [self.loss_sum, self.counted, self.tokens as f64];
         collective.all_reduce_sum(&mut totals)?;
         let [loss_sum, counted, tokens] = totals;
-        #[cfg(feature = "cuda")]
-        if let Some(devices) = collective.nccl_devices() {
-            let mut sum = nccl::SumOnDevices {
-                grads: self.grads.as_ref(),
-                devices,
-                out: GradientsParams::new(),
-            };
-            model.visit(&mut sum);
-            return Ok(Self {
-                grads: (counted > 0.0).then_some(sum.out),
-                loss_sum,
-                counted,
-                tokens: tokens as u64,
-            });
-        }
-        // Every worker flattens the same parameters in the same order; one without a
-        // gradient (every token of its share was padding) contributes zeros.
-        let mut flat = Flatten {
-            grads: self.grads.as_ref(),
-            values: Vec::new(),
+        let grads = match collective.nccl_devices() {
+            #[cfg(feature = "cuda")]
+            Some(devices) => nccl::sum_on_devices(model, self.grads.as_ref(), devices),
+            _ => sum_on_host(model, self.grads.as_ref(), collective)?,
         };
-        model.visit(&mut flat);
-        let mut values = flat.values;
-        for bucket in values.chunks_mut(ALL_REDUCE_BUCKET) {
-            collective.all_reduce_sum_f32(bucket)?;
-        }
-        let mut unflatten = Unflatten {
-            values: &values,
-            grads: GradientsParams::new(),
-        };
-        model.visit(&mut unflatten);
         Ok(Self {
-            grads: (counted > 0.0).then_some(unflatten.grads),
+            grads: (counted > 0.0).then_some(grads),
             loss_sum,
             counted,
             tokens: tokens as u64,
@@ -147,22 +121,62 @@ impl Accumulated {
     }
 }
 
+/// Every worker's gradients summed through the host, in buckets: every worker flattens the
+/// same parameters in the same order; one without a gradient (every token of its share was
+/// padding) contributes zeros.
+fn sum_on_host<M: Module>(
+    model: &M,
+    grads: Option<&GradientsParams>,
+    collective: &dyn Collective,
+) -> Result<GradientsParams> {
+    let mut flat = Flatten {
+        grads,
+        values: Vec::new(),
+    };
+    model.visit(&mut flat);
+    let mut values = flat.values;
+    for bucket in values.chunks_mut(ALL_REDUCE_BUCKET) {
+        collective.all_reduce_sum_f32(bucket)?;
+    }
+    let mut unflatten = Unflatten {
+        values: &values,
+        grads: GradientsParams::new(),
+    };
+    model.visit(&mut unflatten);
+    Ok(unflatten.grads)
+}
+
 /// Gradients summed on the CUDA devices of one process by Burn's NCCL all-reduce: one call
 /// per parameter, in visiting order on every worker (NCCL pairs the calls by order).
 #[cfg(feature = "cuda")]
 mod nccl {
     use anyhow::{Result, bail};
-    use burn::module::{ModuleVisitor, Param};
+    use burn::module::{Module, ModuleVisitor, Param};
     use burn::optim::GradientsParams;
     use burn::tensor::distributed::{ReduceOperation, all_reduce};
     use burn::tensor::{Device, Tensor, TensorData};
 
     use crate::train::collective::Collective;
 
-    pub struct SumOnDevices<'a> {
-        pub grads: Option<&'a GradientsParams>,
-        pub devices: &'a [Device],
-        pub out: GradientsParams,
+    /// Every worker's gradients summed on the devices.
+    pub fn sum_on_devices<M: Module>(
+        model: &M,
+        grads: Option<&GradientsParams>,
+        devices: &[Device],
+    ) -> GradientsParams {
+        let mut sum = SumOnDevices {
+            grads,
+            devices,
+            out: GradientsParams::new(),
+        };
+        model.visit(&mut sum);
+        sum.out
+    }
+
+    struct SumOnDevices<'a> {
+        grads: Option<&'a GradientsParams>,
+        devices: &'a [Device],
+        out: GradientsParams,
     }
 
     impl ModuleVisitor for SumOnDevices<'_> {
