@@ -149,7 +149,7 @@ pub fn parse_list(list: &str) -> Result<Vec<ComputeDevice>> {
                     if count == 1 { "" } else { "s" }
                 )
             })?,
-            ("cuda", n) => cuda(n.unwrap_or(0))?,
+            ("cuda", n) => cuda(n.unwrap_or(0)).map_err(|e| anyhow::anyhow!("--devices: {e}"))?,
             _ => anyhow::bail!(
                 "--devices: `{spec}` is not a device: use cpu, wgpu, wgpu:N or cuda:N, separated by commas"
             ),
@@ -204,6 +204,22 @@ pub fn select_for_this_rank(choice: DeviceChoice) -> Result<ComputeDevice> {
 
 #[cfg(feature = "cuda")]
 fn cuda(index: usize) -> Result<ComputeDevice> {
+    // `Device::cuda(n)` of a device that is not there panics at its first use; the driver's
+    // count (zero without a driver, and no panic) turns that into a message.
+    let count = Device::enumerate(burn::tensor::DeviceType::Cuda).len();
+    if index >= count {
+        anyhow::bail!(
+            "`cuda:{index}` is not there: {}",
+            match count {
+                0 => "no CUDA device was found (is the NVIDIA driver installed?)".to_string(),
+                1 => "this machine has 1 CUDA device (cuda:0)".to_string(),
+                n => format!(
+                    "this machine has {n} CUDA devices (cuda:0 to cuda:{})",
+                    n - 1
+                ),
+            }
+        );
+    }
     let device = Device::cuda(index);
     let adapter = device
         .identity()
@@ -218,5 +234,5 @@ fn cuda(index: usize) -> Result<ComputeDevice> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: usize) -> Result<ComputeDevice> {
-    anyhow::bail!("--device cuda needs kiln built with `--features cuda`")
+    anyhow::bail!("CUDA needs kiln built with `--features cuda` (docs/distributed.md)")
 }
