@@ -125,10 +125,16 @@ fn assert_trained_alike(
     );
 }
 
-/// Runs `kiln ARGS LAUNCH --out DIR/OUT` with `overrides` and returns `DIR/OUT`.
-fn train(dir: &Path, out: &str, args: &[&str], launch: &[&str], overrides: &[String]) -> PathBuf {
+/// Runs `kiln ARGS LAUNCH --out DIR/OUT` with `overrides`; returns `DIR/OUT` and its stderr.
+fn train(
+    dir: &Path,
+    out: &str,
+    args: &[&str],
+    launch: &[&str],
+    overrides: &[String],
+) -> (PathBuf, String) {
     let out = dir.join(out);
-    ok(kiln()
+    let stderr = ok(kiln()
         .args(args)
         .args(launch)
         .arg("--out")
@@ -136,7 +142,7 @@ fn train(dir: &Path, out: &str, args: &[&str], launch: &[&str], overrides: &[Str
         .args(set(overrides))
         .output()
         .unwrap());
-    out
+    (out, stderr)
 }
 
 /// The weights a run of `args` starts from, within 1e-30: one step at a negligible rate
@@ -149,13 +155,16 @@ fn initial_weights(
 ) -> Vec<NamedTensor> {
     let mut o = overrides.to_vec();
     o.extend(["train.max_steps=1".into(), "optim.lr=1e-30".into()]);
-    final_weights(&train(
-        dir,
-        &format!("{name}-initial"),
-        args,
-        &["--device", "cpu"],
-        &o,
-    ))
+    final_weights(
+        &train(
+            dir,
+            &format!("{name}-initial"),
+            args,
+            &["--device", "cpu"],
+            &o,
+        )
+        .0,
+    )
 }
 
 fn initial_pretrain_weights(dir: &Path, overrides: &[String]) -> Vec<NamedTensor> {
@@ -258,14 +267,15 @@ fn alone_and_on_devices(
 ) -> (PathBuf, PathBuf, Vec<NamedTensor>) {
     let out = |run: &str| format!("{name}-{run}");
     (
-        train(dir, &out("alone"), args, &["--device", "cpu"], overrides),
+        train(dir, &out("alone"), args, &["--device", "cpu"], overrides).0,
         train(
             dir,
             &out("parallel"),
             args,
             &["--devices", devices],
             overrides,
-        ),
+        )
+        .0,
         initial_weights(dir, name, args, overrides),
     )
 }
@@ -801,56 +811,42 @@ mod cuda {
     const LOSS_TOLERANCE: f64 = 2e-3;
     const WEIGHT_TOLERANCE: f64 = 0.05;
 
-    /// Pretraining and SFT (answers of different lengths) at a learning rate low enough that
-    /// rounding does not send the runs apart in 6 steps.
-    fn runs(dir: &Path) -> [(&'static str, Vec<String>, Vec<String>); 2] {
+    /// Trains pretraining and SFT (answers of different lengths) under `reference` and under
+    /// `launch` (`--device ...` or `--devices ...`), at a learning rate low enough that
+    /// rounding does not send the runs apart in 6 steps; asserts that each pair trained alike
+    /// within the bounds above and returns the `launch` runs' stderr.
+    fn train_alike(reference: &[&str], launch: &[&str]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
         let init = pretrained(dir).display().to_string();
-        let slow = |mut o: Vec<String>| {
-            o.push("optim.lr=1e-3".into());
-            o
-        };
-        [
-            (
-                "pretrain",
-                vec!["pretrain".into()],
-                slow(pretrain_overrides()),
-            ),
-            (
-                "sft",
-                vec!["sft".into(), "--init".into(), init],
-                slow(sft_overrides(dir)),
-            ),
-        ]
-    }
-
-    fn assert_trained_alike(reference: &Path, run: &Path, initial: &[NamedTensor]) {
-        super::assert_trained_alike(reference, run, initial, LOSS_TOLERANCE, |moved| {
-            WEIGHT_TOLERANCE * moved
-        });
+        let stages = [
+            ("pretrain", vec!["pretrain"], pretrain_overrides()),
+            ("sft", vec!["sft", "--init", &init], sft_overrides(dir)),
+        ];
+        stages
+            .into_iter()
+            .map(|(name, args, mut overrides)| {
+                overrides.push("optim.lr=1e-3".into());
+                let (expected, _) = train(
+                    dir,
+                    &format!("{name}-reference"),
+                    &args,
+                    reference,
+                    &overrides,
+                );
+                let (run, stderr) = train(dir, &format!("{name}-run"), &args, launch, &overrides);
+                let initial = initial_weights(dir, name, &args, &overrides);
+                assert_trained_alike(&expected, &run, &initial, LOSS_TOLERANCE, |moved| {
+                    WEIGHT_TOLERANCE * moved
+                });
+                stderr
+            })
+            .collect()
     }
 
     #[test]
     fn one_cuda_device_trains_like_the_cpu() {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, args, overrides) in runs(dir.path()) {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let cpu = train(
-                dir.path(),
-                &format!("{name}-cpu"),
-                &args,
-                &["--device", "cpu"],
-                &overrides,
-            );
-            let gpu = train(
-                dir.path(),
-                &format!("{name}-cuda"),
-                &args,
-                &["--device", "cuda"],
-                &overrides,
-            );
-            let initial = initial_weights(dir.path(), name, &args, &overrides);
-            assert_trained_alike(&cpu, &gpu, &initial);
-        }
+        train_alike(&["--device", "cpu"], &["--device", "cuda"]);
     }
 
     /// Burn's NCCL all-reduce end to end on one GPU (a group of one: the communicator, the
@@ -866,27 +862,8 @@ mod cuda {
     #[test]
     #[ignore = "needs two CUDA GPUs: cargo test --release --features cuda --test distributed -- --ignored"]
     fn two_cuda_devices_train_like_one_through_nccl() {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, args, overrides) in runs(dir.path()) {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let one = train(
-                dir.path(),
-                &format!("{name}-one"),
-                &args,
-                &["--device", "cuda"],
-                &overrides,
-            );
-            let out = dir.path().join(format!("{name}-two"));
-            let stderr = ok(kiln()
-                .args(&args)
-                .args(["--devices", "cuda:0,cuda:1", "--out"])
-                .arg(&out)
-                .args(set(&overrides))
-                .output()
-                .unwrap());
+        for stderr in train_alike(&["--device", "cuda"], &["--devices", "cuda:0,cuda:1"]) {
             assert!(stderr.contains("gradients summed by NCCL"), "{stderr}");
-            let initial = initial_weights(dir.path(), name, &args, &overrides);
-            assert_trained_alike(&one, &out, &initial);
         }
     }
 }
