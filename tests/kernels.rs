@@ -11,10 +11,11 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kiln::kernels::{self, Kernels, PreparedLayout, SequenceLayout};
 use kiln::model::ops::RopeTables;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 mod common;
+use common::rng;
 
 const TOL: f32 = 1e-4;
 
@@ -28,12 +29,6 @@ fn custom_devices() -> Vec<(&'static str, Device)> {
 
 fn cpu() -> Device {
     Device::flex()
-}
-
-fn rng() -> ChaCha8Rng {
-    let seed: u64 = rand::rng().random();
-    eprintln!("seed {seed}");
-    ChaCha8Rng::seed_from_u64(seed)
 }
 
 fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {

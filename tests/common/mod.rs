@@ -45,10 +45,15 @@ pub fn generate_args<'a>(checkpoint: &'a str, prompt: &'a str) -> Vec<&'a str> {
 }
 
 /// A generator with a fresh seed each run; the seed is printed, so a failing test shows it
-/// (rerun it with `ChaCha8Rng::seed_from_u64(seed)`).
+/// (rerun it with `KILN_TEST_SEED=<seed> cargo test --release --test <file> <name>`).
 pub fn rng() -> rand_chacha::ChaCha8Rng {
     use rand::SeedableRng;
-    let seed: u64 = rand::random();
+    let seed: u64 = match std::env::var("KILN_TEST_SEED") {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("KILN_TEST_SEED={value} is not a u64")),
+        Err(_) => rand::random(),
+    };
     eprintln!("seed {seed}");
     rand_chacha::ChaCha8Rng::seed_from_u64(seed)
 }
