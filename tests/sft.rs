@@ -145,7 +145,8 @@ fn answer_only_loss_equals_the_host_mean_over_answer_tokens() {
     let tok = tokenizer();
     let model = tiny_model(&mut rng);
     let encoded = ChatTemplate::Llama2.encode(&tok, &dialogue()).unwrap();
-    let rows = SftRows::new(std::slice::from_ref(&encoded), 64, false, 2);
+    let pad_id = 2;
+    let rows = SftRows::new(std::slice::from_ref(&encoded), 64, false, pad_id);
     let n = encoded.tokens.len() - 1;
     let (inputs, targets, trained) = (
         &encoded.tokens[..n],
@@ -192,7 +193,7 @@ fn answer_only_loss_equals_the_host_mean_over_answer_tokens() {
     );
     let mut batch = rows.batch(&[0], &cpu());
     let padded: Vec<i64> = (0..rows.seq_len)
-        .map(|i| retargeted.get(i).map_or(2, |&t| t as i64))
+        .map(|i| retargeted.get(i).copied().unwrap_or(pad_id) as i64)
         .collect();
     batch.targets = Tensor::from_data(TensorData::new(padded, [1, rows.seq_len]), &cpu());
     let retargeted_loss = batch.loss(&model).into_scalar::<f32>();
@@ -231,6 +232,12 @@ fn packed_rows_give_each_sample_the_loss_it_has_alone() {
     let alone = SftRows::new(&samples, seq_len, false, 2);
     assert_eq!(alone.len(), samples.len());
     assert!(packed.len() < samples.len(), "samples share rows");
+    let ids = |v: &Vec<u32>| {
+        Tensor::<2, Int>::from_data(
+            TensorData::new(v.iter().map(|&x| x as i64).collect(), [1, seq_len]),
+            &cpu(),
+        )
+    };
     // Per-sample loss in the packed rows: weights restricted to one segment.
     let mut packed_losses = Vec::new();
     for row in 0..packed.len() {
@@ -245,12 +252,6 @@ fn packed_rows_give_each_sample_the_loss_it_has_alone() {
             if weights.iter().sum::<f32>() == 0.0 {
                 continue; // the padding segment
             }
-            let ids = |v: &Vec<u32>| {
-                Tensor::<2, Int>::from_data(
-                    TensorData::new(v.iter().map(|&x| x as i64).collect(), [1, seq_len]),
-                    &cpu(),
-                )
-            };
             let loss = model.masked_loss(
                 ids(&packed.inputs[row]),
                 ids(&packed.targets[row]),
@@ -272,13 +273,7 @@ fn packed_rows_give_each_sample_the_loss_it_has_alone() {
     // first: its logits move, so the check above can fail. (Its mean loss alone can move by
     // less than any tolerance by chance: it failed 3 of 300 seeds at 1e-4.)
     let row = 0;
-    let tokens = Tensor::<2, Int>::from_data(
-        TensorData::new(
-            packed.inputs[row].iter().map(|&x| x as i64).collect(),
-            [1, seq_len],
-        ),
-        &cpu(),
-    );
+    let tokens = ids(&packed.inputs[row]);
     let logits = |layout: SequenceLayout| -> Vec<f32> {
         let hidden = model.hidden_states_with_layout(tokens.clone(), &layout, None);
         model
